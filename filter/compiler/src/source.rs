@@ -1,0 +1,350 @@
+//! Source documents with a position for every node, so every diagnostic can say file:line:col.
+//!
+//! YAML (and JSON, which is YAML) is parsed into [`Node`], a small tree that remembers where each
+//! value and each mapping key started. Typed deserialization happens afterwards from the tree's
+//! JSON form; a failing field path is mapped back to a position through the tree.
+
+use std::fmt;
+
+use serde_json::Value;
+
+/// Position inside one file (1-based).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pos {
+    pub line: u32,
+    pub col: u32,
+}
+
+/// A parsed value with its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub pos: Pos,
+    pub value: NodeValue,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeValue {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Node>),
+    /// Keys keep their own positions (an error about a key points at the key).
+    Map(Vec<(String, Pos, Node)>),
+}
+
+/// One segment of a field path such as `spec.http[0].route[1].weight`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A field path inside a document.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FieldPath(pub Vec<Seg>);
+
+impl FieldPath {
+    pub fn root() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn key(&self, k: &str) -> Self {
+        let mut v = self.0.clone();
+        v.push(Seg::Key(k.to_string()));
+        Self(v)
+    }
+
+    pub fn idx(&self, i: usize) -> Self {
+        let mut v = self.0.clone();
+        v.push(Seg::Index(i));
+        Self(v)
+    }
+
+    /// Parses `spec.http[0].route` (as produced by serde_path_to_error).
+    pub fn parse(s: &str) -> Self {
+        let mut segs = Vec::new();
+        for part in s.split('.') {
+            if part.is_empty() || part == "?" {
+                continue;
+            }
+            let mut rest = part;
+            if let Some(b) = rest.find('[') {
+                if b > 0 {
+                    segs.push(Seg::Key(rest[..b].to_string()));
+                }
+                rest = &rest[b..];
+                while let Some(stripped) = rest.strip_prefix('[') {
+                    let Some(end) = stripped.find(']') else { break };
+                    if let Ok(i) = stripped[..end].parse() {
+                        segs.push(Seg::Index(i));
+                    }
+                    rest = &stripped[end + 1..];
+                }
+            } else {
+                segs.push(Seg::Key(rest.to_string()));
+            }
+        }
+        Self(segs)
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for s in &self.0 {
+            match s {
+                Seg::Key(k) => {
+                    if !first {
+                        f.write_str(".")?;
+                    }
+                    f.write_str(k)?;
+                }
+                Seg::Index(i) => write!(f, "[{i}]")?,
+            }
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Converts to JSON for typed deserialization.
+    pub fn to_json(&self) -> Value {
+        match &self.value {
+            NodeValue::Null => Value::Null,
+            NodeValue::Bool(b) => Value::Bool(*b),
+            NodeValue::Int(i) => Value::from(*i),
+            NodeValue::UInt(u) => Value::from(*u),
+            NodeValue::Float(f) => serde_json::Number::from_f64(*f)
+                .map(Value::Number)
+                .unwrap_or(Value::Null),
+            NodeValue::Str(s) => Value::String(s.clone()),
+            NodeValue::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
+            NodeValue::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, _, v)| (k.clone(), v.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            NodeValue::Map(entries) => entries.iter().find(|(k, _, _)| k == key).map(|(_, _, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            NodeValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The position of the deepest node along `path` (a key's own position when the path ends
+    /// at a key that is missing its value, the parent's when the path leaves the tree).
+    pub fn locate(&self, path: &FieldPath) -> Pos {
+        let mut node = self;
+        for seg in &path.0 {
+            match (seg, &node.value) {
+                (Seg::Key(k), NodeValue::Map(entries)) => {
+                    match entries.iter().find(|(ek, _, _)| ek == k) {
+                        Some((_, _, v)) => node = v,
+                        None => return node.pos,
+                    }
+                }
+                (Seg::Index(i), NodeValue::Seq(items)) => match items.get(*i) {
+                    Some(v) => node = v,
+                    None => return node.pos,
+                },
+                _ => return node.pos,
+            }
+        }
+        node.pos
+    }
+
+    /// The position of the key that ends `path` (for "unknown field" errors).
+    pub fn locate_key(&self, path: &FieldPath, key: &str) -> Option<Pos> {
+        let mut node = self;
+        for seg in &path.0 {
+            node = match (seg, &node.value) {
+                (Seg::Key(k), NodeValue::Map(entries)) => {
+                    &entries.iter().find(|(ek, _, _)| ek == k)?.2
+                }
+                (Seg::Index(i), NodeValue::Seq(items)) => items.get(*i)?,
+                _ => return None,
+            };
+        }
+        match &node.value {
+            NodeValue::Map(entries) => entries
+                .iter()
+                .find(|(k, _, _)| k == key)
+                .map(|(_, p, _)| *p),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "yaml")]
+mod yaml {
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_saphyr::Spanned;
+
+    use super::{Node, NodeValue, Pos};
+
+    /// Parse failure with the position the parser reported.
+    #[derive(Debug, Clone)]
+    pub struct ParseError {
+        pub pos: Pos,
+        pub message: String,
+    }
+
+    fn clamp(v: u64) -> u32 {
+        u32::try_from(v).unwrap_or(u32::MAX)
+    }
+
+    struct Raw(NodeValue);
+
+    impl<'de> Deserialize<'de> for Raw {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(RawVisitor)
+        }
+    }
+
+    fn spanned_to_node(s: Spanned<Raw>) -> Node {
+        Node {
+            pos: Pos {
+                line: clamp(s.referenced.line()),
+                col: clamp(s.referenced.column()),
+            },
+            value: s.value.0,
+        }
+    }
+
+    struct RawVisitor;
+
+    impl<'de> Visitor<'de> for RawVisitor {
+        type Value = Raw;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any YAML value")
+        }
+        fn visit_unit<E>(self) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Null))
+        }
+        fn visit_none<E>(self) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Null))
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
+            Raw::deserialize(d)
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Int(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::UInt(v)))
+        }
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<Raw, E> {
+            i64::try_from(v)
+                .map(|i| Raw(NodeValue::Int(i)))
+                .map_err(|_| E::custom("integer out of range"))
+        }
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<Raw, E> {
+            u64::try_from(v)
+                .map(|i| Raw(NodeValue::UInt(i)))
+                .map_err(|_| E::custom("integer out of range"))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Float(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Str(v.to_string())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Str(v)))
+        }
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Raw, E> {
+            Ok(Raw(NodeValue::Str(String::from_utf8_lossy(v).into_owned())))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Raw, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<Spanned<Raw>>()? {
+                items.push(spanned_to_node(item));
+            }
+            Ok(Raw(NodeValue::Seq(items)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+            let mut entries: Vec<(String, Pos, Node)> = Vec::new();
+            while let Some(key) = map.next_key::<Spanned<Raw>>()? {
+                let kpos = Pos {
+                    line: clamp(key.referenced.line()),
+                    col: clamp(key.referenced.column()),
+                };
+                let name = match key.value.0 {
+                    NodeValue::Str(s) => s,
+                    NodeValue::Int(i) => i.to_string(),
+                    NodeValue::UInt(u) => u.to_string(),
+                    NodeValue::Bool(b) => b.to_string(),
+                    NodeValue::Float(f) => f.to_string(),
+                    NodeValue::Null => "null".to_string(),
+                    NodeValue::Seq(_) | NodeValue::Map(_) => {
+                        return Err(de::Error::custom(format!(
+                            "line {}:{}: mapping keys must be scalars",
+                            kpos.line, kpos.col
+                        )))
+                    }
+                };
+                let value = spanned_to_node(map.next_value::<Spanned<Raw>>()?);
+                if entries.iter().any(|(k, _, _)| *k == name) {
+                    return Err(de::Error::custom(format!(
+                        "duplicate key `{name}` at line {}:{}",
+                        kpos.line, kpos.col
+                    )));
+                }
+                entries.push((name, kpos, value));
+            }
+            Ok(Raw(NodeValue::Map(entries)))
+        }
+    }
+
+    /// Parses a (multi-document) YAML or JSON text. Empty documents are skipped.
+    pub fn parse_documents(text: &str) -> Result<Vec<Node>, ParseError> {
+        let docs: Vec<Option<Spanned<Raw>>> = serde_saphyr::from_multiple(text).map_err(|e| {
+            let pos = e
+                .location()
+                .map(|l| Pos {
+                    line: clamp(l.line()),
+                    col: clamp(l.column()),
+                })
+                .unwrap_or_default();
+            ParseError {
+                pos,
+                message: first_line(&e.to_string()),
+            }
+        })?;
+        Ok(docs
+            .into_iter()
+            .flatten()
+            .map(spanned_to_node)
+            .filter(|n| n.value != NodeValue::Null)
+            .collect())
+    }
+
+    fn first_line(s: &str) -> String {
+        // saphyr renders a snippet after the message; the message is enough for one-line output.
+        s.lines().next().unwrap_or(s).trim().to_string()
+    }
+}
+
+#[cfg(feature = "yaml")]
+pub use yaml::{parse_documents, ParseError};

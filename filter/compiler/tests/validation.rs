@@ -1,0 +1,293 @@
+//! Validation rules, each written from Istio's semantics: the config and the error Istio gives.
+
+use meshroute_compiler::{validate::validate, Config, Diagnostic};
+
+fn diags(yaml: &str) -> Vec<Diagnostic> {
+    let mut c = Config::default();
+    let mut d = c.add_text("t.yaml", yaml);
+    d.extend(validate(&c));
+    d
+}
+
+fn errors(yaml: &str) -> Vec<String> {
+    diags(yaml)
+        .into_iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.to_string())
+        .collect()
+}
+
+fn vs(spec: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n  namespace: ns\nspec:\n{spec}")
+}
+
+fn assert_error(yaml: &str, path: &str, needle: &str) {
+    let errs = errors(yaml);
+    assert!(
+        errs.iter().any(|e| e.contains(path) && e.contains(needle)),
+        "expected an error at {path} containing {needle:?}, got {errs:#?}"
+    );
+}
+
+#[test]
+fn valid_virtual_service_has_no_errors() {
+    let y = vs("  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 75\n    - destination: {host: reviews, subset: v2}\n      weight: 25\n");
+    assert!(errors(&y).is_empty(), "{:?}", errors(&y));
+}
+
+#[test]
+fn virtual_service_rules() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("  hosts: ['*']\n  http:\n  - route:\n    - destination: {host: a}\n", "spec.hosts[0]", "wildcard host * is not allowed"),
+        ("  hosts: ['*bar.com']\n  http:\n  - route:\n    - destination: {host: a}\n", "spec.hosts[0]", "partial wildcard"),
+        ("  hosts: ['*.foo.bar', '*.bar']\n  http:\n  - route:\n    - destination: {host: a}\n", "spec.hosts[1]", "duplicate hosts"),
+        ("  hosts: [a]\n", "spec", "http, tcp or tls must be provided"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    redirect: {uri: /x}\n", "spec.http[0].redirect", "both route and redirect"),
+        ("  hosts: [a]\n  http:\n  - directResponse: {status: 200}\n    fault: {abort: {httpStatus: 500}}\n", "spec.http[0].fault", "fault and directResponse"),
+        ("  hosts: [a]\n  http:\n  - match: [{uri: {prefix: /}}]\n", "spec.http[0]", "redirect, delegate or directResponse is required"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: -1\n    - destination: {host: b}\n      weight: 5\n", "spec.http[0].route[0].weight", "weight -1 < 0"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: 0\n    - destination: {host: b}\n      weight: 0\n", "spec.http[0].route", "total destination weight = 0"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    timeout: '10'\n", "spec.http[0].timeout", "missing unit"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    timeout: 500us\n", "spec.http[0].timeout", "at least 1ms"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    retries: {attempts: 0, perTryTimeout: 1s}\n", "spec.http[0].retries", "attempts are set to 0"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    retries: {attempts: 2, retryOn: 'bogus,5xx'}\n", "spec.http[0].retries.retryOn", "not a valid retryOn policy"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    fault: {}\n", "spec.http[0].fault", "abort and/or a delay"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    fault: {delay: {fixedDelay: 5s, percentage: {value: 101}}}\n", "spec.http[0].fault.delay.percentage.value", "not in range 0..100"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    fault: {abort: {httpStatus: 700}}\n", "spec.http[0].fault.abort.httpStatus", "invalid abort http status"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    fault: {abort: {grpcStatus: NOPE}}\n", "spec.http[0].fault.abort.grpcStatus", "invalid abort grpc status"),
+        ("  hosts: [a]\n  http:\n  - redirect: {redirectCode: 200, uri: /x}\n", "spec.http[0].redirect.redirectCode", "must be 3xx"),
+        ("  hosts: [a]\n  http:\n  - redirect: {}\n", "spec.http[0].redirect", "must specify URI, authority, scheme, or port"),
+        ("  hosts: [a]\n  http:\n  - redirect: {uri: /x, scheme: ftp}\n", "spec.http[0].redirect.scheme", "must be http or https"),
+        ("  hosts: [a]\n  http:\n  - directResponse: {status: 700}\n", "spec.http[0].directResponse.status", "200-599"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    rewrite: {}\n", "spec.http[0].rewrite", "must specify URI, authority, or uriRegexRewrite"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    rewrite: {uri: /x, uriRegexRewrite: {match: a, rewrite: b}}\n", "spec.http[0].rewrite", "only contain one of URI or UriRegexRewrite"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    rewrite: {authority: b}\n    headers: {request: {set: {':authority': c}}}\n", "spec.http[0].rewrite.authority", "both rewrite and headers"),
+        ("  hosts: [a]\n  http:\n  - match: [{uri: {regex: '(unclosed'}}]\n    route:\n    - destination: {host: a}\n", "spec.http[0].match[0].uri.regex", "not a valid regex"),
+        ("  hosts: [a]\n  http:\n  - match: [{headers: {End-User: {exact: x}}}]\n    route:\n    - destination: {host: a}\n", "spec.http[0].match[0].headers.End-User", "must be lowercase"),
+        ("  hosts: [a]\n  http:\n  - match: [{method: {prefix: ''}}]\n    route:\n    - destination: {host: a}\n", "spec.http[0].match[0].method.prefix", "should not be empty"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    headers: {request: {remove: [host]}}\n", "spec.http[0].headers.request.remove[0]", "not a valid header name to remove"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    headers: {request: {set: {x: '50%'}}}\n", "spec.http[0].headers.request.set.x", "literal '%'"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    mirror: {host: b}\n    mirrors: [{destination: {host: c}}]\n", "spec.http[0].mirrors", "both mirror and mirrors"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    corsPolicy: {maxAge: 1500ms}\n", "spec.http[0].corsPolicy.maxAge", "seconds precision"),
+        ("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n    corsPolicy: {allowMethods: [FETCH]}\n", "spec.http[0].corsPolicy.allowMethods[0]", "not a supported HTTP method"),
+        ("  hosts: [a]\n  exportTo: ['*', ns2]\n  http:\n  - route:\n    - destination: {host: a}\n", "spec.exportTo", "both public (*) and non-public"),
+        ("  hosts: [a]\n  tls:\n  - route:\n    - destination: {host: a}\n", "spec.tls[0].match", "at least one match condition"),
+        ("  hosts: [a.com]\n  tls:\n  - match: [{sniHosts: [b.com]}]\n    route:\n    - destination: {host: a}\n", "spec.tls[0].match[0].sniHosts[0]", "not a subset of hosts"),
+    ];
+    for (spec, path, needle) in cases {
+        assert_error(&vs(spec), path, needle);
+    }
+}
+
+#[test]
+fn weights_not_summing_to_100_only_warn() {
+    let y = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: 60\n    - destination: {host: b}\n      weight: 60\n");
+    let d = diags(&y);
+    assert!(d.iter().all(|d| !d.is_error()));
+    assert!(d.iter().any(|d| d.message.contains("!= 100")));
+}
+
+#[test]
+fn unreachable_route_after_catch_all_warns() {
+    let y = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n  - match: [{uri: {prefix: /x}}]\n    route:\n    - destination: {host: b}\n");
+    let d = diags(&y);
+    assert!(d
+        .iter()
+        .any(|d| !d.is_error() && d.path == "spec.http[1]" && d.message.contains("unreachable")));
+}
+
+fn dr(spec: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n{spec}")
+}
+
+#[test]
+fn destination_rule_rules() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("  trafficPolicy: {}\n", "spec.host", "host is required"),
+        ("  host: a\n  trafficPolicy: {}\n", "spec.trafficPolicy", "at least one field"),
+        ("  host: a\n  subsets: [{name: v1}, {name: v1}]\n", "spec.subsets[1].name", "duplicate subset names"),
+        ("  host: a\n  subsets: [{name: V_1}]\n", "spec.subsets[0].name", "DNS-1123"),
+        ("  host: a\n  trafficPolicy: {loadBalancer: {simple: FASTEST}}\n", "spec.trafficPolicy.loadBalancer.simple", "unknown load balancer"),
+        ("  host: a\n  trafficPolicy: {loadBalancer: {consistentHash: {maglev: {tableSize: 1000}, useSourceIp: true}}}\n", "tableSize", "prime"),
+        ("  host: a\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}}\n", "maxConnections", "non-negative"),
+        ("  host: a\n  trafficPolicy: {connectionPool: {}}\n", "spec.trafficPolicy.connectionPool", "either tcp or http"),
+        ("  host: a\n  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE, useClientProtocol: true}}}\n", "useClientProtocol", "must not be true"),
+        ("  host: a\n  trafficPolicy: {outlierDetection: {maxEjectionPercent: 120}}\n", "maxEjectionPercent", "[0, 100]"),
+        ("  host: a\n  trafficPolicy: {outlierDetection: {consecutiveLocalOriginFailures: 3}}\n", "consecutiveLocalOriginFailures", "split external local origin errors is set to false"),
+        ("  host: a\n  trafficPolicy: {outlierDetection: {consecutive5xxErrors: -2}}\n", "consecutive5xxErrors", "cannot be negative"),
+        ("  host: a\n  trafficPolicy: {tls: {mode: MUTUAL}}\n", "spec.trafficPolicy.tls.clientCertificate", "client certificate required"),
+        ("  host: a\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL, caCertificates: /x}}\n", "spec.trafficPolicy.tls", "ISTIO_MUTUAL"),
+        ("  host: a\n  trafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [x]}}\n", "insecureSkipVerify", "InsecureSkipVerify"),
+        ("  host: a\n  trafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}\n", "spec.trafficPolicy.portLevelSettings[0].port", "port must be specified"),
+        ("  host: a\n  trafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [{from: a, to: {b: 50}}]}}}\n", "distribute[0].to", "must be 100"),
+        ("  host: a\n  exportTo: [ns2]\n  workloadSelector: {matchLabels: {app: x}}\n  subsets: [{name: v1}]\n", "spec.exportTo", "workloadSelector"),
+    ];
+    for (spec, path, needle) in cases {
+        assert_error(&dr(spec), path, needle);
+    }
+}
+
+#[test]
+fn gateway_service_entry_and_sidecar_rules() {
+    let gw = |spec: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: g\nspec:\n{spec}")
+    };
+    assert_error(
+        &gw("  servers: []\n"),
+        "spec.servers",
+        "at least one server",
+    );
+    assert_error(&gw("  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [a.com]\n"), "spec.servers[0].tls", "must have TLS settings");
+    assert_error(&gw("  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [a.com]\n    tls: {mode: SIMPLE}\n"), "spec.servers[0].tls", "plain text HTTP");
+    assert_error(&gw("  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [a.com]\n    tls: {mode: SIMPLE}\n"), "serverCertificate", "requires a server certificate");
+    assert_error(
+        &gw(
+            "  servers:\n  - port: {number: 80, name: http, protocol: BOGUS}\n    hosts: [a.com]\n",
+        ),
+        "protocol",
+        "invalid protocol",
+    );
+    assert_error(&gw("  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [a.com]\n  - port: {number: 81, name: http, protocol: HTTP}\n    hosts: [b.com]\n"), "spec.servers[1].port.name", "must be unique");
+    assert_error(&gw("  servers:\n  - port: {number: 80, name: http, protocol: HTTP, targetPort: 8080}\n    hosts: [a.com]\n"), "targetPort", "no impact on Gateways");
+    assert_error(&gw("  servers:\n  - port: {number: 70000, name: http, protocol: HTTP}\n    hosts: [a.com]\n"), "number", "1..65535");
+
+    let se = |spec: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: s\nspec:\n{spec}")
+    };
+    assert_error(
+        &se("  hosts: ['*']\n  ports: [{number: 80, name: http}]\n"),
+        "spec.hosts[0]",
+        "invalid host *",
+    );
+    assert_error(
+        &se("  hosts: [a.com]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n"),
+        "spec.endpoints",
+        "must be provided for resolution type static",
+    );
+    assert_error(&se("  hosts: [a.com]\n  ports: [{number: 80, name: http}]\n  resolution: NONE\n  endpoints: [{address: 1.2.3.4}]\n"), "spec.endpoints", "resolution type none");
+    assert_error(
+        &se("  hosts: [a.com]\n  ports: [{number: 80, name: http}, {number: 80, name: web}]\n"),
+        "spec.ports[1].number",
+        "already defined",
+    );
+    assert_error(&se("  hosts: [a.com, b.com]\n  ports: [{number: 3306, name: tcp, protocol: TCP}]\n  resolution: DNS\n"), "spec.hosts", "multiple hosts");
+    assert_error(&se("  hosts: [a.com]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 1.2.3.4, ports: {web: 8080}}]\n"), "spec.endpoints[0].ports.web", "not defined by the service entry");
+    assert_error(
+        &se("  hosts: ['*.a.com']\n  ports: [{number: 80, name: http}]\n  resolution: DNS\n"),
+        "spec.hosts[0]",
+        "must be FQDN",
+    );
+    assert_error(&se("  hosts: [a.com]\n  addresses: [10.0.0.0/8]\n  ports: [{number: 80, name: http}]\n  resolution: DNS\n"), "spec.addresses[0]", "CIDR addresses are allowed only");
+
+    let sc = |spec: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: default\nspec:\n{spec}")
+    };
+    assert_error(
+        &sc("  egress:\n  - hosts: [reviews]\n"),
+        "spec.egress[0].hosts[0]",
+        "namespace/dnsName",
+    );
+    assert_error(
+        &sc("  egress:\n  - hosts: ['./*']\n  - port: {number: 80}\n    hosts: ['./*']\n"),
+        "spec.egress[0]",
+        "should be the last",
+    );
+    assert_error(
+        &sc("  outboundTrafficPolicy: {mode: ALLOW_ANY_DYNAMIC_DNS}\n"),
+        "spec.outboundTrafficPolicy.mode",
+        "only allowed in MeshConfig",
+    );
+    assert_error(
+        &sc("  outboundTrafficPolicy: {mode: REGISTRY_ONLY, egressProxy: {host: a}}\n"),
+        "egressProxy",
+        "only with ALLOW_ANY",
+    );
+    assert_error(&sc("  {}\n"), "spec", "empty configuration");
+}
+
+#[test]
+fn errors_carry_file_line_column() {
+    let y = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: -1\n    - destination: {host: b}\n      weight: 5\n");
+    let d = diags(&y)
+        .into_iter()
+        .find(|d| d.path == "spec.http[0].route[0].weight")
+        .expect("weight error");
+    assert_eq!((d.file.as_str(), d.pos.line), ("t.yaml", 11));
+    assert_eq!(
+        d.resource.as_ref().map(|r| r.to_string()).as_deref(),
+        Some("VirtualService ns/r")
+    );
+}
+
+#[test]
+fn all_errors_are_collected() {
+    let y = vs("  hosts: ['*']\n  http:\n  - route:\n    - destination: {host: a}\n    timeout: nope\n    fault: {}\n");
+    assert!(errors(&y).len() >= 3, "{:#?}", errors(&y));
+}
+
+#[test]
+fn loading_problems_are_reported_with_positions() {
+    // Wrong type: the position of the value and the field path.
+    let d = diags(&vs(
+        "  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: \"25\"\n",
+    ));
+    let e = d.iter().find(|d| d.is_error()).expect("type error");
+    assert_eq!(e.path, "spec.http[0].route[0].weight");
+    assert_eq!(e.pos.line, 11);
+    // Unknown field: points at the key.
+    let d = diags(&vs("  hosts: [a]\n  htp: []\n"));
+    let e = d.iter().find(|d| d.is_error()).expect("unknown field");
+    assert!(e.message.contains("unknown field `htp`"), "{e}");
+    assert_eq!((e.pos.line, e.path.as_str()), (8, "spec.htp"));
+    // Bad YAML syntax.
+    let d = diags("kind: VirtualService\nspec: [unclosed\n");
+    assert!(
+        d[0].is_error() && d[0].message.starts_with("invalid YAML") && d[0].pos.line >= 2,
+        "{}",
+        d[0]
+    );
+    // Duplicate keys are rejected.
+    let d = diags("apiVersion: networking.istio.io/v1\nkind: Gateway\nkind: Gateway\n");
+    assert!(
+        d.iter()
+            .any(|d| d.is_error() && d.message.contains("duplicate")),
+        "{d:?}"
+    );
+    // Unknown kinds are reported and skipped, the rest still loads.
+    let mut c = Config::default();
+    let d = c.add_text("t.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s}\n");
+    assert!(d
+        .iter()
+        .any(|d| !d.is_error() && d.message.contains("unsupported kind \"Pod\"")));
+    assert_eq!(c.services.len(), 1);
+}
+
+#[test]
+fn json_input_is_accepted() {
+    let mut c = Config::default();
+    let d = c.add_text("t.json", r#"{"apiVersion":"networking.istio.io/v1","kind":"VirtualService","metadata":{"name":"x"},"spec":{"hosts":["a"],"http":[{"route":[{"destination":{"host":"a"}}]}]}}"#);
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(c.virtual_services.len(), 1);
+    assert!(validate(&c).is_empty());
+}
+
+#[test]
+fn ten_megabytes_of_junk_is_an_error_not_a_panic() {
+    let junk: String = (0..10 * 1024 * 1024)
+        .map(|i| [b'{', b'[', b'x', b':', b'\n', b'"', b'-', b' '][i % 8] as char)
+        .collect();
+    let mut c = Config::default();
+    let d = c.add_text("junk.yaml", &junk);
+    assert!(d.iter().any(Diagnostic::is_error));
+}
+
+#[test]
+fn duplicate_objects_are_errors() {
+    let one = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n");
+    let e = errors(&format!("{one}---\n{one}"));
+    assert!(
+        e.iter()
+            .any(|e| e.contains("duplicate VirtualService ns/r")),
+        "{e:?}"
+    );
+}

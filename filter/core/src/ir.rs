@@ -1,0 +1,610 @@
+//! The rules document: what `meshroute compile` writes and the filter reads.
+//!
+//! Everything here is already validated and resolved for one proxy identity; the data path
+//! never re-validates Istio semantics, it only builds matchers (regexes) once at configure time.
+//! Any change to the wire shape bumps [`VERSION`]; readers reject versions they do not know.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Wire version of the rules document.
+pub const VERSION: u32 = 1;
+
+/// Header through which the filter names the upstream cluster (host contract).
+pub const CLUSTER_HEADER: &str = "x-meshroute-cluster";
+/// Header through which the filter names the exact endpoint (Envoy ORIGINAL_DST contract).
+pub const ENDPOINT_HEADER: &str = "x-envoy-original-dst-host";
+/// Cluster used for ALLOW_ANY traffic to hosts outside the registry.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// Headers that only the filter may set. Hosts strip client copies before the filter runs.
+pub const CONTROL_HEADERS: &[&str] = &[
+    CLUSTER_HEADER,
+    ENDPOINT_HEADER,
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-max-retries",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-fault-abort-request",
+    "x-envoy-fault-abort-grpc-request",
+    "x-envoy-fault-abort-request-percentage",
+    "x-envoy-fault-delay-request",
+    "x-envoy-fault-delay-request-percentage",
+    "x-envoy-fault-throughput-response",
+    "x-envoy-fault-throughput-response-percentage",
+    "x-envoy-upstream-alt-stat-name",
+    "x-meshroute-attempt",
+];
+
+/// The whole document, for one proxy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesDocument {
+    pub version: u32,
+    pub proxy: ProxyIdentity,
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundPolicy,
+    /// One route table per listener port (sidecar: service port; gateway: server port).
+    #[serde(default)]
+    pub route_tables: Vec<RouteTable>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<Listener>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Who this document was compiled for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyIdentity {
+    pub kind: ProxyKind,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyKind {
+    #[default]
+    Sidecar,
+    Gateway,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundPolicy {
+    #[default]
+    AllowAny,
+    RegistryOnly,
+}
+
+/// A gateway listener (one per Gateway server port) or the sidecar's outbound listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub port: u16,
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ListenerServer>,
+}
+
+/// One Gateway server on a listener, with what a host needs to terminate TLS.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerServer {
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+}
+
+/// Routes for one listener port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    pub port: u16,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Lower-case host names without port: exact names, `*.suffix` wildcards or `*`.
+    pub domains: Vec<String>,
+    /// Gateway `httpsRedirect`: every plain-text request is answered with a 301 to https.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub require_tls: bool,
+    pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRef>,
+}
+
+/// Where an object came from, for logs and `explain`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRef {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub file: String,
+    pub line: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// OR across entries; an empty list matches every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request_headers: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response_headers: HeaderOps,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    /// Whole-request timeout; `None` means disabled (Istio's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRef>,
+}
+
+/// AND of every condition present.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ignore_uri_case: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<QueryMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// RE2 syntax, matched against the whole value.
+    Regex(String),
+    /// Header or parameter present, any value.
+    Present,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Lower-case; may be a pseudo-header (`:path`, `:authority`, ...).
+    pub name: String,
+    pub matcher: StringMatch,
+    /// `withoutHeaders`: the result is inverted and a missing header counts as empty.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub invert: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatch {
+    pub name: String,
+    pub matcher: StringMatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Route(RouteAction),
+    Redirect(Redirect),
+    DirectResponse(DirectResponse),
+}
+
+impl Default for Action {
+    fn default() -> Self {
+        Self::DirectResponse(DirectResponse {
+            status: 404,
+            body: None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAction {
+    /// Non-empty; weights are relative and already > 0.
+    pub destinations: Vec<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Fully qualified service host.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subset: String,
+    /// `None`: the listener port of the request decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request_headers: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response_headers: HeaderOps,
+}
+
+/// Header operations of one level. Applied remove → set → add, as Envoy does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replaces the matched prefix (prefix match) or the whole path (other matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_regex: Option<RegexRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewrite {
+    pub pattern: String,
+    /// Substitution with `\1`-style group references (RE2 / Envoy syntax).
+    pub substitution: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<RedirectPort>,
+    pub status: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectPort {
+    Number(u16),
+    FromRequestPort,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponse {
+    pub status: u16,
+    /// Body bytes, base64 in the document so binary bodies survive JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsPolicy {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_origins: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_credentials: Option<bool>,
+    /// `unmatchedPreflights: IGNORE` answers unmatched preflights locally instead of forwarding.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ignore_unmatched_preflights: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    pub delay_ms: u64,
+    /// Chance in millionths (Envoy's FractionalPercent MILLION).
+    pub per_million: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    pub per_million: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subset: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub per_million: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first try (Istio `attempts`).
+    pub num_retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    /// Envoy retry-on conditions (no integers).
+    pub retry_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_base_ms: Option<u64>,
+    #[serde(default = "default_true")]
+    pub avoid_previous_hosts: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub retry_remote_localities: bool,
+}
+
+/// One upstream cluster: `outbound|port|subset|host`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    pub service: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subset: String,
+    pub discovery: Discovery,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    /// Service protocol as declared (HTTP, HTTP2, GRPC, TCP, ...); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    pub connect_timeout_ms: u64,
+    #[serde(default)]
+    pub lb: LoadBalancer,
+    #[serde(default, skip_serializing_if = "ConnectionPool::is_default")]
+    pub connection_pool: ConnectionPool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRef>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    /// Endpoints listed in the document; the filter picks one.
+    #[default]
+    Static,
+    /// Endpoint addresses are DNS names resolved by the host.
+    Dns,
+    /// Forward to the address the client asked for (ServiceEntry `resolution: NONE`).
+    OriginalDst,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// IP address or (for DNS discovery) host name.
+    pub address: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancer {
+    #[serde(default)]
+    pub policy: LbPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbPolicy {
+    #[default]
+    LeastRequest,
+    RoundRobin,
+    Random,
+    Passthrough,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistentHash {
+    pub key: HashKey,
+    /// `maglev` table size, or `None` for a ring hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    Header(String),
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl_ms: Option<u64>,
+    },
+    #[default]
+    SourceIp,
+    QueryParameter(String),
+}
+
+/// Connection pool settings; zero means "unlimited / default" as in Istio.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionPool {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_connections: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub http1_max_pending_requests: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub http2_max_requests: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_requests_per_connection: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub h2_upgrade: bool,
+}
+
+impl ConnectionPool {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_local_origin_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub split_external_local_origin_errors: bool,
+    pub interval_ms: u64,
+    pub base_ejection_time_ms: u64,
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_skip_verify: bool,
+}
+
+/// Builds the Istio cluster name `outbound|port|subset|host`.
+pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_weight() -> u32 {
+    1
+}
