@@ -358,29 +358,19 @@ impl Lowering<'_> {
         let mut tables: BTreeMap<u16, Vec<ir::VirtualHost>> = BTreeMap::new();
         let services = self.services.clone();
         for svc in &services {
-            let mut best: Option<(usize, &str)> = None;
+            let mut best: Option<(usize, String)> = None;
             for (vi, vs) in vss.iter().enumerate() {
                 for h in &vs.spec.hosts {
                     let rh = hosts::resolve_short_name(h, &vs.namespace);
-                    if hosts::matches(&rh, &svc.host) {
-                        let better = match best {
-                            None => true,
-                            Some((_, cur)) => {
-                                hosts::specificity_cmp(&rh, cur) == std::cmp::Ordering::Less
-                            }
-                        };
-                        if better {
-                            best = Some((
-                                vi,
-                                vss[vi]
-                                    .spec
-                                    .hosts
-                                    .iter()
-                                    .find(|x| *x == h)
-                                    .map(String::as_str)
-                                    .unwrap_or_default(),
-                            ));
-                        }
+                    if !hosts::matches(&rh, &svc.host) {
+                        continue;
+                    }
+                    // Strictly more specific only: among equals the first (oldest) stays.
+                    let better = best.as_ref().is_none_or(|(_, cur)| {
+                        hosts::specificity_cmp(&rh, cur) == std::cmp::Ordering::Less
+                    });
+                    if better {
+                        best = Some((vi, rh));
                     }
                 }
             }

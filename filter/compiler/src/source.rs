@@ -317,8 +317,65 @@ mod yaml {
         }
     }
 
+    /// Documents parsed per call; the parser caps documents per stream, a mesh has more.
+    const DOCS_PER_CHUNK: usize = 500;
+
     /// Parses a (multi-document) YAML or JSON text. Empty documents are skipped.
     pub fn parse_documents(text: &str) -> Result<Vec<Node>, ParseError> {
+        // A `---` marker at column 0 always starts a document (YAML forbids it inside scalars),
+        // so splitting there keeps every document whole.
+        let mut chunks: Vec<(u32, &str)> = Vec::new();
+        let mut chunk_start = 0usize;
+        let mut chunk_line = 0u32;
+        let mut markers = 0usize;
+        let mut offset = 0usize;
+        for (i, line) in text.split_inclusive('\n').enumerate() {
+            let is_marker = line.starts_with("---")
+                && line[3..].chars().next().is_none_or(|c| c.is_whitespace());
+            if is_marker {
+                markers += 1;
+                if markers > DOCS_PER_CHUNK {
+                    chunks.push((chunk_line, &text[chunk_start..offset]));
+                    chunk_start = offset;
+                    chunk_line = u32::try_from(i).unwrap_or(u32::MAX);
+                    markers = 1;
+                }
+            }
+            offset += line.len();
+        }
+        chunks.push((chunk_line, &text[chunk_start..]));
+        let mut out = Vec::new();
+        for (line_offset, chunk) in chunks {
+            let mut docs = parse_chunk(chunk).map_err(|mut e| {
+                e.pos.line = e.pos.line.saturating_add(line_offset);
+                e
+            })?;
+            for d in &mut docs {
+                shift(d, line_offset);
+            }
+            out.extend(docs);
+        }
+        Ok(out)
+    }
+
+    fn shift(node: &mut Node, lines: u32) {
+        if lines == 0 {
+            return;
+        }
+        node.pos.line = node.pos.line.saturating_add(lines);
+        match &mut node.value {
+            NodeValue::Seq(items) => items.iter_mut().for_each(|n| shift(n, lines)),
+            NodeValue::Map(entries) => {
+                for (_, kpos, v) in entries {
+                    kpos.line = kpos.line.saturating_add(lines);
+                    shift(v, lines);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn parse_chunk(text: &str) -> Result<Vec<Node>, ParseError> {
         let docs: Vec<Option<Spanned<Raw>>> = serde_saphyr::from_multiple(text).map_err(|e| {
             let pos = e
                 .location()

@@ -291,3 +291,14 @@ fn duplicate_objects_are_errors() {
         "{e:?}"
     );
 }
+
+#[test]
+fn thousands_of_documents_load() {
+    let text: String = (0..3000)
+        .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n"))
+        .collect();
+    let mut c = Config::default();
+    let d = c.add_text("big.yaml", &text);
+    assert!(d.is_empty(), "{:?}", d.first());
+    assert_eq!(c.services.len(), 3000);
+}

@@ -1,0 +1,345 @@
+//! Resolution rules for one proxy identity, each from Istio's documented behaviour.
+
+use std::collections::BTreeMap;
+
+use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
+use meshroute_core::ir::{self, Action, ProxyKind, RulesDocument};
+
+fn build(yaml: &str, proxy: ProxyOptions) -> (RulesDocument, Vec<String>) {
+    let mut c = Config::default();
+    let load = c.add_text("t.yaml", yaml);
+    assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
+    let out = compile(&c, &proxy, &MeshOptions::default());
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    (
+        out.document.expect("document"),
+        out.diagnostics.iter().map(ToString::to_string).collect(),
+    )
+}
+
+fn sidecar(ns: &str) -> ProxyOptions {
+    ProxyOptions {
+        kind: ProxyKind::Sidecar,
+        namespace: ns.into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn gateway() -> ProxyOptions {
+    ProxyOptions {
+        kind: ProxyKind::Gateway,
+        namespace: "istio-system".into(),
+        labels: BTreeMap::from([("istio".into(), "ingressgateway".into())]),
+    }
+}
+
+fn svc(name: &str, ns: &str, port: u16) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: {port}}}]\n---\n")
+}
+
+fn we(name: &str, ns: &str, app: &str, version: &str, port: u16) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  address: 127.0.0.1\n  ports: {{http: {port}}}\n  labels: {{app: {app}, version: {version}}}\n---\n")
+}
+
+fn vhost<'a>(doc: &'a RulesDocument, port: u16, domain: &str) -> Option<&'a ir::VirtualHost> {
+    doc.route_tables
+        .iter()
+        .find(|t| t.port == port)?
+        .virtual_hosts
+        .iter()
+        .find(|v| v.domains.iter().any(|d| d == domain))
+}
+
+fn first_dest(vh: &ir::VirtualHost, route: usize) -> &ir::Destination {
+    match &vh.routes[route].action {
+        Action::Route(r) => &r.destinations[0],
+        other => panic!("not a route: {other:?}"),
+    }
+}
+
+#[test]
+fn short_names_expand_in_the_rules_namespace_and_aliases_follow_the_client() {
+    let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: ratings}}\n", svc("reviews", "a", 9080), svc("ratings", "a", 9080));
+    let (doc, _) = build(&y, sidecar("a"));
+    let vh = vhost(&doc, 9080, "reviews").expect("same-namespace client may use the bare name");
+    assert_eq!(first_dest(vh, 0).host, "ratings.a.svc.cluster.local");
+    assert_eq!(
+        first_dest(vh, 0).port,
+        Some(9080),
+        "single-port service fills the port"
+    );
+    let (doc, _) = build(&y, sidecar("b"));
+    assert!(
+        vhost(&doc, 9080, "reviews").is_none(),
+        "bare name only from the same namespace"
+    );
+    assert!(vhost(&doc, 9080, "reviews.a").is_some());
+    assert!(vhost(&doc, 9080, "reviews.a.svc.cluster.local").is_some());
+}
+
+#[test]
+fn export_to_dot_hides_rules_from_other_namespaces() {
+    let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  exportTo: ['.']\n  http:\n  - route:\n    - destination: {{host: reviews}}\n    timeout: 3s\n", svc("reviews", "a", 9080));
+    let (doc, _) = build(&y, sidecar("a"));
+    assert_eq!(
+        vhost(&doc, 9080, "reviews.a").expect("vhost").routes[0].timeout_ms,
+        Some(3000)
+    );
+    let (doc, _) = build(&y, sidecar("b"));
+    let vh = vhost(&doc, 9080, "reviews.a").expect("service still visible");
+    assert_eq!(
+        vh.routes[0].timeout_ms, None,
+        "the VirtualService is not visible: default route"
+    );
+}
+
+#[test]
+fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
+    let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: a}}\nspec:\n  egress:\n  - hosts: ['./*']\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n", svc("mine", "a", 80), svc("other", "b", 80));
+    let (doc, _) = build(&y, sidecar("a"));
+    assert!(vhost(&doc, 80, "mine").is_some());
+    assert!(vhost(&doc, 80, "other.b").is_none(), "not imported by ./*");
+    assert!(!doc.clusters.iter().any(|c| c.service.starts_with("other.")));
+    assert_eq!(
+        doc.outbound_traffic_policy,
+        ir::OutboundPolicy::RegistryOnly
+    );
+    let (doc, _) = build(&y, sidecar("b"));
+    assert!(
+        vhost(&doc, 80, "other").is_some(),
+        "the Sidecar of namespace a does not apply to b"
+    );
+    assert_eq!(doc.outbound_traffic_policy, ir::OutboundPolicy::AllowAny);
+}
+
+#[test]
+fn sidecar_uses_the_oldest_virtual_service_for_a_host() {
+    let vs = |name: &str, ts: &str, subset: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: a, creationTimestamp: '{ts}'}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: {subset}}}\n---\n")
+    };
+    let y = format!(
+        "{}{}{}",
+        svc("reviews", "a", 9080),
+        vs("newer", "2024-02-01T00:00:00Z", "new"),
+        vs("older", "2024-01-01T00:00:00Z", "old")
+    );
+    let (doc, _) = build(&y, sidecar("a"));
+    assert_eq!(
+        first_dest(vhost(&doc, 9080, "reviews").expect("vhost"), 0).subset,
+        "old"
+    );
+}
+
+#[test]
+fn exact_virtual_service_beats_wildcard_for_a_service() {
+    let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: wild, namespace: a, creationTimestamp: '2020-01-01T00:00:00Z'}}\nspec:\n  hosts: ['*.a.svc.cluster.local']\n  http:\n  - route:\n    - destination: {{host: reviews, subset: wild}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: exact, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: exact}}\n", svc("reviews", "a", 9080));
+    let (doc, _) = build(&y, sidecar("a"));
+    assert_eq!(
+        first_dest(vhost(&doc, 9080, "reviews").expect("vhost"), 0).subset,
+        "exact"
+    );
+}
+
+#[test]
+fn gateway_merges_virtual_services_and_moves_catch_alls_last() {
+    let gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*/*.example.com']\n---\n";
+    let vs = |name: &str, ts: &str, routes: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: default, creationTimestamp: '{ts}'}}\nspec:\n  hosts: [a.example.com]\n  gateways: [istio-system/gw]\n  http:\n{routes}---\n")
+    };
+    let y = format!(
+        "{gw}{}{}{}",
+        vs("first", "2024-01-01T00:00:00Z", "  - route:\n    - destination: {host: catchall.default.svc.cluster.local}\n"),
+        vs("second", "2024-01-02T00:00:00Z", "  - match: [{uri: {prefix: /api}}]\n    route:\n    - destination: {host: api.default.svc.cluster.local}\n"),
+        vs("mesh-only", "2024-01-03T00:00:00Z", "  - match: [{uri: {prefix: /mesh}}]\n    route:\n    - destination: {host: x}\n").replace("gateways: [istio-system/gw]", "gateways: [mesh]"),
+    );
+    let (doc, _) = build(&y, gateway());
+    let vh = vhost(&doc, 80, "a.example.com").expect("vhost named after the more specific host");
+    assert_eq!(
+        vh.routes.len(),
+        2,
+        "mesh-only VirtualService is not bound to the gateway"
+    );
+    assert_eq!(first_dest(vh, 0).host, "api.default.svc.cluster.local");
+    assert_eq!(first_dest(vh, 1).host, "catchall.default.svc.cluster.local");
+    assert_eq!(doc.listeners.len(), 1);
+    // The same configuration gives a sidecar only the mesh-bound VirtualService.
+    let (doc, _) = build(&y, sidecar("default"));
+    assert!(vhost(&doc, 80, "a.example.com").is_some_and(|v| v.routes.len() == 1));
+}
+
+#[test]
+fn gateway_server_namespace_filter_and_https_redirect() {
+    let y = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['team-a/*']\n    tls: {httpsRedirect: true}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: team-a}\nspec:\n  hosts: [a.example.com]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {host: a.example.com}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b, namespace: team-b}\nspec:\n  hosts: [b.example.com]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {host: b.example.com}\n";
+    let (doc, _) = build(y, gateway());
+    let vh = vhost(&doc, 80, "a.example.com").expect("team-a binds");
+    assert!(vh.require_tls);
+    assert!(
+        vhost(&doc, 80, "b.example.com").is_none(),
+        "team-b is filtered out by the server host namespace"
+    );
+}
+
+#[test]
+fn destination_rule_lookup_prefers_the_client_namespace() {
+    let dr = |ns: &str, lb: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: {ns}}}\nspec:\n  host: reviews.svc-ns.svc.cluster.local\n  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}\n---\n")
+    };
+    let y = format!(
+        "{}{}{}",
+        svc("reviews", "svc-ns", 9080),
+        dr("svc-ns", "RANDOM"),
+        dr("client", "ROUND_ROBIN")
+    );
+    let lb = |ns: &str| {
+        let (doc, _) = build(&y, sidecar(ns));
+        doc.clusters
+            .iter()
+            .find(|c| c.name == "outbound|9080||reviews.svc-ns.svc.cluster.local")
+            .expect("cluster")
+            .lb
+            .policy
+    };
+    assert_eq!(lb("client"), ir::LbPolicy::RoundRobin);
+    assert_eq!(lb("elsewhere"), ir::LbPolicy::Random);
+}
+
+#[test]
+fn port_level_settings_replace_without_inheriting_and_subsets_select_endpoints() {
+    let y = format!(
+        "{}{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: a}}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: 7, connectTimeout: 2s}}}}\n    loadBalancer: {{simple: RANDOM}}\n    portLevelSettings:\n    - port: {{number: 9080}}\n      loadBalancer: {{simple: ROUND_ROBIN}}\n  subsets:\n  - name: v2\n    labels: {{version: v2}}\n    trafficPolicy: {{connectionPool: {{http: {{http2MaxRequests: 3}}}}}}\n",
+        svc("reviews", "a", 9080),
+        we("r1", "a", "reviews", "v1", 1001),
+        we("r2", "a", "reviews", "v2", 1002)
+    );
+    let (doc, _) = build(&y, sidecar("a"));
+    let base = doc
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|9080||reviews.a.svc.cluster.local")
+        .expect("base");
+    assert_eq!(base.lb.policy, ir::LbPolicy::RoundRobin);
+    assert_eq!(
+        base.connection_pool.max_connections, 0,
+        "port level does not inherit the top-level pool"
+    );
+    assert_eq!(
+        base.connect_timeout_ms, 10_000,
+        "mesh default connect timeout"
+    );
+    assert_eq!(base.endpoints.len(), 2);
+    let v2 = doc
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|9080|v2|reviews.a.svc.cluster.local")
+        .expect("subset");
+    assert_eq!(
+        v2.endpoints.iter().map(|e| e.port).collect::<Vec<_>>(),
+        vec![1002]
+    );
+    assert_eq!(v2.connection_pool.http2_max_requests, 3);
+}
+
+#[test]
+fn missing_subset_is_a_warning_and_no_cluster() {
+    let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v9}}\n", svc("reviews", "a", 9080));
+    let (doc, warnings) = build(&y, sidecar("a"));
+    assert!(!doc.clusters.iter().any(|c| c.subset == "v9"));
+    assert!(
+        warnings.iter().any(|w| w.contains("subset \"v9\"")
+            && w.contains("503 (NC)")
+            && w.starts_with("t.yaml:")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn weights_and_retry_defaults() {
+    let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /z}}}}]\n    route:\n    - destination: {{host: reviews, subset: a}}\n      weight: 0\n    - destination: {{host: reviews, subset: b}}\n      weight: 30\n    retries: {{attempts: 0}}\n  - route:\n    - destination: {{host: reviews}}\n      weight: 5\n    retries: {{attempts: 3, perTryTimeout: 2s, retryOn: '5xx,503'}}\n", svc("reviews", "a", 9080));
+    let (doc, _) = build(&y, sidecar("a"));
+    let vh = vhost(&doc, 9080, "reviews").expect("vhost");
+    let Action::Route(r0) = &vh.routes[0].action else {
+        panic!()
+    };
+    assert_eq!(r0.destinations.len(), 1, "zero weight dropped");
+    assert!(vh.routes[0].retry.is_none(), "attempts 0 disables retries");
+    assert_eq!(
+        first_dest(vh, 1).weight,
+        100,
+        "a single destination gets everything"
+    );
+    let retry = vh.routes[1].retry.as_ref().expect("retry");
+    assert_eq!(
+        (retry.num_retries, retry.per_try_timeout_ms),
+        (3, Some(2000))
+    );
+    assert_eq!(retry.retriable_status_codes, vec![503]);
+    assert!(retry
+        .retry_on
+        .contains(&"retriable-status-codes".to_string()));
+}
+
+#[test]
+fn delegate_routes_replace_the_root_route_and_inherit() {
+    let y = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: root, namespace: a}\nspec:\n  hosts: [shop.example.com]\n  http:\n  - match: [{uri: {prefix: /api}}]\n    timeout: 4s\n    delegate: {name: api, namespace: b}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api, namespace: b}\nspec:\n  http:\n  - match: [{uri: {prefix: /api/v1}}]\n    route:\n    - destination: {host: v1}\n  - match: [{uri: {prefix: /other}}]\n    route:\n    - destination: {host: other}\n";
+    let (doc, warnings) = build(y, sidecar("a"));
+    let vh = vhost(&doc, 80, "shop.example.com").expect("vhost");
+    assert_eq!(
+        vh.routes.len(),
+        1,
+        "the conflicting delegate route is dropped"
+    );
+    assert_eq!(
+        vh.routes[0].timeout_ms,
+        Some(4000),
+        "inherited from the root"
+    );
+    assert_eq!(
+        first_dest(vh, 0).host,
+        "v1.b.svc.cluster.local",
+        "short names resolve in the delegate's namespace"
+    );
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("conflicts with the root")));
+}
+
+#[test]
+fn registry_from_service_entries_and_unknown_vs_hosts() {
+    let y = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e, namespace: a}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: http-tls, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: a}\nspec:\n  hosts: [db.internal]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 10.1.1.1, labels: {v: a}, weight: 3}, {address: 10.1.1.2, ports: {http: 8080}}]\n";
+    let (doc, _) = build(y, sidecar("a"));
+    let api = doc
+        .clusters
+        .iter()
+        .find(|c| c.service == "api.example.com")
+        .expect("dns cluster");
+    assert_eq!(api.discovery, ir::Discovery::Dns);
+    assert_eq!(
+        (api.endpoints[0].address.as_str(), api.endpoints[0].port),
+        ("api.example.com", 443)
+    );
+    let db = doc
+        .clusters
+        .iter()
+        .find(|c| c.service == "db.internal")
+        .expect("static");
+    assert_eq!(
+        db.endpoints
+            .iter()
+            .map(|e| (e.port, e.weight))
+            .collect::<Vec<_>>(),
+        vec![(80, 3), (8080, 1)]
+    );
+}
+
+#[test]
+fn every_document_round_trips_through_json() {
+    let y = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/bookinfo/registry.yaml"
+    ))
+    .expect("example");
+    let (doc, _) = build(&y, sidecar("default"));
+    let json = serde_json::to_string(&doc).expect("json");
+    let back: RulesDocument = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back, doc);
+}
