@@ -1,4 +1,5 @@
 //! Invariants: loading and compiling never panic, whatever the input.
+#![allow(clippy::expect_used, reason = "test helpers outside #[test] functions")]
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use proptest::prelude::*;
