@@ -1,4 +1,5 @@
 //! Resolution rules for one proxy identity, each from Istio's documented behaviour.
+#![allow(clippy::expect_used, clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use std::collections::BTreeMap;
 
