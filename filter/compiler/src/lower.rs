@@ -354,27 +354,36 @@ impl Lowering<'_> {
             (private(a), a.age_key()).cmp(&(private(b), b.age_key()))
         });
 
+        // Index the claimed hosts once: exact names by value, wildcards most specific first.
+        let mut exact_hosts: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut wildcard_hosts: Vec<(String, usize)> = Vec::new();
+        for (vi, vs) in vss.iter().enumerate() {
+            for h in &vs.spec.hosts {
+                let rh = hosts::resolve_short_name(h, &vs.namespace);
+                if hosts::is_wildcard(&rh) {
+                    wildcard_hosts.push((rh, vi));
+                } else {
+                    exact_hosts.entry(rh).or_default().push(vi);
+                }
+            }
+        }
+        // Stable sort keeps age order among equally specific wildcards.
+        wildcard_hosts.sort_by(|a, b| hosts::specificity_cmp(&a.0, &b.0));
+
         // For every visible service, the most specific claiming VirtualService host.
         let mut tables: BTreeMap<u16, Vec<ir::VirtualHost>> = BTreeMap::new();
         let services = self.services.clone();
         for svc in &services {
-            let mut best: Option<(usize, String)> = None;
-            for (vi, vs) in vss.iter().enumerate() {
-                for h in &vs.spec.hosts {
-                    let rh = hosts::resolve_short_name(h, &vs.namespace);
-                    if !hosts::matches(&rh, &svc.host) {
-                        continue;
-                    }
-                    // Strictly more specific only: among equals the first (oldest) stays.
-                    let better = best.as_ref().is_none_or(|(_, cur)| {
-                        hosts::specificity_cmp(&rh, cur) == std::cmp::Ordering::Less
-                    });
-                    if better {
-                        best = Some((vi, rh));
-                    }
-                }
-            }
-            let best_vs = best.map(|(vi, _)| vi);
+            // Exact host beats any wildcard; among equals the oldest (first) wins.
+            let best_vs = exact_hosts
+                .get(svc.host.as_str())
+                .and_then(|v| v.first().copied())
+                .or_else(|| {
+                    wildcard_hosts
+                        .iter()
+                        .find(|(h, _)| hosts::matches(h, &svc.host))
+                        .map(|(_, vi)| *vi)
+                });
             for port in svc.ports.iter().filter(|p| p.is_http()) {
                 let name = format!("{}:{}", svc.host, port.number);
                 let (routes, source) = match best_vs {
@@ -999,13 +1008,14 @@ impl Lowering<'_> {
     fn clusters(&mut self) -> Vec<ir::Cluster> {
         let mut out = Vec::new();
         let services = self.services.clone();
+        let dr_index = DrIndex::new(self.config, &self.proxy.namespace, &self.proxy.labels);
         let mut seen: BTreeSet<String> = BTreeSet::new();
         for svc in &services {
             if seen.contains(&svc.host) {
                 continue;
             }
             seen.insert(svc.host.clone());
-            let dr = self.destination_rule(svc);
+            let dr = self.destination_rule(&dr_index, svc);
             for port in &svc.ports {
                 let base = dr.as_ref().and_then(|d| d.policy.clone());
                 let policy = port_policy(base.as_ref(), port.number);
@@ -1135,7 +1145,7 @@ impl Lowering<'_> {
 
     /// DestinationRule lookup: client namespace → service namespace → root namespace; within a
     /// namespace the most specific host wins; DRs for the same host in one namespace merge.
-    fn destination_rule(&self, svc: &Service) -> Option<MergedRule> {
+    fn destination_rule(&self, index: &DrIndex<'_>, svc: &Service) -> Option<MergedRule> {
         let client = &self.proxy.namespace;
         let tiers = [
             client.as_str(),
@@ -1143,20 +1153,22 @@ impl Lowering<'_> {
             self.mesh.root_namespace.as_str(),
         ];
         for ns in tiers {
-            let mut candidates: Vec<(&Resource<api::DestinationRule>, String)> = self
-                .config
-                .destination_rules
+            let Some(in_ns) = index.by_namespace.get(ns) else {
+                continue;
+            };
+            let exact = in_ns
+                .exact
+                .get(svc.host.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let wild = in_ns
+                .wildcard
                 .iter()
-                .filter(|d| d.namespace == ns)
-                .filter(|d| visible(&d.spec.export_to, &d.namespace, client))
-                .filter(|d| match &d.spec.workload_selector {
-                    None => true,
-                    Some(ws) => {
-                        d.namespace == *client && selects(&ws.match_labels, &self.proxy.labels)
-                    }
-                })
-                .map(|d| (d, hosts::resolve_short_name(&d.spec.host, &d.namespace)))
-                .filter(|(_, h)| hosts::matches(h, &svc.host))
+                .filter(|(_, h)| hosts::matches(h, &svc.host));
+            let mut candidates: Vec<(&Resource<api::DestinationRule>, String)> = exact
+                .iter()
+                .map(|d| (*d, svc.host.clone()))
+                .chain(wild.map(|(d, h)| (*d, h.clone())))
                 .collect();
             if candidates.is_empty() {
                 continue;
@@ -1183,6 +1195,41 @@ impl Lowering<'_> {
             return Some(merged);
         }
         None
+    }
+}
+
+/// DestinationRules visible to the proxy, by namespace and host, resolved once.
+struct DrIndex<'a> {
+    by_namespace: HashMap<&'a str, DrNamespace<'a>>,
+}
+
+#[derive(Default)]
+struct DrNamespace<'a> {
+    exact: HashMap<String, Vec<&'a Resource<api::DestinationRule>>>,
+    wildcard: Vec<(&'a Resource<api::DestinationRule>, String)>,
+}
+
+impl<'a> DrIndex<'a> {
+    fn new(config: &'a Config, client: &str, labels: &BTreeMap<String, String>) -> Self {
+        let mut by_namespace: HashMap<&'a str, DrNamespace<'a>> = HashMap::new();
+        for d in &config.destination_rules {
+            if !visible(&d.spec.export_to, &d.namespace, client) {
+                continue;
+            }
+            if let Some(ws) = &d.spec.workload_selector {
+                if d.namespace != client || !selects(&ws.match_labels, labels) {
+                    continue;
+                }
+            }
+            let host = hosts::resolve_short_name(&d.spec.host, &d.namespace);
+            let entry = by_namespace.entry(d.namespace.as_str()).or_default();
+            if hosts::is_wildcard(&host) {
+                entry.wildcard.push((d, host));
+            } else {
+                entry.exact.entry(host).or_default().push(d);
+            }
+        }
+        Self { by_namespace }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The service registry: Kubernetes Services (+ WorkloadEntries they select) and ServiceEntries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use meshroute_core::ir::SourceRef;
 
@@ -147,6 +147,22 @@ fn selects(selector: &api::Labels, labels: &api::Labels) -> bool {
 /// Builds the registry from every Service and ServiceEntry (visibility is decided later).
 pub fn build(config: &Config) -> Vec<Service> {
     let mut out = Vec::new();
+    // WorkloadEntries are selected within their namespace only: index them once.
+    let mut entries_by_ns: HashMap<&str, Vec<&Resource<api::WorkloadEntry>>> = HashMap::new();
+    for we in &config.workload_entries {
+        entries_by_ns
+            .entry(we.namespace.as_str())
+            .or_default()
+            .push(we);
+    }
+    let entries_in = |ns: &str| {
+        entries_by_ns
+            .get(ns)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .copied()
+    };
     for r in &config.services {
         let svc = &r.spec;
         let ports: Vec<ServicePort> = svc
@@ -173,10 +189,8 @@ pub fn build(config: &Config) -> Vec<Service> {
         let endpoints = if svc.selector.is_empty() {
             Vec::new()
         } else {
-            config
-                .workload_entries
-                .iter()
-                .filter(|we| we.namespace == r.namespace && selects(&svc.selector, &we.spec.labels))
+            entries_in(&r.namespace)
+                .filter(|we| selects(&svc.selector, &we.spec.labels))
                 .map(|we| {
                     let mut labels = we.labels.clone();
                     labels.extend(we.spec.labels.clone());
@@ -223,10 +237,8 @@ pub fn build(config: &Config) -> Vec<Service> {
             })
             .collect();
         let mut endpoints: Vec<ServiceEndpoint> = match &se.workload_selector {
-            Some(sel) => config
-                .workload_entries
-                .iter()
-                .filter(|we| we.namespace == r.namespace && selects(&sel.labels, &we.spec.labels))
+            Some(sel) => entries_in(&r.namespace)
+                .filter(|we| selects(&sel.labels, &we.spec.labels))
                 .map(|we| entry_endpoint(&we.spec))
                 .collect(),
             None => se.endpoints.iter().map(entry_endpoint).collect(),

@@ -1,5 +1,9 @@
 //! Resolution rules for one proxy identity, each from Istio's documented behaviour.
-#![allow(clippy::expect_used, clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions"
+)]
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,9 @@
 //! Validation rules, each written from Istio's semantics: the config and the error Istio gives.
-#![allow(clippy::expect_used, clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions"
+)]
 
 use meshroute_compiler::{validate::validate, Config, Diagnostic};
 
