@@ -1,6 +1,8 @@
 # meshroute — the two commands a newcomer needs: `make run` and `make test`.
 CARGO ?= cargo
 BUILD_DIR := .build
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+MESHROUTE := $(TARGET_DIR)/debug/meshroute
 
 .PHONY: all build test run lint fmt-check clippy wasm-check examples clean
 
@@ -29,13 +31,13 @@ wasm-check:
 ## Every example from the seed documents validates and compiles for its proxy.
 examples:
 	$(CARGO) build -q -p meshroute-harness
-	./scripts/check-examples.sh target/debug/meshroute
+	./scripts/check-examples.sh $(MESHROUTE)
 
 ## Compiles the hello-world example for a sidecar and prints the rules document.
 run:
 	$(CARGO) build -q -p meshroute-harness
-	target/debug/meshroute validate -f examples/hello
-	target/debug/meshroute compile -f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml
+	$(MESHROUTE) validate -f examples/hello
+	$(MESHROUTE) compile -f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml
 
 clean:
 	rm -rf target $(BUILD_DIR)

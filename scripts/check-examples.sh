@@ -3,7 +3,9 @@
 set -euo pipefail
 bin=${1:?usage: check-examples.sh MESHROUTE_BINARY}
 fail=0
+total=0
 run() {
+  total=$((total + 1))
   if ! out=$("$bin" "$@" 2>&1 >/dev/null); then
     echo "FAILED: meshroute $*"; echo "$out"; fail=$((fail + 1))
   fi
@@ -21,6 +23,5 @@ run compile -f examples/external/foo-ext.yaml
 for f in case3-uri-prefix case4-weights case5-subsets; do
   run compile -f examples/hello/registry.yaml -f "examples/hello/$f.yaml"
 done
-total=14
 echo "$((total - fail)) passed, $fail failed"
 [ "$fail" -eq 0 ]
