@@ -1,4 +1,5 @@
 //! The `meshroute` command line: exit codes and outputs users script against.
+#![allow(clippy::expect_used, reason = "test helpers outside #[test] functions")]
 
 use std::path::PathBuf;
 use std::process::Command;
