@@ -1181,8 +1181,7 @@ impl Lowering<'_> {
                 policy: None,
                 subsets: Vec::new(),
             };
-            for (d, h) in candidates.iter().filter(|(_, h)| *h == best_host) {
-                let _ = h;
+            for (d, _) in candidates.iter().filter(|(_, h)| *h == best_host) {
                 if merged.policy.is_none() {
                     merged.policy.clone_from(&d.spec.traffic_policy);
                 }

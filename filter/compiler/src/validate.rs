@@ -169,7 +169,6 @@ fn sidecar_conflicts(config: &Config, out: &mut Vec<Diagnostic>) {
 
 /// Validation context for one resource.
 struct V<'a> {
-    file: &'a str,
     res: &'a dyn Located,
     out: &'a mut Vec<Diagnostic>,
 }
@@ -186,15 +185,10 @@ impl<T> Located for Resource<T> {
 
 impl<'a> V<'a> {
     fn new<T>(res: &'a Resource<T>, out: &'a mut Vec<Diagnostic>) -> Self {
-        Self {
-            file: &res.origin.file,
-            res,
-            out,
-        }
+        Self { res, out }
     }
 
     fn err(&mut self, path: &FieldPath, msg: impl Into<String>) {
-        let _ = self.file;
         self.out
             .push(self.res.diag(Severity::Error, path, msg.into()));
     }
@@ -829,16 +823,6 @@ fn http_route(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute, delegate_vs:
                 &rp.key("authority"),
                 "authority header cannot be set in both rewrite and headers",
             );
-        }
-        if let Some(u) = &rw.uri {
-            if route
-                .matches
-                .iter()
-                .any(|m| m.uri.as_ref().is_some_and(|u| u.regex.is_some()))
-                && !u.is_empty()
-            {
-                // Allowed by Istio (whole path replaced), nothing to report.
-            }
         }
     }
     if let Some(r) = &route.redirect {
