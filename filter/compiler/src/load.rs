@@ -98,16 +98,6 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn is_empty(&self) -> bool {
-        self.virtual_services.is_empty()
-            && self.destination_rules.is_empty()
-            && self.gateways.is_empty()
-            && self.service_entries.is_empty()
-            && self.sidecars.is_empty()
-            && self.workload_entries.is_empty()
-            && self.services.is_empty()
-    }
-
     /// Parses one text (YAML or JSON, multi-document) named `file` and adds its objects.
     #[cfg(feature = "yaml")]
     pub fn add_text(&mut self, file: &str, text: &str) -> Vec<Diagnostic> {
@@ -190,7 +180,7 @@ impl Config {
         base: FieldPath,
         diags: &mut Vec<Diagnostic>,
     ) {
-        let Some(obj) = node_at(doc, &base) else {
+        let Some(obj) = doc.at(&base) else {
             return;
         };
         let at = |rel: &str| {
@@ -341,22 +331,6 @@ impl Config {
             _ => push!(services, api::KubeService, "Service"),
         }
     }
-}
-
-fn node_at<'a>(doc: &'a Node, path: &FieldPath) -> Option<&'a Node> {
-    let mut node = doc;
-    for seg in &path.0 {
-        node = match (seg, &node.value) {
-            (crate::source::Seg::Key(k), crate::source::NodeValue::Map(entries)) => {
-                &entries.iter().find(|(ek, _, _)| ek == k)?.2
-            }
-            (crate::source::Seg::Index(i), crate::source::NodeValue::Seq(items)) => {
-                items.get(*i)?
-            }
-            _ => return None,
-        };
-    }
-    Some(node)
 }
 
 /// A typed-deserialization failure, positioned.

@@ -1005,12 +1005,12 @@ impl Lowering<'_> {
 
     // === Clusters ===
 
-    fn clusters(&mut self) -> Vec<ir::Cluster> {
+    fn clusters(&self) -> Vec<ir::Cluster> {
         let mut out = Vec::new();
-        let services = self.services.clone();
+        let services = &self.services;
         let dr_index = DrIndex::new(self.config, &self.proxy.namespace, &self.proxy.labels);
         let mut seen: BTreeSet<String> = BTreeSet::new();
-        for svc in &services {
+        for svc in services {
             if seen.contains(&svc.host) {
                 continue;
             }

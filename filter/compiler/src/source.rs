@@ -168,8 +168,8 @@ impl Node {
         node.pos
     }
 
-    /// The position of the key that ends `path` (for "unknown field" errors).
-    pub fn locate_key(&self, path: &FieldPath, key: &str) -> Option<Pos> {
+    /// The node at `path`, if the tree has one there.
+    pub fn at(&self, path: &FieldPath) -> Option<&Node> {
         let mut node = self;
         for seg in &path.0 {
             node = match (seg, &node.value) {
@@ -180,7 +180,12 @@ impl Node {
                 _ => return None,
             };
         }
-        match &node.value {
+        Some(node)
+    }
+
+    /// The position of the key `key` inside the mapping at `path` (for "unknown field" errors).
+    pub fn locate_key(&self, path: &FieldPath, key: &str) -> Option<Pos> {
+        match &self.at(path)?.value {
             NodeValue::Map(entries) => entries
                 .iter()
                 .find(|(k, _, _)| k == key)
