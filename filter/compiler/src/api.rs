@@ -150,6 +150,8 @@ pub struct HeaderOperations {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRedirect {
     pub uri: Option<String>,
+    /// Replaces the matched uri prefix; every uri match of the route must be a prefix.
+    pub prefix_rewrite: Option<String>,
     pub authority: Option<String>,
     pub port: Option<i64>,
     pub derive_port: Option<String>,

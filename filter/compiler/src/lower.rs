@@ -768,7 +768,7 @@ impl Lowering<'_> {
             }
             ir::Action::Redirect(ir::Redirect {
                 uri: r.uri.clone(),
-                prefix_rewrite: None,
+                prefix_rewrite: r.prefix_rewrite.clone(),
                 authority: r.authority.clone(),
                 scheme: r.scheme.clone(),
                 port: match (r.port, r.derive_port.as_deref()) {

@@ -827,7 +827,26 @@ fn http_route(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute, delegate_vs:
     }
     if let Some(r) = &route.redirect {
         let rp = p.key("redirect");
+        if r.uri.is_some() && r.prefix_rewrite.is_some() {
+            v.err(
+                &rp.key("prefixRewrite"),
+                "only one of uri or prefixRewrite may be set",
+            );
+        }
+        if r.prefix_rewrite.is_some() {
+            let all_prefix = route
+                .matches
+                .iter()
+                .all(|m| m.uri.as_ref().is_some_and(|u| u.prefix.is_some()));
+            if route.matches.is_empty() || !all_prefix {
+                v.err(
+                    &rp.key("prefixRewrite"),
+                    "prefixRewrite requires every match of the route to have a uri prefix",
+                );
+            }
+        }
         if r.uri.is_none()
+            && r.prefix_rewrite.is_none()
             && r.authority.is_none()
             && r.port.is_none()
             && r.derive_port.is_none()

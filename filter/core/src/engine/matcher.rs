@@ -1,0 +1,174 @@
+//! Compiled request matchers: every regex is built once, when the rules are loaded.
+
+use regex::Regex;
+
+use crate::ir::{HeaderMatch, QueryMatch, RouteMatch, StringMatch};
+
+use super::{BuildError, RequestView};
+
+/// A [`StringMatch`] ready to run.
+#[derive(Debug)]
+pub(crate) enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    Present,
+}
+
+impl Matcher {
+    pub(crate) fn build(m: &StringMatch, case_insensitive: bool) -> Result<Self, BuildError> {
+        Ok(match m {
+            StringMatch::Exact(s) if case_insensitive => Self::Exact(s.to_ascii_lowercase()),
+            StringMatch::Exact(s) => Self::Exact(s.clone()),
+            StringMatch::Prefix(s) if case_insensitive => Self::Prefix(s.to_ascii_lowercase()),
+            StringMatch::Prefix(s) => Self::Prefix(s.clone()),
+            StringMatch::Regex(r) => Self::Regex(full_match_regex(r)?),
+            StringMatch::Present => Self::Present,
+        })
+    }
+
+    /// Case-sensitive match of a present value.
+    pub(crate) fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(s) => value == s,
+            Self::Prefix(p) => value.starts_with(p.as_str()),
+            Self::Regex(r) => r.is_match(value),
+            Self::Present => true,
+        }
+    }
+
+    /// Exact and prefix compare ASCII case-insensitively (`ignoreUriCase`); regexes do not.
+    fn matches_ignore_case(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(s) => value.eq_ignore_ascii_case(s),
+            Self::Prefix(p) => value
+                .get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p)),
+            other => other.matches(value),
+        }
+    }
+}
+
+/// RE2 matchers in Istio match the whole value; anchor the pattern once here.
+pub(crate) fn full_match_regex(pattern: &str) -> Result<Regex, BuildError> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| BuildError::Regex {
+        pattern: pattern.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[derive(Debug)]
+struct CompiledHeader {
+    name: String,
+    matcher: Matcher,
+    invert: bool,
+}
+
+#[derive(Debug)]
+struct CompiledQuery {
+    name: String,
+    matcher: Matcher,
+}
+
+/// One `match` block: every condition present must hold.
+#[derive(Debug)]
+pub(crate) struct CompiledMatch {
+    pub(crate) uri: Option<Matcher>,
+    ignore_uri_case: bool,
+    scheme: Option<Matcher>,
+    method: Option<Matcher>,
+    authority: Option<Matcher>,
+    headers: Vec<CompiledHeader>,
+    query: Vec<CompiledQuery>,
+    port: Option<u16>,
+}
+
+impl CompiledMatch {
+    pub(crate) fn build(m: &RouteMatch) -> Result<Self, BuildError> {
+        let plain =
+            |m: &Option<StringMatch>| m.as_ref().map(|m| Matcher::build(m, false)).transpose();
+        Ok(Self {
+            uri: m
+                .uri
+                .as_ref()
+                .map(|u| Matcher::build(u, m.ignore_uri_case))
+                .transpose()?,
+            ignore_uri_case: m.ignore_uri_case,
+            scheme: plain(&m.scheme)?,
+            method: plain(&m.method)?,
+            authority: plain(&m.authority)?,
+            headers: m
+                .headers
+                .iter()
+                .map(|h: &HeaderMatch| {
+                    Ok(CompiledHeader {
+                        name: h.name.to_ascii_lowercase(),
+                        matcher: Matcher::build(&h.matcher, false)?,
+                        invert: h.invert,
+                    })
+                })
+                .collect::<Result<_, BuildError>>()?,
+            query: m
+                .query_params
+                .iter()
+                .map(|q: &QueryMatch| {
+                    Ok(CompiledQuery {
+                        name: q.name.clone(),
+                        matcher: Matcher::build(&q.matcher, false)?,
+                    })
+                })
+                .collect::<Result<_, BuildError>>()?,
+            port: m.port,
+        })
+    }
+
+    pub(crate) fn matches(&self, req: &RequestView<'_>) -> bool {
+        if self.port.is_some_and(|p| p != req.port) {
+            return false;
+        }
+        if let Some(uri) = &self.uri {
+            let path = req.path_without_query();
+            let ok = if self.ignore_uri_case {
+                uri.matches_ignore_case(path)
+            } else {
+                uri.matches(path)
+            };
+            if !ok {
+                return false;
+            }
+        }
+        let pseudo = [
+            (&self.scheme, req.scheme),
+            (&self.method, req.method),
+            (&self.authority, req.authority),
+        ];
+        if pseudo
+            .iter()
+            .any(|(m, v)| m.as_ref().is_some_and(|m| !m.matches(v)))
+        {
+            return false;
+        }
+        self.headers.iter().all(|h| header_matches(h, req))
+            && self.query.iter().all(|q| query_matches(q, req))
+    }
+}
+
+fn header_matches(h: &CompiledHeader, req: &RequestView<'_>) -> bool {
+    let value = req.header(&h.name);
+    if let Matcher::Present = h.matcher {
+        return value.is_some() != h.invert;
+    }
+    match (value, h.invert) {
+        (Some(v), invert) => h.matcher.matches(&v) != invert,
+        // withoutHeaders treats a missing header as the empty string.
+        (None, true) => !h.matcher.matches(""),
+        (None, false) => false,
+    }
+}
+
+fn query_matches(q: &CompiledQuery, req: &RequestView<'_>) -> bool {
+    match req.query_param(&q.name) {
+        Some(v) => q.matcher.matches(&v),
+        None => false,
+    }
+}

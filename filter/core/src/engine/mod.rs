@@ -1,0 +1,877 @@
+//! The decision engine: one request in, one [`Decision`] out.
+//!
+//! Everything that can be prepared ahead (host index, regexes, cluster lookups, decoded bodies,
+//! header operation order) is built once in [`Engine::new`]; a decision does a hash lookup per
+//! label of the host, walks the routes of one virtual host and samples the injected [`Rng`].
+
+mod balance;
+mod matcher;
+mod request;
+mod respond;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use base64::Engine as _;
+use regex::Regex;
+
+use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy, RulesDocument};
+
+use balance::ClusterRt;
+use matcher::{CompiledMatch, Matcher};
+pub use request::{split_host_port, split_query, RequestView};
+
+/// Source of randomness; the guest seeds it, tests script it.
+pub trait Rng {
+    fn next_u64(&mut self) -> u64;
+
+    /// Uniform in `0..n` (0 when `n == 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            // Multiply-shift keeps the result unbiased enough for traffic splits.
+            ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+        }
+    }
+}
+
+/// Small, fast, deterministic generator (SplitMix64) for hosts without `getrandom`.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl Rng for SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Why a rules document could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildError {
+    Version { found: u32 },
+    Regex { pattern: String, reason: String },
+    Body { route: String, reason: String },
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Version { found } => write!(
+                f,
+                "rules document version {found} is not supported (this filter reads version {})",
+                ir::VERSION
+            ),
+            Self::Regex { pattern, reason } => write!(f, "regex {pattern:?}: {reason}"),
+            Self::Body { route, reason } => {
+                write!(f, "route {route:?}: direct response body: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// What the host must do with the request.
+#[derive(Debug)]
+pub struct Decision<'e> {
+    /// Virtual host and route that decided, for logs and `explain`.
+    pub vhost: Option<&'e str>,
+    pub route: Option<&'e str>,
+    /// Fault delay to apply before the outcome.
+    pub delay_ms: Option<u64>,
+    pub outcome: Outcome<'e>,
+}
+
+#[derive(Debug)]
+pub enum Outcome<'e> {
+    Forward(Forward<'e>),
+    Reply(Reply),
+}
+
+/// Forward upstream with these changes.
+#[derive(Debug)]
+pub struct Forward<'e> {
+    pub cluster: Cow<'e, str>,
+    /// `ip:port` the host must connect to; `None` leaves the choice to the host (DNS clusters).
+    pub endpoint: Option<String>,
+    /// New `:path` (the original goes to `x-envoy-original-path`).
+    pub path: Option<String>,
+    /// New `:authority`.
+    pub authority: Option<&'e str>,
+    pub request_edits: Vec<HeaderEdit<'e>>,
+    pub response_edits: Vec<HeaderEdit<'e>>,
+    pub timeout_ms: Option<u64>,
+    pub retry: Option<&'e RetryPolicy>,
+    pub mirrors: Vec<MirrorTarget<'e>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EditOp {
+    Set,
+    Add,
+    Remove,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderEdit<'e> {
+    pub op: EditOp,
+    pub name: Cow<'e, str>,
+    pub value: Cow<'e, str>,
+}
+
+/// A copy of the request to send and forget.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MirrorTarget<'e> {
+    pub cluster: Cow<'e, str>,
+    pub endpoint: Option<String>,
+}
+
+/// A response the proxy produces itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Answer as gRPC (HTTP 200, `grpc-status`) instead of `status`.
+    pub grpc_status: Option<u32>,
+    /// Envoy response flag (`NR`, `NC`, `UH`, `FI`, ...), empty when none applies.
+    pub flag: &'static str,
+    /// Envoy `response.code_details`.
+    pub details: &'static str,
+}
+
+impl Reply {
+    fn empty(status: u16, flag: &'static str, details: &'static str) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            grpc_status: None,
+            flag,
+            details,
+        }
+    }
+
+    fn text(status: u16, body: &str, flag: &'static str, details: &'static str) -> Self {
+        Self {
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: body.as_bytes().to_vec(),
+            ..Self::empty(status, flag, details)
+        }
+    }
+}
+
+/// The loaded rules of one proxy.
+#[derive(Debug)]
+pub struct Engine {
+    kind: ProxyKind,
+    outbound: OutboundPolicy,
+    tables: HashMap<u16, Table>,
+    clusters: Vec<ClusterRt>,
+    cluster_index: HashMap<String, usize>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    exact: HashMap<String, usize>,
+    /// `*.foo.com` stored as `.foo.com`.
+    suffix: HashMap<String, usize>,
+    any: Option<usize>,
+    vhosts: Vec<VHost>,
+}
+
+#[derive(Debug)]
+struct VHost {
+    name: String,
+    require_tls: bool,
+    routes: Vec<RouteRt>,
+}
+
+#[derive(Debug)]
+struct RouteRt {
+    name: String,
+    matches: Vec<CompiledMatch>,
+    action: ActionRt,
+    fault: Option<ir::Fault>,
+    cors: Option<CorsRt>,
+    mirrors: Vec<MirrorRt>,
+    timeout_ms: Option<u64>,
+    retry: Option<RetryPolicy>,
+    /// Header edits for local replies (direct response, redirect).
+    reply_edits: Vec<HeaderEdit<'static>>,
+}
+
+#[derive(Debug)]
+enum ActionRt {
+    Route {
+        destinations: Vec<DestRt>,
+        total_weight: u64,
+        rewrite: Option<RewriteRt>,
+    },
+    Redirect(ir::Redirect),
+    Direct {
+        status: u16,
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+struct DestRt {
+    target: Target,
+    weight: u64,
+    /// Authority after the route/destination precedence rule.
+    authority: Option<String>,
+    request_edits: Vec<HeaderEdit<'static>>,
+    response_edits: Vec<HeaderEdit<'static>>,
+}
+
+/// A cluster known at load time, or one whose port comes from the request.
+#[derive(Debug)]
+enum Target {
+    Fixed(String),
+    PerPort { host: String, subset: String },
+}
+
+impl Target {
+    fn new(host: &str, subset: &str, port: Option<u16>) -> Self {
+        match port {
+            Some(p) => Self::Fixed(ir::cluster_name(p, subset, host)),
+            None => Self::PerPort {
+                host: host.to_owned(),
+                subset: subset.to_owned(),
+            },
+        }
+    }
+
+    fn name(&self, port: u16) -> Cow<'_, str> {
+        match self {
+            Self::Fixed(n) => Cow::Borrowed(n),
+            Self::PerPort { host, subset } => Cow::Owned(ir::cluster_name(port, subset, host)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RewriteRt {
+    uri: Option<String>,
+    regex: Option<(Regex, String)>,
+}
+
+#[derive(Debug)]
+struct MirrorRt {
+    target: Target,
+    per_million: u32,
+}
+
+#[derive(Debug)]
+struct CorsRt {
+    origins: Vec<Matcher>,
+    allow_methods: String,
+    allow_headers: String,
+    expose_headers: String,
+    max_age: Option<String>,
+    credentials: bool,
+    ignore_unmatched_preflights: bool,
+}
+
+const MILLION: u64 = 1_000_000;
+
+impl Engine {
+    /// Builds the engine; rejects documents of another version and unusable regexes or bodies.
+    pub fn new(doc: RulesDocument) -> Result<Self, BuildError> {
+        if doc.version != ir::VERSION {
+            return Err(BuildError::Version { found: doc.version });
+        }
+        let mut cluster_index = HashMap::with_capacity(doc.clusters.len());
+        let clusters: Vec<ClusterRt> = doc
+            .clusters
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cluster_index.insert(c.name.clone(), i);
+                ClusterRt::new(c)
+            })
+            .collect();
+        let mut tables = HashMap::with_capacity(doc.route_tables.len());
+        for table in doc.route_tables {
+            tables.insert(table.port, build_table(table)?);
+        }
+        Ok(Self {
+            kind: doc.proxy.kind,
+            outbound: doc.outbound_traffic_policy,
+            tables,
+            clusters,
+            cluster_index,
+        })
+    }
+
+    pub fn kind(&self) -> ProxyKind {
+        self.kind
+    }
+
+    /// The port that selects the route table: a sidecar used as an explicit proxy takes the
+    /// service port from the authority (80, or 443 for https, when absent); a gateway uses the
+    /// server port the request arrived on.
+    pub fn route_port(&self, authority: &str, scheme: &str, listener_port: u16) -> u16 {
+        match self.kind {
+            ProxyKind::Gateway => listener_port,
+            ProxyKind::Sidecar => split_host_port(authority)
+                .1
+                .unwrap_or(if scheme == "https" { 443 } else { 80 }),
+        }
+    }
+
+    /// Decides what happens to one request.
+    pub fn decide<'e>(&'e self, req: &RequestView<'_>, rng: &mut dyn Rng) -> Decision<'e> {
+        let Some(vhost) = self.find_vhost(req) else {
+            return self.unknown_host(req);
+        };
+        if vhost.require_tls && !is_https(req) {
+            let location = format!("https://{}{}", req.authority, req.path);
+            let mut reply = Reply::empty(301, "", "direct_response");
+            reply.headers.push(("location".into(), location));
+            return Decision {
+                vhost: Some(&vhost.name),
+                route: None,
+                delay_ms: None,
+                outcome: Outcome::Reply(reply),
+            };
+        }
+        let Some((route, matched)) = vhost.routes.iter().find_map(|r| r.matching(req)) else {
+            return Decision {
+                vhost: Some(&vhost.name),
+                route: None,
+                delay_ms: None,
+                outcome: Outcome::Reply(Reply::empty(404, "NR", "route_not_found")),
+            };
+        };
+        let mut decision = Decision {
+            vhost: Some(&vhost.name),
+            route: Some(&route.name),
+            delay_ms: None,
+            outcome: Outcome::Reply(Reply::empty(500, "", "")),
+        };
+        decision.outcome = self.route_outcome(route, matched, req, rng, &mut decision.delay_ms);
+        decision
+    }
+
+    fn route_outcome<'e>(
+        &'e self,
+        route: &'e RouteRt,
+        matched: Option<&CompiledMatch>,
+        req: &RequestView<'_>,
+        rng: &mut dyn Rng,
+        delay_ms: &mut Option<u64>,
+    ) -> Outcome<'e> {
+        let origin = req.header("origin");
+        if let (Some(cors), Some(origin)) = (&route.cors, origin.as_deref()) {
+            if let Some(reply) = cors.preflight(req, origin) {
+                return Outcome::Reply(reply);
+            }
+        }
+        if let Some(fault) = &route.fault {
+            if let Some(delay) = &fault.delay {
+                if sampled(rng, delay.per_million) {
+                    *delay_ms = Some(delay.delay_ms);
+                }
+            }
+            if let Some(abort) = &fault.abort {
+                if sampled(rng, abort.per_million) {
+                    return Outcome::Reply(respond::fault_abort(abort, req));
+                }
+            }
+        }
+        match &route.action {
+            ActionRt::Direct { status, body } => {
+                let mut reply = Reply::empty(*status, "", "direct_response");
+                if !body.is_empty() {
+                    reply
+                        .headers
+                        .push(("content-type".into(), "text/plain".into()));
+                    reply.body.clone_from(body);
+                }
+                respond::apply_edits(&mut reply.headers, &route.reply_edits);
+                Outcome::Reply(reply)
+            }
+            ActionRt::Redirect(r) => {
+                let mut reply = respond::redirect(r, matched, req);
+                respond::apply_edits(&mut reply.headers, &route.reply_edits);
+                Outcome::Reply(reply)
+            }
+            ActionRt::Route {
+                destinations,
+                total_weight,
+                rewrite,
+            } => {
+                let dest = pick_destination(destinations, *total_weight, rng);
+                let cluster = dest.target.name(req.port);
+                let endpoint = match self.cluster(&cluster) {
+                    None => return Outcome::Reply(Reply::empty(503, "NC", "cluster_not_found")),
+                    Some(c) => match c.pick(req, rng) {
+                        Ok(endpoint) => endpoint,
+                        Err(()) => {
+                            return Outcome::Reply(Reply::text(
+                                503,
+                                "no healthy upstream",
+                                "UH",
+                                "no_healthy_upstream",
+                            ))
+                        }
+                    },
+                };
+                let mut response_edits = dest.response_edits.clone();
+                if let (Some(cors), Some(origin)) = (&route.cors, origin.as_deref()) {
+                    cors.response_headers(origin, &mut response_edits);
+                }
+                let mut mirrors = Vec::new();
+                for m in &route.mirrors {
+                    if !sampled(rng, m.per_million) {
+                        continue;
+                    }
+                    let name = m.target.name(req.port);
+                    if let Some(Ok(endpoint)) = self.cluster(&name).map(|c| c.pick(req, rng)) {
+                        mirrors.push(MirrorTarget {
+                            cluster: name,
+                            endpoint,
+                        });
+                    }
+                }
+                Outcome::Forward(Forward {
+                    cluster,
+                    endpoint,
+                    path: rewrite.as_ref().and_then(|rw| rw.apply(matched, req.path)),
+                    authority: dest.authority.as_deref(),
+                    request_edits: dest.request_edits.clone(),
+                    response_edits,
+                    timeout_ms: route.timeout_ms,
+                    retry: route.retry.as_ref(),
+                    mirrors,
+                })
+            }
+        }
+    }
+
+    fn cluster(&self, name: &str) -> Option<&ClusterRt> {
+        self.cluster_index.get(name).map(|&i| &self.clusters[i])
+    }
+
+    /// Virtual host for the request's host; port in the authority is ignored (Istio G8).
+    fn find_vhost(&self, req: &RequestView<'_>) -> Option<&VHost> {
+        let table = self.tables.get(&req.port)?;
+        let host = req.host();
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let index = table.exact.get(host).copied().or_else(|| {
+            // Longest wildcard first: try each suffix starting at a dot, left to right.
+            host.match_indices('.')
+                .find_map(|(i, _)| table.suffix.get(&host[i..]).copied())
+                .or(table.any)
+        })?;
+        table.vhosts.get(index)
+    }
+
+    /// No virtual host: Istio's catch-all (sidecar) or 404 (gateway).
+    fn unknown_host<'e>(&'e self, req: &RequestView<'_>) -> Decision<'e> {
+        let outcome = match (self.kind, self.outbound) {
+            (ProxyKind::Gateway, _) => Outcome::Reply(Reply::empty(404, "NR", "route_not_found")),
+            (ProxyKind::Sidecar, OutboundPolicy::RegistryOnly) => {
+                Outcome::Reply(Reply::empty(502, "", "direct_response"))
+            }
+            (ProxyKind::Sidecar, OutboundPolicy::AllowAny) => {
+                let (host, port) = split_host_port(req.authority);
+                let port = port.unwrap_or(req.port);
+                let endpoint = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                Outcome::Forward(Forward {
+                    cluster: Cow::Borrowed(ir::PASSTHROUGH_CLUSTER),
+                    endpoint: Some(endpoint),
+                    path: None,
+                    authority: None,
+                    request_edits: Vec::new(),
+                    response_edits: Vec::new(),
+                    timeout_ms: None,
+                    retry: None,
+                    mirrors: Vec::new(),
+                })
+            }
+        };
+        Decision {
+            vhost: None,
+            route: None,
+            delay_ms: None,
+            outcome,
+        }
+    }
+}
+
+fn is_https(req: &RequestView<'_>) -> bool {
+    req.scheme.eq_ignore_ascii_case("https")
+        || req
+            .header("x-forwarded-proto")
+            .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+}
+
+fn sampled(rng: &mut dyn Rng, per_million: u32) -> bool {
+    match u64::from(per_million) {
+        0 => false,
+        p if p >= MILLION => true,
+        p => rng.below(MILLION) < p,
+    }
+}
+
+fn pick_destination<'d>(dests: &'d [DestRt], total: u64, rng: &mut dyn Rng) -> &'d DestRt {
+    if dests.len() > 1 {
+        let mut point = rng.below(total);
+        for d in dests {
+            if point < d.weight {
+                return d;
+            }
+            point -= d.weight;
+        }
+    }
+    &dests[0]
+}
+
+impl RouteRt {
+    /// The route if it matches, with the match block that did (`None` for match-all routes).
+    fn matching(&self, req: &RequestView<'_>) -> Option<(&Self, Option<&CompiledMatch>)> {
+        if self.matches.is_empty() {
+            return Some((self, None));
+        }
+        self.matches
+            .iter()
+            .find(|m| m.matches(req))
+            .map(|m| (self, Some(m)))
+    }
+}
+
+impl RewriteRt {
+    fn apply(&self, matched: Option<&CompiledMatch>, path: &str) -> Option<String> {
+        let (p, query) = split_query(path);
+        let new_path = if let Some((re, substitution)) = &self.regex {
+            re.replace_all(p, substitution.as_str()).into_owned()
+        } else {
+            replace_matched(p, matched, self.uri.as_deref()?)
+        };
+        Some(match query {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        })
+    }
+}
+
+/// Envoy's `prefix_rewrite`: a prefix match swaps the matched prefix, exact and regex matches
+/// swap the whole path, and a route without a uri match (Envoy prefix `/`) swaps the leading `/`.
+pub(crate) fn replace_matched(path: &str, matched: Option<&CompiledMatch>, with: &str) -> String {
+    let prefix_len = match matched.and_then(|m| m.uri.as_ref()) {
+        Some(Matcher::Prefix(p)) => p.len(),
+        Some(_) => path.len(),
+        None => usize::from(path.starts_with('/')),
+    };
+    let rest = path.get(prefix_len..).unwrap_or("");
+    format!("{with}{rest}")
+}
+
+fn build_table(table: ir::RouteTable) -> Result<Table, BuildError> {
+    let mut out = Table::default();
+    for (i, vh) in table.virtual_hosts.into_iter().enumerate() {
+        for domain in &vh.domains {
+            let domain = domain.to_ascii_lowercase();
+            if domain == "*" {
+                out.any.get_or_insert(i);
+            } else if let Some(suffix) = domain.strip_prefix('*') {
+                out.suffix.entry(suffix.to_owned()).or_insert(i);
+            } else {
+                out.exact.entry(domain).or_insert(i);
+            }
+        }
+        let routes = vh
+            .routes
+            .into_iter()
+            .map(build_route)
+            .collect::<Result<_, _>>()?;
+        out.vhosts.push(VHost {
+            name: vh.name,
+            require_tls: vh.require_tls,
+            routes,
+        });
+    }
+    Ok(out)
+}
+
+fn build_route(route: ir::Route) -> Result<RouteRt, BuildError> {
+    let matches = route
+        .matches
+        .iter()
+        .map(CompiledMatch::build)
+        .collect::<Result<_, _>>()?;
+    let (route_authority, route_req) = split_authority(&route.request_headers);
+    let mut reply_edits = Vec::new();
+    push_level(&mut reply_edits, &[&route.response_headers]);
+    let action = match route.action {
+        Action::DirectResponse(d) => ActionRt::Direct {
+            status: d.status,
+            body: match d.body {
+                None => Vec::new(),
+                Some(b) => base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| BuildError::Body {
+                        route: route.name.clone(),
+                        reason: e.to_string(),
+                    })?,
+            },
+        },
+        Action::Redirect(r) => ActionRt::Redirect(r),
+        Action::Route(ra) => {
+            let rewrite = ra
+                .rewrite
+                .as_ref()
+                .map(|rw| {
+                    Ok::<_, BuildError>(RewriteRt {
+                        uri: rw.uri.clone(),
+                        regex: rw
+                            .uri_regex
+                            .as_ref()
+                            .map(|r| {
+                                let re = Regex::new(&r.pattern).map_err(|e| BuildError::Regex {
+                                    pattern: r.pattern.clone(),
+                                    reason: e.to_string(),
+                                })?;
+                                Ok::<_, BuildError>((re, re2_substitution(&r.substitution)))
+                            })
+                            .transpose()?,
+                    })
+                })
+                .transpose()?
+                .filter(|rw| rw.uri.is_some() || rw.regex.is_some());
+            let rewrite_authority = ra.rewrite.as_ref().and_then(|rw| rw.authority.clone());
+            let single = ra.destinations.len() == 1;
+            let destinations: Vec<DestRt> = ra
+                .destinations
+                .iter()
+                .filter(|d| d.weight > 0 || single)
+                .map(|d| {
+                    let (dest_authority, dest_req) = split_authority(&d.request_headers);
+                    let mut request_edits = Vec::new();
+                    let mut response_edits = Vec::new();
+                    if single {
+                        // One destination: one merged list, destination `set` last (wins).
+                        push_level(&mut request_edits, &[&route_req, &dest_req]);
+                        push_level(
+                            &mut response_edits,
+                            &[&route.response_headers, &d.response_headers],
+                        );
+                    } else {
+                        // Weighted: the destination level runs first, the route level wins.
+                        push_level(&mut request_edits, &[&dest_req]);
+                        push_level(&mut request_edits, &[&route_req]);
+                        push_level(&mut response_edits, &[&d.response_headers]);
+                        push_level(&mut response_edits, &[&route.response_headers]);
+                    }
+                    DestRt {
+                        target: Target::new(&d.host, &d.subset, d.port),
+                        weight: u64::from(d.weight.max(u32::from(single))),
+                        authority: rewrite_authority
+                            .clone()
+                            .or_else(|| route_authority.clone())
+                            .or(dest_authority),
+                        request_edits,
+                        response_edits,
+                    }
+                })
+                .collect();
+            let total_weight = destinations.iter().map(|d| d.weight).sum();
+            if destinations.is_empty() {
+                ActionRt::Direct {
+                    status: 503,
+                    body: Vec::new(),
+                }
+            } else {
+                ActionRt::Route {
+                    destinations,
+                    total_weight,
+                    rewrite,
+                }
+            }
+        }
+    };
+    Ok(RouteRt {
+        name: route.name,
+        matches,
+        action,
+        fault: route.fault,
+        cors: route.cors.as_ref().map(CorsRt::build).transpose()?,
+        mirrors: route
+            .mirrors
+            .iter()
+            .map(|m| MirrorRt {
+                target: Target::new(&m.host, &m.subset, m.port),
+                per_million: m.per_million,
+            })
+            .collect(),
+        timeout_ms: route.timeout_ms.filter(|&t| t > 0),
+        retry: route.retry,
+        reply_edits,
+    })
+}
+
+/// Takes `:authority`/`host` out of `set` (it is an authority rewrite) and drops other
+/// pseudo-headers, which Istio ignores.
+fn split_authority(ops: &HeaderOps) -> (Option<String>, HeaderOps) {
+    let mut authority = None;
+    let mut rest = HeaderOps::default();
+    for (k, v) in &ops.set {
+        let k = k.to_ascii_lowercase();
+        if k == ":authority" || k == "host" {
+            authority = Some(v.clone());
+        } else if !k.starts_with(':') {
+            rest.set.push((k, v.clone()));
+        }
+    }
+    for (k, v) in &ops.add {
+        let k = k.to_ascii_lowercase();
+        if !k.starts_with(':') && k != "host" {
+            rest.add.push((k, v.clone()));
+        }
+    }
+    rest.remove = ops
+        .remove
+        .iter()
+        .map(|k| k.to_ascii_lowercase())
+        .filter(|k| !k.starts_with(':') && k != "host")
+        .collect();
+    (authority, rest)
+}
+
+/// One Envoy header-mutation level: removes, then sets, then adds.
+fn push_level(out: &mut Vec<HeaderEdit<'static>>, levels: &[&HeaderOps]) {
+    let edit = |op, name: &str, value: &str| HeaderEdit {
+        op,
+        name: Cow::Owned(name.to_ascii_lowercase()),
+        value: Cow::Owned(value.to_owned()),
+    };
+    for ops in levels {
+        out.extend(ops.remove.iter().map(|n| edit(EditOp::Remove, n, "")));
+    }
+    for ops in levels {
+        out.extend(ops.set.iter().map(|(n, v)| edit(EditOp::Set, n, v)));
+    }
+    for ops in levels {
+        out.extend(ops.add.iter().map(|(n, v)| edit(EditOp::Add, n, v)));
+    }
+}
+
+/// RE2/Envoy substitutions use `\1`; the regex crate uses `${1}` and treats `$` specially.
+fn re2_substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' => match chars.peek() {
+                Some(d) if d.is_ascii_digit() => {
+                    out.push_str("${");
+                    out.push(*d);
+                    out.push('}');
+                    chars.next();
+                }
+                Some('\\') => {
+                    out.push('\\');
+                    chars.next();
+                }
+                _ => out.push('\\'),
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl CorsRt {
+    fn build(c: &ir::CorsPolicy) -> Result<Self, BuildError> {
+        Ok(Self {
+            origins: c
+                .allow_origins
+                .iter()
+                .map(|m| Matcher::build(m, false))
+                .collect::<Result<_, _>>()?,
+            allow_methods: c.allow_methods.join(","),
+            allow_headers: c.allow_headers.join(","),
+            expose_headers: c.expose_headers.join(","),
+            max_age: c.max_age_s.map(|s| s.to_string()),
+            credentials: c.allow_credentials == Some(true),
+            ignore_unmatched_preflights: c.ignore_unmatched_preflights,
+        })
+    }
+
+    fn allows(&self, origin: &str) -> bool {
+        self.origins
+            .iter()
+            .any(|m| matches!(m, Matcher::Exact(s) if s == "*") || m.matches(origin))
+    }
+
+    /// A CORS preflight is answered here when the origin is allowed (or when unmatched
+    /// preflights are not forwarded).
+    fn preflight(&self, req: &RequestView<'_>, origin: &str) -> Option<Reply> {
+        if req.method != "OPTIONS" || req.header("access-control-request-method").is_none() {
+            return None;
+        }
+        let mut reply = Reply::empty(200, "", "cors_response");
+        if !self.allows(origin) {
+            return self.ignore_unmatched_preflights.then_some(reply);
+        }
+        let h = &mut reply.headers;
+        h.push(("access-control-allow-origin".into(), origin.to_owned()));
+        if self.credentials {
+            h.push(("access-control-allow-credentials".into(), "true".into()));
+        }
+        for (name, value) in [
+            ("access-control-allow-methods", &self.allow_methods),
+            ("access-control-allow-headers", &self.allow_headers),
+        ] {
+            if !value.is_empty() {
+                h.push((name.into(), value.clone()));
+            }
+        }
+        if let Some(age) = &self.max_age {
+            h.push(("access-control-max-age".into(), age.clone()));
+        }
+        Some(reply)
+    }
+
+    fn response_headers(&self, origin: &str, edits: &mut Vec<HeaderEdit<'_>>) {
+        if !self.allows(origin) {
+            return;
+        }
+        let mut set = |name: &'static str, value: String| {
+            edits.push(HeaderEdit {
+                op: EditOp::Set,
+                name: Cow::Borrowed(name),
+                value: Cow::Owned(value),
+            });
+        };
+        set("access-control-allow-origin", origin.to_owned());
+        if self.credentials {
+            set("access-control-allow-credentials", "true".into());
+        }
+        if !self.expose_headers.is_empty() {
+            set("access-control-expose-headers", self.expose_headers.clone());
+        }
+    }
+}
+
