@@ -8,7 +8,7 @@ VENV := $(BUILD_DIR)/venv
 ENVOY_VERSION := 1.40.0
 ENVOY := $(VENV)/bin/envoy
 
-.PHONY: all build test run lint fmt-check clippy wasm-check wasm envoy examples clean
+.PHONY: all build test run lint fmt-check clippy wasm-check wasm envoy examples envoy-configs configs-check clean
 
 all: build
 
@@ -19,7 +19,7 @@ build:
 ## tests (real Envoy with the filter, built once here).
 test: fmt-check clippy wasm-check wasm envoy
 	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
-	$(MAKE) examples
+	$(MAKE) examples configs-check
 
 ## The filter module, built once per run with the size-and-speed profile.
 wasm:
@@ -50,6 +50,21 @@ wasm-check:
 examples:
 	$(CARGO) build -q -p meshroute-harness
 	./scripts/check-examples.sh $(MESHROUTE)
+
+## Regenerates envoy-configs/ from examples/.
+envoy-configs:
+	$(CARGO) build -q -p meshroute-harness
+	./scripts/gen-envoy-configs.sh $(MESHROUTE) envoy-configs
+
+## envoy-configs/ is current, and docker-compose.yml parses (Debian's docker-compose).
+configs-check:
+	$(CARGO) build -q -p meshroute-harness
+	rm -rf $(BUILD_DIR)/envoy-configs
+	./scripts/gen-envoy-configs.sh $(MESHROUTE) $(BUILD_DIR)/envoy-configs
+	for f in $(BUILD_DIR)/envoy-configs/*; do diff -q $$f envoy-configs/$$(basename $$f) || { echo "envoy-configs is stale: run make envoy-configs"; exit 1; }; done
+	command -v docker-compose >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null; }
+	docker-compose -f envoy-configs/docker-compose.yml config -q
 
 ## Compiles the hello-world example for a sidecar and prints the rules document.
 run:

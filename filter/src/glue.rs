@@ -82,7 +82,12 @@ impl RootContext for FilterRoot {
                 true
             }
             Err(reason) => {
-                error!("configuration rejected, keeping previous rules: {reason}");
+                let kept = if self.shared.engine.borrow().is_some() {
+                    " (the previous rules stay in effect)"
+                } else {
+                    ""
+                };
+                error!("configuration rejected{kept}: {reason}");
                 false
             }
         }
@@ -175,7 +180,13 @@ impl HttpContext for FilterHttp {
             return Action::Pause;
         };
         let mut headers = self.get_http_request_headers();
-        let listener_port = take_listener_port(&headers);
+        // The host's trusted header stage names the server port; inside Istio (no such
+        // stage) the connection's destination port is the listener's.
+        let listener_port = take_listener_port(&headers).or_else(|| {
+            self.get_property(vec!["destination", "port"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .and_then(|b| u16::try_from(u64::from_le_bytes(b)).ok())
+        });
         // Client copies of control headers never steer anything.
         let mut i = 0;
         while i < headers.len() {

@@ -79,9 +79,13 @@ pub struct Options<'a> {
 /// Returns the bootstrap and warnings about what it leaves out.
 pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<String>), String> {
     let rules = serde_json::to_string(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
-    // Envoy resolves relative paths against its own working directory, not ours.
-    let wasm_path =
-        std::fs::canonicalize(opts.wasm).map_err(|e| format!("{}: {e}", opts.wasm.display()))?;
+    // Envoy resolves relative paths against its own working directory, not ours. Absolute
+    // paths are kept as given: they may name the file inside a container or pod.
+    let wasm_path = if opts.wasm.is_absolute() {
+        opts.wasm.to_path_buf()
+    } else {
+        std::fs::canonicalize(opts.wasm).map_err(|e| format!("{}: {e}", opts.wasm.display()))?
+    };
     let wasm = wasm_path
         .to_str()
         .ok_or_else(|| format!("wasm path {} is not UTF-8", wasm_path.display()))?;
@@ -317,4 +321,83 @@ fn cluster(c: &Cluster) -> Value {
         }
     });
     out
+}
+
+/// Where the rules go in Istio: which proxies and which module.
+pub struct IstioTarget<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    /// Module location: a file path in the proxy (EnvoyFilter) or an `oci://`, `https://` or
+    /// `file://` URL (WasmPlugin).
+    pub module: &'a str,
+    pub selector: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// An EnvoyFilter inserting the filter before the router, rules as a StringValue (what
+/// WasmPlugin would deliver), the module from a local file in the proxy container.
+pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, String> {
+    let rules = serde_json::to_string(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+    let context = match doc.proxy.kind {
+        ProxyKind::Sidecar => "SIDECAR_OUTBOUND",
+        ProxyKind::Gateway => "GATEWAY",
+    };
+    Ok(json!({
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": t.name, "namespace": t.namespace},
+        "spec": {
+            "workloadSelector": {"labels": t.selector},
+            "configPatches": [{
+                "applyTo": "HTTP_FILTER",
+                "match": {
+                    "context": context,
+                    "listener": {"filterChain": {"filter": {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "subFilter": {"name": "envoy.filters.http.router"},
+                    }}},
+                },
+                "patch": {
+                    "operation": "INSERT_BEFORE",
+                    "value": {
+                        "name": "meshroute",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "config": {
+                                "name": "meshroute",
+                                "root_id": "meshroute",
+                                "failure_policy": "FAIL_CLOSED",
+                                "configuration": {
+                                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                    "value": rules,
+                                },
+                                "vm_config": {
+                                    "vm_id": "meshroute",
+                                    "runtime": "envoy.wasm.runtime.v8",
+                                    "code": {"local": {"filename": t.module}},
+                                },
+                            },
+                        },
+                    },
+                },
+            }],
+        },
+    }))
+}
+
+/// A WasmPlugin: istiod turns `pluginConfig` into the JSON text the filter reads.
+pub fn wasm_plugin(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, String> {
+    let config = serde_json::to_value(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+    Ok(json!({
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": {"name": t.name, "namespace": t.namespace},
+        "spec": {
+            "selector": {"matchLabels": t.selector},
+            "url": t.module,
+            "pluginName": "meshroute",
+            "phase": "UNSPECIFIED_PHASE",
+            "failStrategy": "FAIL_CLOSE",
+            "pluginConfig": config,
+        },
+    }))
 }

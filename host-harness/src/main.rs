@@ -45,6 +45,12 @@ struct Identity {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ManifestKind {
+    WasmPlugin,
+    EnvoyFilter,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Outbound {
     AllowAny,
     RegistryOnly,
@@ -87,6 +93,29 @@ enum Command {
         /// What Envoy does when the filter fails (Istio WasmPlugin failStrategy).
         #[arg(long, value_enum, default_value = "fail-closed")]
         failure_policy: envoy_config::FailurePolicy,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Write an Istio manifest that loads the filter with the compiled rules into the
+    /// selected sidecars or gateways.
+    IstioManifest {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        identity: Identity,
+        /// Which manifest to write.
+        #[arg(long = "kind", value_enum, default_value = "wasm-plugin")]
+        manifest: ManifestKind,
+        /// Module location: `oci://`/`https://`/`file://` URL (WasmPlugin) or a file path
+        /// inside the proxy container (EnvoyFilter).
+        #[arg(long)]
+        module: String,
+        /// Name of the manifest.
+        #[arg(long, default_value = "meshroute")]
+        name: String,
+        /// Workload selector, `k=v,k2=v2` (default: the proxy labels).
+        #[arg(long)]
+        selector: Option<String>,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
@@ -221,6 +250,47 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::IstioManifest {
+            files,
+            identity,
+            manifest,
+            module,
+            name,
+            selector,
+            output,
+        } => {
+            let selector = match selector.as_deref().map(parse_labels) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+                None => None,
+            };
+            let doc = match compile_rules(&files, identity) {
+                Ok(doc) => doc,
+                Err(code) => return code,
+            };
+            let selector = selector.unwrap_or_else(|| doc.proxy.labels.clone());
+            let target = envoy_config::IstioTarget {
+                name: &name,
+                namespace: &doc.proxy.namespace,
+                module: &module,
+                selector: &selector,
+            };
+            let manifest = match manifest {
+                ManifestKind::WasmPlugin => envoy_config::wasm_plugin(&doc, &target),
+                ManifestKind::EnvoyFilter => envoy_config::envoy_filter(&doc, &target),
+            };
+            match manifest.and_then(|m| serde_json::to_string_pretty(&m).map_err(|e| e.to_string()))
+            {
+                Ok(text) => write_output(output.as_deref(), &text),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::EnvoyConfig {
             files,
             identity,
@@ -259,5 +329,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,490 @@
+//! Every feature of the filter observed through real Envoy: at the client or at upstreams
+//! that report what they received.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+use meshroute_tests::{get, registry, rules, subsets, Envoy, Upstream};
+
+const VS_HEAD: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n";
+
+/// Envoy with service `web` (port 8000) served by upstreams `v1` and `v2`, subsets `v1`,
+/// `v2` and `ghost` (no endpoints), and the given VirtualService routes.
+struct Web {
+    v1: Upstream,
+    v2: Upstream,
+    envoy: Envoy,
+}
+
+fn web(routes: &str) -> Web {
+    web_with(routes, OutboundPolicy::AllowAny, "")
+}
+
+fn web_with(routes: &str, outbound: OutboundPolicy, extra: &str) -> Web {
+    let v1 = Upstream::start("v1");
+    let v2 = Upstream::start("v2");
+    let yaml = format!(
+        "{}{}{VS_HEAD}{routes}---\n{extra}",
+        registry("web", 8000, &[&v1, &v2]),
+        subsets("web", &["v1", "v2", "ghost"]),
+    );
+    let doc = rules(&[("web.yaml", yaml)], ProxyKind::Sidecar, outbound);
+    let envoy = Envoy::start(&doc);
+    Web { v1, v2, envoy }
+}
+
+const HOST: &str = "web:8000";
+
+#[test]
+fn outcomes_404_503_nc_503_uh_and_unknown_hosts() {
+    let w = web_with(
+        "  - match: [{uri: {prefix: /nc}}]
+    route: [{destination: {host: web, subset: undeclared}}]
+  - match: [{uri: {prefix: /uh}}]
+    route: [{destination: {host: web, subset: ghost}}]
+  - match: [{uri: {prefix: /ok}}]
+    route: [{destination: {host: web, subset: v1}}]
+",
+        OutboundPolicy::AllowAny,
+        "",
+    );
+    let nr = w.envoy.send(&get(HOST, "/nothing"));
+    assert_eq!((nr.status, nr.text().as_str()), (404, ""), "{nr:?}");
+    let nc = w.envoy.send(&get(HOST, "/nc"));
+    assert_eq!((nc.status, nc.text().as_str()), (503, ""), "{nc:?}");
+    let uh = w.envoy.send(&get(HOST, "/uh"));
+    assert_eq!(
+        (uh.status, uh.text().as_str()),
+        (503, "no healthy upstream"),
+        "{uh:?}"
+    );
+    assert_eq!(w.envoy.send(&get(HOST, "/ok")).upstream(), "v1");
+    assert_eq!(w.v2.count(), 0);
+
+    // ALLOW_ANY: an unknown host goes to the address the client asked for.
+    let outside = Upstream::start("outside");
+    let authority = format!("127.0.0.1:{}", outside.port);
+    let r = w.envoy.send(&get(&authority, "/direct"));
+    assert_eq!(r.upstream(), "outside", "{r:?}");
+
+    // REGISTRY_ONLY: 502 for the same request, known services still route.
+    let strict = web_with(
+        "  - route: [{destination: {host: web, subset: v2}}]\n",
+        OutboundPolicy::RegistryOnly,
+        "",
+    );
+    let r = strict.envoy.send(&get(&authority, "/direct"));
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(strict.envoy.send(&get(HOST, "/")).upstream(), "v2");
+    assert_eq!(outside.count(), 1);
+}
+
+#[test]
+fn redirects_direct_responses_and_rewrites() {
+    let w = web(r"  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new/path, redirectCode: 302}
+  - match: [{uri: {prefix: /moved/}}]
+    redirect: {prefixRewrite: /here/, authority: other.example, scheme: https}
+  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+    headers: {response: {set: {x-kind: teapot}}}
+  - match: [{uri: {prefix: /api}}]
+    rewrite: {uri: /v2/api, authority: backend.internal}
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{uri: {prefix: /svc}}]
+    rewrite:
+      uriRegexRewrite: {match: '^/svc/([^/]+)/(.*)$', rewrite: '/\2/\1'}
+    route: [{destination: {host: web, subset: v2}}]
+");
+    let r = w.envoy.send(&get(HOST, "/old?keep=1"));
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.header("location"),
+        Some("http://web:8000/new/path?keep=1")
+    );
+    let r = w.envoy.send(&get(HOST, "/moved/a/b"));
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://other.example/here/a/b"));
+
+    let r = w.envoy.send(&get(HOST, "/teapot"));
+    assert_eq!((r.status, r.text().as_str()), (418, "short and stout"));
+    assert_eq!(r.header("x-kind"), Some("teapot"));
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    let content_types = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "content-type")
+        .count();
+    assert_eq!(content_types, 1, "{r:?}");
+
+    let r = w.envoy.send(&get(HOST, "/api/items?x=1"));
+    let report = r.report();
+    assert_eq!(report["path"], "/v2/api/items?x=1");
+    let seen = w.v1.received();
+    let last = seen.last().unwrap();
+    assert_eq!(last.header("host"), Some("backend.internal"));
+    assert_eq!(last.header("x-envoy-original-path"), Some("/api/items?x=1"));
+
+    let r = w.envoy.send(&get(HOST, "/svc/orders/list/all"));
+    assert_eq!(r.report()["path"], "/list/all/orders");
+    assert_eq!(w.v2.count(), 1);
+}
+
+#[test]
+fn header_operations_reach_upstream_and_client() {
+    let w = web("  - headers:
+      request:
+        set: {x-set: route}
+        add: {x-added: one}
+        remove: [x-drop]
+      response:
+        set: {x-resp: route}
+        remove: [x-upstream-secret]
+    route:
+    - destination: {host: web, subset: v1}
+      headers:
+        request: {set: {x-dest: v1}}
+        response: {add: {x-dest-resp: v1}}
+");
+    let r = w.envoy.send(
+        &get(HOST, "/")
+            .header("x-set", "client")
+            .header("x-added", "client")
+            .header("x-drop", "please"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-resp"), Some("route"));
+    assert_eq!(r.header("x-dest-resp"), Some("v1"));
+    let seen = w.v1.received();
+    let req = seen.last().unwrap();
+    assert_eq!(req.header("x-set"), Some("route"));
+    assert_eq!(req.header("x-dest"), Some("v1"));
+    assert_eq!(req.header("x-drop"), None);
+    let added: Vec<_> = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "x-added")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(
+        added.join(",").contains("client") && added.join(",").contains("one"),
+        "{added:?}"
+    );
+}
+
+#[test]
+fn cors_preflight_answered_and_actual_response_decorated() {
+    let w = web("  - corsPolicy:
+      allowOrigins: [{exact: 'https://app.example'}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token]
+      exposeHeaders: [x-trace]
+      maxAge: 1h
+      allowCredentials: true
+    route: [{destination: {host: web, subset: v1}}]
+");
+    let pre = w.envoy.send(
+        &get(HOST, "/cart")
+            .method("OPTIONS")
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST"),
+    );
+    assert_eq!(pre.status, 200);
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(pre.header("access-control-allow-methods"), Some("GET,POST"));
+    assert_eq!(pre.header("access-control-allow-headers"), Some("x-token"));
+    assert_eq!(pre.header("access-control-max-age"), Some("3600"));
+    assert_eq!(pre.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(w.v1.count(), 0, "preflight answered by the proxy");
+
+    let actual = w
+        .envoy
+        .send(&get(HOST, "/cart").header("origin", "https://app.example"));
+    assert_eq!(
+        actual.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        actual.header("access-control-expose-headers"),
+        Some("x-trace")
+    );
+    let foreign = w
+        .envoy
+        .send(&get(HOST, "/cart").header("origin", "https://evil.example"));
+    assert_eq!(foreign.status, 200);
+    assert_eq!(foreign.header("access-control-allow-origin"), None);
+    // An unmatched preflight is forwarded (Istio's default).
+    let before = w.v1.count();
+    w.envoy.send(
+        &get(HOST, "/cart")
+            .method("OPTIONS")
+            .header("origin", "https://evil.example")
+            .header("access-control-request-method", "POST"),
+    );
+    assert_eq!(w.v1.count(), before + 1);
+}
+
+#[test]
+fn fault_abort_and_delay_at_their_percentages() {
+    let w = web("  - match: [{uri: {prefix: /abort-all}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{uri: {prefix: /abort-some}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 30}}}
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{uri: {prefix: /grpc}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{uri: {prefix: /delay-all}}]
+    fault: {delay: {fixedDelay: 400ms, percentage: {value: 100}}}
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{uri: {prefix: /delay-some}}]
+    fault: {delay: {fixedDelay: 300ms, percentage: {value: 50}}}
+    route: [{destination: {host: web, subset: v2}}]
+");
+    let r = w.envoy.send(&get(HOST, "/abort-all"));
+    assert_eq!((r.status, r.text().as_str()), (418, "fault filter abort"));
+    assert_eq!(w.v1.count(), 0);
+
+    let total = 300;
+    let aborted = (0..total)
+        .filter(|_| w.envoy.send(&get(HOST, "/abort-some")).status == 503)
+        .count();
+    // Binomial(300, 0.3): sd ≈ 7.9; ±4 sd.
+    assert!(
+        (58..=122).contains(&aborted),
+        "{aborted} of {total} aborted"
+    );
+    assert_eq!(w.v1.count(), total - aborted);
+
+    let g = w
+        .envoy
+        .send(&get(HOST, "/grpc").header("content-type", "application/grpc"));
+    assert_eq!(g.status, 200, "{g:?}");
+    assert_eq!(g.header("grpc-status"), Some("14"), "{g:?}");
+
+    let r = w.envoy.send(&get(HOST, "/delay-all"));
+    assert_eq!(r.status, 200);
+    assert!(r.elapsed >= Duration::from_millis(400), "{:?}", r.elapsed);
+
+    // Half the requests wait 300 ms: count the slow ones, sent in parallel to bound the time.
+    let n = 40;
+    let slow = thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| s.spawn(|| w.envoy.send(&get(HOST, "/delay-some"))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .inspect(|r| assert_eq!(r.status, 200))
+            .filter(|r| r.elapsed >= Duration::from_millis(300))
+            .count()
+    });
+    // Binomial(40, 0.5): sd ≈ 3.2; ±4 sd.
+    assert!((7..=33).contains(&slow), "{slow} of {n} delayed");
+}
+
+#[test]
+fn timeout_gives_504_upstream_request_timeout() {
+    let w = web("  - timeout: 300ms
+    route: [{destination: {host: web, subset: v1}}]
+");
+    let start = Instant::now();
+    let r = w.envoy.send(&get(HOST, "/?sleep_ms=3000"));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (504, "upstream request timeout")
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        start.elapsed()
+    );
+    let ok = w.envoy.send(&get(HOST, "/?sleep_ms=50"));
+    assert_eq!(ok.status, 200);
+}
+
+#[test]
+fn mirrors_copy_requests_with_bodies_without_delaying_the_client() {
+    let w = web("  - mirror: {host: web, subset: v2}
+    route: [{destination: {host: web, subset: v1}}]
+");
+    let r = w
+        .envoy
+        .send(&get(HOST, "/orders?id=7").header("x-trace", "abc"));
+    assert_eq!(r.upstream(), "v1");
+    let r = w
+        .envoy
+        .send(&get(HOST, "/orders").method("POST").body(b"{\"qty\":2}"));
+    assert_eq!(r.upstream(), "v1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.v2.count() < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let copies = w.v2.received();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert_eq!(copies[0].path, "/orders?id=7");
+    assert_eq!(copies[0].header("x-trace"), Some("abc"));
+    assert_eq!(
+        copies[0].header("host"),
+        Some(HOST),
+        "Istio keeps the original host"
+    );
+    assert_eq!(copies[1].method, "POST");
+    assert_eq!(copies[1].body, b"{\"qty\":2}");
+    assert_eq!(w.v1.count(), 2);
+}
+
+#[test]
+fn client_control_headers_never_steer_or_leak() {
+    let w = web("  - route: [{destination: {host: web, subset: v1}}]\n");
+    let v2_endpoint = format!("127.0.0.1:{}", w.v2.port);
+    for _ in 0..5 {
+        let r = w.envoy.send(
+            &get(HOST, "/")
+                .header(
+                    "x-meshroute-cluster",
+                    "outbound|8000|v2|web.default.svc.cluster.local",
+                )
+                .header("x-envoy-original-dst-host", &v2_endpoint)
+                .header("x-meshroute-listener-port", "1")
+                .header("x-envoy-upstream-rq-timeout-ms", "1"),
+        );
+        assert_eq!(r.upstream(), "v1", "{r:?}");
+    }
+    assert_eq!(w.v2.count(), 0);
+    for req in w.v1.received() {
+        assert_eq!(req.header("x-meshroute-cluster"), None);
+        assert_eq!(req.header("x-meshroute-listener-port"), None);
+    }
+}
+
+#[test]
+fn gateway_routes_by_host_and_redirects_to_https() {
+    let v1 = Upstream::start("v1");
+    let v2 = Upstream::start("v2");
+    let yaml = format!(
+        "{}{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: web-gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ['web.example.com']
+  - port: {{number: 80, name: http-redirect, protocol: HTTP}}
+    hosts: ['secure.example.com']
+    tls: {{httpsRedirect: true}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure, namespace: default}}
+spec:
+  hosts: ['secure.example.com']
+  gateways: [istio-system/web-gw]
+  http:
+  - route: [{{destination: {{host: web.default.svc.cluster.local, subset: v1}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: ['web.example.com']
+  gateways: [istio-system/web-gw]
+  http:
+  - match: [{{uri: {{prefix: /two}}}}]
+    route: [{{destination: {{host: web.default.svc.cluster.local, subset: v2}}}}]
+  - route: [{{destination: {{host: web.default.svc.cluster.local, subset: v1}}}}]
+",
+        registry("web", 8000, &[&v1, &v2]),
+        subsets("web", &["v1", "v2"]),
+    );
+    let doc = rules(
+        &[("gw.yaml", yaml)],
+        ProxyKind::Gateway,
+        OutboundPolicy::AllowAny,
+    );
+    let envoy = Envoy::start(&doc);
+    assert_eq!(envoy.send(&get("web.example.com", "/")).upstream(), "v1");
+    assert_eq!(
+        envoy.send(&get("WEB.example.com:80", "/two")).upstream(),
+        "v2"
+    );
+    let unknown = envoy.send(&get("other.example.com", "/"));
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    let redirect = envoy.send(&get("secure.example.com", "/pay?x=1"));
+    assert_eq!(redirect.status, 301, "{redirect:?}");
+    assert_eq!(
+        redirect.header("location"),
+        Some("https://secure.example.com/pay?x=1")
+    );
+    assert_eq!(
+        v1.count() + v2.count(),
+        2,
+        "the redirected request never reached an upstream"
+    );
+}
+
+#[test]
+fn invalid_rules_are_rejected_with_the_reason_in_the_log() {
+    let dir = std::env::temp_dir().join(format!("meshroute-bad-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut doc = rules(
+        &[("r.yaml", registry("web", 8000, &[]))],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    doc.version = 99;
+    let (port, admin) = (meshroute_tests::free_port(), meshroute_tests::free_port());
+    let wasm = meshroute_tests::wasm_path();
+    let bind = |port| meshroute_harness::envoy_config::Bind {
+        server_port: None,
+        address: "127.0.0.1".into(),
+        port,
+    };
+    let (bootstrap, _) = meshroute_harness::envoy_config::bootstrap(
+        &doc,
+        &meshroute_harness::envoy_config::Options {
+            wasm: &wasm,
+            binds: &[bind(port)],
+            admin: Some(&bind(admin)),
+            failure_policy: meshroute_harness::envoy_config::FailurePolicy::FailClosed,
+        },
+    )
+    .unwrap();
+    let config = dir.join("envoy.yaml");
+    std::fs::write(&config, bootstrap.to_string()).unwrap();
+    let log = dir.join("envoy.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new("setsid")
+        .arg(meshroute_tests::envoy_binary())
+        .args(["-c"])
+        .arg(&config)
+        .args(["--concurrency", "1", "--disable-hot-restart"])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("configuration rejected") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        text.contains("rules document version 99 is not supported"),
+        "no reason in the log:\n{text}"
+    );
+}
