@@ -1,5 +1,8 @@
 //! Compiled request matchers: every regex is built once, when the rules are loaded.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use regex::Regex;
 
 use crate::ir::{HeaderMatch, QueryMatch, RouteMatch, StringMatch};
@@ -49,11 +52,38 @@ impl Matcher {
     }
 }
 
-/// RE2 matchers in Istio match the whole value; anchor the pattern once here.
-pub(crate) fn full_match_regex(pattern: &str) -> Result<Regex, BuildError> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| BuildError::Regex {
+thread_local! {
+    /// Patterns compiled during one [`super::Engine::new`]: large configurations repeat the
+    /// same regex across many hosts, and a compiled `Regex` is cheap to share.
+    static COMPILED: RefCell<HashMap<String, Regex>> = RefCell::new(HashMap::new());
+}
+
+/// Drops the compile cache (end of a load).
+pub(crate) fn forget_compiled() {
+    COMPILED.with(|c| c.borrow_mut().clear());
+}
+
+/// Compiles `pattern` once per load.
+pub(crate) fn regex(pattern: &str) -> Result<Regex, BuildError> {
+    if let Some(re) = COMPILED.with(|c| c.borrow().get(pattern).cloned()) {
+        return Ok(re);
+    }
+    let re = Regex::new(pattern).map_err(|e| BuildError::Regex {
         pattern: pattern.to_owned(),
         reason: e.to_string(),
+    })?;
+    COMPILED.with(|c| c.borrow_mut().insert(pattern.to_owned(), re.clone()));
+    Ok(re)
+}
+
+/// RE2 matchers in Istio match the whole value; anchor the pattern once here.
+pub(crate) fn full_match_regex(pattern: &str) -> Result<Regex, BuildError> {
+    regex(&format!("^(?:{pattern})$")).map_err(|e| match e {
+        BuildError::Regex { reason, .. } => BuildError::Regex {
+            pattern: pattern.to_owned(),
+            reason,
+        },
+        other => other,
     })
 }
 

@@ -298,10 +298,16 @@ impl Engine {
                 ClusterRt::new(c)
             })
             .collect();
-        let mut tables = HashMap::with_capacity(doc.route_tables.len());
-        for table in doc.route_tables {
-            tables.insert(table.port, build_table(table)?);
-        }
+        let built: Result<Vec<(u16, Table)>, BuildError> = doc
+            .route_tables
+            .into_iter()
+            .map(|table| {
+                let port = table.port;
+                build_table(table).map(|t| (port, t))
+            })
+            .collect();
+        matcher::forget_compiled();
+        let tables: HashMap<u16, Table> = built?.into_iter().collect();
         Ok(Self {
             kind: doc.proxy.kind,
             outbound: doc.outbound_traffic_policy,
@@ -648,10 +654,7 @@ fn build_route(route: ir::Route) -> Result<RouteRt, BuildError> {
                             .uri_regex
                             .as_ref()
                             .map(|r| {
-                                let re = Regex::new(&r.pattern).map_err(|e| BuildError::Regex {
-                                    pattern: r.pattern.clone(),
-                                    reason: e.to_string(),
-                                })?;
+                                let re = matcher::regex(&r.pattern)?;
                                 Ok::<_, BuildError>((re, re2_substitution(&r.substitution)))
                             })
                             .transpose()?,
