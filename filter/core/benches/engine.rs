@@ -1,4 +1,5 @@
 //! Cost of one routing decision as the number of services grows (20 routes per host; the
+#![allow(clippy::expect_used, reason = "benchmark setup fails loudly")]
 //! request matches the last route, so every matcher of the host runs).
 
 use meshroute_core::engine::{Engine, RequestView, SplitMix64};
