@@ -1,6 +1,6 @@
 //! Cost of one routing decision as the number of services grows (20 routes per host; the
-#![allow(clippy::expect_used, reason = "benchmark setup fails loudly")]
 //! request matches the last route, so every matcher of the host runs).
+#![allow(clippy::expect_used, reason = "benchmark setup fails loudly")]
 
 use meshroute_core::engine::{Engine, RequestView, SplitMix64};
 use meshroute_core::ir::{
