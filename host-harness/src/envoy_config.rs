@@ -149,12 +149,19 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
         }
     }
     let mut clusters: Vec<Value> = doc.clusters.iter().map(cluster).collect();
+    // ALLOW_ANY traffic goes where the authority says, names included: a dynamic forward
+    // proxy cluster resolves it (ORIGINAL_DST would only take IP literals).
     clusters.push(json!({
         "name": PASSTHROUGH_CLUSTER,
-        "type": "ORIGINAL_DST",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "original_dst_lb_config": {"use_http_header": true},
         "connect_timeout": "10s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.dynamic_forward_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                "dns_cache_config": dns_cache(),
+            },
+        },
     }));
     let mut out = json!({
         "node": {"id": "meshroute", "cluster": "meshroute"},
@@ -164,6 +171,10 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
         out["admin"] = json!({"address": socket(admin)});
     }
     Ok((out, warnings))
+}
+
+fn dns_cache() -> Value {
+    json!({"name": "passthrough", "dns_lookup_family": "V4_PREFERRED"})
 }
 
 fn socket(b: &Bind) -> Value {
@@ -247,6 +258,13 @@ fn listener(
                                         "code": {"local": {"filename": wasm}},
                                     },
                                 },
+                            },
+                        },
+                        {
+                            "name": "envoy.filters.http.dynamic_forward_proxy",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                                "dns_cache_config": dns_cache(),
                             },
                         },
                         {

@@ -68,6 +68,9 @@ fn outcomes_404_503_nc_503_uh_and_unknown_hosts() {
     let authority = format!("127.0.0.1:{}", outside.port);
     let r = w.envoy.send(&get(&authority, "/direct"));
     assert_eq!(r.upstream(), "outside", "{r:?}");
+    let by_name = format!("localhost:{}", outside.port);
+    let r = w.envoy.send(&get(&by_name, "/by-name"));
+    assert_eq!(r.upstream(), "outside", "{r:?}");
 
     // REGISTRY_ONLY: 502 for the same request, known services still route.
     let strict = web_with(
@@ -78,7 +81,7 @@ fn outcomes_404_503_nc_503_uh_and_unknown_hosts() {
     let r = strict.envoy.send(&get(&authority, "/direct"));
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(strict.envoy.send(&get(HOST, "/")).upstream(), "v2");
-    assert_eq!(outside.count(), 1);
+    assert_eq!(outside.count(), 2);
 }
 
 #[test]
