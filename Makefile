@@ -7,8 +7,12 @@ WASM := $(TARGET_DIR)/wasm32-unknown-unknown/wasm-release/meshroute_filter.wasm
 VENV := $(BUILD_DIR)/venv
 ENVOY_VERSION := 1.40.0
 ENVOY := $(VENV)/bin/envoy
+TOOLS := $(BUILD_DIR)/tools
+# The test runner must match the wasm-bindgen version in Cargo.lock.
+WASM_BINDGEN_VERSION := $(shell grep -A1 '^name = "wasm-bindgen"$$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+WASM_TEST_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: all build test run lint fmt-check clippy wasm-check wasm envoy examples envoy-configs configs-check clean
+.PHONY: all build test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check clean
 
 all: build
 
@@ -17,9 +21,16 @@ build:
 
 ## Runs every test: formatting, lints (native and wasm32), unit, property and integration
 ## tests (real Envoy with the filter, built once here).
-test: fmt-check clippy wasm-check wasm envoy
+test: fmt-check clippy wasm-check wasm-test wasm envoy
 	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
 	$(MAKE) examples configs-check
+
+## The pure crates' tests again, compiled to wasm32 and run under Node.
+wasm-test: $(WASM_TEST_RUNNER)
+	PATH=$(abspath $(TOOLS))/bin:$$PATH $(CARGO) test -p meshroute-core -p meshroute-compiler --target wasm32-unknown-unknown
+
+$(WASM_TEST_RUNNER):
+	$(CARGO) install --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION)
 
 ## The filter module, built once per run with the size-and-speed profile.
 wasm:

@@ -128,7 +128,8 @@ pub fn specificity_cmp(a: &str, b: &str) -> Ordering {
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn wildcard_rules() {
         assert!(validate_wildcard_domain("*").is_ok());
         assert!(validate_wildcard_domain("*.foo.com").is_ok());
@@ -138,7 +139,8 @@ mod tests {
         assert!(validate_wildcard_domain("-bad.com").is_err());
     }
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn wildcard_matching() {
         assert!(matches("*.foo.com", "a.foo.com"));
         assert!(matches("*.foo.com", "a.b.foo.com"));
@@ -147,7 +149,8 @@ mod tests {
         assert!(matches("Foo.COM", "foo.com"));
     }
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn subsets_and_specificity() {
         assert!(subset_of("*.bar.foo.com", "*.foo.com"));
         assert!(!subset_of("*.foo.com", "*.bar.foo.com"));
@@ -162,7 +165,8 @@ mod tests {
         assert_eq!(v, vec!["a.b.com", "*.b.com", "*.com", "*"]);
     }
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn short_names() {
         assert_eq!(
             resolve_short_name("reviews", "default"),

@@ -212,7 +212,8 @@ spec:
     - destination: {host: reviews, subset: v3}
 ";
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn header_match_routes_jason_to_v2_and_everyone_else_to_v3() {
     let e = engine(JASON);
     let jason = get("reviews:9080", "/reviews/1")
@@ -238,7 +239,8 @@ fn header_match_routes_jason_to_v2_and_everyone_else_to_v3() {
     assert!(upper.cluster.contains("|v3|"));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn host_lookup_uses_aliases_ignores_case_and_port() {
     let e = engine(JASON);
     for authority in [
@@ -256,7 +258,8 @@ fn host_lookup_uses_aliases_ignores_case_and_port() {
     }
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn unknown_hosts_pass_through_or_get_502_by_outbound_policy() {
     let allow = engine(JASON);
     let seen = get("10.1.2.3:8080", "/x").once(&allow);
@@ -271,7 +274,8 @@ fn unknown_hosts_pass_through_or_get_502_by_outbound_policy() {
     assert!(seen.cluster.contains("|v3|"));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn no_matching_route_is_404_nr() {
     let e = engine(
         "
@@ -292,7 +296,8 @@ spec:
     );
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn missing_subset_is_503_nc_and_empty_subset_is_503_uh() {
     let e = engine(
         "
@@ -321,7 +326,8 @@ spec:
     assert_eq!(no_endpoints.body, "no healthy upstream");
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn uri_matches_follow_istio() {
     let e = engine(
         "
@@ -358,7 +364,8 @@ spec:
     assert!(to("/other").contains("ratings"));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn method_authority_headers_query_and_port_matches() {
     let e = engine(
         "
@@ -420,7 +427,8 @@ spec:
     );
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn without_headers_treats_missing_as_empty() {
     let e = engine(
         "
@@ -448,7 +456,8 @@ spec:
         .contains("|v2|"));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn weighted_split_follows_relative_weights() {
     let e = engine(
         "
@@ -477,7 +486,8 @@ spec:
     assert!((8_800..=9_200).contains(&counts[0]), "{counts:?}");
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn redirects_keep_query_and_follow_port_rules() {
     let e = engine(
         "
@@ -545,7 +555,8 @@ spec:
     );
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn direct_response_status_body_and_headers() {
     let e = engine(
         "
@@ -573,7 +584,8 @@ spec:
     assert_eq!((n.status, n.body.as_str()), (Some(204), ""));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn rewrites_replace_prefix_whole_path_or_regex() {
     let e = engine(
         r"
@@ -622,7 +634,8 @@ spec:
     );
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn header_operations_keep_istio_order_and_authority_precedence() {
     let e = engine(
         "
@@ -682,7 +695,8 @@ spec:
     assert_eq!(d.authority.as_deref(), Some("dest.host"));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn cors_preflight_is_answered_and_actual_responses_get_headers() {
     let e = engine(
         "
@@ -749,7 +763,8 @@ spec:
         .all(|(_, n, _)| !n.starts_with("access-control")));
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn faults_fire_at_their_percentage() {
     let e = engine(
         "
@@ -799,7 +814,8 @@ spec:
     assert!((850..=1150).contains(&aborted), "{aborted} of 4000 aborted");
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn mirrors_sample_per_target_and_timeouts_carry_over() {
     let e = engine(
         "
@@ -829,7 +845,8 @@ spec:
     assert!((850..=1150).contains(&v3), "{v3}");
 }
 
-#[test]
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn rejects_unknown_document_version() {
     let mut doc = meshroute_core::ir::RulesDocument {
         version: 99,

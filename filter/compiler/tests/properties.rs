@@ -1,4 +1,5 @@
 //! Invariants: loading and compiling never panic, whatever the input.
+#![cfg(not(target_arch = "wasm32"))] // proptest needs an OS random source
 #![allow(clippy::expect_used, reason = "test helpers outside #[test] functions")]
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};

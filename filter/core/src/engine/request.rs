@@ -142,7 +142,8 @@ fn hex(b: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn host_port_forms() {
         assert_eq!(split_host_port("a.b:8080"), ("a.b", Some(8080)));
         assert_eq!(split_host_port("a.b"), ("a.b", None));
@@ -151,7 +152,8 @@ mod tests {
         assert_eq!(split_host_port("::1"), ("::1", None));
     }
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn query_decoding() {
         let req = RequestView {
             method: "GET",
