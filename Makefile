@@ -77,11 +77,10 @@ configs-check:
 	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null; }
 	docker-compose -f envoy-configs/docker-compose.yml config -q
 
-## Compiles the hello-world example for a sidecar and prints the rules document.
-run:
+## The embedded demo: hello v1/v2 upstreams and a gateway with the filter in front of them.
+run: wasm
 	$(CARGO) build -q -p meshroute-harness
-	$(MESHROUTE) validate -f examples/hello
-	$(MESHROUTE) compile -f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml
+	MESHROUTE_WASM=$(abspath $(WASM)) $(MESHROUTE) demo
 
 clean:
 	rm -rf target $(BUILD_DIR)

@@ -1,4 +1,7 @@
-//! The `meshroute` host: configuration generators for other hosts (Envoy) and, later, the
-//! embedded proxy-wasm runtime.
+//! The `meshroute` host: the embedded proxy-wasm runtime (`abi`, `vm`, `runtime`) and
+//! configuration generators for other hosts (`envoy_config`).
 
+pub mod abi;
 pub mod envoy_config;
+pub mod runtime;
+pub mod vm;

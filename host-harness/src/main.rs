@@ -44,6 +44,147 @@ struct Identity {
     outbound: Outbound,
 }
 
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Sidecar: the outbound proxy address. Gateway: the IP server ports bind on.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Added to every Gateway server port (bind unprivileged ports).
+    #[arg(long, default_value_t = 0)]
+    port_offset: u16,
+    /// Admin interface (metrics, config dump, readiness).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
+    /// The filter module (default: the one built next to this binary).
+    #[arg(long)]
+    wasm: Option<PathBuf>,
+    /// What happens once the filter traps.
+    #[arg(long, value_enum, default_value = "fail-closed")]
+    fail_policy: meshroute_harness::runtime::FailPolicy,
+    /// Filter instances (one per worker, as Envoy).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+/// The filter built by this workspace: `target/wasm32-unknown-unknown/wasm-release/`.
+fn default_wasm() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESHROUTE_WASM") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let built = dir.join("../wasm32-unknown-unknown/wasm-release/meshroute_filter.wasm");
+    if built.exists() {
+        built
+    } else {
+        dir.join("meshroute_filter.wasm")
+    }
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.join("../wasmtime-cache"))
+}
+
+fn run_proxy(opts: meshroute_harness::runtime::launch::RunOptions, demo: bool) -> ExitCode {
+    let workers = opts.workers.max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        if demo {
+            for (port, version) in [(18081, "v1"), (18082, "v2")] {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                meshroute_harness::runtime::demo::hello_upstream(addr, version).await?;
+            }
+        }
+        let admin = opts.admin;
+        meshroute_harness::runtime::launch::run(opts, |listeners| {
+            for l in listeners {
+                eprintln!("meshroute: listening on {} (route table port {})", l.address, l.server_port);
+            }
+            if let Some(a) = admin {
+                eprintln!("meshroute: admin on http://{a}/ (stats/prometheus, config_dump, clusters, ready)");
+            }
+            if demo {
+                if let Some(l) = listeners.first() {
+                    println!("demo gateway ready; try:");
+                    println!("  curl http://{}/        # 90% v1, 10% v2", l.address);
+                    println!("  curl http://{}/v2      # always v2", l.address);
+                }
+            }
+        })
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn proxy_options(identity: &Identity) -> Result<(ProxyOptions, MeshOptions), String> {
+    let labels = match identity.labels.as_deref().map(parse_labels) {
+        Some(l) => l?,
+        None => match identity.kind {
+            For::Gateway => BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+            For::Sidecar => BTreeMap::new(),
+        },
+    };
+    Ok((
+        ProxyOptions {
+            kind: match identity.kind {
+                For::Sidecar => ProxyKind::Sidecar,
+                For::Gateway => ProxyKind::Gateway,
+            },
+            namespace: identity.namespace.clone(),
+            labels,
+        },
+        MeshOptions {
+            outbound_traffic_policy: match identity.outbound {
+                Outbound::AllowAny => OutboundPolicy::AllowAny,
+                Outbound::RegistryOnly => OutboundPolicy::RegistryOnly,
+            },
+            ..MeshOptions::default()
+        },
+    ))
+}
+
+fn run_options(
+    files: Vec<PathBuf>,
+    proxy: ProxyOptions,
+    mesh: MeshOptions,
+    host: HostArgs,
+) -> meshroute_harness::runtime::launch::RunOptions {
+    let default_listen = match proxy.kind {
+        ProxyKind::Sidecar => std::net::SocketAddr::from(([127, 0, 0, 1], 15001)),
+        ProxyKind::Gateway => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    meshroute_harness::runtime::launch::RunOptions {
+        files,
+        proxy,
+        mesh,
+        listen: host.listen.unwrap_or(default_listen),
+        port_offset: host.port_offset,
+        admin: Some(host.admin),
+        wasm: host.wasm.unwrap_or_else(default_wasm),
+        cache_dir: cache_dir(),
+        fail_policy: host.fail_policy,
+        workers: host.workers,
+        reload_interval: std::time::Duration::from_secs(1),
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ManifestKind {
     WasmPlugin,
@@ -95,6 +236,20 @@ enum Command {
         failure_policy: envoy_config::FailurePolicy,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
+    },
+    /// Run a gateway or sidecar: the filter with the compiled rules, on this host.
+    Run {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        identity: Identity,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Start demo upstreams (hello v1/v2) and a gateway in front of them.
+    Demo {
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// Write an Istio manifest that loads the filter with the compiled rules into the
     /// selected sidecars or gateways.
@@ -249,6 +404,33 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Run {
+            files,
+            identity,
+            host,
+        } => match proxy_options(&identity) {
+            Ok((proxy, mesh)) => run_proxy(run_options(files, proxy, mesh, host), false),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Demo { mut host } => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let files = meshroute_harness::runtime::demo::demo_files(&root);
+            let proxy = ProxyOptions {
+                kind: ProxyKind::Gateway,
+                namespace: "istio-system".into(),
+                labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+            };
+            if host.port_offset == 0 {
+                host.port_offset = 8000;
+            }
+            run_proxy(
+                run_options(files, proxy, MeshOptions::default(), host),
+                true,
+            )
         }
         Command::IstioManifest {
             files,

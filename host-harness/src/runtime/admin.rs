@@ -1,0 +1,212 @@
+//! Admin listener: `/ready`, `/healthz`, `/config_dump`, `/clusters`, `/stats/prometheus`
+//! with Istio's standard request metrics.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use super::{full, Body, Proxy};
+
+/// Istio's duration buckets (milliseconds).
+const BUCKETS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+#[derive(Default)]
+struct Series {
+    count: u64,
+    sum_ms: f64,
+    buckets: Vec<u64>,
+}
+
+/// destination service, subset, port, response code, response flags.
+type SeriesKey = (String, String, String, u16, String);
+
+/// Request metrics keyed by (service, subset, port, code, flags).
+#[derive(Default)]
+pub struct Stats {
+    series: Mutex<BTreeMap<SeriesKey, Series>>,
+    vm_failures: AtomicU64,
+    vm_reloads: AtomicU64,
+    pub config_reloads: AtomicU64,
+    pub config_reload_failures: AtomicU64,
+}
+
+impl Stats {
+    pub fn record(&self, cluster: &str, code: u16, flags: &str, elapsed: Duration) {
+        // outbound|port|subset|host
+        let mut parts = cluster.splitn(4, '|').skip(1);
+        let (port, subset, host) = (
+            parts.next().unwrap_or("").to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+            parts.next().unwrap_or("unknown").to_owned(),
+        );
+        let flags = if flags.is_empty() { "-" } else { flags };
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if let Ok(mut s) = self.series.lock() {
+            let e = s
+                .entry((host, subset, port, code, flags.to_owned()))
+                .or_default();
+            e.count += 1;
+            e.sum_ms += ms;
+            if e.buckets.is_empty() {
+                e.buckets = vec![0; BUCKETS.len()];
+            }
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if ms <= *b {
+                    e.buckets[i] += 1;
+                }
+            }
+        }
+    }
+
+    pub fn vm_failure(&self) {
+        self.vm_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn vm_reload(&self) {
+        self.vm_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn prometheus(&self, reporter: &str) -> String {
+        let mut out = String::new();
+        let Ok(series) = self.series.lock() else {
+            return out;
+        };
+        let _ = writeln!(out, "# TYPE istio_requests_total counter");
+        let label = |(host, subset, port, code, flags): &SeriesKey| {
+            let subset = if subset.is_empty() { "unknown" } else { subset };
+            format!(
+                "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"http\",response_code=\"{code}\",response_flags=\"{flags}\"",
+                host.split('.').next().unwrap_or(host)
+            )
+        };
+        for (k, s) in series.iter() {
+            let _ = writeln!(out, "istio_requests_total{{{}}} {}", label(k), s.count);
+        }
+        let _ = writeln!(out, "# TYPE istio_request_duration_milliseconds histogram");
+        for (k, s) in series.iter() {
+            let l = label(k);
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "istio_request_duration_milliseconds_bucket{{{l},le=\"{b}\"}} {}",
+                    s.buckets.get(i).copied().unwrap_or(0)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "istio_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} {}",
+                s.count
+            );
+            let _ = writeln!(
+                out,
+                "istio_request_duration_milliseconds_sum{{{l}}} {}",
+                s.sum_ms
+            );
+            let _ = writeln!(
+                out,
+                "istio_request_duration_milliseconds_count{{{l}}} {}",
+                s.count
+            );
+        }
+        for (name, v) in [
+            ("meshroute_wasm_failures_total", &self.vm_failures),
+            ("meshroute_wasm_reloads_total", &self.vm_reloads),
+            ("meshroute_config_reloads_total", &self.config_reloads),
+            (
+                "meshroute_config_reload_failures_total",
+                &self.config_reload_failures,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let text = |status: u16, ctype: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(full(body))
+            .unwrap_or_else(|_| Response::new(full("")))
+    };
+    match req.uri().path() {
+        "/ready" => text(200, "text/plain", "LIVE\n".into()),
+        "/healthz" => text(200, "text/plain", "OK\n".into()),
+        "/stats/prometheus" => {
+            let reporter = match proxy.kind {
+                meshroute_core::ir::ProxyKind::Sidecar => "source",
+                meshroute_core::ir::ProxyKind::Gateway => "source",
+            };
+            text(
+                200,
+                "text/plain; version=0.0.4",
+                proxy.stats.prometheus(reporter),
+            )
+        }
+        "/config_dump" => {
+            let g = proxy.current();
+            let dump = serde_json::json!({
+                "rules": &*g.doc,
+                "sources": g.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "last_reload_error": proxy.reload_error.lock().ok().and_then(|e| e.clone()),
+            });
+            text(
+                200,
+                "application/json",
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            )
+        }
+        "/clusters" => {
+            let g = proxy.current();
+            let mut out = String::new();
+            let mut names: Vec<_> = g.clusters.iter().collect();
+            names.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, c) in names {
+                let _ = writeln!(out, "{name}::discovery::{:?}", c.discovery);
+                for e in &c.endpoints {
+                    let _ = writeln!(out, "{name}::{e}::health_flags::healthy");
+                }
+            }
+            text(200, "text/plain", out)
+        }
+        _ => text(404, "text/plain", "not found\n".into()),
+    }
+}
+
+pub async fn serve(proxy: Arc<Proxy>, address: SocketAddr) -> Result<(), String> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("admin listen on {address}: {e}"))?;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let r = respond(&proxy, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,193 @@
+//! Starting a proxy from Istio YAML, and reloading it when the files change.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
+use meshroute_core::ir::{ProxyKind, RulesDocument};
+
+use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
+use crate::vm::Plugin;
+
+/// Everything `meshroute run` needs.
+pub struct RunOptions {
+    pub files: Vec<PathBuf>,
+    pub proxy: ProxyOptions,
+    pub mesh: MeshOptions,
+    /// Sidecar: the outbound listener. Gateway: the IP to bind server ports on.
+    pub listen: SocketAddr,
+    pub port_offset: u16,
+    pub admin: Option<SocketAddr>,
+    pub wasm: PathBuf,
+    pub cache_dir: Option<PathBuf>,
+    pub fail_policy: FailPolicy,
+    pub workers: usize,
+    pub reload_interval: Duration,
+}
+
+/// Loads and compiles; diagnostics (errors and warnings) come back as text.
+pub fn compile(
+    files: &[PathBuf],
+    proxy: &ProxyOptions,
+    mesh: &MeshOptions,
+) -> Result<(RulesDocument, Vec<String>), String> {
+    let mut config = Config::default();
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    for f in files {
+        if !f.exists() {
+            return Err(format!("{}: no such file or directory", f.display()));
+        }
+        diags.extend(config.add_path(f));
+    }
+    let compiled = meshroute_compiler::compile(&config, proxy, mesh);
+    diags.extend(compiled.diagnostics);
+    meshroute_compiler::diag::sort(&mut diags);
+    let text: Vec<String> = diags.iter().map(ToString::to_string).collect();
+    match compiled.document {
+        Some(doc) if !diags.iter().any(Diagnostic::is_error) => Ok((doc, text)),
+        _ => Err(text.join("\n")),
+    }
+}
+
+/// Listeners for the rules: the sidecar's outbound proxy, or one per plain-HTTP Gateway server
+/// port (shifted by the offset).
+pub fn listeners(
+    doc: &RulesDocument,
+    listen: SocketAddr,
+    port_offset: u16,
+) -> Result<Vec<ListenerSpec>, String> {
+    match doc.proxy.kind {
+        ProxyKind::Sidecar => Ok(vec![ListenerSpec {
+            address: listen,
+            server_port: 0,
+        }]),
+        ProxyKind::Gateway => {
+            let ip: IpAddr = listen.ip();
+            let mut out = Vec::new();
+            for l in &doc.listeners {
+                let tls = l.servers.iter().any(|s| s.tls.is_some());
+                if tls || !matches!(l.protocol.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB") {
+                    eprintln!(
+                        "meshroute: gateway port {} ({}) is not served: TLS servers are not supported by this build",
+                        l.port, l.protocol
+                    );
+                    continue;
+                }
+                let port = l.port.checked_add(port_offset).ok_or_else(|| {
+                    format!("port {} + offset {port_offset} exceeds 65535", l.port)
+                })?;
+                out.push(ListenerSpec {
+                    address: SocketAddr::new(ip, port),
+                    server_port: l.port,
+                });
+            }
+            if out.is_empty() {
+                return Err(
+                    "no Gateway server with a plain-text HTTP port selects this proxy".into(),
+                );
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn newest_change(files: &[PathBuf]) -> Option<SystemTime> {
+    fn walk(p: &Path, newest: &mut Option<SystemTime>) {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(p) {
+                for e in entries.flatten() {
+                    walk(&e.path(), newest);
+                }
+            }
+        } else if let Ok(m) = meta.modified() {
+            *newest = Some(newest.map_or(m, |n| n.max(m)));
+        }
+    }
+    let mut newest = None;
+    for f in files {
+        walk(f, &mut newest);
+    }
+    newest
+}
+
+/// Runs until the process is stopped. `ready` receives the bound listeners.
+pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Result<(), String> {
+    let (doc, warnings) = compile(&opts.files, &opts.proxy, &opts.mesh)?;
+    for w in warnings {
+        eprintln!("{w}");
+    }
+    let plugin =
+        Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref()).map_err(|e| e.to_string())?);
+    let specs = listeners(&doc, opts.listen, opts.port_offset)?;
+    let proxy = Proxy::new(
+        plugin,
+        opts.fail_policy,
+        opts.workers,
+        doc,
+        opts.files.clone(),
+    )?;
+    proxy.start_tickers();
+    let mut tasks = Vec::new();
+    for spec in &specs {
+        // Bind before announcing readiness.
+        let listener = tokio::net::TcpListener::bind(spec.address)
+            .await
+            .map_err(|e| format!("listen on {}: {e}", spec.address))?;
+        drop(listener);
+        tasks.push(tokio::spawn(serve(Arc::clone(&proxy), spec.clone())));
+    }
+    if let Some(admin_addr) = opts.admin {
+        tasks.push(tokio::spawn(admin::serve(Arc::clone(&proxy), admin_addr)));
+    }
+    ready(&specs);
+    // Hot reload: poll the files; a failed compile keeps the running rules.
+    let mut seen = newest_change(&opts.files);
+    loop {
+        tokio::time::sleep(opts.reload_interval).await;
+        if let Some(t) = tasks.iter().position(tokio::task::JoinHandle::is_finished) {
+            let task = tasks.remove(t);
+            return match task.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err("a listener stopped".into()),
+            };
+        }
+        let now = newest_change(&opts.files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let result = compile(&opts.files, &opts.proxy, &opts.mesh).and_then(|(doc, _)| {
+            if doc.proxy.kind != proxy.kind {
+                return Err("the proxy kind cannot change on reload".into());
+            }
+            proxy.reload(doc, opts.files.clone())
+        });
+        match result {
+            Ok(()) => {
+                eprintln!("meshroute: configuration reloaded");
+                proxy
+                    .stats
+                    .config_reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Ok(mut e) = proxy.reload_error.lock() {
+                    *e = None;
+                }
+            }
+            Err(e) => {
+                eprintln!("meshroute: reload failed, still serving the previous rules:\n{e}");
+                proxy
+                    .stats
+                    .config_reload_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Ok(mut slot) = proxy.reload_error.lock() {
+                    *slot = Some(e);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,967 @@
+//! `meshroute run`: listeners, the filter on every request, and the host contract executed
+//! natively (cluster header, original-destination header, Envoy timeout and retry headers,
+//! local replies, side calls, timers).
+
+mod admin;
+pub mod demo;
+pub mod launch;
+mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+
+use meshroute_core::ir::{
+    self, Discovery, ProxyKind, RulesDocument, CONTROL_HEADERS, LISTENER_PORT_HEADER,
+};
+
+use crate::abi::{self, Headers, LocalReply, Phase};
+use crate::vm::{Action, Plugin, Vm};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Request bodies are buffered up to this size so the filter sees them (mirrors, retries).
+const BODY_LIMIT: usize = 16 << 20;
+
+/// What to do with requests once the filter has trapped (Envoy's `failure_policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailPolicy {
+    /// Every request through the failed instance gets 503.
+    FailClosed,
+    /// A new instance is started after a back-off.
+    Reload,
+}
+
+/// Where each route table is served.
+#[derive(Clone, Debug)]
+pub struct ListenerSpec {
+    pub address: SocketAddr,
+    /// Route-table port this listener serves (gateway server port; sidecar: 0, the
+    /// authority decides).
+    pub server_port: u16,
+}
+
+/// One loaded configuration: rules, clusters and filter instances.
+pub struct Generation {
+    pub doc: Arc<RulesDocument>,
+    pub rules_json: Arc<Vec<u8>>,
+    pub sources: Vec<PathBuf>,
+    clusters: HashMap<String, ClusterInfo>,
+    slots: Vec<Slot>,
+    next_slot: AtomicUsize,
+}
+
+struct ClusterInfo {
+    discovery: Discovery,
+    endpoints: Vec<String>,
+    next: AtomicUsize,
+    connect_timeout: Duration,
+}
+
+/// One filter instance and its bookkeeping.
+struct Slot {
+    vm: Mutex<Option<Vm>>,
+    failed_at: Mutex<Option<Instant>>,
+    waiters: Mutex<HashMap<u32, oneshot::Sender<()>>>,
+    tick: Notify,
+}
+
+/// The running proxy.
+pub struct Proxy {
+    pub plugin: Arc<Plugin>,
+    pub kind: ProxyKind,
+    pub fail_policy: FailPolicy,
+    pub workers: usize,
+    generation: RwLock<Arc<Generation>>,
+    pub stats: admin::Stats,
+    pub reload_error: Mutex<Option<String>>,
+    connection_ids: AtomicU64,
+    client: upstream::Client,
+}
+
+fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
+    let mut clusters: HashMap<String, ClusterInfo> = doc
+        .clusters
+        .iter()
+        .map(|c| {
+            let endpoints = c
+                .endpoints
+                .iter()
+                .filter(|e| e.weight > 0)
+                .map(|e| {
+                    if e.address.contains(':') {
+                        format!("[{}]:{}", e.address, e.port)
+                    } else {
+                        format!("{}:{}", e.address, e.port)
+                    }
+                })
+                .collect();
+            (
+                c.name.clone(),
+                ClusterInfo {
+                    discovery: c.discovery,
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                    connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
+                },
+            )
+        })
+        .collect();
+    clusters.insert(
+        ir::PASSTHROUGH_CLUSTER.to_owned(),
+        ClusterInfo {
+            discovery: Discovery::OriginalDst,
+            endpoints: Vec::new(),
+            next: AtomicUsize::new(0),
+            connect_timeout: Duration::from_secs(10),
+        },
+    );
+    clusters
+}
+
+impl Proxy {
+    pub fn new(
+        plugin: Arc<Plugin>,
+        fail_policy: FailPolicy,
+        workers: usize,
+        doc: RulesDocument,
+        sources: Vec<PathBuf>,
+    ) -> Result<Arc<Self>, String> {
+        let kind = doc.proxy.kind;
+        let generation = Self::generation(&plugin, workers, doc, sources)?;
+        Ok(Arc::new(Self {
+            plugin,
+            kind,
+            fail_policy,
+            workers,
+            generation: RwLock::new(Arc::new(generation)),
+            stats: admin::Stats::default(),
+            reload_error: Mutex::new(None),
+            connection_ids: AtomicU64::new(1),
+            client: upstream::Client::new(),
+        }))
+    }
+
+    fn generation(
+        plugin: &Plugin,
+        workers: usize,
+        doc: RulesDocument,
+        sources: Vec<PathBuf>,
+    ) -> Result<Generation, String> {
+        let rules_json =
+            serde_json::to_vec(&doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+        let clusters = cluster_table(&doc);
+        let names: Arc<std::collections::HashSet<String>> =
+            Arc::new(clusters.keys().cloned().collect());
+        let known: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+            Arc::new(move |c: &str| names.contains(c));
+        let mut slots = Vec::with_capacity(workers);
+        for _ in 0..workers.max(1) {
+            let mut vm = plugin
+                .start(&rules_json, Arc::clone(&known))
+                .map_err(|e| e.to_string())?;
+            print_logs(&mut vm);
+            slots.push(Slot {
+                vm: Mutex::new(Some(vm)),
+                failed_at: Mutex::new(None),
+                waiters: Mutex::new(HashMap::new()),
+                tick: Notify::new(),
+            });
+        }
+        Ok(Generation {
+            doc: Arc::new(doc),
+            rules_json: Arc::new(rules_json),
+            sources,
+            clusters,
+            slots,
+            next_slot: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        match self.generation.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Swaps in new rules; in-flight requests finish on the generation they started with.
+    pub fn reload(
+        self: &Arc<Self>,
+        doc: RulesDocument,
+        sources: Vec<PathBuf>,
+    ) -> Result<(), String> {
+        let generation = Arc::new(Self::generation(&self.plugin, self.workers, doc, sources)?);
+        for i in 0..generation.slots.len() {
+            spawn_ticker(Arc::clone(self), Arc::clone(&generation), i);
+        }
+        match self.generation.write() {
+            Ok(mut g) => *g = generation,
+            Err(poisoned) => *poisoned.into_inner() = generation,
+        }
+        Ok(())
+    }
+
+    /// Starts the tick loops of the current generation.
+    pub fn start_tickers(self: &Arc<Self>) {
+        let generation = self.current();
+        for i in 0..generation.slots.len() {
+            spawn_ticker(Arc::clone(self), Arc::clone(&generation), i);
+        }
+    }
+}
+
+fn print_logs(vm: &mut Vm) {
+    for l in vm.take_logs() {
+        let level = ["trace", "debug", "info", "warn", "error", "critical"]
+            .get(l.level as usize)
+            .copied()
+            .unwrap_or("info");
+        eprintln!("[filter {level}] {}", l.message);
+    }
+}
+
+/// Drives `proxy_on_tick` for one instance while its generation is current.
+fn spawn_ticker(proxy: Arc<Proxy>, generation: Arc<Generation>, index: usize) {
+    tokio::spawn(async move {
+        loop {
+            if !Arc::ptr_eq(&proxy.current(), &generation) {
+                // Replaced by a reload; let paused requests of this generation finish.
+                let pending = generation.slots[index]
+                    .waiters
+                    .lock()
+                    .map(|w| w.is_empty())
+                    .unwrap_or(true);
+                if pending {
+                    return;
+                }
+            }
+            let slot = &generation.slots[index];
+            let period = slot
+                .vm
+                .lock()
+                .ok()
+                .and_then(|vm| vm.as_ref().and_then(|v| v.store.data().tick_period));
+            match period {
+                None => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), slot.tick.notified()).await;
+                }
+                Some(p) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(p) => {
+                            with_vm(&proxy, &generation, index, |vm| vm.on_tick());
+                        }
+                        () = slot.tick.notified() => {}
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Runs `f` on instance `index` and then applies what the guest asked for.
+fn with_vm<R>(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+    f: impl FnOnce(&mut Vm) -> Result<R, String>,
+) -> Option<R> {
+    let slot = &generation.slots[index];
+    let mut guard = slot.vm.lock().ok()?;
+    let vm = guard.as_mut()?;
+    let result = f(vm);
+    print_logs(vm);
+    if let Err(e) = &result {
+        eprintln!("meshroute: {e}");
+        if let Ok(mut at) = slot.failed_at.lock() {
+            at.get_or_insert_with(Instant::now);
+        }
+        proxy.stats.vm_failure();
+    }
+    let state = vm.store.data_mut();
+    if std::mem::take(&mut state.tick_changed) {
+        slot.tick.notify_one();
+    }
+    let calls = std::mem::take(&mut state.calls);
+    // Wake requests that a tick or a side-call response resumed or answered.
+    if let Ok(mut waiters) = slot.waiters.lock() {
+        let ready: Vec<u32> = waiters
+            .keys()
+            .copied()
+            .filter(|id| {
+                state
+                    .streams
+                    .get(id)
+                    .is_none_or(|s| s.resumed || s.local_reply.is_some())
+            })
+            .collect();
+        for id in ready {
+            if let Some(tx) = waiters.remove(&id) {
+                let _ = tx.send(());
+            }
+        }
+    }
+    drop(guard);
+    spawn_calls(proxy, generation, index, calls);
+    result.ok()
+}
+
+/// Performs side calls and delivers each response to the instance that made it.
+fn spawn_calls(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+    calls: Vec<abi::PendingCall>,
+) {
+    for call in calls {
+        let (proxy, generation) = (Arc::clone(proxy), Arc::clone(generation));
+        tokio::spawn(async move {
+            let response = side_call(&proxy, &generation, &call).await;
+            deliver_call_response(&proxy, &generation, index, call.token, response);
+        });
+    }
+}
+
+fn deliver_call_response(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+    token: u32,
+    response: abi::CallResponse,
+) {
+    with_vm(proxy, generation, index, |vm| {
+        vm.on_http_call_response(token, response)
+    });
+}
+
+/// A side call (`proxy_http_call`) through the same cluster logic as requests.
+async fn side_call(
+    proxy: &Proxy,
+    generation: &Generation,
+    call: &abi::PendingCall,
+) -> abi::CallResponse {
+    let mut headers = call.headers.clone();
+    headers.push((ir::CLUSTER_HEADER.to_owned(), call.cluster.clone()));
+    headers.push(("x-envoy-internal".into(), "true".into()));
+    let timeout = call.timeout.map(|t| t.as_millis().to_string());
+    if let Some(t) = &timeout {
+        headers.push(("x-envoy-upstream-rq-timeout-ms".into(), t.clone()));
+    }
+    match forward(proxy, generation, headers, Bytes::from(call.body.clone())).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let mut out: Headers = vec![(":status".into(), status.to_string())];
+            out.extend(header_pairs(resp.headers()));
+            let body = match resp.into_body().collect().await {
+                Ok(b) => b.to_bytes().to_vec(),
+                Err(_) => Vec::new(),
+            };
+            abi::CallResponse { headers: out, body }
+        }
+        Err(reply) => abi::CallResponse {
+            headers: vec![
+                (":status".into(), reply.status.to_string()),
+                ("content-type".into(), "text/plain".into()),
+            ],
+            body: reply.body.as_bytes().to_vec(),
+        },
+    }
+}
+
+fn header_pairs(map: &http::HeaderMap) -> Headers {
+    map.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn random_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut z = t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    format!("{:016x}-{n:08x}", z ^ (z >> 31))
+}
+
+/// Serves one listener until the process ends.
+pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> {
+    let listener = TcpListener::bind(spec.address)
+        .await
+        .map_err(|e| format!("listen on {}: {e}", spec.address))?;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("meshroute: accept on {}: {e}", spec.address);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        let spec = spec.clone();
+        let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let local = stream.local_addr().ok();
+            let service = service_fn(move |req| {
+                let proxy = Arc::clone(&proxy);
+                let spec = spec.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(proxy, spec, peer, local, connection_id, req).await,
+                    )
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply_response(kind: ProxyKind, reply: LocalReply) -> Response<Body> {
+    let mut builder = Response::builder();
+    let (status, body) = match reply.grpc_status {
+        Some(code) => {
+            builder = builder
+                .header("content-type", "application/grpc")
+                .header("grpc-status", code.to_string())
+                .header(
+                    "grpc-message",
+                    String::from_utf8_lossy(&reply.body).into_owned(),
+                );
+            (200, Vec::new())
+        }
+        None => (reply.status, reply.body),
+    };
+    let has_type = reply.headers.iter().any(|(k, _)| k == "content-type");
+    if !body.is_empty() && !has_type && reply.grpc_status.is_none() {
+        builder = builder.header("content-type", "text/plain");
+    }
+    for (k, v) in &reply.headers {
+        if !k.starts_with(':') {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+    }
+    builder = builder.header("server", server_name(kind));
+    builder
+        .status(status)
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full(Vec::new())))
+}
+
+fn server_name(kind: ProxyKind) -> &'static str {
+    match kind {
+        ProxyKind::Sidecar => "envoy",
+        ProxyKind::Gateway => "istio-envoy",
+    }
+}
+
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn local(status: u16, body: &str) -> LocalReply {
+    LocalReply {
+        status,
+        headers: Vec::new(),
+        body: body.as_bytes().to_vec(),
+        grpc_status: None,
+    }
+}
+
+/// One downstream request through the filter and upstream.
+async fn handle(
+    proxy: Arc<Proxy>,
+    spec: ListenerSpec,
+    peer: SocketAddr,
+    local_addr: Option<SocketAddr>,
+    connection_id: u64,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let generation = proxy.current();
+    let (parts, body) = req.into_parts();
+    // Absolute-form URIs (explicit proxy) carry the authority; otherwise the Host header.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut headers: Headers = vec![
+        (":authority".into(), authority.clone()),
+        (":path".into(), path.clone()),
+        (":method".into(), parts.method.as_str().to_owned()),
+        (":scheme".into(), "http".into()),
+    ];
+    for (k, v) in &parts.headers {
+        let name = k.as_str();
+        if HOP_BY_HOP.contains(&name) || CONTROL_HEADERS.contains(&name) {
+            continue;
+        }
+        headers.push((
+            name.to_owned(),
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        ));
+    }
+    if !headers.iter().any(|(k, _)| k == "x-request-id") {
+        headers.push(("x-request-id".into(), random_id()));
+    }
+    headers.retain(|(k, _)| k != "x-forwarded-proto");
+    headers.push(("x-forwarded-proto".into(), "http".into()));
+    let server_port = if spec.server_port == 0 {
+        spec.address.port()
+    } else {
+        spec.server_port
+    };
+    headers.push((LISTENER_PORT_HEADER.to_owned(), server_port.to_string()));
+
+    let body = match Limited::new(body, BODY_LIMIT).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return reply_response(proxy.kind, local(413, "Payload Too Large")),
+    };
+
+    let outcome = run_request(
+        &proxy,
+        &generation,
+        headers,
+        body,
+        peer,
+        local_addr,
+        connection_id,
+    )
+    .await;
+    let (response, cluster, flags) = match outcome {
+        Ok((resp, cluster)) => (resp, cluster, ""),
+        Err((reply, cluster, flags)) => (reply_response(proxy.kind, reply), cluster, flags),
+    };
+    proxy.stats.record(
+        &cluster,
+        response.status().as_u16(),
+        flags,
+        started.elapsed(),
+    );
+    response
+}
+
+type Outcome = Result<(Response<Body>, String), (LocalReply, String, &'static str)>;
+
+async fn run_request(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    headers: Headers,
+    body: Bytes,
+    peer: SocketAddr,
+    local_addr: Option<SocketAddr>,
+    connection_id: u64,
+) -> Outcome {
+    let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
+    let slot = &generation.slots[index];
+    if let Some(reply) = check_failed(proxy, generation, index) {
+        return Err((reply, String::new(), "UH"));
+    }
+    let mut stream = abi::Stream::new(headers);
+    stream.request_body = body.to_vec();
+    stream.source = peer.to_string();
+    if let Some(l) = local_addr {
+        stream.destination = l.to_string();
+        stream.destination_port = l.port();
+    }
+    stream.connection_id = connection_id;
+    let end_of_stream = body.is_empty();
+    let (tx, rx) = oneshot::channel();
+    let started = with_vm(proxy, generation, index, |vm| {
+        let id = vm.open_stream(stream)?;
+        let action = vm.on_request_headers(id, end_of_stream)?;
+        Ok((id, action))
+    });
+    let Some((id, action)) = started else {
+        return Err((local(503, ""), String::new(), "UH"));
+    };
+    let _close = CloseOnDrop {
+        proxy,
+        generation,
+        index,
+        id,
+    };
+    let mut paused = action == Action::Pause && !has_reply(generation, index, id);
+    if paused {
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.insert(id, tx);
+        }
+        // Re-check: the tick may have resumed the stream before the waiter was registered.
+        paused = !(is_resumed(generation, index, id) || has_reply(generation, index, id));
+        if paused {
+            let _ = rx.await;
+        }
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.remove(&id);
+        }
+    }
+    if let Some(reply) = take_reply(generation, index, id) {
+        return Err((reply, String::new(), ""));
+    }
+    if !end_of_stream {
+        with_vm(proxy, generation, index, |vm| vm.on_request_body(id, true));
+        if let Some(reply) = take_reply(generation, index, id) {
+            return Err((reply, String::new(), ""));
+        }
+    }
+    let upstream_headers = {
+        let Ok(mut guard) = slot.vm.lock() else {
+            return Err((local(503, ""), String::new(), "UH"));
+        };
+        let Some(s) = guard.as_mut().and_then(|vm| vm.stream_mut(id)) else {
+            return Err((local(503, ""), String::new(), "UH"));
+        };
+        s.phase = Phase::Upstream;
+        std::mem::take(&mut s.request_headers)
+    };
+    let cluster = upstream_headers
+        .iter()
+        .find(|(k, _)| k == ir::CLUSTER_HEADER)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let upstream_start = Instant::now();
+    let response = match forward(proxy, generation, upstream_headers, body).await {
+        Ok(r) => r,
+        Err(reply) => {
+            let flag = reply.flag;
+            return Err((reply.into_local(), cluster, flag));
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    let mut response_headers: Headers = vec![(":status".into(), parts.status.as_u16().to_string())];
+    response_headers.extend(
+        header_pairs(&parts.headers)
+            .into_iter()
+            .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()) || k == "content-length"),
+    );
+    response_headers.push((
+        "x-envoy-upstream-service-time".into(),
+        upstream_start.elapsed().as_millis().to_string(),
+    ));
+    let status = parts.status.as_u16();
+    let final_headers = with_vm(proxy, generation, index, |vm| {
+        if let Some(s) = vm.stream_mut(id) {
+            s.phase = Phase::Response;
+            s.response_headers = response_headers;
+            s.response_code = Some(status);
+        }
+        vm.on_response_headers(id, false)?;
+        Ok(vm
+            .stream_mut(id)
+            .map(|s| std::mem::take(&mut s.response_headers)))
+    })
+    .flatten();
+    if let Some(reply) = take_reply(generation, index, id) {
+        return Err((reply, cluster, ""));
+    }
+    let Some(final_headers) = final_headers else {
+        return Err((local(503, ""), cluster, "UH"));
+    };
+    parts.headers.clear();
+    for (k, v) in &final_headers {
+        if k == ":status" {
+            if let Some(s) = v
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| http::StatusCode::from_u16(c).ok())
+            {
+                parts.status = s;
+            }
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            parts.headers.append(name, value);
+        }
+    }
+    parts.headers.insert(
+        "server",
+        http::HeaderValue::from_static(server_name(proxy.kind)),
+    );
+    Ok((Response::from_parts(parts, body.boxed()), cluster))
+}
+
+/// Runs the end-of-stream callbacks when the request is finished or abandoned.
+struct CloseOnDrop<'a> {
+    proxy: &'a Arc<Proxy>,
+    generation: &'a Arc<Generation>,
+    index: usize,
+    id: u32,
+}
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        let id = self.id;
+        with_vm(self.proxy, self.generation, self.index, |vm| {
+            vm.close_stream(id);
+            Ok(())
+        });
+        if let Ok(mut w) = self.generation.slots[self.index].waiters.lock() {
+            w.remove(&id);
+        }
+    }
+}
+
+fn is_resumed(generation: &Generation, index: usize, id: u32) -> bool {
+    generation.slots[index]
+        .vm
+        .lock()
+        .ok()
+        .and_then(|mut g| {
+            g.as_mut()
+                .and_then(|vm| vm.stream_mut(id).map(|s| s.resumed))
+        })
+        .unwrap_or(true)
+}
+
+fn has_reply(generation: &Generation, index: usize, id: u32) -> bool {
+    generation.slots[index]
+        .vm
+        .lock()
+        .ok()
+        .and_then(|mut g| {
+            g.as_mut()
+                .and_then(|vm| vm.stream_mut(id).map(|s| s.local_reply.is_some()))
+        })
+        .unwrap_or(false)
+}
+
+fn take_reply(generation: &Generation, index: usize, id: u32) -> Option<LocalReply> {
+    let mut guard = generation.slots[index].vm.lock().ok()?;
+    let vm = guard.as_mut()?;
+    if vm.failed.load(Ordering::Relaxed) {
+        // The request whose callback trapped gets a 503, as in Envoy.
+        return Some(local(503, ""));
+    }
+    vm.stream_mut(id)?.local_reply.take()
+}
+
+/// Fail policy: a failed instance answers 503, or is replaced after a back-off.
+fn check_failed(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+) -> Option<LocalReply> {
+    let slot = &generation.slots[index];
+    let failed = slot.vm.lock().ok().is_none_or(|g| {
+        g.as_ref()
+            .is_none_or(|vm| vm.failed.load(Ordering::Relaxed))
+    });
+    if !failed {
+        return None;
+    }
+    if proxy.fail_policy == FailPolicy::Reload {
+        let since = slot.failed_at.lock().ok().and_then(|g| *g);
+        if since.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let names: Arc<std::collections::HashSet<String>> =
+                Arc::new(generation.clusters.keys().cloned().collect());
+            let known: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+                Arc::new(move |c: &str| names.contains(c));
+            match proxy.plugin.start(&generation.rules_json, known) {
+                Ok(vm) => {
+                    if let Ok(mut g) = slot.vm.lock() {
+                        *g = Some(vm);
+                    }
+                    if let Ok(mut at) = slot.failed_at.lock() {
+                        *at = None;
+                    }
+                    proxy.stats.vm_reload();
+                    return None;
+                }
+                Err(e) => eprintln!("meshroute: reloading the filter failed: {e}"),
+            }
+            if let Ok(mut at) = slot.failed_at.lock() {
+                *at = Some(Instant::now());
+            }
+        }
+    }
+    Some(local(503, ""))
+}
+
+/// A reply the host makes itself while executing the contract (Envoy's router replies).
+pub struct HostReply {
+    pub status: u16,
+    pub body: &'static str,
+    pub flag: &'static str,
+}
+
+impl HostReply {
+    fn into_local(self) -> LocalReply {
+        local(self.status, self.body)
+    }
+}
+
+/// Executes the host contract: cluster header, endpoint header, timeout and retry headers.
+async fn forward(
+    proxy: &Proxy,
+    generation: &Generation,
+    mut headers: Headers,
+    body: Bytes,
+) -> Result<Response<Body>, HostReply> {
+    let take = |headers: &mut Headers, name: &str| -> Option<String> {
+        let i = headers.iter().position(|(k, _)| k == name)?;
+        Some(headers.remove(i).1)
+    };
+    let no_cluster = HostReply {
+        status: 503,
+        body: "",
+        flag: "NC",
+    };
+    let cluster_name = take(&mut headers, ir::CLUSTER_HEADER).ok_or(HostReply {
+        status: 503,
+        body: "",
+        flag: "NC",
+    })?;
+    let cluster = generation.clusters.get(&cluster_name).ok_or(no_cluster)?;
+    let endpoint_header = headers
+        .iter()
+        .find(|(k, _)| k == ir::ENDPOINT_HEADER)
+        .map(|(_, v)| v.clone());
+    let no_healthy = HostReply {
+        status: 503,
+        body: "no healthy upstream",
+        flag: "UH",
+    };
+    let endpoint = match cluster.discovery {
+        Discovery::Static => {
+            let e = endpoint_header.ok_or(no_healthy)?;
+            // Only endpoints of the chosen cluster: a forged header never reaches elsewhere.
+            if !cluster.endpoints.contains(&e) {
+                return Err(HostReply {
+                    status: 503,
+                    body: "no healthy upstream",
+                    flag: "UH",
+                });
+            }
+            e
+        }
+        Discovery::Dns => {
+            if cluster.endpoints.is_empty() {
+                return Err(no_healthy);
+            }
+            let i = cluster.next.fetch_add(1, Ordering::Relaxed) % cluster.endpoints.len();
+            cluster.endpoints[i].clone()
+        }
+        Discovery::OriginalDst => endpoint_header.ok_or(no_healthy)?,
+    };
+    let number =
+        |headers: &mut Headers, name: &str| take(headers, name).and_then(|v| v.parse::<u64>().ok());
+    let timeout = number(&mut headers, "x-envoy-upstream-rq-timeout-ms")
+        .filter(|t| *t > 0)
+        .map(Duration::from_millis);
+    let per_try = number(&mut headers, "x-envoy-upstream-rq-per-try-timeout-ms")
+        .filter(|t| *t > 0)
+        .map(Duration::from_millis);
+    let retry_on = take(&mut headers, "x-envoy-retry-on").unwrap_or_default();
+    let max_retries = number(&mut headers, "x-envoy-max-retries")
+        .unwrap_or(if retry_on.is_empty() { 0 } else { 1 });
+    let retriable_codes: Vec<u16> = take(&mut headers, "x-envoy-retriable-status-codes")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    headers.retain(|(k, _)| {
+        !(k.starts_with("x-envoy-") && CONTROL_HEADERS.contains(&k.as_str()))
+            || k == ir::ENDPOINT_HEADER
+    });
+    if let Some(t) = per_try.or(timeout) {
+        headers.push((
+            "x-envoy-expected-rq-timeout-ms".into(),
+            t.as_millis().to_string(),
+        ));
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let policy = upstream::RetryPolicy::parse(&retry_on, &retriable_codes);
+    let mut attempt = 0;
+    loop {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let attempt_timeout = match (per_try, remaining) {
+            (Some(p), Some(r)) => Some(p.min(r)),
+            (p, r) => p.or(r),
+        };
+        let result = proxy
+            .client
+            .send(
+                &endpoint,
+                &headers,
+                body.clone(),
+                cluster.connect_timeout,
+                attempt_timeout,
+            )
+            .await;
+        let retriable = policy.retriable(&result);
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        if retriable && attempt < max_retries && !out_of_time {
+            attempt += 1;
+            tokio::time::sleep(upstream::backoff(attempt)).await;
+            continue;
+        }
+        return match result {
+            upstream::Attempt::Response(r) => Ok(r),
+            upstream::Attempt::Timeout if out_of_time || per_try.is_none() => Err(HostReply { status: 504, body: "upstream request timeout", flag: "UT" }),
+            upstream::Attempt::Timeout => Err(HostReply { status: 504, body: "upstream request timeout", flag: "UT" }),
+            upstream::Attempt::ConnectFailure => Err(HostReply {
+                status: 503,
+                body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                flag: "UF",
+            }),
+            upstream::Attempt::Reset => Err(HostReply {
+                status: 503,
+                body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                flag: "UC",
+            }),
+        };
+    }
+}

@@ -1,0 +1,155 @@
+//! Upstream HTTP: pooled keep-alive clients, per-attempt timeouts, and the retry conditions
+//! of Envoy's `x-envoy-retry-on`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Response;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::Body;
+use crate::abi::Headers;
+
+type Pool = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// One pool per connect timeout (clusters differ only in that, today).
+pub struct Client {
+    pools: Mutex<HashMap<Duration, Pool>>,
+}
+
+/// How one attempt ended.
+pub enum Attempt {
+    Response(Response<Body>),
+    Timeout,
+    ConnectFailure,
+    Reset,
+}
+
+impl Client {
+    pub fn new() -> Self {
+        Self {
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool(&self, connect_timeout: Duration) -> Option<Pool> {
+        let mut pools = self.pools.lock().ok()?;
+        Some(
+            pools
+                .entry(connect_timeout)
+                .or_insert_with(|| {
+                    let mut connector = HttpConnector::new();
+                    connector.set_connect_timeout(Some(connect_timeout));
+                    connector.set_nodelay(true);
+                    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(Duration::from_secs(3600))
+                        .build(connector)
+                })
+                .clone(),
+        )
+    }
+
+    pub async fn send(
+        &self,
+        endpoint: &str,
+        headers: &Headers,
+        body: Bytes,
+        connect_timeout: Duration,
+        timeout: Option<Duration>,
+    ) -> Attempt {
+        let Some(pool) = self.pool(connect_timeout) else {
+            return Attempt::Reset;
+        };
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let path = match get(":path") {
+            "" => "/",
+            p => p,
+        };
+        let mut builder = hyper::Request::builder()
+            .method(get(":method"))
+            .uri(format!("http://{endpoint}{path}"))
+            .header("host", get(":authority"));
+        for (k, v) in headers {
+            if !k.starts_with(':') {
+                builder = builder.header(k.as_str(), v.as_str());
+            }
+        }
+        let Ok(request) = builder.body(Full::new(body)) else {
+            return Attempt::Reset;
+        };
+        let call = pool.request(request);
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, call).await {
+                Ok(r) => r,
+                Err(_) => return Attempt::Timeout,
+            },
+            None => call.await,
+        };
+        match result {
+            Ok(resp) => Attempt::Response(resp.map(BodyExt::boxed)),
+            Err(e) if e.is_connect() => Attempt::ConnectFailure,
+            Err(_) => Attempt::Reset,
+        }
+    }
+}
+
+/// The subset of Envoy retry conditions this host evaluates.
+#[derive(Default)]
+pub struct RetryPolicy {
+    five_xx: bool,
+    gateway_error: bool,
+    connect_failure: bool,
+    reset: bool,
+    retriable_4xx: bool,
+    codes: Vec<u16>,
+}
+
+impl RetryPolicy {
+    pub fn parse(retry_on: &str, codes: &[u16]) -> Self {
+        let mut p = Self::default();
+        for c in retry_on.split(',').map(str::trim) {
+            match c {
+                "5xx" => p.five_xx = true,
+                "gateway-error" => p.gateway_error = true,
+                "connect-failure" => p.connect_failure = true,
+                "reset" | "reset-before-request" => p.reset = true,
+                "retriable-4xx" => p.retriable_4xx = true,
+                "retriable-status-codes" => p.codes = codes.to_vec(),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    pub fn retriable(&self, attempt: &Attempt) -> bool {
+        match attempt {
+            Attempt::Response(r) => {
+                let s = r.status().as_u16();
+                (self.five_xx && s >= 500)
+                    || (self.gateway_error && (502..=504).contains(&s))
+                    || (self.retriable_4xx && s == 409)
+                    || self.codes.contains(&s)
+            }
+            Attempt::Timeout => self.five_xx || self.gateway_error || self.reset,
+            Attempt::ConnectFailure => {
+                self.connect_failure || self.five_xx || self.gateway_error || self.reset
+            }
+            Attempt::Reset => self.reset || self.five_xx || self.gateway_error,
+        }
+    }
+}
+
+/// Envoy's default back-off: 25 ms base, doubling, capped at 10× base.
+pub fn backoff(attempt: u64) -> Duration {
+    let ms = 25u64.saturating_mul(1 << attempt.saturating_sub(1).min(8));
+    Duration::from_millis(ms.min(250))
+}

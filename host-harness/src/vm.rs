@@ -1,0 +1,385 @@
+//! The filter as a wasmtime instance: one compiled module, one instance per worker, every
+//! callback bounded in CPU (epoch deadline) and memory (store limits). A trap marks the
+//! instance failed; the runtime then applies the fail policy.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, TypedFunc};
+
+use crate::abi::{self, GuestLog, HostState, SharedData};
+
+/// Epoch ticks per second (one tick every 10 ms).
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// A single callback may run this many ticks (~1 s) before it is interrupted.
+const CALLBACK_BUDGET_TICKS: u64 = 100;
+/// Linear memory cap per instance.
+pub const MEMORY_LIMIT: usize = 256 << 20;
+
+/// The compiled filter, ready to instantiate.
+pub struct Plugin {
+    engine: Engine,
+    pre: InstancePre<HostState>,
+    pub shared: Arc<SharedData>,
+}
+
+/// Why loading or starting the filter failed.
+#[derive(Debug)]
+pub struct VmError(pub String);
+
+impl std::fmt::Display for VmError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err(context: &str) -> impl Fn(wasmtime::Error) -> VmError + '_ {
+    move |e| VmError(format!("{context}: {e:#}"))
+}
+
+fn engine(cache_dir: Option<&Path>) -> Result<Engine, VmError> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let mut config = Config::new();
+            config.epoch_interruption(true);
+            if let Some(dir) = cache_dir {
+                let mut cache = wasmtime::CacheConfig::new();
+                cache.with_directory(dir);
+                match wasmtime::Cache::new(cache) {
+                    Ok(c) => {
+                        config.cache(Some(c));
+                    }
+                    Err(e) => eprintln!("meshroute: compiled-module cache disabled: {e}"),
+                }
+            }
+            let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e:#}"))?;
+            let ticker = engine.clone();
+            std::thread::Builder::new()
+                .name("meshroute-epoch".into())
+                .spawn(move || loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker.increment_epoch();
+                })
+                .map_err(|e| format!("epoch thread: {e}"))?;
+            Ok(engine)
+        })
+        .clone()
+        .map_err(VmError)
+}
+
+impl Plugin {
+    /// Compiles (or loads from the cache) and links the module.
+    pub fn load(wasm: &Path, cache_dir: Option<&Path>) -> Result<Self, VmError> {
+        let engine = engine(cache_dir)?;
+        let bytes = std::fs::read(wasm).map_err(|e| VmError(format!("{}: {e}", wasm.display())))?;
+        let module = Module::new(&engine, &bytes).map_err(err("compiling the filter"))?;
+        let abi_marker = module.exports().any(|e| {
+            e.name() == "proxy_abi_version_0_2_1" || e.name() == "proxy_abi_version_0_2_0"
+        });
+        if !abi_marker {
+            return Err(VmError(format!(
+                "{}: missing or unknown Proxy-Wasm ABI version (expected 0.2.0 or 0.2.1)",
+                wasm.display()
+            )));
+        }
+        let mut linker = Linker::new(&engine);
+        abi::link(&mut linker).map_err(err("linking host functions"))?;
+        // Imports we do not provide trap only if called.
+        linker
+            .define_unknown_imports_as_traps(&module)
+            .map_err(err("linking"))?;
+        let pre = linker.instantiate_pre(&module).map_err(err("linking"))?;
+        Ok(Self {
+            engine,
+            pre,
+            shared: Arc::new(SharedData::default()),
+        })
+    }
+
+    /// A started instance with its root context configured with `configuration`.
+    pub fn start(
+        &self,
+        configuration: &[u8],
+        known_clusters: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> Result<Vm, VmError> {
+        let state = HostState::new(
+            "meshroute",
+            configuration.to_vec(),
+            Arc::clone(&self.shared),
+            known_clusters,
+            MEMORY_LIMIT,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(CALLBACK_BUDGET_TICKS);
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(err("instantiating"))?;
+        let exports = Exports::find(&instance, &mut store);
+        let mut vm = Vm {
+            store,
+            exports,
+            next_context: 2,
+            failed: Arc::new(AtomicBool::new(false)),
+        };
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, "_initialize") {
+            vm.store.set_epoch_deadline(CALLBACK_BUDGET_TICKS);
+            init.call(&mut vm.store, ()).map_err(err("_initialize"))?;
+        }
+        let root = vm.store.data().root_id as i32;
+        let size = configuration.len() as i32;
+        if let Some(f) = vm.exports.on_context_create.clone() {
+            vm.call(0, |s| f.call(s, (root, 0))).map_err(VmError)?;
+        }
+        if let Some(f) = vm.exports.on_vm_start.clone() {
+            if vm.call(0, |s| f.call(s, (root, 0))).map_err(VmError)? == 0 {
+                return Err(VmError(format!(
+                    "proxy_on_vm_start returned false{}",
+                    vm.log_tail()
+                )));
+            }
+        }
+        let configured = match vm.exports.on_configure.clone() {
+            Some(f) => vm.call(0, |s| f.call(s, (root, size))).map_err(VmError)? != 0,
+            None => true,
+        };
+        vm.store.data_mut().plugin_configuration = None;
+        if !configured {
+            return Err(VmError(format!(
+                "the filter rejected its configuration{}",
+                vm.log_tail()
+            )));
+        }
+        Ok(vm)
+    }
+}
+
+type F1 = TypedFunc<i32, ()>;
+type F1R = TypedFunc<i32, i32>;
+type F2 = TypedFunc<(i32, i32), ()>;
+type F2R = TypedFunc<(i32, i32), i32>;
+type F3R = TypedFunc<(i32, i32, i32), i32>;
+type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
+/// The guest callbacks this host drives (each optional, as in the spec).
+#[derive(Clone)]
+struct Exports {
+    on_context_create: Option<F2>,
+    on_vm_start: Option<F2R>,
+    on_configure: Option<F2R>,
+    on_tick: Option<F1>,
+    on_request_headers: Option<F3R>,
+    on_request_body: Option<F3R>,
+    on_response_headers: Option<F3R>,
+    on_http_call_response: Option<F5>,
+    on_log: Option<F1>,
+    on_done: Option<F1R>,
+    on_delete: Option<F1>,
+}
+
+impl Exports {
+    fn find(instance: &wasmtime::Instance, store: &mut Store<HostState>) -> Self {
+        macro_rules! f {
+            ($name:literal) => {
+                instance.get_typed_func(&mut *store, $name).ok()
+            };
+        }
+        Self {
+            on_context_create: f!("proxy_on_context_create"),
+            on_vm_start: f!("proxy_on_vm_start"),
+            on_configure: f!("proxy_on_configure"),
+            on_tick: f!("proxy_on_tick"),
+            on_request_headers: f!("proxy_on_request_headers"),
+            on_request_body: f!("proxy_on_request_body"),
+            on_response_headers: f!("proxy_on_response_headers"),
+            on_http_call_response: f!("proxy_on_http_call_response"),
+            on_log: f!("proxy_on_log"),
+            on_done: f!("proxy_on_done"),
+            on_delete: f!("proxy_on_delete"),
+        }
+    }
+}
+
+/// Filter action after a stream callback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+/// One instance of the filter.
+pub struct Vm {
+    pub store: Store<HostState>,
+    exports: Exports,
+    next_context: u32,
+    pub failed: Arc<AtomicBool>,
+}
+
+impl Vm {
+    /// Runs one callback for `context` with a fresh CPU budget; a trap fails the instance.
+    fn call<R>(
+        &mut self,
+        context: u32,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, String> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err("the filter failed earlier".into());
+        }
+        {
+            let s = self.store.data_mut();
+            s.current = context;
+            s.effective = None;
+        }
+        self.store.set_epoch_deadline(CALLBACK_BUDGET_TICKS);
+        let result = f(&mut self.store);
+        self.store.data_mut().effective = None;
+        result.map_err(|e| {
+            self.failed.store(true, Ordering::Relaxed);
+            let trap = match e.downcast_ref::<wasmtime::Trap>() {
+                Some(wasmtime::Trap::Interrupt) => {
+                    "exceeded its CPU budget per callback".to_string()
+                }
+                Some(t) => t.to_string(),
+                None => format!("{e:#}"),
+            };
+            format!("the filter trapped: {trap}{}", self.log_tail())
+        })
+    }
+
+    /// The last guest log lines (a panic message comes this way), for error messages.
+    fn log_tail(&self) -> String {
+        let logs = &self.store.data().logs;
+        let tail: Vec<&str> = logs
+            .iter()
+            .rev()
+            .take(3)
+            .map(|l| l.message.as_str())
+            .collect();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (filter log: {})",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }
+    }
+
+    pub fn take_logs(&mut self) -> Vec<GuestLog> {
+        std::mem::take(&mut self.store.data_mut().logs)
+    }
+
+    pub fn root(&self) -> u32 {
+        self.store.data().root_id
+    }
+
+    /// Creates a stream context (ids are per instance, as in Envoy).
+    pub fn open_stream(&mut self, stream: abi::Stream) -> Result<u32, String> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(2);
+        self.store.data_mut().streams.insert(id, stream);
+        let root = self.root() as i32;
+        if let Some(f) = self.exports.on_context_create.clone() {
+            self.call(id, |s| f.call(s, (id as i32, root)))?;
+        }
+        Ok(id)
+    }
+
+    fn action(code: i32) -> Action {
+        if code == 0 {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
+        let n = self.stream_len(id, |s| s.request_headers.len());
+        match self.exports.on_request_headers.clone() {
+            Some(f) => self
+                .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
+                .map(Self::action),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
+        let n = self.stream_len(id, |s| s.request_body.len());
+        match self.exports.on_request_body.clone() {
+            Some(f) => self
+                .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
+                .map(Self::action),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
+        let n = self.stream_len(id, |s| s.response_headers.len());
+        match self.exports.on_response_headers.clone() {
+            Some(f) => self
+                .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
+                .map(Self::action),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    pub fn on_tick(&mut self) -> Result<(), String> {
+        let root = self.root();
+        match self.exports.on_tick.clone() {
+            Some(f) => self.call(root, |s| f.call(s, root as i32)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn on_http_call_response(
+        &mut self,
+        token: u32,
+        response: abi::CallResponse,
+    ) -> Result<(), String> {
+        let root = self.root();
+        let (nh, nb) = (response.headers.len() as i32, response.body.len() as i32);
+        self.store.data_mut().call_response = Some(response);
+        let result = match self.exports.on_http_call_response.clone() {
+            Some(f) => self.call(root, |s| f.call(s, (root as i32, token as i32, nh, nb, 0))),
+            None => Ok(()),
+        };
+        self.store.data_mut().call_response = None;
+        result
+    }
+
+    /// End of stream: `on_log`, `on_done`, `on_delete` (Envoy's order), then forget it.
+    pub fn close_stream(&mut self, id: u32) {
+        if let Some(s) = self.store.data_mut().streams.get_mut(&id) {
+            s.phase = abi::Phase::Done;
+        }
+        if !self.failed.load(Ordering::Relaxed) {
+            let exports = self.exports.clone();
+            if let Some(f) = exports.on_log {
+                let _ = self.call(id, |s| f.call(s, id as i32));
+            }
+            if let Some(f) = exports.on_done {
+                let _ = self.call(id, |s| f.call(s, id as i32));
+            }
+            if let Some(f) = exports.on_delete {
+                let _ = self.call(id, |s| f.call(s, id as i32));
+            }
+        }
+        self.store.data_mut().streams.remove(&id);
+    }
+
+    fn stream_len(&self, id: u32, f: impl Fn(&abi::Stream) -> usize) -> i32 {
+        self.store
+            .data()
+            .streams
+            .get(&id)
+            .map_or(0, |s| f(s) as i32)
+    }
+
+    pub fn stream_mut(&mut self, id: u32) -> Option<&mut abi::Stream> {
+        self.store.data_mut().streams.get_mut(&id)
+    }
+}
