@@ -603,3 +603,129 @@ pub fn subsets(service: &str, names: &[&str]) -> String {
     out.push_str("---\n");
     out
 }
+
+/// A proxy under test: real Envoy or the in-process harness, both with the same module.
+pub trait Running {
+    fn port(&self) -> u16;
+    fn admin_port(&self) -> u16;
+    fn send(&self, req: &Request<'_>) -> Response {
+        req.send(self.port())
+    }
+}
+
+impl Running for Envoy {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn admin_port(&self) -> u16 {
+        self.admin
+    }
+}
+
+/// Which host runs a scenario.
+#[derive(Clone, Copy, Debug)]
+pub enum Host {
+    Envoy,
+    Harness,
+}
+
+/// Starts `doc` on `host`.
+pub fn start(host: Host, doc: &RulesDocument) -> Box<dyn Running + Sync> {
+    match host {
+        Host::Envoy => Box::new(Envoy::start(doc)),
+        Host::Harness => Box::new(Harness::start(doc)),
+    }
+}
+
+/// The filter compiled once per test binary (and cached on disk across runs).
+pub fn plugin() -> Arc<meshroute_harness::vm::Plugin> {
+    static PLUGIN: std::sync::OnceLock<Arc<meshroute_harness::vm::Plugin>> =
+        std::sync::OnceLock::new();
+    Arc::clone(PLUGIN.get_or_init(|| {
+        let cache = target_dir().join("wasmtime-cache");
+        Arc::new(
+            meshroute_harness::vm::Plugin::load(&wasm_path(), Some(&cache)).expect("load filter"),
+        )
+    }))
+}
+
+/// `meshroute run` in-process: its own runtime thread, one listener on a fresh port (a
+/// gateway's first server port is mapped to it), stopped on drop.
+pub struct Harness {
+    pub port: u16,
+    pub admin: u16,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Harness {
+    pub fn start(doc: &RulesDocument) -> Self {
+        Self::try_start(doc).expect("harness")
+    }
+
+    pub fn try_start(doc: &RulesDocument) -> Result<Self, String> {
+        use meshroute_harness::runtime::{admin, serve, FailPolicy, ListenerSpec, Proxy};
+        let (port, admin_port) = (free_port(), free_port());
+        let server_port = match doc.proxy.kind {
+            ProxyKind::Sidecar => 0,
+            ProxyKind::Gateway => doc.listeners.first().map_or(80, |l| l.port),
+        };
+        let proxy = Proxy::new(plugin(), FailPolicy::FailClosed, 2, doc.clone(), Vec::new())?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                proxy.start_tickers();
+                let spec = ListenerSpec {
+                    address: ([127, 0, 0, 1], port).into(),
+                    server_port,
+                };
+                tokio::spawn(serve(Arc::clone(&proxy), spec));
+                tokio::spawn(admin::serve(proxy, ([127, 0, 0, 1], admin_port).into()));
+                let _ = rx.await;
+            });
+            rt.shutdown_background();
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || TcpStream::connect(("127.0.0.1", admin_port)).is_err()
+        {
+            if Instant::now() > deadline {
+                return Err("harness did not start listening".into());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Self {
+            port,
+            admin: admin_port,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Running for Harness {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn admin_port(&self) -> u16 {
+        self.admin
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

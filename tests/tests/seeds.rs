@@ -1,11 +1,12 @@
 //! The seed documents' examples, unchanged from `examples/`, served by real Envoy with the
-//! filter. The examples pin their upstream ports, so these tests take turns.
+//! filter and by the harness. The examples pin their upstream ports, so these tests take
+//! turns.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::sync::Mutex;
 
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
-use meshroute_tests::{example, get, rules, Envoy, Upstream};
+use meshroute_tests::{example, get, rules, start, Host, Upstream};
 
 static FIXED_PORTS: Mutex<()> = Mutex::new(());
 
@@ -16,8 +17,7 @@ fn hello_upstreams() -> (Upstream, Upstream) {
     )
 }
 
-#[test]
-fn hello_uri_prefix_sends_v2_prefix_to_v2_and_the_rest_to_v1() {
+fn hello_uri_prefix_sends_v2_prefix_to_v2_and_the_rest_to_v1(host: Host) {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     let _ups = hello_upstreams();
     let doc = rules(
@@ -28,7 +28,7 @@ fn hello_uri_prefix_sends_v2_prefix_to_v2_and_the_rest_to_v1() {
         ProxyKind::Sidecar,
         OutboundPolicy::AllowAny,
     );
-    let envoy = Envoy::start(&doc);
+    let envoy = start(host, &doc);
     let host = "svc-hello.default.svc.cluster.local:8080";
     assert_eq!(envoy.send(&get(host, "/v2/hello")).upstream(), "hello-v2");
     assert_eq!(envoy.send(&get(host, "/v2")).upstream(), "hello-v2");
@@ -39,14 +39,14 @@ fn hello_uri_prefix_sends_v2_prefix_to_v2_and_the_rest_to_v1() {
     );
 }
 
-fn split_share(case: &str) -> f64 {
+fn split_share(host: Host, case: &str) -> f64 {
     let _ups = hello_upstreams();
     let doc = rules(
         &[example("examples/hello/registry.yaml"), example(case)],
         ProxyKind::Sidecar,
         OutboundPolicy::AllowAny,
     );
-    let envoy = Envoy::start(&doc);
+    let envoy = start(host, &doc);
     let total = 1000;
     let mut v2 = 0;
     for _ in 0..total {
@@ -59,18 +59,16 @@ fn split_share(case: &str) -> f64 {
     f64::from(v2) / f64::from(total)
 }
 
-#[test]
-fn hello_weights_split_90_10_over_a_thousand_requests() {
+fn hello_weights_split_90_10_over_a_thousand_requests(host: Host) {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     // Binomial(1000, 0.1): sd ≈ 0.0095; ±4 sd.
-    let share = split_share("examples/hello/case4-weights.yaml");
+    let share = split_share(host, "examples/hello/case4-weights.yaml");
     assert!((0.062..=0.138).contains(&share), "v2 share {share}");
 }
 
-#[test]
-fn hello_subsets_split_90_10_over_a_thousand_requests() {
+fn hello_subsets_split_90_10_over_a_thousand_requests(host: Host) {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
-    let share = split_share("examples/hello/case5-subsets.yaml");
+    let share = split_share(host, "examples/hello/case5-subsets.yaml");
     assert!((0.062..=0.138).contains(&share), "v2 share {share}");
 }
 
@@ -88,8 +86,7 @@ fn bookinfo_upstreams() -> Vec<Upstream> {
     .collect()
 }
 
-#[test]
-fn bookinfo_jason_goes_to_v2_everyone_else_to_v3() {
+fn bookinfo_jason_goes_to_v2_everyone_else_to_v3(host: Host) {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     let _ups = bookinfo_upstreams();
     let doc = rules(
@@ -101,7 +98,7 @@ fn bookinfo_jason_goes_to_v2_everyone_else_to_v3() {
         ProxyKind::Sidecar,
         OutboundPolicy::AllowAny,
     );
-    let envoy = Envoy::start(&doc);
+    let envoy = start(host, &doc);
     for _ in 0..10 {
         let jason = envoy.send(&get("reviews:9080", "/reviews/0").header("end-user", "jason"));
         assert_eq!(jason.upstream(), "reviews-v2", "{jason:?}");
@@ -119,8 +116,7 @@ fn bookinfo_jason_goes_to_v2_everyone_else_to_v3() {
     );
 }
 
-#[test]
-fn bookinfo_ratings_timeout_and_fault_delay_examples_serve() {
+fn bookinfo_ratings_timeout_and_fault_delay_examples_serve(host: Host) {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     let ups = bookinfo_upstreams();
     let base = [
@@ -129,7 +125,10 @@ fn bookinfo_ratings_timeout_and_fault_delay_examples_serve() {
     ];
     let mut files = base.to_vec();
     files.push(example("examples/bookinfo/ratings-timeout.yaml"));
-    let envoy = Envoy::start(&rules(&files, ProxyKind::Sidecar, OutboundPolicy::AllowAny));
+    let envoy = start(
+        host,
+        &rules(&files, ProxyKind::Sidecar, OutboundPolicy::AllowAny),
+    );
     let r = envoy.send(&get("ratings:9080", "/ratings/0"));
     assert_eq!(r.upstream(), "ratings-v1");
     // The router applies the VirtualService timeout and tells the upstream about it.
@@ -144,8 +143,30 @@ fn bookinfo_ratings_timeout_and_fault_delay_examples_serve() {
 
     let mut files = base.to_vec();
     files.push(example("examples/bookinfo/ratings-fault-delay.yaml"));
-    let envoy = Envoy::start(&rules(&files, ProxyKind::Sidecar, OutboundPolicy::AllowAny));
+    let envoy = start(
+        host,
+        &rules(&files, ProxyKind::Sidecar, OutboundPolicy::AllowAny),
+    );
     for _ in 0..20 {
         assert_eq!(envoy.send(&get("ratings:9080", "/ratings/0")).status, 200);
     }
 }
+
+macro_rules! on_both_hosts {
+    ($($name:ident),* $(,)?) => {
+        mod envoy {
+            $(#[test] fn $name() { super::$name(super::Host::Envoy) })*
+        }
+        mod harness {
+            $(#[test] fn $name() { super::$name(super::Host::Harness) })*
+        }
+    };
+}
+
+on_both_hosts!(
+    hello_uri_prefix_sends_v2_prefix_to_v2_and_the_rest_to_v1,
+    hello_weights_split_90_10_over_a_thousand_requests,
+    hello_subsets_split_90_10_over_a_thousand_requests,
+    bookinfo_jason_goes_to_v2_everyone_else_to_v3,
+    bookinfo_ratings_timeout_and_fault_delay_examples_serve,
+);

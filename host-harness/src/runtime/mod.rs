@@ -2,7 +2,7 @@
 //! natively (cluster header, original-destination header, Envoy timeout and retry headers,
 //! local replies, side calls, timers).
 
-mod admin;
+pub mod admin;
 pub mod demo;
 pub mod launch;
 mod upstream;

@@ -1,12 +1,13 @@
-//! Every feature of the filter observed through real Envoy: at the client or at upstreams
-//! that report what they received.
+//! Every feature of the filter observed through real Envoy and through the harness (the
+//! same module and rules on both hosts): at the client or at upstreams that report what
+//! they received. Each scenario runs once per host.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::thread;
 use std::time::{Duration, Instant};
 
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
-use meshroute_tests::{get, registry, rules, subsets, Envoy, Upstream};
+use meshroute_tests::{get, registry, rules, start, subsets, Host, Running, Upstream};
 
 const VS_HEAD: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n";
 
@@ -15,14 +16,14 @@ const VS_HEAD: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\
 struct Web {
     v1: Upstream,
     v2: Upstream,
-    envoy: Envoy,
+    envoy: Box<dyn Running + Sync>,
 }
 
-fn web(routes: &str) -> Web {
-    web_with(routes, OutboundPolicy::AllowAny, "")
+fn web(host: Host, routes: &str) -> Web {
+    web_with(host, routes, OutboundPolicy::AllowAny, "")
 }
 
-fn web_with(routes: &str, outbound: OutboundPolicy, extra: &str) -> Web {
+fn web_with(host: Host, routes: &str, outbound: OutboundPolicy, extra: &str) -> Web {
     let v1 = Upstream::start("v1");
     let v2 = Upstream::start("v2");
     let yaml = format!(
@@ -31,15 +32,15 @@ fn web_with(routes: &str, outbound: OutboundPolicy, extra: &str) -> Web {
         subsets("web", &["v1", "v2", "ghost"]),
     );
     let doc = rules(&[("web.yaml", yaml)], ProxyKind::Sidecar, outbound);
-    let envoy = Envoy::start(&doc);
+    let envoy = start(host, &doc);
     Web { v1, v2, envoy }
 }
 
 const HOST: &str = "web:8000";
 
-#[test]
-fn outcomes_404_503_nc_503_uh_and_unknown_hosts() {
+fn outcomes_404_503_nc_503_uh_and_unknown_hosts(host: Host) {
     let w = web_with(
+        host,
         "  - match: [{uri: {prefix: /nc}}]
     route: [{destination: {host: web, subset: undeclared}}]
   - match: [{uri: {prefix: /uh}}]
@@ -74,6 +75,7 @@ fn outcomes_404_503_nc_503_uh_and_unknown_hosts() {
 
     // REGISTRY_ONLY: 502 for the same request, known services still route.
     let strict = web_with(
+        host,
         "  - route: [{destination: {host: web, subset: v2}}]\n",
         OutboundPolicy::RegistryOnly,
         "",
@@ -84,9 +86,10 @@ fn outcomes_404_503_nc_503_uh_and_unknown_hosts() {
     assert_eq!(outside.count(), 2);
 }
 
-#[test]
-fn redirects_direct_responses_and_rewrites() {
-    let w = web(r"  - match: [{uri: {exact: /old}}]
+fn redirects_direct_responses_and_rewrites(host: Host) {
+    let w = web(
+        host,
+        r"  - match: [{uri: {exact: /old}}]
     redirect: {uri: /new/path, redirectCode: 302}
   - match: [{uri: {prefix: /moved/}}]
     redirect: {prefixRewrite: /here/, authority: other.example, scheme: https}
@@ -100,7 +103,8 @@ fn redirects_direct_responses_and_rewrites() {
     rewrite:
       uriRegexRewrite: {match: '^/svc/([^/]+)/(.*)$', rewrite: '/\2/\1'}
     route: [{destination: {host: web, subset: v2}}]
-");
+",
+    );
     let r = w.envoy.send(&get(HOST, "/old?keep=1"));
     assert_eq!(r.status, 302);
     assert_eq!(
@@ -135,9 +139,10 @@ fn redirects_direct_responses_and_rewrites() {
     assert_eq!(w.v2.count(), 1);
 }
 
-#[test]
-fn header_operations_reach_upstream_and_client() {
-    let w = web("  - headers:
+fn header_operations_reach_upstream_and_client(host: Host) {
+    let w = web(
+        host,
+        "  - headers:
       request:
         set: {x-set: route}
         add: {x-added: one}
@@ -150,7 +155,8 @@ fn header_operations_reach_upstream_and_client() {
       headers:
         request: {set: {x-dest: v1}}
         response: {add: {x-dest-resp: v1}}
-");
+",
+    );
     let r = w.envoy.send(
         &get(HOST, "/")
             .header("x-set", "client")
@@ -177,9 +183,10 @@ fn header_operations_reach_upstream_and_client() {
     );
 }
 
-#[test]
-fn cors_preflight_answered_and_actual_response_decorated() {
-    let w = web("  - corsPolicy:
+fn cors_preflight_answered_and_actual_response_decorated(host: Host) {
+    let w = web(
+        host,
+        "  - corsPolicy:
       allowOrigins: [{exact: 'https://app.example'}]
       allowMethods: [GET, POST]
       allowHeaders: [x-token]
@@ -187,7 +194,8 @@ fn cors_preflight_answered_and_actual_response_decorated() {
       maxAge: 1h
       allowCredentials: true
     route: [{destination: {host: web, subset: v1}}]
-");
+",
+    );
     let pre = w.envoy.send(
         &get(HOST, "/cart")
             .method("OPTIONS")
@@ -232,9 +240,10 @@ fn cors_preflight_answered_and_actual_response_decorated() {
     assert_eq!(w.v1.count(), before + 1);
 }
 
-#[test]
-fn fault_abort_and_delay_at_their_percentages() {
-    let w = web("  - match: [{uri: {prefix: /abort-all}}]
+fn fault_abort_and_delay_at_their_percentages(host: Host) {
+    let w = web(
+        host,
+        "  - match: [{uri: {prefix: /abort-all}}]
     fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: web, subset: v1}}]
   - match: [{uri: {prefix: /abort-some}}]
@@ -249,7 +258,8 @@ fn fault_abort_and_delay_at_their_percentages() {
   - match: [{uri: {prefix: /delay-some}}]
     fault: {delay: {fixedDelay: 300ms, percentage: {value: 50}}}
     route: [{destination: {host: web, subset: v2}}]
-");
+",
+    );
     let r = w.envoy.send(&get(HOST, "/abort-all"));
     assert_eq!((r.status, r.text().as_str()), (418, "fault filter abort"));
     assert_eq!(w.v1.count(), 0);
@@ -292,11 +302,13 @@ fn fault_abort_and_delay_at_their_percentages() {
     assert!((7..=33).contains(&slow), "{slow} of {n} delayed");
 }
 
-#[test]
-fn timeout_gives_504_upstream_request_timeout() {
-    let w = web("  - timeout: 300ms
+fn timeout_gives_504_upstream_request_timeout(host: Host) {
+    let w = web(
+        host,
+        "  - timeout: 300ms
     route: [{destination: {host: web, subset: v1}}]
-");
+",
+    );
     let start = Instant::now();
     let r = w.envoy.send(&get(HOST, "/?sleep_ms=3000"));
     assert_eq!(
@@ -312,11 +324,13 @@ fn timeout_gives_504_upstream_request_timeout() {
     assert_eq!(ok.status, 200);
 }
 
-#[test]
-fn mirrors_copy_requests_with_bodies_without_delaying_the_client() {
-    let w = web("  - mirror: {host: web, subset: v2}
+fn mirrors_copy_requests_with_bodies_without_delaying_the_client(host: Host) {
+    let w = web(
+        host,
+        "  - mirror: {host: web, subset: v2}
     route: [{destination: {host: web, subset: v1}}]
-");
+",
+    );
     let r = w
         .envoy
         .send(&get(HOST, "/orders?id=7").header("x-trace", "abc"));
@@ -343,9 +357,11 @@ fn mirrors_copy_requests_with_bodies_without_delaying_the_client() {
     assert_eq!(w.v1.count(), 2);
 }
 
-#[test]
-fn client_control_headers_never_steer_or_leak() {
-    let w = web("  - route: [{destination: {host: web, subset: v1}}]\n");
+fn client_control_headers_never_steer_or_leak(host: Host) {
+    let w = web(
+        host,
+        "  - route: [{destination: {host: web, subset: v1}}]\n",
+    );
     let v2_endpoint = format!("127.0.0.1:{}", w.v2.port);
     for _ in 0..5 {
         let r = w.envoy.send(
@@ -367,8 +383,7 @@ fn client_control_headers_never_steer_or_leak() {
     }
 }
 
-#[test]
-fn gateway_routes_by_host_and_redirects_to_https() {
+fn gateway_routes_by_host_and_redirects_to_https(host: Host) {
     let v1 = Upstream::start("v1");
     let v2 = Upstream::start("v2");
     let yaml = format!(
@@ -412,7 +427,7 @@ spec:
         ProxyKind::Gateway,
         OutboundPolicy::AllowAny,
     );
-    let envoy = Envoy::start(&doc);
+    let envoy = start(host, &doc);
     assert_eq!(envoy.send(&get("web.example.com", "/")).upstream(), "v1");
     assert_eq!(
         envoy.send(&get("WEB.example.com:80", "/two")).upstream(),
@@ -434,7 +449,7 @@ spec:
 }
 
 #[test]
-fn invalid_rules_are_rejected_with_the_reason_in_the_log() {
+fn envoy_invalid_rules_are_rejected_with_the_reason_in_the_log() {
     let dir = std::env::temp_dir().join(format!("meshroute-bad-rules-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut doc = rules(
@@ -491,3 +506,43 @@ fn invalid_rules_are_rejected_with_the_reason_in_the_log() {
         "no reason in the log:\n{text}"
     );
 }
+
+#[test]
+fn harness_invalid_rules_are_rejected_with_the_reason() {
+    let mut doc = rules(
+        &[("r.yaml", registry("web", 8000, &[]))],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    doc.version = 99;
+    let err = meshroute_tests::Harness::try_start(&doc)
+        .err()
+        .expect("rejected");
+    assert!(
+        err.contains("rules document version 99 is not supported"),
+        "{err}"
+    );
+}
+
+macro_rules! on_both_hosts {
+    ($($name:ident),* $(,)?) => {
+        mod envoy {
+            $(#[test] fn $name() { super::$name(super::Host::Envoy) })*
+        }
+        mod harness {
+            $(#[test] fn $name() { super::$name(super::Host::Harness) })*
+        }
+    };
+}
+
+on_both_hosts!(
+    outcomes_404_503_nc_503_uh_and_unknown_hosts,
+    redirects_direct_responses_and_rewrites,
+    header_operations_reach_upstream_and_client,
+    cors_preflight_answered_and_actual_response_decorated,
+    fault_abort_and_delay_at_their_percentages,
+    timeout_gives_504_upstream_request_timeout,
+    mirrors_copy_requests_with_bodies_without_delaying_the_client,
+    client_control_headers_never_steer_or_leak,
+    gateway_routes_by_host_and_redirects_to_https,
+);
