@@ -359,8 +359,7 @@ fn typed<T: DeserializeOwned>(
     origin: &Origin,
     rel: &FieldPath,
 ) -> Result<T, TypedError> {
-    let json = node.to_json();
-    serde_path_to_error::deserialize::<_, T>(json).map_err(|e| {
+    serde_path_to_error::deserialize::<_, T>(node).map_err(|e| {
         let inner = FieldPath::parse(&e.path().to_string());
         let mut full = rel.clone();
         full.0.extend(inner.0.iter().cloned());

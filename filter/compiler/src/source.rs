@@ -1,12 +1,10 @@
 //! Source documents with a position for every node, so every diagnostic can say file:line:col.
 //!
 //! YAML (and JSON, which is YAML) is parsed into [`Node`], a small tree that remembers where each
-//! value and each mapping key started. Typed deserialization happens afterwards from the tree's
-//! JSON form; a failing field path is mapped back to a position through the tree.
+//! value and each mapping key started. Typed deserialization reads the tree directly
+//! ([`de`]); a failing field path is mapped back to a position through the tree.
 
 use std::fmt;
-
-use serde_json::Value;
 
 /// Position inside one file (1-based).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,27 +109,6 @@ impl fmt::Display for FieldPath {
 }
 
 impl Node {
-    /// Converts to JSON for typed deserialization.
-    pub fn to_json(&self) -> Value {
-        match &self.value {
-            NodeValue::Null => Value::Null,
-            NodeValue::Bool(b) => Value::Bool(*b),
-            NodeValue::Int(i) => Value::from(*i),
-            NodeValue::UInt(u) => Value::from(*u),
-            NodeValue::Float(f) => serde_json::Number::from_f64(*f)
-                .map(Value::Number)
-                .unwrap_or(Value::Null),
-            NodeValue::Str(s) => Value::String(s.clone()),
-            NodeValue::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
-            NodeValue::Map(entries) => Value::Object(
-                entries
-                    .iter()
-                    .map(|(k, _, v)| (k.clone(), v.to_json()))
-                    .collect(),
-            ),
-        }
-    }
-
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
             NodeValue::Map(entries) => entries.iter().find(|(k, _, _)| k == key).map(|(_, _, v)| v),
@@ -323,7 +300,7 @@ mod yaml {
     }
 
     /// Documents parsed per call; the parser caps documents per stream, a mesh has more.
-    const DOCS_PER_CHUNK: usize = 500;
+    const DOCS_PER_CHUNK: usize = 250;
 
     /// Parses a (multi-document) YAML or JSON text. Empty documents are skipped.
     pub fn parse_documents(text: &str) -> Result<Vec<Node>, ParseError> {
@@ -350,17 +327,67 @@ mod yaml {
         }
         chunks.push((chunk_line, &text[chunk_start..]));
         let mut out = Vec::new();
-        for (line_offset, chunk) in chunks {
-            let mut docs = parse_chunk(chunk).map_err(|mut e| {
-                e.pos.line = e.pos.line.saturating_add(line_offset);
-                e
-            })?;
-            for d in &mut docs {
-                shift(d, line_offset);
-            }
-            out.extend(docs);
+        for parsed in parse_chunks(&chunks) {
+            out.extend(parsed?);
         }
         Ok(out)
+    }
+
+    fn parse_positioned(line_offset: u32, chunk: &str) -> Result<Vec<Node>, ParseError> {
+        let mut docs = parse_chunk(chunk).map_err(|mut e| {
+            e.pos.line = e.pos.line.saturating_add(line_offset);
+            e
+        })?;
+        for d in &mut docs {
+            shift(d, line_offset);
+        }
+        Ok(docs)
+    }
+
+    /// Large streams are parsed on every core (the YAML parser dominates load time); results
+    /// keep the order of the chunks.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn parse_chunks(chunks: &[(u32, &str)]) -> Vec<Result<Vec<Node>, ParseError>> {
+        let workers = std::thread::available_parallelism().map_or(1, usize::from);
+        if chunks.len() < 2 || workers < 2 {
+            return chunks
+                .iter()
+                .map(|(l, c)| parse_positioned(*l, c))
+                .collect();
+        }
+        let per_worker = chunks.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .chunks(per_worker)
+                .map(|group| {
+                    scope.spawn(move || {
+                        group
+                            .iter()
+                            .map(|(l, c)| parse_positioned(*l, c))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(ParseError {
+                            pos: Pos::default(),
+                            message: "YAML parser failed".into(),
+                        })]
+                    })
+                })
+                .collect()
+        })
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn parse_chunks(chunks: &[(u32, &str)]) -> Vec<Result<Vec<Node>, ParseError>> {
+        chunks
+            .iter()
+            .map(|(l, c)| parse_positioned(*l, c))
+            .collect()
     }
 
     fn shift(node: &mut Node, lines: u32) {
@@ -410,3 +437,138 @@ mod yaml {
 
 #[cfg(feature = "yaml")]
 pub use yaml::{parse_documents, ParseError};
+
+/// Typed deserialization straight from the positioned tree (no intermediate JSON value).
+pub mod de {
+    use std::fmt;
+
+    use serde::de::value::{BorrowedStrDeserializer, StrDeserializer};
+    use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+    use serde::forward_to_deserialize_any;
+
+    use super::{Node, NodeValue, Pos};
+
+    /// A deserialization error; serde's own messages, so they read like serde_json's.
+    #[derive(Debug)]
+    pub struct Error(String);
+
+    impl fmt::Display for Error {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Error {}
+
+    impl de::Error for Error {
+        fn custom<T: fmt::Display>(msg: T) -> Self {
+            Self(msg.to_string())
+        }
+    }
+
+    struct Seq<'a>(std::slice::Iter<'a, Node>);
+
+    impl<'de> SeqAccess<'de> for Seq<'de> {
+        type Error = Error;
+
+        fn next_element_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<Option<T::Value>, Error> {
+            self.0.next().map(|n| seed.deserialize(n)).transpose()
+        }
+
+        fn size_hint(&self) -> Option<usize> {
+            Some(self.0.len())
+        }
+    }
+
+    struct Map<'a> {
+        entries: std::slice::Iter<'a, (String, Pos, Node)>,
+        value: Option<&'a Node>,
+    }
+
+    impl<'de> MapAccess<'de> for Map<'de> {
+        type Error = Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, Error> {
+            match self.entries.next() {
+                Some((k, _, v)) => {
+                    self.value = Some(v);
+                    seed.deserialize(BorrowedStrDeserializer::<Error>::new(k))
+                        .map(Some)
+                }
+                None => Ok(None),
+            }
+        }
+
+        fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
+            match self.value.take() {
+                Some(v) => seed.deserialize(v),
+                None => Err(de::Error::custom("value requested before key")),
+            }
+        }
+
+        fn size_hint(&self) -> Option<usize> {
+            Some(self.entries.len())
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for &'de Node {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+            match &self.value {
+                NodeValue::Null => v.visit_unit(),
+                NodeValue::Bool(b) => v.visit_bool(*b),
+                NodeValue::Int(i) => v.visit_i64(*i),
+                NodeValue::UInt(u) => v.visit_u64(*u),
+                NodeValue::Float(f) => v.visit_f64(*f),
+                NodeValue::Str(s) => v.visit_borrowed_str(s),
+                NodeValue::Seq(items) => v.visit_seq(Seq(items.iter())),
+                NodeValue::Map(entries) => v.visit_map(Map {
+                    entries: entries.iter(),
+                    value: None,
+                }),
+            }
+        }
+
+        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+            match self.value {
+                NodeValue::Null => v.visit_none(),
+                _ => v.visit_some(self),
+            }
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            v: V,
+        ) -> Result<V::Value, Error> {
+            v.visit_newtype_struct(self)
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            _: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, Error> {
+            match &self.value {
+                NodeValue::Str(s) => {
+                    let d: StrDeserializer<'_, Error> = s.as_str().into_deserializer();
+                    v.visit_enum(d)
+                }
+                _ => Err(de::Error::custom("expected a string for an enumeration")),
+            }
+        }
+
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf unit unit_struct seq tuple tuple_struct map struct identifier ignored_any
+        }
+    }
+}
