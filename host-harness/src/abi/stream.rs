@@ -102,8 +102,10 @@ fn http_call(
     if !(has(":authority") && has(":path") && has(":method")) {
         return status::BAD_ARGUMENT;
     }
-    if !(c.data().known_clusters)(&cluster) {
-        return status::BAD_ARGUMENT;
+    match (c.data().known_clusters)(&cluster) {
+        None => return status::BAD_ARGUMENT,
+        Some(true) if !has(meshroute_core::ir::ENDPOINT_HEADER) => return status::INTERNAL_FAILURE,
+        Some(_) => {}
     }
     let state = c.data_mut();
     // Tokens are unique per instance and never 0.

@@ -28,7 +28,7 @@ use meshroute_core::ir::{
     self, Discovery, ProxyKind, RulesDocument, CONTROL_HEADERS, LISTENER_PORT_HEADER,
 };
 
-use crate::abi::{self, Headers, LocalReply, Phase};
+use crate::abi::{self, ClusterCheck, Headers, LocalReply, Phase};
 use crate::vm::{Action, Plugin, Vm};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -132,6 +132,16 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
     clusters
 }
 
+/// Side calls reach known clusters; those where the filter picks endpoints need the endpoint
+/// header (Envoy answers INTERNAL_FAILURE without it).
+fn cluster_check(clusters: &HashMap<String, ClusterInfo>) -> Arc<ClusterCheck> {
+    let needs_endpoint: HashMap<String, bool> = clusters
+        .iter()
+        .map(|(k, c)| (k.clone(), c.discovery != Discovery::Dns))
+        .collect();
+    Arc::new(move |c: &str| needs_endpoint.get(c).copied())
+}
+
 impl Proxy {
     pub fn new(
         plugin: Arc<Plugin>,
@@ -164,10 +174,7 @@ impl Proxy {
         let rules_json =
             serde_json::to_vec(&doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
         let clusters = cluster_table(&doc);
-        let names: Arc<std::collections::HashSet<String>> =
-            Arc::new(clusters.keys().cloned().collect());
-        let known: Arc<dyn Fn(&str) -> bool + Send + Sync> =
-            Arc::new(move |c: &str| names.contains(c));
+        let known = cluster_check(&clusters);
         let mut slots = Vec::with_capacity(workers);
         for _ in 0..workers.max(1) {
             let mut vm = plugin
@@ -805,10 +812,7 @@ fn check_failed(
     if proxy.fail_policy == FailPolicy::Reload {
         let since = slot.failed_at.lock().ok().and_then(|g| *g);
         if since.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            let names: Arc<std::collections::HashSet<String>> =
-                Arc::new(generation.clusters.keys().cloned().collect());
-            let known: Arc<dyn Fn(&str) -> bool + Send + Sync> =
-                Arc::new(move |c: &str| names.contains(c));
+            let known = cluster_check(&generation.clusters);
             match proxy.plugin.start(&generation.rules_json, known) {
                 Ok(vm) => {
                     if let Ok(mut g) = slot.vm.lock() {

@@ -1,0 +1,304 @@
+//! Conformance guest: answers every request with a JSON report of what the host returned
+//! for each host call (raw status codes and bytes), or misbehaves when asked:
+//! `x-guest: panic` (trap), `x-guest: loop` (never returns), `x-guest: alloc` (allocates
+//! without bound), `x-guest: pause` (pauses until a tick resumes it), `x-guest: call`
+//! (side call to the cluster named in `x-guest-cluster`, reported when it answers).
+#![cfg(target_arch = "wasm32")]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, Status};
+use serde_json::{json, Value};
+
+/// A host call's outcome: status code and, when it returned bytes, their length and text.
+fn outcome(r: Result<Option<Vec<u8>>, Status>) -> Value {
+    match r {
+        Ok(Some(b)) => json!({"st": 0, "len": b.len(), "hex": hex(&b)}),
+        Ok(None) => json!({"st": 1, "len": 0, "hex": ""}),
+        Err(s) => json!({"st": s as u32, "len": 0, "hex": ""}),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn code(r: Result<(), Status>) -> u32 {
+    match r {
+        Ok(()) => 0,
+        Err(s) => s as u32,
+    }
+}
+
+struct Root;
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        // A configuration of "reject" is refused, like an invalid rules document.
+        self.get_plugin_configuration().as_deref() != Some(b"reject".as_slice())
+    }
+
+    fn on_tick(&mut self) {
+        for id in ROOT_PAUSED.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+            if hostcalls::set_effective_context(id).is_ok() {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+        let _ = hostcalls::set_tick_period(Duration::ZERO);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Probe { id: context_id }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Probe {
+    id: u32,
+}
+
+impl Context for Probe {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
+        let status = self.get_http_call_response_header(":status");
+        let body_bytes = self
+            .get_http_call_response_body(0, body)
+            .unwrap_or_default();
+        let report = json!({
+            "token": token,
+            "headers": headers,
+            "status": status,
+            "body": String::from_utf8_lossy(&body_bytes),
+        });
+        self.send_http_response(
+            200,
+            vec![("x-guest", "call")],
+            Some(report.to_string().as_bytes()),
+        );
+    }
+}
+
+impl Probe {
+    fn report(&self) -> Value {
+        let mut r = BTreeMap::<String, Value>::new();
+        let prop = |path: &str| outcome(hostcalls::get_property(path.split('.').collect()));
+        for p in [
+            "request.path",
+            "request.url_path",
+            "request.host",
+            "request.method",
+            "request.scheme",
+            "request.query",
+            "request.headers.x-guest",
+            "source.address",
+            "source.port",
+            "destination.port",
+            "plugin_name",
+            "no.such.property",
+        ] {
+            r.insert(p.into(), prop(p));
+        }
+        r.insert("filter_state".into(), prop("filter_state"));
+        r.insert(
+            "set_property".into(),
+            json!(code(hostcalls::set_property(
+                vec!["guest", "prop"],
+                Some(b"hello")
+            ))),
+        );
+        r.insert("get_property([guest, prop])".into(), prop("guest.prop"));
+        r.insert(
+            "set_property([guest.one])".into(),
+            json!(code(hostcalls::set_property(
+                vec!["guest.one"],
+                Some(b"hello")
+            ))),
+        );
+        r.insert(
+            "get_property([guest.one])".into(),
+            outcome(hostcalls::get_property(vec!["guest.one"])),
+        );
+        // (Response headers during the request phase answer BAD_ARGUMENT on both hosts, which
+        // the SDK turns into a panic; `x-guest: response-header-early` exercises that.)
+        r.insert(
+            "missing request header".into(),
+            outcome(
+                hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-missing")
+                    .map(|v| v.map(|b| b.to_vec())),
+            ),
+        );
+        r.insert(
+            "empty request header".into(),
+            outcome(
+                hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-empty")
+                    .map(|v| v.map(|b| b.to_vec())),
+            ),
+        );
+        r.insert(
+            "plugin configuration in http context".into(),
+            outcome(hostcalls::get_buffer(
+                BufferType::PluginConfiguration,
+                0,
+                usize::MAX,
+            )),
+        );
+        r.insert(
+            "call response body outside callback".into(),
+            outcome(hostcalls::get_buffer(
+                BufferType::HttpCallResponseBody,
+                0,
+                usize::MAX,
+            )),
+        );
+        r.insert(
+            "foreign function no_such_fn".into(),
+            outcome(
+                hostcalls::call_foreign_function("no_such_fn", Some(b""))
+                    .map(|v| v.map(|b| b.to_vec())),
+            ),
+        );
+        let mut shared = BTreeMap::<&str, Value>::new();
+        shared.insert(
+            "get_missing",
+            outcome(hostcalls::get_shared_data("guest-missing").map(|(v, _)| v)),
+        );
+        shared.insert(
+            "set_new_with_cas",
+            json!(code(hostcalls::set_shared_data(
+                "guest-k",
+                Some(b"v1"),
+                Some(12345)
+            ))),
+        );
+        let cas = hostcalls::get_shared_data("guest-k")
+            .ok()
+            .and_then(|(_, c)| c)
+            .unwrap_or(0);
+        shared.insert(
+            "set_stale_cas",
+            json!(code(hostcalls::set_shared_data(
+                "guest-k",
+                Some(b"v2"),
+                Some(cas.wrapping_add(1))
+            ))),
+        );
+        shared.insert(
+            "set_good_cas",
+            json!(code(hostcalls::set_shared_data(
+                "guest-k",
+                Some(b"v2"),
+                Some(cas)
+            ))),
+        );
+        shared.insert(
+            "value",
+            outcome(hostcalls::get_shared_data("guest-k").map(|(v, _)| v)),
+        );
+        r.insert("shared".into(), json!(shared));
+        let queue = hostcalls::register_shared_queue("guest-q").ok();
+        r.insert(
+            "queue".into(),
+            json!({
+                "enqueue": queue.map(|q| code(hostcalls::enqueue_shared_queue(q, Some(b"item")))),
+                "dequeue": queue.map(|q| outcome(hostcalls::dequeue_shared_queue(q))),
+                "dequeue_empty": queue.map(|q| outcome(hostcalls::dequeue_shared_queue(q))),
+                "resolve_missing": code(hostcalls::resolve_shared_queue("vm", "guest-none").map(|_| ())),
+            }),
+        );
+        r.insert(
+            "log".into(),
+            json!(code(hostcalls::log(
+                proxy_wasm::types::LogLevel::Info,
+                "guest log line"
+            ))),
+        );
+        r.insert(
+            "now_positive".into(),
+            json!(hostcalls::get_current_time()
+                .map(|t| t > std::time::UNIX_EPOCH)
+                .unwrap_or(false)),
+        );
+        let pairs = self.get_http_request_headers();
+        r.insert("request header count".into(), json!(pairs.len()));
+        json!(r)
+    }
+}
+
+impl HttpContext for Probe {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        match self.get_http_request_header("x-guest").as_deref() {
+            Some("panic") => panic!("asked to panic"),
+            Some("response-header-early") => {
+                let _ = self.get_http_response_header(":status");
+                Action::Continue
+            }
+            Some("loop") => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            Some("alloc") => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            Some("pause") => {
+                let _ = hostcalls::set_tick_period(Duration::from_millis(50));
+                ROOT_PAUSED.with(|p| p.borrow_mut().push(self.id));
+                Action::Pause
+            }
+            Some("call") => {
+                let cluster = self
+                    .get_http_request_header("x-guest-cluster")
+                    .unwrap_or_default();
+                match self.dispatch_http_call(
+                    &cluster,
+                    vec![
+                        (":method", "GET"),
+                        (":path", "/side"),
+                        (":authority", "side.example"),
+                    ],
+                    None,
+                    vec![],
+                    Duration::from_secs(5),
+                ) {
+                    Ok(_) => Action::Pause,
+                    Err(s) => {
+                        let body = json!({"dispatch_error": s as u32}).to_string();
+                        self.send_http_response(200, vec![], Some(body.as_bytes()));
+                        Action::Pause
+                    }
+                }
+            }
+            _ => {
+                let body = self.report().to_string();
+                self.send_http_response(
+                    200,
+                    vec![("content-type", "application/json")],
+                    Some(body.as_bytes()),
+                );
+                Action::Pause
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Streams paused by `x-guest: pause`, resumed by the next tick.
+    static ROOT_PAUSED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
+}}
