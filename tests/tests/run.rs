@@ -1,0 +1,279 @@
+//! `meshroute run` and `meshroute demo` as a user runs them: the binary, real files,
+//! explicit-proxy clients, hot reload under load, metrics and the config dump.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshroute_tests::{free_port, get, registry, subsets, wasm_path, Upstream};
+
+fn binary() -> PathBuf {
+    let p = std::env::var_os("MESHROUTE_BIN").map_or_else(
+        || meshroute_tests::repo_root().join("target/debug/meshroute"),
+        PathBuf::from,
+    );
+    let p = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or(p, |t| PathBuf::from(t).join("debug/meshroute"));
+    assert!(p.exists(), "{} is missing: run `make test`", p.display());
+    p
+}
+
+/// A `meshroute` process, stopped by PID on drop.
+struct Meshroute {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Meshroute {
+    fn start(args: &[&str], ready_port: u16) -> Self {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env("MESHROUTE_WASM", wasm_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn meshroute");
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let mut m = Self { child, log };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while TcpStream::connect(("127.0.0.1", ready_port)).is_err() {
+            if let Ok(Some(s)) = m.child.try_wait() {
+                panic!("meshroute exited ({s}):\n{}", m.log());
+            }
+            assert!(Instant::now() < deadline, "not listening:\n{}", m.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Meshroute {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request in absolute form, as an HTTP client configured with `HTTP_PROXY` sends it.
+fn via_proxy(proxy_port: u16, url: &str) -> (u16, String) {
+    let mut conn = TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    write!(
+        conn,
+        "GET {url} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) {
+    // Write then rename, as editors and config syncers do, so a reload never sees half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn route_to(subset: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web, subset: {subset}}}}}]\n"
+    )
+}
+
+#[test]
+fn sidecar_serves_explicit_proxy_clients_and_reloads_under_load_without_failures() {
+    let v1 = Upstream::start("v1");
+    let v2 = Upstream::start("v2");
+    let dir = std::env::temp_dir().join(format!("meshroute-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_config(
+        &dir,
+        "registry.yaml",
+        &format!(
+            "{}{}",
+            registry("web", 8000, &[&v1, &v2]),
+            subsets("web", &["v1", "v2"])
+        ),
+    );
+    write_config(&dir, "vs.yaml", &route_to("v1"));
+    let (port, admin) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--admin",
+            &admin_addr,
+        ],
+        port,
+    );
+    let (status, body) = via_proxy(port, "http://web:8000/hello");
+    assert_eq!(status, 200, "{body}\n{}", m.log());
+    assert!(body.contains("\"upstream\":\"v1\""), "{body}");
+
+    // A bounded stream of requests while the configuration changes twice, once invalidly.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, failures, sent) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&sent));
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed)
+                && Instant::now() < deadline
+                && sent.load(Ordering::Relaxed) < 20_000
+            {
+                let (status, body) = via_proxy(port, "http://web:8000/load");
+                sent.fetch_add(1, Ordering::Relaxed);
+                if status != 200 {
+                    failures.lock().unwrap().push((status, body));
+                }
+            }
+        })
+    };
+    let wait_for = |upstream: &Upstream| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let before = upstream.count();
+        while upstream.count() < before + 5 {
+            assert!(
+                Instant::now() < deadline,
+                "traffic never moved to {}:\n{}",
+                upstream.name,
+                m.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    write_config(&dir, "vs.yaml", &route_to("v2"));
+    wait_for(&v2);
+    write_config(&dir, "vs.yaml", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web, subset: v2}, weight: -5}]\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut dump = String::new();
+    while Instant::now() < deadline {
+        dump = get("admin", "/config_dump").send(admin).text();
+        if dump.contains("weight -5") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dump.contains("weight -5"),
+        "the failed reload is reported in /config_dump:\n{dump}"
+    );
+    let v2_before = v2.count();
+    thread::sleep(Duration::from_millis(500));
+    assert!(v2.count() > v2_before, "still serving the last good rules");
+    write_config(&dir, "vs.yaml", &route_to("v1"));
+    wait_for(&v1);
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        sent.load(Ordering::Relaxed),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(sent.load(Ordering::Relaxed) > 20, "the load actually ran");
+
+    let metrics = get("admin", "/stats/prometheus").send(admin).text();
+    assert!(
+        metrics.contains("meshroute_config_reloads_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshroute_config_reload_failures_total 1"),
+        "{metrics}"
+    );
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total")
+                && l.contains("destination_subset=\"v2\"")
+                && l.contains("response_code=\"200\"")
+        })
+        .unwrap_or_else(|| panic!("no istio_requests_total for v2:\n{metrics}"));
+    assert!(
+        line.contains("destination_service=\"web.default.svc.cluster.local\""),
+        "{line}"
+    );
+    let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 5, "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_answers_hello_v1_and_v2_per_the_example_rules() {
+    let (port, admin) = (free_port(), free_port());
+    let offset = (port - 80).to_string();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let m = Meshroute::start(
+        &["demo", "--port-offset", &offset, "--admin", &admin_addr],
+        port,
+    );
+    let v2 = get("demo", "/v2").send(port);
+    assert_eq!(v2.text(), "Hello server - v2\n", "{}", m.log());
+    assert_eq!(get("demo", "/v1").send(port).text(), "Hello server - v1\n");
+    let mut seen_v1 = 0;
+    for _ in 0..50 {
+        if get("demo", "/").send(port).text() == "Hello server - v1\n" {
+            seen_v1 += 1;
+        }
+    }
+    assert!(seen_v1 >= 30, "90/10 split: {seen_v1} of 50 from v1");
+    assert!(
+        m.log().contains("curl http://"),
+        "prints a curl line:\n{}",
+        m.log()
+    );
+}
