@@ -277,3 +277,74 @@ fn demo_answers_hello_v1_and_v2_per_the_example_rules() {
         m.log()
     );
 }
+
+fn high_water_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_100_mb_body_streams_through_in_bounded_memory() {
+    let up = Upstream::start("sink");
+    let dir = std::env::temp_dir().join(format!("meshroute-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_config(&dir, "registry.yaml", &registry("web", 8000, &[&up]));
+    let (port, admin) = (free_port(), free_port());
+    let (listen, admin_addr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin}"));
+    let m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--admin",
+            &admin_addr,
+        ],
+        port,
+    );
+    // Warm up (instances, pools) before measuring.
+    assert_eq!(
+        via_proxy(port, "http://web:8000/warm").0,
+        200,
+        "{}",
+        m.log()
+    );
+    let before = high_water_kb(m.child.id());
+
+    const SIZE: usize = 100 << 20;
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    write!(conn, "POST http://web:8000/upload HTTP/1.1\r\nhost: web:8000\r\ncontent-length: {SIZE}\r\nconnection: close\r\n\r\n").unwrap();
+    let chunk = vec![b'x'; 1 << 16];
+    for _ in 0..SIZE / chunk.len() {
+        if let Err(e) = conn.write_all(&chunk) {
+            let mut text = String::new();
+            let _ = conn.read_to_string(&mut text);
+            panic!("upload cut short ({e}): {text}\n{}", m.log());
+        }
+    }
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert!(
+        text.contains(&format!("\"body_len\":{SIZE}")),
+        "the upstream got every byte: {}",
+        &text[..text.len().min(300)]
+    );
+    let grown_mb = high_water_kb(m.child.id()).saturating_sub(before) / 1024;
+    assert!(
+        grown_mb < 40,
+        "peak memory grew by {grown_mb} MB for a 100 MB body"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,6 +3,7 @@
 //! local replies, side calls, timers).
 
 pub mod admin;
+mod body;
 pub mod demo;
 pub mod launch;
 mod upstream;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -33,8 +34,9 @@ use crate::vm::{Action, Plugin, Vm};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Request bodies are buffered up to this size so the filter sees them (mirrors, retries).
-const BODY_LIMIT: usize = 16 << 20;
+/// Request bodies up to this size are buffered so the filter sees them (mirrors) and retries
+/// can resend them; larger bodies stream through in bounded memory, as in Envoy.
+const BODY_BUFFER: usize = 1 << 20;
 
 /// What to do with requests once the filter has trapped (Envoy's `failure_policy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -368,7 +370,8 @@ async fn side_call(
     if let Some(t) = &timeout {
         headers.push(("x-envoy-upstream-rq-timeout-ms".into(), t.clone()));
     }
-    match forward(proxy, generation, headers, Bytes::from(call.body.clone())).await {
+    let body = body::RequestBody::Buffered(Bytes::from(call.body.clone()));
+    match forward(proxy, generation, headers, body).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
             let mut out: Headers = vec![(":status".into(), status.to_string())];
@@ -570,9 +573,9 @@ async fn handle(
     };
     headers.push((LISTENER_PORT_HEADER.to_owned(), server_port.to_string()));
 
-    let body = match Limited::new(body, BODY_LIMIT).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return reply_response(proxy.kind, local(413, "Payload Too Large")),
+    let body = match body::read_prefix(body, BODY_BUFFER).await {
+        Ok(b) => b,
+        Err(_) => return reply_response(proxy.kind, local(400, "Bad Request")),
     };
 
     let outcome = run_request(
@@ -604,7 +607,7 @@ async fn run_request(
     proxy: &Arc<Proxy>,
     generation: &Arc<Generation>,
     headers: Headers,
-    body: Bytes,
+    body: body::RequestBody,
     peer: SocketAddr,
     local_addr: Option<SocketAddr>,
     connection_id: u64,
@@ -615,14 +618,16 @@ async fn run_request(
         return Err((reply, String::new(), "UH"));
     }
     let mut stream = abi::Stream::new(headers);
-    stream.request_body = body.to_vec();
+    // The filter sees buffered bodies; a streamed body never passes through guest memory.
+    let end_of_stream = body.is_empty();
+    let buffered = body.buffered().map(|b| b.to_vec());
+    stream.request_body = buffered.clone().unwrap_or_default();
     stream.source = peer.to_string();
     if let Some(l) = local_addr {
         stream.destination = l.to_string();
         stream.destination_port = l.port();
     }
     stream.connection_id = connection_id;
-    let end_of_stream = body.is_empty();
     let (tx, rx) = oneshot::channel();
     let started = with_vm(proxy, generation, index, |vm| {
         let id = vm.open_stream(stream)?;
@@ -655,7 +660,7 @@ async fn run_request(
     if let Some(reply) = take_reply(generation, index, id) {
         return Err((reply, String::new(), ""));
     }
-    if !end_of_stream {
+    if buffered.as_ref().is_some_and(|b| !b.is_empty()) {
         with_vm(proxy, generation, index, |vm| vm.on_request_body(id, true));
         if let Some(reply) = take_reply(generation, index, id) {
             return Err((reply, String::new(), ""));
@@ -852,7 +857,7 @@ async fn forward(
     proxy: &Proxy,
     generation: &Generation,
     mut headers: Headers,
-    body: Bytes,
+    mut body: body::RequestBody,
 ) -> Result<Response<Body>, HostReply> {
     let take = |headers: &mut Headers, name: &str| -> Option<String> {
         let i = headers.iter().position(|(k, _)| k == name)?;
@@ -940,14 +945,15 @@ async fn forward(
             .send(
                 &endpoint,
                 &headers,
-                body.clone(),
+                body.for_attempt(),
                 cluster.connect_timeout,
                 attempt_timeout,
             )
             .await;
         let retriable = policy.retriable(&result);
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-        if retriable && attempt < max_retries && !out_of_time {
+        // A streamed body was consumed by the first attempt and cannot be resent.
+        if retriable && attempt < max_retries && !out_of_time && body.replayable() {
             attempt += 1;
             tokio::time::sleep(upstream::backoff(attempt)).await;
             continue;

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::Response;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -14,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use super::Body;
 use crate::abi::Headers;
 
-type Pool = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+type Pool = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
 /// One pool per connect timeout (clusters differ only in that, today).
 pub struct Client {
@@ -57,7 +56,7 @@ impl Client {
         &self,
         endpoint: &str,
         headers: &Headers,
-        body: Bytes,
+        body: Body,
         connect_timeout: Duration,
         timeout: Option<Duration>,
     ) -> Attempt {
@@ -83,7 +82,7 @@ impl Client {
                 builder = builder.header(k.as_str(), v.as_str());
             }
         }
-        let Ok(request) = builder.body(Full::new(body)) else {
+        let Ok(request) = builder.body(body) else {
             return Attempt::Reset;
         };
         let call = pool.request(request);
