@@ -573,9 +573,8 @@ async fn handle(
     };
     headers.push((LISTENER_PORT_HEADER.to_owned(), server_port.to_string()));
 
-    let body = match body::read_prefix(body, BODY_BUFFER).await {
-        Ok(b) => b,
-        Err(_) => return reply_response(proxy.kind, local(400, "Bad Request")),
+    let Ok(body) = body::read_prefix(body, BODY_BUFFER).await else {
+        return reply_response(proxy.kind, local(400, "Bad Request"));
     };
 
     let outcome = run_request(
