@@ -64,6 +64,9 @@ struct HostArgs {
     /// Filter instances (one per worker, as Envoy).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Directory of TLS secrets for Gateway `credentialName`: `<dir>/<name>/tls.crt|tls.key`.
+    #[arg(long)]
+    credentials_dir: Option<PathBuf>,
 }
 
 /// The filter built by this workspace: `target/wasm32-unknown-unknown/wasm-release/`.
@@ -182,6 +185,7 @@ fn run_options(
         fail_policy: host.fail_policy,
         workers: host.workers,
         reload_interval: std::time::Duration::from_secs(1),
+        credentials: host.credentials_dir,
     }
 }
 

@@ -721,6 +721,7 @@ impl Harness {
                 let spec = ListenerSpec {
                     address: ([127, 0, 0, 1], port).into(),
                     server_port,
+                    tls: None,
                 };
                 tokio::spawn(serve(Arc::clone(&proxy), spec));
                 tokio::spawn(admin::serve(proxy, ([127, 0, 0, 1], admin_port).into()));

@@ -348,3 +348,132 @@ fn a_100_mb_body_streams_through_in_bounded_memory() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTPS request to 127.0.0.1:`port` with SNI `name`, trusting only `root_pem`.
+fn https_get(port: u16, name: &str, root_pem: &str, path: &str) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from(name.to_owned()).unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    match tls.read_to_string(&mut out) {
+        Ok(_) => Ok(out),
+        // Servers may close without close_notify after `connection: close`.
+        Err(_) if !out.is_empty() => Ok(out),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn gateway_terminates_tls_by_sni_and_redirects_plain_http() {
+    let up = Upstream::start("web");
+    let dir = std::env::temp_dir().join(format!("meshroute-tls-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("creds/wild-cert")).unwrap();
+    let secure = rcgen::generate_simple_self_signed(vec!["secure.example.com".to_owned()]).unwrap();
+    let wild = rcgen::generate_simple_self_signed(vec!["*.wild.example".to_owned()]).unwrap();
+    std::fs::write(dir.join("secure.crt"), secure.cert.pem()).unwrap();
+    std::fs::write(dir.join("secure.key"), secure.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("creds/wild-cert/tls.crt"), wild.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join("creds/wild-cert/tls.key"),
+        wild.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let config = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https-secure, protocol: HTTPS}}
+    hosts: [secure.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {crt}, privateKey: {key}}}
+  - port: {{number: 443, name: https-wild, protocol: HTTPS}}
+    hosts: ['*.wild.example']
+    tls: {{mode: SIMPLE, credentialName: wild-cert}}
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: [secure.example.com]
+    tls: {{httpsRedirect: true}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [secure.example.com, '*.wild.example']
+  gateways: [istio-system/gw]
+  http:
+  - route: [{{destination: {{host: web.default.svc.cluster.local}}}}]
+",
+        registry("web", 8000, &[&up]),
+        crt = dir.join("secure.crt").display(),
+        key = dir.join("secure.key").display(),
+    );
+    write_config(&dir, "config.yaml", &config);
+    let https_port = free_port();
+    let offset = https_port - 443;
+    let http_port = 80 + offset;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let creds = dir.join("creds");
+    let m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            dir.join("config.yaml").to_str().unwrap(),
+            "--for",
+            "gateway",
+            "--namespace",
+            "istio-system",
+            "--port-offset",
+            &offset.to_string(),
+            "--admin",
+            &admin,
+            "--credentials-dir",
+            creds.to_str().unwrap(),
+        ],
+        https_port,
+    );
+    let r = https_get(https_port, "secure.example.com", &secure.cert.pem(), "/pay")
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains(r#""x-forwarded-proto","https""#),
+        "the upstream learns the scheme: {r}"
+    );
+    // SNI picks the credentialName certificate for the wildcard host.
+    let r = https_get(https_port, "api.wild.example", &wild.cert.pem(), "/")
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // The wrong certificate for a name fails the handshake instead of serving.
+    assert!(https_get(https_port, "api.wild.example", &secure.cert.pem(), "/").is_err());
+    // Plain HTTP for the host is redirected to https.
+    let redirect = get("secure.example.com", "/pay?x=1").send(http_port);
+    assert_eq!(redirect.status, 301);
+    assert_eq!(
+        redirect.header("location"),
+        Some("https://secure.example.com/pay?x=1")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub fail_policy: FailPolicy,
     pub workers: usize,
     pub reload_interval: Duration,
+    /// `credentialName` → `<dir>/<name>/tls.crt` and `tls.key`.
+    pub credentials: Option<PathBuf>,
 }
 
 /// Loads and compiles; diagnostics (errors and warnings) come back as text.
@@ -57,35 +59,42 @@ pub fn listeners(
     doc: &RulesDocument,
     listen: SocketAddr,
     port_offset: u16,
+    credentials: Option<&Path>,
 ) -> Result<Vec<ListenerSpec>, String> {
     match doc.proxy.kind {
         ProxyKind::Sidecar => Ok(vec![ListenerSpec {
             address: listen,
             server_port: 0,
+            tls: None,
         }]),
         ProxyKind::Gateway => {
             let ip: IpAddr = listen.ip();
             let mut out = Vec::new();
             for l in &doc.listeners {
-                let tls = l.servers.iter().any(|s| s.tls.is_some());
-                if tls || !matches!(l.protocol.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB") {
+                if !matches!(
+                    l.protocol.as_str(),
+                    "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB"
+                ) {
                     eprintln!(
-                        "meshroute: gateway port {} ({}) is not served: TLS servers are not supported by this build",
+                        "meshroute: gateway port {} ({}) is not served: only HTTP and HTTPS servers are",
                         l.port, l.protocol
                     );
                     continue;
                 }
+                let tls = super::tls::server_config(&l.servers, credentials)
+                    .map_err(|e| format!("gateway port {}: {e}", l.port))?;
                 let port = l.port.checked_add(port_offset).ok_or_else(|| {
                     format!("port {} + offset {port_offset} exceeds 65535", l.port)
                 })?;
                 out.push(ListenerSpec {
                     address: SocketAddr::new(ip, port),
                     server_port: l.port,
+                    tls,
                 });
             }
             if out.is_empty() {
                 return Err(
-                    "no Gateway server with a plain-text HTTP port selects this proxy".into(),
+                    "no Gateway server with an HTTP or HTTPS port selects this proxy".into(),
                 );
             }
             Ok(out)
@@ -123,7 +132,12 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
     }
     let plugin =
         Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref()).map_err(|e| e.to_string())?);
-    let specs = listeners(&doc, opts.listen, opts.port_offset)?;
+    let specs = listeners(
+        &doc,
+        opts.listen,
+        opts.port_offset,
+        opts.credentials.as_deref(),
+    )?;
     let proxy = Proxy::new(
         plugin,
         opts.fail_policy,

@@ -6,6 +6,7 @@ pub mod admin;
 mod body;
 pub mod demo;
 pub mod launch;
+pub mod tls;
 mod upstream;
 
 use std::collections::HashMap;
@@ -54,6 +55,8 @@ pub struct ListenerSpec {
     /// Route-table port this listener serves (gateway server port; sidecar: 0, the
     /// authority decides).
     pub server_port: u16,
+    /// Terminate TLS with this configuration (HTTPS Gateway servers).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// One loaded configuration: rules, clusters and filter instances.
@@ -445,19 +448,34 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
         let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let local = stream.local_addr().ok();
-            let service = service_fn(move |req| {
-                let proxy = Arc::clone(&proxy);
+            let https = spec.tls.is_some();
+            let service = {
                 let spec = spec.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        handle(proxy, spec, peer, local, connection_id, req).await,
-                    )
-                }
-            });
+                service_fn(move |req| {
+                    let proxy = Arc::clone(&proxy);
+                    let spec = spec.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            handle(proxy, spec, peer, local, connection_id, https, req).await,
+                        )
+                    }
+                })
+            };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match &spec.tls {
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                    // A failed handshake only closes this connection.
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }
@@ -522,10 +540,12 @@ async fn handle(
     peer: SocketAddr,
     local_addr: Option<SocketAddr>,
     connection_id: u64,
+    https: bool,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let generation = proxy.current();
+    let scheme = if https { "https" } else { "http" };
     let (parts, body) = req.into_parts();
     // Absolute-form URIs (explicit proxy) carry the authority; otherwise the Host header.
     let authority = parts
@@ -549,7 +569,7 @@ async fn handle(
         (":authority".into(), authority.clone()),
         (":path".into(), path.clone()),
         (":method".into(), parts.method.as_str().to_owned()),
-        (":scheme".into(), "http".into()),
+        (":scheme".into(), scheme.into()),
     ];
     for (k, v) in &parts.headers {
         let name = k.as_str();
@@ -565,7 +585,7 @@ async fn handle(
         headers.push(("x-request-id".into(), random_id()));
     }
     headers.retain(|(k, _)| k != "x-forwarded-proto");
-    headers.push(("x-forwarded-proto".into(), "http".into()));
+    headers.push(("x-forwarded-proto".into(), scheme.into()));
     let server_port = if spec.server_port == 0 {
         spec.address.port()
     } else {
