@@ -507,6 +507,44 @@ fn envoy_invalid_rules_are_rejected_with_the_reason_in_the_log() {
     );
 }
 
+fn http2_cleartext_clients_are_served(host: Host) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let w = web(
+        host,
+        "  - route: [{destination: {host: web, subset: v2}}]\n",
+    );
+    let port = w.envoy.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri(format!("http://{HOST}/over-h2"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    });
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"upstream\":\"v2\""), "{body}");
+    assert!(body.contains("/over-h2"), "{body}");
+}
+
 #[test]
 fn harness_invalid_rules_are_rejected_with_the_reason() {
     let mut doc = rules(
@@ -536,6 +574,7 @@ macro_rules! on_both_hosts {
 }
 
 on_both_hosts!(
+    http2_cleartext_clients_are_served,
     outcomes_404_503_nc_503_uh_and_unknown_hosts,
     redirects_direct_responses_and_rewrites,
     header_operations_reach_upstream_and_client,

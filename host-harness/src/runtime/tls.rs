@@ -114,7 +114,9 @@ pub fn server_config(
     if !any_tls {
         return Ok(None);
     }
-    resolver.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+    resolver
+        .wildcard
+        .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
