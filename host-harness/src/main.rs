@@ -67,6 +67,9 @@ struct HostArgs {
     /// Directory of TLS secrets for Gateway `credentialName`: `<dir>/<name>/tls.crt|tls.key`.
     #[arg(long)]
     credentials_dir: Option<PathBuf>,
+    /// Access log: `off`, `stdout` or a file to append to.
+    #[arg(long, default_value = "stdout")]
+    access_log: String,
 }
 
 /// The filter built by this workspace: `target/wasm32-unknown-unknown/wasm-release/`.
@@ -186,6 +189,7 @@ fn run_options(
         workers: host.workers,
         reload_interval: std::time::Duration::from_secs(1),
         credentials: host.credentials_dir,
+        access_log: host.access_log,
     }
 }
 

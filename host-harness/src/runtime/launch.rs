@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub reload_interval: Duration,
     /// `credentialName` → `<dir>/<name>/tls.crt` and `tls.key`.
     pub credentials: Option<PathBuf>,
+    /// `off`, `stdout` or a file to append to.
+    pub access_log: String,
 }
 
 /// Loads and compiles; diagnostics (errors and warnings) come back as text.
@@ -146,6 +148,20 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
         opts.files.clone(),
     )?;
     proxy.start_tickers();
+    let sink: Option<Box<dyn std::io::Write + Send>> = match opts.access_log.as_str() {
+        "off" => None,
+        "stdout" => Some(Box::new(std::io::stdout())),
+        file => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .map_err(|e| format!("access log {file}: {e}"))?,
+        )),
+    };
+    if let Ok(mut slot) = proxy.access_log.lock() {
+        *slot = sink;
+    }
     let mut tasks = Vec::new();
     for spec in &specs {
         // Bind before announcing readiness.

@@ -93,6 +93,8 @@ pub struct Proxy {
     generation: RwLock<Arc<Generation>>,
     pub stats: admin::Stats,
     pub reload_error: Mutex<Option<String>>,
+    /// Access log sink (`--access-log`), one line per request.
+    pub access_log: Mutex<Option<Box<dyn std::io::Write + Send>>>,
     connection_ids: AtomicU64,
     client: upstream::Client,
 }
@@ -166,6 +168,7 @@ impl Proxy {
             stats: admin::Stats::default(),
             reload_error: Mutex::new(None),
             connection_ids: AtomicU64::new(1),
+            access_log: Mutex::new(None),
             client: upstream::Client::new(),
         }))
     }
@@ -565,6 +568,7 @@ async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    let method = parts.method.as_str().to_owned();
     let mut headers: Headers = vec![
         (":authority".into(), authority.clone()),
         (":path".into(), path.clone()),
@@ -581,8 +585,24 @@ async fn handle(
             String::from_utf8_lossy(v.as_bytes()).into_owned(),
         ));
     }
-    if !headers.iter().any(|(k, _)| k == "x-request-id") {
-        headers.push(("x-request-id".into(), random_id()));
+    let request_id = match headers.iter().find(|(k, _)| k == "x-request-id") {
+        Some((_, v)) => v.clone(),
+        None => {
+            let id = random_id();
+            headers.push(("x-request-id".into(), id.clone()));
+            id
+        }
+    };
+    if proxy.kind == ProxyKind::Gateway {
+        // Gateways are the edge (Envoy's use_remote_address): append the client's address.
+        let ip = peer.ip().to_string();
+        match headers.iter_mut().find(|(k, _)| k == "x-forwarded-for") {
+            Some((_, v)) => {
+                v.push_str(", ");
+                v.push_str(&ip);
+            }
+            None => headers.push(("x-forwarded-for".into(), ip)),
+        }
     }
     headers.retain(|(k, _)| k != "x-forwarded-proto");
     headers.push(("x-forwarded-proto".into(), scheme.into()));
@@ -617,7 +637,55 @@ async fn handle(
         flags,
         started.elapsed(),
     );
+    if let Ok(mut sink) = proxy.access_log.lock() {
+        if let Some(out) = sink.as_mut() {
+            // Envoy's default format, with the fields a proxy here knows.
+            let line = format!(
+                "[{}] \"{} {} {}\" {} {} {} \"{}\" {}ms \"{}\"\n",
+                httpdate(SystemTime::now()),
+                method,
+                path,
+                if https { "HTTPS/1.1" } else { "HTTP/1.1" },
+                response.status().as_u16(),
+                if flags.is_empty() { "-" } else { flags },
+                if cluster.is_empty() {
+                    "-"
+                } else {
+                    cluster.as_str()
+                },
+                request_id,
+                started.elapsed().as_millis(),
+                authority,
+            );
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+    }
     response
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+fn httpdate(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
 }
 
 type Outcome = Result<(Response<Body>, String), (LocalReply, String, &'static str)>;
