@@ -76,6 +76,33 @@ fn host_functions_answer_as_envoy_does() {
     assert_eq!(h["no.such.property"]["st"], 1);
     assert_eq!(h["filter_state"]["st"], 3);
     assert_eq!(h["shared"]["set_stale_cas"], 8);
+    assert_eq!(
+        h["metric"],
+        serde_json::json!({"value": 3}),
+        "{}",
+        h["metric"]
+    );
+    assert_eq!(
+        h["header edits"],
+        serde_json::json!([
+            ["x-guest-added", "a"],
+            ["x-guest-added", "b"],
+            ["x-guest-replaced", "two"]
+        ])
+    );
+
+    // A stream paused in the request phase is resumed from the root context's tick.
+    for proxy in [&envoy as &dyn Running, &harness] {
+        let start = Instant::now();
+        let r = proxy.send(&get("web:8000", "/").header("x-guest", "pause"));
+        assert!(
+            start.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            start.elapsed()
+        );
+        // Resumed without a routing decision: no cluster header, so no upstream.
+        assert_eq!(r.status, 503, "{r:?}");
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! offered: calls fail as an Envoy without the cluster would), foreign functions.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, OnceLock};
+
 use std::time::{Duration, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker};
@@ -99,16 +99,11 @@ fn set_shared_data(
     }
 }
 
-/// Shared queues, process-wide like Envoy's.
-#[derive(Default)]
-struct Queues {
+/// Shared queues of one plugin (shared by its instances, as Envoy's by VM id).
+#[derive(Debug, Default)]
+pub struct Queues {
     by_name: HashMap<String, u32>,
     items: HashMap<u32, VecDeque<Vec<u8>>>,
-}
-
-fn queues() -> &'static Mutex<Queues> {
-    static QUEUES: OnceLock<Mutex<Queues>> = OnceLock::new();
-    QUEUES.get_or_init(Mutex::default)
 }
 
 fn register_queue(mut c: Caller<'_, HostState>, np: i32, nl: i32, id_out: i32) -> i32 {
@@ -117,7 +112,7 @@ fn register_queue(mut c: Caller<'_, HostState>, np: i32, nl: i32, id_out: i32) -
         Err(s) => return s,
     };
     let id = {
-        let Ok(mut q) = queues().lock() else {
+        let Ok(mut q) = c.data().shared.queues.lock() else {
             return status::INTERNAL_FAILURE;
         };
         let next = q.by_name.len() as u32 + 1;
@@ -140,7 +135,10 @@ fn resolve_queue(
         Ok(n) => format!("{}/{n}", c.data().plugin_name),
         Err(s) => return s,
     };
-    let id = queues()
+    let id = c
+        .data()
+        .shared
+        .queues
         .lock()
         .ok()
         .and_then(|q| q.by_name.get(&name).copied());
@@ -155,7 +153,7 @@ fn enqueue(mut c: Caller<'_, HostState>, id: i32, vp: i32, vl: i32) -> i32 {
         Ok(v) => v,
         Err(s) => return s,
     };
-    let Ok(mut q) = queues().lock() else {
+    let Ok(mut q) = c.data().shared.queues.lock() else {
         return status::INTERNAL_FAILURE;
     };
     match q.items.get_mut(&(id as u32)) {
@@ -169,7 +167,7 @@ fn enqueue(mut c: Caller<'_, HostState>, id: i32, vp: i32, vl: i32) -> i32 {
 
 fn dequeue(mut c: Caller<'_, HostState>, id: i32, ptr_out: i32, size_out: i32) -> i32 {
     let item = {
-        let Ok(mut q) = queues().lock() else {
+        let Ok(mut q) = c.data().shared.queues.lock() else {
             return status::INTERNAL_FAILURE;
         };
         match q.items.get_mut(&(id as u32)) {
@@ -184,13 +182,7 @@ fn dequeue(mut c: Caller<'_, HostState>, id: i32, ptr_out: i32, size_out: i32) -
 }
 
 /// Metric ids by name, and values by id - 1.
-type Metrics = (HashMap<String, u32>, Vec<i64>);
-
-/// Guest-defined metrics, process-wide.
-fn metrics() -> &'static Mutex<Metrics> {
-    static METRICS: OnceLock<Mutex<Metrics>> = OnceLock::new();
-    METRICS.get_or_init(Mutex::default)
-}
+pub type Metrics = (HashMap<String, u32>, Vec<i64>);
 
 fn define_metric(mut c: Caller<'_, HostState>, kind: i32, np: i32, nl: i32, id_out: i32) -> i32 {
     if !(0..=2).contains(&kind) {
@@ -201,7 +193,7 @@ fn define_metric(mut c: Caller<'_, HostState>, kind: i32, np: i32, nl: i32, id_o
         Err(s) => return s,
     };
     let id = {
-        let Ok(mut m) = metrics().lock() else {
+        let Ok(mut m) = c.data().shared.metrics.lock() else {
             return status::INTERNAL_FAILURE;
         };
         let (names, values) = &mut *m;
@@ -218,8 +210,8 @@ fn define_metric(mut c: Caller<'_, HostState>, kind: i32, np: i32, nl: i32, id_o
     code(write_u32(&mut c, id_out, id))
 }
 
-fn with_metric(id: i32, f: impl FnOnce(&mut i64)) -> i32 {
-    let Ok(mut m) = metrics().lock() else {
+fn with_metric(c: &Caller<'_, HostState>, id: i32, f: impl FnOnce(&mut i64)) -> i32 {
+    let Ok(mut m) = c.data().shared.metrics.lock() else {
         return status::INTERNAL_FAILURE;
     };
     match (id as u32)
@@ -236,7 +228,7 @@ fn with_metric(id: i32, f: impl FnOnce(&mut i64)) -> i32 {
 
 fn get_metric(mut c: Caller<'_, HostState>, id: i32, out: i32) -> i32 {
     let mut value = 0;
-    let s = with_metric(id, |v| value = *v);
+    let s = with_metric(&c, id, |v| value = *v);
     if s != status::OK {
         return s;
     }
@@ -322,12 +314,12 @@ pub fn link(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_increment_metric",
-        |_: Caller<'_, HostState>, id: i32, d: i64| with_metric(id, |v| *v = v.wrapping_add(d)),
+        |c: Caller<'_, HostState>, id: i32, d: i64| with_metric(&c, id, |v| *v = v.wrapping_add(d)),
     )?;
     l.func_wrap(
         "env",
         "proxy_record_metric",
-        |_: Caller<'_, HostState>, id: i32, x: i64| with_metric(id, |v| *v = x),
+        |c: Caller<'_, HostState>, id: i32, x: i64| with_metric(&c, id, |v| *v = x),
     )?;
     l.func_wrap("env", "proxy_get_metric", get_metric)?;
     l.func_wrap("env", "proxy_grpc_call", grpc_call)?;

@@ -130,6 +130,8 @@ type Entry = (Vec<u8>, u32);
 /// Process-wide key/value store scoped by VM id (shared by every worker's instance).
 #[derive(Debug, Default)]
 pub struct SharedData {
+    pub queues: Mutex<misc::Queues>,
+    pub metrics: Mutex<misc::Metrics>,
     /// Values with their cas, and the last cas handed out.
     entries: Mutex<(HashMap<String, Entry>, u32)>,
 }

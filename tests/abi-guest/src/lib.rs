@@ -212,6 +212,29 @@ impl Probe {
                 "resolve_missing": code(hostcalls::resolve_shared_queue("vm", "guest-none").map(|_| ())),
             }),
         );
+        // Header map edits, read back through the pairs call.
+        self.add_http_request_header("x-guest-added", "a");
+        self.add_http_request_header("x-guest-added", "b");
+        self.set_http_request_header("x-guest-replaced", Some("one"));
+        self.set_http_request_header("x-guest-replaced", Some("two"));
+        self.set_http_request_header("x-empty", None);
+        let after: Vec<(String, String)> = self
+            .get_http_request_headers()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("x-guest-") || k == "x-empty")
+            .collect();
+        r.insert("header edits".into(), json!(after));
+        let metric =
+            hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, "guest_requests");
+        let counted = metric.and_then(|id| {
+            hostcalls::increment_metric(id, 3)?;
+            hostcalls::get_metric(id)
+        });
+        let counted = match counted {
+            Ok(v) => json!({"value": v}),
+            Err(s) => json!({"st": s as u32}),
+        };
+        r.insert("metric".into(), counted);
         r.insert(
             "log".into(),
             json!(code(hostcalls::log(
