@@ -140,7 +140,13 @@ fn contained(proxy: &dyn Running, how: &str) -> Duration {
 fn a_trapping_looping_or_hoarding_module_is_contained() {
     let up = Upstream::start("web");
     let d = doc(&up);
-    for how in ["panic", "loop", "alloc", "response-header-early"] {
+    for how in [
+        "panic",
+        "loop",
+        "alloc",
+        "response-header-early",
+        "grpc-cancel-unknown",
+    ] {
         let h = Harness::start_plugin(guest(), &d, FailPolicy::FailClosed, 1).unwrap();
         assert_eq!(
             h.send(&get("web:8000", "/")).status,

@@ -1,5 +1,6 @@
 //! Logging, time, timers, effective context, shared data and queues, metrics, gRPC (not
-//! offered: calls fail as an Envoy without the cluster would), foreign functions.
+//! offered: the upstream, a serialized GrpcService, is never parsed, so calls answer
+//! PARSE_FAILURE as Envoy does for one it cannot parse), foreign functions.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -251,7 +252,7 @@ fn grpc_call(
     _: i32,
     _: i32,
 ) -> i32 {
-    status::INTERNAL_FAILURE
+    status::PARSE_FAILURE
 }
 
 #[allow(clippy::too_many_arguments, reason = "the ABI's signature")]
@@ -267,7 +268,7 @@ fn grpc_stream(
     _: i32,
     _: i32,
 ) -> i32 {
-    status::INTERNAL_FAILURE
+    status::PARSE_FAILURE
 }
 
 fn get_status(mut c: Caller<'_, HostState>, code_out: i32, ptr_out: i32, size_out: i32) -> i32 {
@@ -327,17 +328,18 @@ pub fn link(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_grpc_send",
-        |_: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32| status::NOT_FOUND,
+        |_: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32| status::BAD_ARGUMENT,
     )?;
     l.func_wrap(
         "env",
+        // Envoy answers BAD_ARGUMENT for a call token it does not know.
         "proxy_grpc_cancel",
-        |_: Caller<'_, HostState>, _: i32| status::NOT_FOUND,
+        |_: Caller<'_, HostState>, _: i32| status::BAD_ARGUMENT,
     )?;
     l.func_wrap(
         "env",
         "proxy_grpc_close",
-        |_: Caller<'_, HostState>, _: i32| status::NOT_FOUND,
+        |_: Caller<'_, HostState>, _: i32| status::BAD_ARGUMENT,
     )?;
     l.func_wrap("env", "proxy_get_status", get_status)?;
     l.func_wrap("env", "proxy_call_foreign_function", foreign_function)?;

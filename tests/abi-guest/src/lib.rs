@@ -230,6 +230,35 @@ impl Probe {
             hostcalls::increment_metric(id, 3)?;
             hostcalls::get_metric(id)
         });
+        let gauge = hostcalls::define_metric(proxy_wasm::types::MetricType::Gauge, "guest_gauge")
+            .and_then(|id| {
+                hostcalls::record_metric(id, 42)?;
+                hostcalls::get_metric(id)
+            });
+        r.insert(
+            "gauge".into(),
+            json!(gauge.map_or_else(|s| s as u64 + 1_000_000, |v| v)),
+        );
+        // Replace the whole map with itself plus one header.
+        let mut all = self.get_http_request_headers();
+        all.push(("x-guest-set".into(), "1".into()));
+        let as_refs: Vec<(&str, &str)> =
+            all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        r.insert(
+            "set header map".into(),
+            json!({
+                "st": code(hostcalls::set_map(MapType::HttpRequestHeaders, as_refs)),
+                "present": self.get_http_request_header("x-guest-set"),
+            }),
+        );
+        r.insert(
+            "grpc".into(),
+            json!({
+                "call_unknown_cluster": code(hostcalls::dispatch_grpc_call("nope", "svc", "m", vec![], None, Duration::from_secs(1)).map(|_| ())),
+                "stream_unknown_cluster": code(hostcalls::open_grpc_stream("nope", "svc", "m", vec![]).map(|_| ())),
+                "send_unknown": code(hostcalls::send_grpc_stream_message(999, None, false)),
+            }),
+        );
         let counted = match counted {
             Ok(v) => json!({"value": v}),
             Err(s) => json!({"st": s as u32}),
@@ -258,6 +287,15 @@ impl HttpContext for Probe {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         match self.get_http_request_header("x-guest").as_deref() {
             Some("panic") => panic!("asked to panic"),
+            // Envoy answers BAD_ARGUMENT, which the SDK does not expect: a trap on both hosts.
+            Some("grpc-cancel-unknown") => {
+                let _ = hostcalls::cancel_grpc_call(999);
+                Action::Continue
+            }
+            Some("grpc-close-unknown") => {
+                let _ = hostcalls::close_grpc_stream(999);
+                Action::Continue
+            }
             Some("response-header-early") => {
                 let _ = self.get_http_response_header(":status");
                 Action::Continue
