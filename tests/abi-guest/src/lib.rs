@@ -237,7 +237,7 @@ impl Probe {
             });
         r.insert(
             "gauge".into(),
-            json!(gauge.map_or_else(|s| s as u64 + 1_000_000, |v| v)),
+            json!(gauge.unwrap_or_else(|s| s as u64 + 1_000_000)),
         );
         // Replace the whole map with itself plus one header.
         let mut all = self.get_http_request_headers();
