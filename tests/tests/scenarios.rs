@@ -574,6 +574,7 @@ macro_rules! on_both_hosts {
 }
 
 on_both_hosts!(
+    http2_upstreams_of_grpc_ports_get_http2,
     http2_cleartext_clients_are_served,
     outcomes_404_503_nc_503_uh_and_unknown_hosts,
     redirects_direct_responses_and_rewrites,
@@ -585,3 +586,69 @@ on_both_hosts!(
     client_control_headers_never_steer_or_leak,
     gateway_routes_by_host_and_redirects_to_https,
 );
+
+/// An upstream that only speaks HTTP/2 (prior knowledge), answering with what it saw.
+fn h2_upstream() -> u16 {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let text = format!(
+                                "h2 {:?} authority={} host={} path={}",
+                                req.version(),
+                                req.uri().authority().map_or("", |a| a.as_str()),
+                                req.headers()
+                                    .get("host")
+                                    .and_then(|h| h.to_str().ok())
+                                    .unwrap_or(""),
+                                req.uri().path(),
+                            );
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(text)),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+fn http2_upstreams_of_grpc_ports_get_http2(host: Host) {
+    let port = h2_upstream();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: default}}\nspec:\n  selector: {{app: grpc}}\n  ports: [{{name: grpc, port: 9000, protocol: TCP, appProtocol: grpc}}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: grpc-1, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{grpc: {port}}}\n  labels: {{app: grpc}}\n"
+    );
+    let doc = rules(
+        &[("g.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(host, &doc);
+    let r = proxy.send(&get("grpc:9000", "/pkg.Svc/Call"));
+    assert_eq!(r.status, 200, "{r:?}");
+    let text = r.text();
+    assert!(text.starts_with("h2 HTTP/2.0"), "{text}");
+    assert!(
+        text.contains("authority=grpc:9000"),
+        "the service authority, not the endpoint: {text}"
+    );
+}

@@ -74,6 +74,8 @@ struct ClusterInfo {
     endpoints: Vec<String>,
     next: AtomicUsize,
     connect_timeout: Duration,
+    /// Speak HTTP/2 (prior knowledge) to the endpoints: HTTP2/GRPC ports or `h2UpgradePolicy`.
+    h2: bool,
 }
 
 /// One filter instance and its bookkeeping.
@@ -123,6 +125,8 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
                     endpoints,
                     next: AtomicUsize::new(0),
                     connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
+                    h2: c.connection_pool.h2_upgrade
+                        || matches!(c.protocol.as_str(), "HTTP2" | "GRPC" | "GRPC-WEB"),
                 },
             )
         })
@@ -134,6 +138,7 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
             endpoints: Vec::new(),
             next: AtomicUsize::new(0),
             connect_timeout: Duration::from_secs(10),
+            h2: false,
         },
     );
     clusters
@@ -1034,6 +1039,7 @@ async fn forward(
                 &headers,
                 body.for_attempt(),
                 cluster.connect_timeout,
+                cluster.h2,
                 attempt_timeout,
             )
             .await;

@@ -8,16 +8,18 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::Response;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::Body;
 use crate::abi::Headers;
 
 type Pool = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
-/// One pool per connect timeout (clusters differ only in that, today).
+/// HTTP/1.1 pools per connect timeout (clusters differ only in that, today) and one HTTP/2
+/// connection per endpoint.
 pub struct Client {
     pools: Mutex<HashMap<Duration, Pool>>,
+    h2: Mutex<HashMap<String, hyper::client::conn::http2::SendRequest<Body>>>,
 }
 
 /// How one attempt ended.
@@ -32,6 +34,7 @@ impl Client {
     pub fn new() -> Self {
         Self {
             pools: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
         }
     }
 
@@ -58,11 +61,9 @@ impl Client {
         headers: &Headers,
         body: Body,
         connect_timeout: Duration,
+        h2: bool,
         timeout: Option<Duration>,
     ) -> Attempt {
-        let Some(pool) = self.pool(connect_timeout) else {
-            return Attempt::Reset;
-        };
         let get = |name: &str| {
             headers
                 .iter()
@@ -73,10 +74,18 @@ impl Client {
             "" => "/",
             p => p,
         };
-        let mut builder = hyper::Request::builder()
-            .method(get(":method"))
-            .uri(format!("http://{endpoint}{path}"))
-            .header("host", get(":authority"));
+        let authority = get(":authority");
+        // HTTP/1.1: connect by URI, name the service in Host. HTTP/2: the URI carries the
+        // service authority (it becomes :authority) and the connection is ours to pick.
+        let uri = if h2 {
+            format!("http://{authority}{path}")
+        } else {
+            format!("http://{endpoint}{path}")
+        };
+        let mut builder = hyper::Request::builder().method(get(":method")).uri(uri);
+        if !h2 {
+            builder = builder.header("host", authority);
+        }
         for (k, v) in headers {
             if !k.starts_with(':') {
                 builder = builder.header(k.as_str(), v.as_str());
@@ -85,7 +94,22 @@ impl Client {
         let Ok(request) = builder.body(body) else {
             return Attempt::Reset;
         };
-        let call = pool.request(request);
+        let call = async {
+            if h2 {
+                self.send_h2(endpoint, connect_timeout, request).await
+            } else {
+                match self.pool(connect_timeout) {
+                    Some(pool) => pool.request(request).await.map_err(|e| {
+                        if e.is_connect() {
+                            Attempt::ConnectFailure
+                        } else {
+                            Attempt::Reset
+                        }
+                    }),
+                    None => Err(Attempt::Reset),
+                }
+            }
+        };
         let result = match timeout {
             Some(t) => match tokio::time::timeout(t, call).await {
                 Ok(r) => r,
@@ -95,9 +119,47 @@ impl Client {
         };
         match result {
             Ok(resp) => Attempt::Response(resp.map(BodyExt::boxed)),
-            Err(e) if e.is_connect() => Attempt::ConnectFailure,
-            Err(_) => Attempt::Reset,
+            Err(attempt) => attempt,
         }
+    }
+
+    /// One multiplexed HTTP/2 connection per endpoint, re-established when it closes.
+    async fn send_h2(
+        &self,
+        endpoint: &str,
+        connect_timeout: Duration,
+        request: hyper::Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, Attempt> {
+        let cached = self
+            .h2
+            .lock()
+            .ok()
+            .and_then(|m| m.get(endpoint).filter(|s| !s.is_closed()).cloned());
+        let mut sender = match cached {
+            Some(s) => s,
+            None => {
+                let tcp =
+                    tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(endpoint))
+                        .await
+                        .map_err(|_| Attempt::ConnectFailure)?
+                        .map_err(|_| Attempt::ConnectFailure)?;
+                let _ = tcp.set_nodelay(true);
+                let (sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await
+                        .map_err(|_| Attempt::ConnectFailure)?;
+                tokio::spawn(conn);
+                if let Ok(mut m) = self.h2.lock() {
+                    m.insert(endpoint.to_owned(), sender.clone());
+                }
+                sender
+            }
+        };
+        sender.ready().await.map_err(|_| Attempt::Reset)?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|_| Attempt::Reset)
     }
 }
 
