@@ -13,7 +13,7 @@ TOOLS := $(BUILD_DIR)/tools
 WASM_BINDGEN_VERSION := $(shell grep -A1 '^name = "wasm-bindgen"$$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 WASM_TEST_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: all build test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check clean
+.PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check clean
 
 all: build
 
@@ -78,6 +78,11 @@ configs-check:
 	command -v docker-compose >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null \
 	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null; }
 	docker-compose -f envoy-configs/docker-compose.yml config -q
+
+## Throughput and latency, Envoy and meshroute run with the same filter (release builds).
+bench: wasm envoy
+	$(CARGO) build --release -p meshroute-harness
+	./scripts/bench.sh $(TARGET_DIR)/release/meshroute $(abspath $(WASM)) $(abspath $(ENVOY))
 
 ## The embedded demo: hello v1/v2 upstreams and a gateway with the filter in front of them.
 run: wasm
