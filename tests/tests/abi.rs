@@ -129,6 +129,28 @@ fn side_call_errors_are_synchronous_as_in_envoy() {
     }
 }
 
+#[test]
+fn resets_and_done_behave_as_in_envoy() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("web");
+    let d = doc(&up);
+    let envoy = Envoy::start_module(&guest_wasm_path(), &d, FailurePolicy::FailClosed);
+    let harness = Harness::start_plugin(guest(), &d, FailPolicy::FailClosed, 1).unwrap();
+    let done: Vec<u16> = [&envoy as &dyn Running, &harness]
+        .iter()
+        .map(|p| {
+            p.send(&get("web:8000", "/").header("x-guest", "done"))
+                .status
+        })
+        .collect();
+    assert_eq!(done[0], done[1], "proxy_done from a stream context");
+    // Closing the stream from the request phase: Envoy answers 503 without a body.
+    for proxy in [&envoy as &dyn Running, &harness] {
+        let r = proxy.send(&get("web:8000", "/").header("x-guest", "reset"));
+        assert_eq!((r.status, r.text().as_str()), (503, ""), "{r:?}");
+    }
+}
+
 fn contained(proxy: &dyn Running, how: &str) -> Duration {
     let start = Instant::now();
     let r = proxy.send(&get("web:8000", "/").header("x-guest", how));

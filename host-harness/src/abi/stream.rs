@@ -28,7 +28,8 @@ fn close_stream(mut c: Caller<'_, HostState>, kind: i32) -> i32 {
         return status::BAD_ARGUMENT;
     }
     if let Some(s) = c.data_mut().stream_mut() {
-        // A reset surfaces to the client as a 503 with no body from this host.
+        // As in Envoy: a stream closed from the request phase ends in 503, details
+        // wasm_fail_stream, no body.
         s.local_reply.get_or_insert(LocalReply {
             status: 503,
             headers: Vec::new(),

@@ -53,7 +53,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Probe { id: context_id }))
+        Some(Box::new(Probe {
+            id: context_id,
+            body_probe: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -63,11 +66,13 @@ impl RootContext for Root {
 
 struct Probe {
     id: u32,
+    body_probe: bool,
 }
 
 impl Context for Probe {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
         let status = self.get_http_call_response_header(":status");
+        let grpc = hostcalls::get_grpc_status().map(|(code, msg)| json!([code, msg]));
         let body_bytes = self
             .get_http_call_response_body(0, body)
             .unwrap_or_default();
@@ -76,6 +81,7 @@ impl Context for Probe {
             "headers": headers,
             "status": status,
             "body": String::from_utf8_lossy(&body_bytes),
+            "get_status": grpc.unwrap_or_else(|s| json!({"st": s as u32})),
         });
         self.send_http_response(
             200,
@@ -284,6 +290,17 @@ impl Probe {
 }
 
 impl HttpContext for Probe {
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !end_of_stream || !self.body_probe {
+            return Action::Continue;
+        }
+        self.set_http_request_body(0, size, b"replaced");
+        let now = self.get_http_request_body(0, 1 << 20).unwrap_or_default();
+        let body = json!({"size": size, "after": String::from_utf8_lossy(&now)}).to_string();
+        self.send_http_response(200, vec![], Some(body.as_bytes()));
+        Action::Pause
+    }
+
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         match self.get_http_request_header("x-guest").as_deref() {
             Some("panic") => panic!("asked to panic"),
@@ -295,6 +312,23 @@ impl HttpContext for Probe {
             Some("grpc-close-unknown") => {
                 let _ = hostcalls::close_grpc_stream(999);
                 Action::Continue
+            }
+            // The body callback rewrites the body and answers with what it reads back (a host
+            // that buffers small bodies before routing, like `meshroute run`, shows it).
+            Some("body") => {
+                // Request headers cannot be read once continued; remember the mode.
+                self.body_probe = true;
+                Action::Continue
+            }
+            Some("reset") => {
+                self.reset_http_request();
+                Action::Pause
+            }
+            Some("done") => {
+                let _ = hostcalls::done();
+                let body = json!({"done": "returned"}).to_string();
+                self.send_http_response(200, vec![], Some(body.as_bytes()));
+                Action::Pause
             }
             Some("response-header-early") => {
                 let _ = self.get_http_response_header(":status");
