@@ -131,7 +131,6 @@ fn side_call_errors_are_synchronous_as_in_envoy() {
 
 #[test]
 fn resets_and_done_behave_as_in_envoy() {
-    use std::io::{Read, Write};
     let up = Upstream::start("web");
     let d = doc(&up);
     let envoy = Envoy::start_module(&guest_wasm_path(), &d, FailurePolicy::FailClosed);
