@@ -231,3 +231,54 @@ fn a_module_rejecting_its_configuration_is_not_started() {
         "{err}"
     );
 }
+
+/// A side call that reaches the upstream answers through on_http_call_response (with the
+/// call's status readable there) on both hosts. A request body rewritten in the body callback
+/// is checked on the harness alone: Envoy's router starts on the headers, before the body.
+#[test]
+fn side_call_callbacks_and_body_edits() {
+    let up = Upstream::start("web");
+    let d = doc(&up);
+    let cluster = d.clusters[0].name.clone();
+    let envoy = Envoy::start_module(&guest_wasm_path(), &d, FailurePolicy::FailClosed);
+    let harness = Harness::start_plugin(guest(), &d, FailPolicy::FailClosed, 1).unwrap();
+    let endpoint = format!("127.0.0.1:{}", up.port);
+    let answers: Vec<Value> = [&envoy as &dyn Running, &harness]
+        .iter()
+        .map(|proxy| {
+            let r = proxy.send(
+                &get("web:8000", "/")
+                    .header("x-guest", "call")
+                    .header("x-guest-cluster", &cluster)
+                    .header("x-guest-endpoint", &endpoint),
+            );
+            assert_eq!(r.header("x-guest"), Some("call"), "{r:?}");
+            serde_json::from_slice(&r.body).unwrap()
+        })
+        .collect();
+    for a in &answers {
+        assert_eq!(a["status"], "200", "{a}");
+        assert!(a["token"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(
+        answers[0]["get_status"], answers[1]["get_status"],
+        "{answers:?}"
+    );
+    let side: Vec<_> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.path == "/side")
+        .collect();
+    assert_eq!(side.len(), 2, "one side call per host");
+    for call in &side {
+        assert_eq!(call.header("host"), Some("side.example"));
+    }
+
+    let r = harness.send(
+        &get("web:8000", "/")
+            .method("POST")
+            .header("x-guest", "body")
+            .body(b"original body"),
+    );
+    assert_eq!(r.text(), r#"{"after":"replaced","size":13}"#, "{r:?}");
+}

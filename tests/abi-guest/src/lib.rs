@@ -356,13 +356,18 @@ impl HttpContext for Probe {
                 let cluster = self
                     .get_http_request_header("x-guest-cluster")
                     .unwrap_or_default();
+                let endpoint = self.get_http_request_header("x-guest-endpoint");
+                let mut headers = vec![
+                    (":method", "GET"),
+                    (":path", "/side"),
+                    (":authority", "side.example"),
+                ];
+                if let Some(e) = endpoint.as_deref() {
+                    headers.push(("x-envoy-original-dst-host", e));
+                }
                 match self.dispatch_http_call(
                     &cluster,
-                    vec![
-                        (":method", "GET"),
-                        (":path", "/side"),
-                        (":authority", "side.example"),
-                    ],
+                    headers,
                     None,
                     vec![],
                     Duration::from_secs(5),
