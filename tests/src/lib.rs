@@ -766,3 +766,17 @@ impl Drop for Harness {
         }
     }
 }
+
+/// Runs each named scenario function (`fn name(host: Host)`) once per host, as tests in the
+/// modules `envoy` and `harness`.
+#[macro_export]
+macro_rules! on_both_hosts {
+    ($($name:ident),* $(,)?) => {
+        mod envoy {
+            $(#[test] fn $name() { super::$name($crate::Host::Envoy) })*
+        }
+        mod harness {
+            $(#[test] fn $name() { super::$name($crate::Host::Harness) })*
+        }
+    };
+}

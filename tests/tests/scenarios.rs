@@ -562,18 +562,7 @@ fn harness_invalid_rules_are_rejected_with_the_reason() {
     );
 }
 
-macro_rules! on_both_hosts {
-    ($($name:ident),* $(,)?) => {
-        mod envoy {
-            $(#[test] fn $name() { super::$name(super::Host::Envoy) })*
-        }
-        mod harness {
-            $(#[test] fn $name() { super::$name(super::Host::Harness) })*
-        }
-    };
-}
-
-on_both_hosts!(
+meshroute_tests::on_both_hosts!(
     http2_upstreams_of_grpc_ports_get_http2,
     http2_cleartext_clients_are_served,
     outcomes_404_503_nc_503_uh_and_unknown_hosts,

@@ -152,18 +152,7 @@ fn bookinfo_ratings_timeout_and_fault_delay_examples_serve(host: Host) {
     }
 }
 
-macro_rules! on_both_hosts {
-    ($($name:ident),* $(,)?) => {
-        mod envoy {
-            $(#[test] fn $name() { super::$name(super::Host::Envoy) })*
-        }
-        mod harness {
-            $(#[test] fn $name() { super::$name(super::Host::Harness) })*
-        }
-    };
-}
-
-on_both_hosts!(
+meshroute_tests::on_both_hosts!(
     hello_uri_prefix_sends_v2_prefix_to_v2_and_the_rest_to_v1,
     hello_weights_split_90_10_over_a_thousand_requests,
     hello_subsets_split_90_10_over_a_thousand_requests,

@@ -858,28 +858,28 @@ impl Drop for CloseOnDrop<'_> {
     }
 }
 
-fn is_resumed(generation: &Generation, index: usize, id: u32) -> bool {
+/// Reads one fact about a stream; `missing` when the stream or the instance is gone.
+fn stream_fact(
+    generation: &Generation,
+    index: usize,
+    id: u32,
+    missing: bool,
+    f: impl Fn(&abi::Stream) -> bool,
+) -> bool {
     generation.slots[index]
         .vm
         .lock()
         .ok()
-        .and_then(|mut g| {
-            g.as_mut()
-                .and_then(|vm| vm.stream_mut(id).map(|s| s.resumed))
-        })
-        .unwrap_or(true)
+        .and_then(|mut g| g.as_mut().and_then(|vm| vm.stream_mut(id).map(|s| f(s))))
+        .unwrap_or(missing)
+}
+
+fn is_resumed(generation: &Generation, index: usize, id: u32) -> bool {
+    stream_fact(generation, index, id, true, |s| s.resumed)
 }
 
 fn has_reply(generation: &Generation, index: usize, id: u32) -> bool {
-    generation.slots[index]
-        .vm
-        .lock()
-        .ok()
-        .and_then(|mut g| {
-            g.as_mut()
-                .and_then(|vm| vm.stream_mut(id).map(|s| s.local_reply.is_some()))
-        })
-        .unwrap_or(false)
+    stream_fact(generation, index, id, false, |s| s.local_reply.is_some())
 }
 
 fn take_reply(generation: &Generation, index: usize, id: u32) -> Option<LocalReply> {
