@@ -3,5 +3,6 @@
 
 pub mod abi;
 pub mod envoy_config;
+pub mod explain;
 pub mod runtime;
 pub mod vm;

@@ -254,6 +254,37 @@ enum Command {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Show the decision path of one request: virtual host, each route tried, destinations,
+    /// policies and the outcome, each with the file:line that decided it.
+    Explain {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        identity: Identity,
+        /// Request header, `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// `text` or `json`.
+        #[arg(short = 'o', long, default_value = "text")]
+        output: String,
+        method: String,
+        url: String,
+    },
+    /// Decide one request N times (seeded) and print how often each outcome occurs.
+    Simulate {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        identity: Identity,
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(short = 'n', default_value_t = 10_000)]
+        n: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        method: String,
+        url: String,
+    },
     /// Start demo upstreams (hello v1/v2) and a gateway in front of them.
     Demo {
         #[command(flatten)]
@@ -424,6 +455,64 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Explain {
+            files,
+            identity,
+            headers,
+            output,
+            method,
+            url,
+        } => {
+            let doc = match compile_rules(&files, identity) {
+                Ok(doc) => doc,
+                Err(code) => return code,
+            };
+            let result = meshroute_harness::explain::Probe::parse(&method, &url, &headers)
+                .and_then(|probe| meshroute_harness::explain::explain(&doc, &probe));
+            match result {
+                Ok((_, json)) if output == "json" => write_output(
+                    None,
+                    &serde_json::to_string_pretty(&json).unwrap_or_default(),
+                ),
+                Ok((text, _)) => write_output(None, text.trim_end()),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Simulate {
+            files,
+            identity,
+            headers,
+            n,
+            seed,
+            method,
+            url,
+        } => {
+            let doc = match compile_rules(&files, identity) {
+                Ok(doc) => doc,
+                Err(code) => return code,
+            };
+            let result = meshroute_harness::explain::Probe::parse(&method, &url, &headers)
+                .and_then(|probe| meshroute_harness::explain::simulate(&doc, &probe, n, seed));
+            match result {
+                Ok(counts) => {
+                    let mut rows: Vec<_> = counts.into_iter().collect();
+                    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                    let mut text = format!("{n} requests\n");
+                    for (outcome, count) in rows {
+                        let pct = count as f64 * 100.0 / n.max(1) as f64;
+                        text.push_str(&format!("{count:>8} {pct:6.2}%  {outcome}\n"));
+                    }
+                    write_output(None, text.trim_end())
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo { mut host } => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             let files = meshroute_harness::runtime::demo::demo_files(&root);

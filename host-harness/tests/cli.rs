@@ -89,3 +89,107 @@ fn compile_writes_the_rules_document_for_the_identity() {
     let (code, _, err) = meshroute(&["compile", "-f", "examples/hello", "--labels", "oops"]);
     assert_eq!(code, 2, "{err}");
 }
+
+const BOOKINFO_JASON: [&str; 6] = [
+    "-f",
+    "examples/bookinfo/registry.yaml",
+    "-f",
+    "examples/bookinfo/destination-rules.yaml",
+    "-f",
+    "examples/bookinfo/reviews-jason.yaml",
+];
+
+#[test]
+fn explain_names_the_rule_subset_and_source_lines() {
+    let mut args = vec!["explain"];
+    args.extend(BOOKINFO_JASON);
+    args.extend([
+        "-H",
+        "end-user: jason",
+        "GET",
+        "http://reviews:9080/reviews/1",
+    ]);
+    let (code, out, err) = meshroute(&args);
+    assert_eq!(code, 0, "{err}");
+    // The whole output is stable: a snapshot.
+    assert_eq!(
+        out.trim_end(),
+        "proxy: Sidecar in namespace default (outbound policy AllowAny)
+request: GET http://reviews:9080/reviews/1 (route table port 9080)
+virtual host: reviews.default.svc.cluster.local:9080 (VirtualService default/reviews at examples/bookinfo/reviews-jason.yaml:2)
+  route 0 (VirtualService default/reviews at examples/bookinfo/reviews-jason.yaml:10): matched
+    -> reviews.default.svc.cluster.local subset v2 100.0%: cluster outbound|9080|v2|reviews.default.svc.cluster.local, endpoints [127.0.0.1:19082]
+  policies: timeout none, retries 2 on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+outcome: forward to outbound|9080|v2|reviews.default.svc.cluster.local endpoint 127.0.0.1:19082"
+    );
+    let mut args = vec!["explain"];
+    args.extend(BOOKINFO_JASON);
+    args.extend(["-H", "end-user: bob", "GET", "http://reviews:9080/"]);
+    let (_, out, _) = meshroute(&args);
+    assert!(out.contains("route 0 (VirtualService default/reviews at examples/bookinfo/reviews-jason.yaml:10): no match: header end-user is not exact \"jason\""), "{out}");
+    assert!(out.contains("subset v3"), "{out}");
+}
+
+#[test]
+fn explain_registry_only_502_and_missing_subset_503_nc() {
+    let (_, out, _) = meshroute(&[
+        "explain",
+        "-f",
+        "examples/bookinfo/registry.yaml",
+        "--outbound",
+        "registry-only",
+        "GET",
+        "http://example.com/",
+    ]);
+    assert!(
+        out.contains("virtual host: none matches \"example.com\""),
+        "{out}"
+    );
+    assert!(out.ends_with("outcome: reply 502\n"), "{out}");
+
+    let vs = temp_file(
+        "missing-subset.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v9}\n",
+    );
+    let (_, out, _) = meshroute(&[
+        "explain",
+        "-f",
+        "examples/bookinfo/registry.yaml",
+        "-f",
+        vs.to_str().expect("utf-8"),
+        "GET",
+        "http://reviews:9080/",
+    ]);
+    assert!(
+        out.contains("missing-subset.yaml:7): matched"),
+        "points at the route's line: {out}"
+    );
+    assert!(
+        out.contains("cluster not defined (no DestinationRule declares the subset)"),
+        "{out}"
+    );
+    assert!(out.contains("outcome: reply 503 NC"), "{out}");
+}
+
+#[test]
+fn simulate_reports_the_split() {
+    let (code, out, err) = meshroute(&[
+        "simulate",
+        "-f",
+        "examples/hello/registry.yaml",
+        "-f",
+        "examples/hello/case4-weights.yaml",
+        "-n",
+        "10000",
+        "GET",
+        "http://svc-hello:8080/",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v1 = out
+        .lines()
+        .find(|l| l.contains("svc-hello-v1"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.trim_end_matches('%').parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!((88.5..=91.5).contains(&v1), "{out}");
+}

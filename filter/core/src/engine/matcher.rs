@@ -153,8 +153,13 @@ impl CompiledMatch {
     }
 
     pub(crate) fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.first_failure(req).is_none()
+    }
+
+    /// The first condition that does not hold, in evaluation order.
+    pub(crate) fn first_failure(&self, req: &RequestView<'_>) -> Option<Condition<'_>> {
         if self.port.is_some_and(|p| p != req.port) {
-            return false;
+            return Some(Condition::Port);
         }
         if let Some(uri) = &self.uri {
             let path = req.path_without_query();
@@ -164,22 +169,52 @@ impl CompiledMatch {
                 uri.matches(path)
             };
             if !ok {
-                return false;
+                return Some(Condition::Uri);
             }
         }
         let pseudo = [
-            (&self.scheme, req.scheme),
-            (&self.method, req.method),
-            (&self.authority, req.authority),
+            (&self.scheme, req.scheme, Condition::Scheme),
+            (&self.method, req.method, Condition::Method),
+            (&self.authority, req.authority, Condition::Authority),
         ];
-        if pseudo
-            .iter()
-            .any(|(m, v)| m.as_ref().is_some_and(|m| !m.matches(v)))
-        {
-            return false;
+        for (m, v, c) in pseudo {
+            if m.as_ref().is_some_and(|m| !m.matches(v)) {
+                return Some(c);
+            }
         }
-        self.headers.iter().all(|h| header_matches(h, req))
-            && self.query.iter().all(|q| query_matches(q, req))
+        if let Some(h) = self.headers.iter().find(|h| !header_matches(h, req)) {
+            return Some(Condition::Header(&h.name));
+        }
+        self.query
+            .iter()
+            .find(|q| !query_matches(q, req))
+            .map(|q| Condition::Query(&q.name))
+    }
+}
+
+/// A condition of a match block (for explaining why a route did not match).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition<'a> {
+    Port,
+    Uri,
+    Scheme,
+    Method,
+    Authority,
+    Header(&'a str),
+    Query(&'a str),
+}
+
+impl std::fmt::Display for Condition<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Port => f.write_str("port"),
+            Self::Uri => f.write_str("uri"),
+            Self::Scheme => f.write_str("scheme"),
+            Self::Method => f.write_str("method"),
+            Self::Authority => f.write_str("authority"),
+            Self::Header(h) => write!(f, "header {h}"),
+            Self::Query(q) => write!(f, "query parameter {q}"),
+        }
     }
 }
 

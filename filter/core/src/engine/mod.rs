@@ -19,6 +19,7 @@ use regex::Regex;
 use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy, RulesDocument};
 
 use balance::ClusterRt;
+pub use matcher::Condition;
 use matcher::{CompiledMatch, Matcher};
 pub use request::{split_host_port, split_query, RequestView};
 
@@ -76,6 +77,13 @@ impl fmt::Display for BuildError {
 }
 
 impl std::error::Error for BuildError {}
+
+/// The path a request took through the rules (see [`Engine::trace`]).
+#[derive(Debug)]
+pub struct Trace<'e> {
+    pub vhost: Option<usize>,
+    pub routes: Vec<Option<Vec<Condition<'e>>>>,
+}
 
 /// What the host must do with the request.
 #[derive(Debug)]
@@ -461,6 +469,36 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Which virtual host and routes a request meets, for `explain`: the route table port,
+    /// the virtual host's index in that table, and for each route tried in order either
+    /// `None` (it matched; the last one) or, per match block, the first failing condition.
+    pub fn trace<'e>(&'e self, req: &RequestView<'_>) -> Trace<'e> {
+        let table = self.tables.get(&req.port);
+        let vhost = self
+            .find_vhost(req)
+            .and_then(|v| table.and_then(|t| t.vhosts.iter().position(|x| std::ptr::eq(x, v))));
+        let mut routes = Vec::new();
+        if let (Some(t), Some(i)) = (table, vhost) {
+            for r in &t.vhosts[i].routes {
+                if r.matches.is_empty() {
+                    routes.push(None);
+                    break;
+                }
+                let failures: Vec<Condition<'e>> = r
+                    .matches
+                    .iter()
+                    .filter_map(|m| m.first_failure(req))
+                    .collect();
+                if failures.len() < r.matches.len() {
+                    routes.push(None);
+                    break;
+                }
+                routes.push(Some(failures));
+            }
+        }
+        Trace { vhost, routes }
     }
 
     fn cluster(&self, name: &str) -> Option<&ClusterRt> {

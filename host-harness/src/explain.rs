@@ -1,0 +1,315 @@
+//! `meshroute explain` and `meshroute simulate`: the decision path of one request through the
+//! compiled rules, and the outcome distribution over many draws.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use meshroute_core::engine::{Engine, Outcome, RequestView, SplitMix64};
+use meshroute_core::ir::{Action, RouteTable, RulesDocument, SourceRef, StringMatch};
+
+/// A request as given on the command line.
+pub struct Probe {
+    pub method: String,
+    pub scheme: String,
+    pub authority: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Probe {
+    /// `METHOD URL` plus `name: value` headers.
+    pub fn parse(method: &str, url: &str, headers: &[String]) -> Result<Self, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            format!("{url:?}: expected an absolute URL such as http://reviews:9080/path")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let mut parsed = Vec::new();
+        for h in headers {
+            let (k, v) = h
+                .split_once(':')
+                .ok_or_else(|| format!("header {h:?}: expected 'name: value'"))?;
+            parsed.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        Ok(Self {
+            method: method.to_ascii_uppercase(),
+            scheme: scheme.to_ascii_lowercase(),
+            authority: authority.to_owned(),
+            path: path.to_owned(),
+            headers: parsed,
+        })
+    }
+
+    fn all_headers(&self) -> Vec<(String, String)> {
+        let mut h = vec![
+            (":method".to_owned(), self.method.clone()),
+            (":scheme".to_owned(), self.scheme.clone()),
+            (":authority".to_owned(), self.authority.clone()),
+            (":path".to_owned(), self.path.clone()),
+        ];
+        h.extend(self.headers.iter().cloned());
+        h
+    }
+
+    fn view<'a>(&'a self, engine: &Engine, headers: &'a [(String, String)]) -> RequestView<'a> {
+        let default_port = if self.scheme == "https" { 443 } else { 80 };
+        let listener = meshroute_core::engine::split_host_port(&self.authority)
+            .1
+            .unwrap_or(default_port);
+        RequestView {
+            method: &self.method,
+            scheme: &self.scheme,
+            authority: &self.authority,
+            path: &self.path,
+            port: engine.route_port(&self.authority, &self.scheme, listener),
+            headers,
+            source_ip: Some("127.0.0.1"),
+        }
+    }
+}
+
+fn at(source: Option<&SourceRef>) -> String {
+    source.map_or_else(String::new, |s| {
+        format!(
+            " ({} {}/{} at {}:{})",
+            s.kind, s.namespace, s.name, s.file, s.line
+        )
+    })
+}
+
+fn describe(m: &StringMatch) -> String {
+    match m {
+        StringMatch::Exact(s) => format!("exact {s:?}"),
+        StringMatch::Prefix(s) => format!("prefix {s:?}"),
+        StringMatch::Regex(s) => format!("regex {s:?}"),
+        StringMatch::Present => "present".to_owned(),
+    }
+}
+
+/// The decision path as text and as JSON.
+pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), String> {
+    let engine = Engine::new(doc.clone()).map_err(|e| e.to_string())?;
+    let headers = probe.all_headers();
+    let view = probe.view(&engine, &headers);
+    let trace = engine.trace(&view);
+    let decision = engine.decide(&view, &mut SplitMix64(1));
+    let mut out = String::new();
+    let mut steps = Vec::new();
+    let _ = writeln!(
+        out,
+        "proxy: {:?} in namespace {} (outbound policy {:?})",
+        doc.proxy.kind, doc.proxy.namespace, doc.outbound_traffic_policy
+    );
+    let _ = writeln!(
+        out,
+        "request: {} {}://{}{} (route table port {})",
+        probe.method, probe.scheme, probe.authority, probe.path, view.port
+    );
+    let table: Option<&RouteTable> = doc.route_tables.iter().find(|t| t.port == view.port);
+    match (table, trace.vhost) {
+        (Some(t), Some(i)) => {
+            let vh = &t.virtual_hosts[i];
+            let _ = writeln!(out, "virtual host: {}{}", vh.name, at(vh.source.as_ref()));
+            steps.push(json!({"virtual_host": vh.name, "source": vh.source}));
+            for (r, result) in trace.routes.iter().enumerate() {
+                let route = &vh.routes[r];
+                let name = if route.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {:?}", route.name)
+                };
+                match result {
+                    None => {
+                        let _ = writeln!(
+                            out,
+                            "  route {r}{name}{}: matched",
+                            at(route.source.as_ref())
+                        );
+                        steps.push(json!({"route": r, "matched": true, "source": route.source}));
+                    }
+                    Some(failures) => {
+                        let why: Vec<String> = failures
+                            .iter()
+                            .zip(&route.matches)
+                            .map(|(c, m)| {
+                                let detail = match c {
+                                    meshroute_core::engine::Condition::Uri => {
+                                        m.uri.as_ref().map(describe)
+                                    }
+                                    meshroute_core::engine::Condition::Header(h) => {
+                                        m.headers.iter().find(|x| x.name == *h).map(|x| {
+                                            format!(
+                                                "{}{}",
+                                                if x.invert { "not " } else { "" },
+                                                describe(&x.matcher)
+                                            )
+                                        })
+                                    }
+                                    _ => None,
+                                };
+                                match detail {
+                                    Some(d) => format!("{c} is not {d}"),
+                                    None => format!("{c} does not match"),
+                                }
+                            })
+                            .collect();
+                        let _ = writeln!(
+                            out,
+                            "  route {r}{name}{}: no match: {}",
+                            at(route.source.as_ref()),
+                            why.join("; ")
+                        );
+                        steps.push(json!({"route": r, "matched": false, "failed": why, "source": route.source}));
+                    }
+                }
+            }
+            if let Some(route) = trace
+                .routes
+                .len()
+                .checked_sub(1)
+                .filter(|_| matches!(trace.routes.last(), Some(None)))
+                .map(|r| &vh.routes[r])
+            {
+                if let Action::Route(ra) = &route.action {
+                    let total: u32 = ra.destinations.iter().map(|d| d.weight).sum();
+                    for d in &ra.destinations {
+                        let cluster = meshroute_core::ir::cluster_name(
+                            d.port.unwrap_or(view.port),
+                            &d.subset,
+                            &d.host,
+                        );
+                        let endpoints: Vec<String> = doc
+                            .clusters
+                            .iter()
+                            .find(|c| c.name == cluster)
+                            .map(|c| {
+                                c.endpoints
+                                    .iter()
+                                    .map(|e| format!("{}:{}", e.address, e.port))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let share = if total == 0 {
+                            0.0
+                        } else {
+                            f64::from(d.weight) * 100.0 / f64::from(total)
+                        };
+                        let subset = if d.subset.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" subset {}", d.subset)
+                        };
+                        let ends = if doc.clusters.iter().any(|c| c.name == cluster) {
+                            format!("endpoints [{}]", endpoints.join(", "))
+                        } else {
+                            "cluster not defined (no DestinationRule declares the subset)"
+                                .to_owned()
+                        };
+                        let _ = writeln!(
+                            out,
+                            "    -> {}{subset} {share:.1}%: cluster {cluster}, {ends}",
+                            d.host
+                        );
+                    }
+                }
+                let mut policies = Vec::new();
+                policies.push(format!(
+                    "timeout {}",
+                    route
+                        .timeout_ms
+                        .map_or("none".to_owned(), |t| format!("{t}ms"))
+                ));
+                if let Some(r) = &route.retry {
+                    policies.push(format!(
+                        "retries {} on {}",
+                        r.num_retries,
+                        r.retry_on.join(",")
+                    ));
+                }
+                if route.fault.is_some() {
+                    policies.push("fault injection".into());
+                }
+                if !route.mirrors.is_empty() {
+                    policies.push(format!("{} mirror(s)", route.mirrors.len()));
+                }
+                if route.cors.is_some() {
+                    policies.push("CORS".into());
+                }
+                let _ = writeln!(out, "  policies: {}", policies.join(", "));
+            }
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "virtual host: none matches {:?} on port {}",
+                probe.authority, view.port
+            );
+        }
+    }
+    let outcome = match &decision.outcome {
+        Outcome::Forward(f) => format!(
+            "forward to {}{}",
+            f.cluster,
+            f.endpoint
+                .as_deref()
+                .map_or(String::new(), |e| format!(" endpoint {e}"))
+        ),
+        Outcome::Reply(r) => {
+            let flag = if r.flag.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", r.flag)
+            };
+            let loc = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "location")
+                .map_or(String::new(), |(_, v)| format!(" location {v}"));
+            let body = if r.body.is_empty() {
+                String::new()
+            } else {
+                format!(" body {:?}", String::from_utf8_lossy(&r.body))
+            };
+            format!("reply {}{flag}{loc}{body}", r.status)
+        }
+    };
+    let delay = decision
+        .delay_ms
+        .map_or(String::new(), |d| format!(" after a {d}ms fault delay"));
+    let _ = writeln!(out, "outcome: {outcome}{delay}");
+    Ok((
+        out,
+        json!({"steps": steps, "outcome": outcome, "delay_ms": decision.delay_ms}),
+    ))
+}
+
+/// Runs the decision `n` times with a seeded generator and counts outcomes.
+pub fn simulate(
+    doc: &RulesDocument,
+    probe: &Probe,
+    n: u64,
+    seed: u64,
+) -> Result<BTreeMap<String, u64>, String> {
+    let engine = Engine::new(doc.clone()).map_err(|e| e.to_string())?;
+    let headers = probe.all_headers();
+    let view = probe.view(&engine, &headers);
+    let mut rng = SplitMix64(seed);
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let d = engine.decide(&view, &mut rng);
+        let mut key = match &d.outcome {
+            Outcome::Forward(f) => format!("forward {}", f.cluster),
+            Outcome::Reply(r) if r.flag.is_empty() => format!("reply {}", r.status),
+            Outcome::Reply(r) => format!("reply {} {}", r.status, r.flag),
+        };
+        if d.delay_ms.is_some() {
+            key.push_str(" (delayed)");
+        }
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
