@@ -214,6 +214,28 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
                             "    -> {}{subset} {share:.1}%: cluster {cluster}, {ends}",
                             d.host
                         );
+                        if let Some(c) = doc.clusters.iter().find(|c| c.name == cluster) {
+                            let mut p = vec![format!("lb {:?}", c.lb.policy)];
+                            if c.lb.consistent_hash.is_some() {
+                                p.push("consistent hash".into());
+                            }
+                            if !c.connection_pool.is_default() {
+                                p.push(format!("connection pool {:?}", c.connection_pool));
+                            }
+                            if let Some(o) = &c.outlier_detection {
+                                p.push(format!("outlier detection {o:?}"));
+                            }
+                            let _ =
+                                writeln!(out, "       {}{}", p.join(", "), at(c.source.as_ref()));
+                            if c.endpoints.is_empty()
+                                && c.discovery == meshroute_core::ir::Discovery::Static
+                            {
+                                let _ = writeln!(
+                                    out,
+                                    "       warning: no endpoint matches this cluster (503 no healthy upstream)"
+                                );
+                            }
+                        }
                     }
                 }
                 let mut policies = Vec::new();
@@ -281,6 +303,13 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
         .delay_ms
         .map_or(String::new(), |d| format!(" after a {d}ms fault delay"));
     let _ = writeln!(out, "outcome: {outcome}{delay}");
+    // Compiler warnings about the host this request reached.
+    let host = meshroute_core::engine::split_host_port(&probe.authority)
+        .0
+        .to_ascii_lowercase();
+    for w in doc.warnings.iter().filter(|w| w.contains(&host)) {
+        let _ = writeln!(out, "warning: {w}");
+    }
     Ok((
         out,
         json!({"steps": steps, "outcome": outcome, "delay_ms": decision.delay_ms}),

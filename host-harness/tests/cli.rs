@@ -119,6 +119,7 @@ request: GET http://reviews:9080/reviews/1 (route table port 9080)
 virtual host: reviews.default.svc.cluster.local:9080 (VirtualService default/reviews at examples/bookinfo/reviews-jason.yaml:2)
   route 0 (VirtualService default/reviews at examples/bookinfo/reviews-jason.yaml:10): matched
     -> reviews.default.svc.cluster.local subset v2 100.0%: cluster outbound|9080|v2|reviews.default.svc.cluster.local, endpoints [127.0.0.1:19082]
+       lb RoundRobin (Service default/reviews at examples/bookinfo/registry.yaml:3)
   policies: timeout none, retries 2 on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
 outcome: forward to outbound|9080|v2|reviews.default.svc.cluster.local endpoint 127.0.0.1:19082"
     );
