@@ -514,8 +514,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo { mut host } => {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let files = meshroute_harness::runtime::demo::demo_files(&root);
+            let dir = std::env::temp_dir().join(format!("meshroute-demo-{}", std::process::id()));
+            let files = match meshroute_harness::runtime::demo::demo_files(&dir) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            eprintln!(
+                "meshroute: demo configuration in {} (edit it: changes reload)",
+                dir.display()
+            );
             let proxy = ProxyOptions {
                 kind: ProxyKind::Gateway,
                 namespace: "istio-system".into(),

@@ -36,10 +36,32 @@ pub async fn hello_upstream(address: SocketAddr, version: &'static str) -> Resul
     Ok(())
 }
 
-/// The example files the demo runs (relative to the repository).
-pub fn demo_files(root: &std::path::Path) -> Vec<PathBuf> {
-    ["registry.yaml", "case5-subsets.yaml", "demo-gateway.yaml"]
+/// The hello-world example the demo runs, built into the binary.
+const DEMO_FILES: [(&str, &str); 3] = [
+    (
+        "registry.yaml",
+        include_str!("../../../examples/hello/registry.yaml"),
+    ),
+    (
+        "case5-subsets.yaml",
+        include_str!("../../../examples/hello/case5-subsets.yaml"),
+    ),
+    (
+        "demo-gateway.yaml",
+        include_str!("../../../examples/hello/demo-gateway.yaml"),
+    ),
+];
+
+/// Writes the demo's configuration into `dir` (so it can be edited and hot-reloaded) and
+/// returns the file paths.
+pub fn demo_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    DEMO_FILES
         .iter()
-        .map(|f| root.join("examples/hello").join(f))
+        .map(|(name, text)| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(path)
+        })
         .collect()
 }
