@@ -432,9 +432,14 @@ spec:
         key = dir.join("secure.key").display(),
     );
     write_config(&dir, "config.yaml", &config);
-    let https_port = free_port();
-    let offset = https_port - 443;
-    let http_port = 80 + offset;
+    // Both server ports shift by one offset: find one where both are free.
+    let (https_port, offset, http_port) = (0..50)
+        .map(|_| {
+            let https = free_port();
+            (https, https - 443, https - 443 + 80)
+        })
+        .find(|(_, _, http)| std::net::TcpListener::bind(("127.0.0.1", *http)).is_ok())
+        .expect("a free port pair");
     let admin = format!("127.0.0.1:{}", free_port());
     let creds = dir.join("creds");
     let m = Meshroute::start(

@@ -469,7 +469,7 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
                     }
                 })
             };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let builder = listener_builder();
             match &spec.tls {
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
@@ -486,6 +486,25 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
             }
         });
     }
+}
+
+/// Downstream limits, with Envoy's defaults: 60 KiB of request headers and 100 header fields
+/// (over either: 431), a 60 s deadline for the request headers of a new request (slow
+/// clients), and at most 1024 concurrent HTTP/2 streams per connection.
+fn listener_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_buf_size(60 * 1024)
+        .max_headers(100)
+        .header_read_timeout(Duration::from_secs(60));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .max_header_list_size(60 * 1024);
+    builder
 }
 
 fn reply_response(kind: ProxyKind, reply: LocalReply) -> Response<Body> {
@@ -556,6 +575,18 @@ async fn handle(
     let scheme = if https { "https" } else { "http" };
     let (parts, body) = req.into_parts();
     // Absolute-form URIs (explicit proxy) carry the authority; otherwise the Host header.
+    // An absolute-form URI whose host disagrees with Host is ambiguous: refuse it rather
+    // than pick one (request smuggling past host-based rules).
+    if let (Some(uri_authority), Some(host)) = (
+        parts.uri.authority(),
+        parts.headers.get("host").and_then(|h| h.to_str().ok()),
+    ) {
+        if parts.version < http::Version::HTTP_2
+            && !uri_authority.as_str().eq_ignore_ascii_case(host)
+        {
+            return reply_response(proxy.kind, local(400, "Bad Request"));
+        }
+    }
     let authority = parts
         .uri
         .authority()

@@ -1,0 +1,124 @@
+//! Hostile clients: oversized or ambiguous requests get Envoy's answers, and a well-behaved
+//! client keeps getting 200 meanwhile.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+use meshroute_tests::{get, registry, rules, start, Host, Upstream};
+
+/// Sends raw bytes and returns the status code of the answer (0 when the connection closed).
+fn raw(port: u16, request: &[u8]) -> u16 {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = conn.write_all(request);
+    let mut buf = Vec::new();
+    let _ = conn.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn hostile_requests_get_envoy_answers(host: Host) {
+    let up = Upstream::start("web");
+    let doc = rules(
+        &[("r.yaml", registry("web", 8000, &[&up]))],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(host, &doc);
+    let port = proxy.port();
+    // A well-behaved client in parallel, bounded in count.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let good = {
+        let (stop, ok, bad) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&bad));
+        thread::spawn(move || {
+            for _ in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if get("web:8000", "/fine").send(port).status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let big = "x".repeat(70 * 1024);
+    let oversized = format!("GET / HTTP/1.1\r\nhost: web:8000\r\nx-big: {big}\r\n\r\n");
+    assert_eq!(raw(port, oversized.as_bytes()), 431, "headers above 60 KiB");
+    let mut many = String::from("GET / HTTP/1.1\r\nhost: web:8000\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(
+        raw(port, many.as_bytes()),
+        431,
+        "more than 100 header fields"
+    );
+    let conflicting =
+        b"POST / HTTP/1.1\r\nhost: web:8000\r\ncontent-length: 5\r\ncontent-length: 7\r\n\r\nhello";
+    assert_eq!(raw(port, conflicting), 400, "conflicting Content-Length");
+    let folded =
+        b"GET / HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\nx-a: one\r\n two\r\n\r\n";
+    let status = raw(port, folded);
+    match host {
+        // Envoy 1.40 unfolds obsolete line folding and serves the request.
+        Host::Envoy => assert_eq!(status, 200, "Envoy unfolds"),
+        Host::Harness => assert_eq!(status, 400, "obsolete line folding is refused"),
+    }
+    let smuggle = b"POST / HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: web:8000\r\n\r\n";
+    let _ = raw(port, smuggle);
+    assert!(
+        up.received().iter().all(|r| r.path != "/smuggled"),
+        "a request hidden in a body never reaches the upstream"
+    );
+    // Let the well-behaved client get some answers in before stopping it (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ok.load(Ordering::Relaxed) < 20 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    good.join().unwrap();
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "the well-behaved client kept getting 200"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 0);
+}
+
+meshroute_tests::on_both_hosts!(hostile_requests_get_envoy_answers);
+
+#[test]
+fn harness_rejects_absolute_form_host_disagreeing_with_host_header() {
+    let up = Upstream::start("web");
+    let doc = rules(
+        &[("r.yaml", registry("web", 8000, &[&up]))],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(Host::Harness, &doc);
+    let status = raw(
+        proxy.port(),
+        b"GET http://web:8000/ HTTP/1.1\r\nhost: other.example\r\n\r\n",
+    );
+    assert_eq!(status, 400);
+    let status = raw(
+        proxy.port(),
+        b"GET http://web:8000/ HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(up.count(), 1);
+}
