@@ -173,6 +173,28 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
     Ok((out, warnings))
 }
 
+/// The wasm filter's typed config: the rules as a StringValue, as Istio's WasmPlugin
+/// delivers them.
+fn wasm_filter(rules: &str, module_file: &str, failure_policy: &str) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": "meshroute",
+            "root_id": "meshroute",
+            "failure_policy": failure_policy,
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": rules,
+            },
+            "vm_config": {
+                "vm_id": "meshroute",
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": module_file}},
+            },
+        },
+    })
+}
+
 fn dns_cache() -> Value {
     json!({"name": "passthrough", "dns_lookup_family": "V4_PREFERRED"})
 }
@@ -242,23 +264,7 @@ fn listener(
                         },
                         {
                             "name": "envoy.filters.http.wasm",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                                "config": {
-                                    "name": "meshroute",
-                                    "root_id": "meshroute",
-                                    "failure_policy": opts.failure_policy.as_envoy(),
-                                    "configuration": {
-                                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                                        "value": rules,
-                                    },
-                                    "vm_config": {
-                                        "vm_id": "meshroute",
-                                        "runtime": "envoy.wasm.runtime.v8",
-                                        "code": {"local": {"filename": wasm}},
-                                    },
-                                },
-                            },
+                            "typed_config": wasm_filter(rules, wasm, opts.failure_policy.as_envoy()),
                         },
                         {
                             "name": "envoy.filters.http.dynamic_forward_proxy",
@@ -378,23 +384,7 @@ pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, S
                     "operation": "INSERT_BEFORE",
                     "value": {
                         "name": "meshroute",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                            "config": {
-                                "name": "meshroute",
-                                "root_id": "meshroute",
-                                "failure_policy": "FAIL_CLOSED",
-                                "configuration": {
-                                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                                    "value": rules,
-                                },
-                                "vm_config": {
-                                    "vm_id": "meshroute",
-                                    "runtime": "envoy.wasm.runtime.v8",
-                                    "code": {"local": {"filename": t.module}},
-                                },
-                            },
-                        },
+                        "typed_config": wasm_filter(&rules, t.module, "FAIL_CLOSED"),
                     },
                 },
             }],
