@@ -99,8 +99,6 @@ fn hostile_requests_get_envoy_answers(host: Host) {
     assert!(ok.load(Ordering::Relaxed) > 0);
 }
 
-meshroute_tests::on_both_hosts!(hostile_requests_get_envoy_answers);
-
 #[test]
 fn harness_rejects_absolute_form_host_disagreeing_with_host_header() {
     let up = Upstream::start("web");
@@ -122,3 +120,64 @@ fn harness_rejects_absolute_form_host_disagreeing_with_host_header() {
     assert_eq!(status, 200);
     assert_eq!(up.count(), 1);
 }
+
+/// With the filter failed and bypassed (fail-open), forged control headers still steer
+/// nothing: they were removed before the filter, so no request reaches any upstream.
+fn forged_headers_steer_nothing_when_the_filter_is_bypassed(host: Host) {
+    use meshroute_harness::envoy_config::FailurePolicy;
+    use meshroute_harness::runtime::FailPolicy;
+    let web = Upstream::start("web");
+    let target = Upstream::start("forbidden");
+    let doc = rules(
+        &[("r.yaml", registry("web", 8000, &[&web]))],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy: Box<dyn meshroute_tests::Running + Sync> = match host {
+        Host::Envoy => Box::new(meshroute_tests::Envoy::start_module(
+            &meshroute_tests::guest_wasm_path(),
+            &doc,
+            FailurePolicy::FailOpen,
+        )),
+        Host::Harness => {
+            let plugin = Arc::new(
+                meshroute_harness::vm::Plugin::load(&meshroute_tests::guest_wasm_path(), None)
+                    .unwrap(),
+            );
+            Box::new(
+                meshroute_tests::Harness::start_plugin(plugin, &doc, FailPolicy::FailOpen, 1)
+                    .unwrap(),
+            )
+        }
+    };
+    assert_eq!(
+        proxy
+            .send(&get("web:8000", "/").header("x-guest", "panic"))
+            .status,
+        503
+    );
+    let forbidden = format!("127.0.0.1:{}", target.port);
+    for _ in 0..5 {
+        let r = proxy.send(
+            &get("web:8000", "/")
+                .header(
+                    "x-meshroute-cluster",
+                    "outbound|8000||web.default.svc.cluster.local",
+                )
+                .header("x-envoy-original-dst-host", &forbidden)
+                .header("x-envoy-fault-abort-request", "418"),
+        );
+        assert_eq!(r.status, 503, "{r:?}");
+    }
+    assert_eq!(target.count(), 0, "the forged endpoint was never reached");
+    assert_eq!(
+        web.count(),
+        0,
+        "nothing is routed without the filter's decision"
+    );
+}
+
+meshroute_tests::on_both_hosts!(
+    hostile_requests_get_envoy_answers,
+    forged_headers_steer_nothing_when_the_filter_is_bypassed,
+);

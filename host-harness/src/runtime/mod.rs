@@ -46,6 +46,10 @@ pub enum FailPolicy {
     FailClosed,
     /// A new instance is started after a back-off.
     Reload,
+    /// Requests bypass the failed filter (Envoy's FAIL_OPEN). Without the filter's routing
+    /// decision nothing is forwarded: client copies of the control headers were removed at
+    /// the listener, so no client can steer the request instead.
+    FailOpen,
 }
 
 /// Where each route table is served.
@@ -737,6 +741,15 @@ async fn run_request(
 ) -> Outcome {
     let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
     let slot = &generation.slots[index];
+    if proxy.fail_policy == FailPolicy::FailOpen && instance_failed(generation, index) {
+        return match forward(proxy, generation, headers, body).await {
+            Ok(r) => Ok((r, String::new())),
+            Err(reply) => {
+                let flag = reply.flag;
+                Err((reply.into_local(), String::new(), flag))
+            }
+        };
+    }
     if let Some(reply) = check_failed(proxy, generation, index) {
         return Err((reply, String::new(), "UH"));
     }
@@ -924,17 +937,20 @@ fn take_reply(generation: &Generation, index: usize, id: u32) -> Option<LocalRep
 }
 
 /// Fail policy: a failed instance answers 503, or is replaced after a back-off.
+fn instance_failed(generation: &Generation, index: usize) -> bool {
+    generation.slots[index].vm.lock().ok().is_none_or(|g| {
+        g.as_ref()
+            .is_none_or(|vm| vm.failed.load(Ordering::Relaxed))
+    })
+}
+
 fn check_failed(
     proxy: &Arc<Proxy>,
     generation: &Arc<Generation>,
     index: usize,
 ) -> Option<LocalReply> {
     let slot = &generation.slots[index];
-    let failed = slot.vm.lock().ok().is_none_or(|g| {
-        g.as_ref()
-            .is_none_or(|vm| vm.failed.load(Ordering::Relaxed))
-    });
-    if !failed {
+    if !instance_failed(generation, index) {
         return None;
     }
     if proxy.fail_policy == FailPolicy::Reload {
