@@ -70,6 +70,12 @@ struct HostArgs {
     /// Access log: `off`, `stdout` or a file to append to.
     #[arg(long, default_value = "stdout")]
     access_log: String,
+    /// Downstream connections per listener; more are closed at once.
+    #[arg(long, default_value_t = 100_000)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, default_value_t = 60)]
+    header_timeout_s: u64,
 }
 
 /// The filter built by this workspace: `target/wasm32-unknown-unknown/wasm-release/`.
@@ -190,6 +196,10 @@ fn run_options(
         reload_interval: std::time::Duration::from_secs(1),
         credentials: host.credentials_dir,
         access_log: host.access_log,
+        limits: meshroute_harness::runtime::Limits {
+            max_connections: host.max_connections.max(1),
+            header_timeout: std::time::Duration::from_secs(host.header_timeout_s.max(1)),
+        },
     }
 }
 

@@ -700,6 +700,23 @@ impl Harness {
         fail_policy: meshroute_harness::runtime::FailPolicy,
         workers: usize,
     ) -> Result<Self, String> {
+        Self::start_limited(
+            plugin,
+            doc,
+            fail_policy,
+            workers,
+            meshroute_harness::runtime::Limits::default(),
+        )
+    }
+
+    /// As [`Harness::start_plugin`], with listener limits.
+    pub fn start_limited(
+        plugin: Arc<meshroute_harness::vm::Plugin>,
+        doc: &RulesDocument,
+        fail_policy: meshroute_harness::runtime::FailPolicy,
+        workers: usize,
+        limits: meshroute_harness::runtime::Limits,
+    ) -> Result<Self, String> {
         use meshroute_harness::runtime::{admin, serve, ListenerSpec, Proxy};
         let (port, admin_port) = (free_port(), free_port());
         let server_port = match doc.proxy.kind {
@@ -722,6 +739,7 @@ impl Harness {
                     address: ([127, 0, 0, 1], port).into(),
                     server_port,
                     tls: None,
+                    limits,
                 };
                 tokio::spawn(serve(Arc::clone(&proxy), spec));
                 tokio::spawn(admin::serve(proxy, ([127, 0, 0, 1], admin_port).into()));

@@ -39,6 +39,7 @@ pub struct Stats {
     vm_reloads: AtomicU64,
     pub config_reloads: AtomicU64,
     pub config_reload_failures: AtomicU64,
+    connection_overflows: AtomicU64,
 }
 
 impl Stats {
@@ -71,6 +72,10 @@ impl Stats {
 
     pub fn vm_failure(&self) {
         self.vm_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_overflow(&self) {
+        self.connection_overflows.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn vm_reload(&self) {
@@ -126,6 +131,10 @@ impl Stats {
             (
                 "meshroute_config_reload_failures_total",
                 &self.config_reload_failures,
+            ),
+            (
+                "meshroute_downstream_connections_refused_total",
+                &self.connection_overflows,
             ),
         ] {
             let _ = writeln!(

@@ -29,6 +29,7 @@ pub struct RunOptions {
     pub credentials: Option<PathBuf>,
     /// `off`, `stdout` or a file to append to.
     pub access_log: String,
+    pub limits: super::Limits,
 }
 
 /// Loads and compiles; diagnostics (errors and warnings) come back as text.
@@ -62,12 +63,14 @@ pub fn listeners(
     listen: SocketAddr,
     port_offset: u16,
     credentials: Option<&Path>,
+    limits: super::Limits,
 ) -> Result<Vec<ListenerSpec>, String> {
     match doc.proxy.kind {
         ProxyKind::Sidecar => Ok(vec![ListenerSpec {
             address: listen,
             server_port: 0,
             tls: None,
+            limits,
         }]),
         ProxyKind::Gateway => {
             let ip: IpAddr = listen.ip();
@@ -92,6 +95,7 @@ pub fn listeners(
                     address: SocketAddr::new(ip, port),
                     server_port: l.port,
                     tls,
+                    limits,
                 });
             }
             if out.is_empty() {
@@ -139,6 +143,7 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
         opts.listen,
         opts.port_offset,
         opts.credentials.as_deref(),
+        opts.limits,
     )?;
     let proxy = Proxy::new(
         plugin,

@@ -61,6 +61,25 @@ pub struct ListenerSpec {
     pub server_port: u16,
     /// Terminate TLS with this configuration (HTTPS Gateway servers).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub limits: Limits,
+}
+
+/// Per-listener protection against hostile or broken clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections above this are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slow-loris protection).
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            header_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// One loaded configuration: rules, clusters and filter instances.
@@ -445,6 +464,7 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
     let listener = TcpListener::bind(spec.address)
         .await
         .map_err(|e| format!("listen on {}: {e}", spec.address))?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(spec.limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -454,11 +474,18 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
                 continue;
             }
         };
+        // Over the connection limit: close at once, the listener stays responsive.
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            drop(stream);
+            proxy.stats.connection_overflow();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
         let spec = spec.clone();
         let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            let _permit = permit;
             let local = stream.local_addr().ok();
             let https = spec.tls.is_some();
             let service = {
@@ -473,7 +500,7 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
                     }
                 })
             };
-            let builder = listener_builder();
+            let builder = listener_builder(spec.limits);
             match &spec.tls {
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
@@ -493,16 +520,16 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
 }
 
 /// Downstream limits, with Envoy's defaults: 60 KiB of request headers and 100 header fields
-/// (over either: 431), a 60 s deadline for the request headers of a new request (slow
-/// clients), and at most 1024 concurrent HTTP/2 streams per connection.
-fn listener_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+/// (over either: 431), a deadline for the request headers of a new request (slow clients),
+/// and at most 1024 concurrent HTTP/2 streams per connection.
+fn listener_builder(limits: Limits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_buf_size(60 * 1024)
         .max_headers(100)
-        .header_read_timeout(Duration::from_secs(60));
+        .header_read_timeout(limits.header_timeout);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
