@@ -217,6 +217,11 @@ fn harness_closes_slow_clients_and_connections_over_the_cap() {
         "closed after the header deadline: {:?}",
         start.elapsed()
     );
+    let reply = String::from_utf8_lossy(&buf);
+    assert!(
+        reply.starts_with("HTTP/1.1 408"),
+        "Envoy's answer to a slow client: {reply:?}"
+    );
     // Hold the connection cap with idle connections; one more is closed at once, and once
     // they go a normal client is served again.
     let held: Vec<TcpStream> = (0..3)

@@ -4,6 +4,7 @@
 
 pub mod admin;
 mod body;
+mod deadline;
 pub mod demo;
 pub mod launch;
 pub mod tls;
@@ -506,13 +507,13 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
                     // A failed handshake only closes this connection.
                     if let Ok(tls) = acceptor.accept(stream).await {
-                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                        let io = deadline::HeaderDeadline::new(tls, spec.limits.header_timeout);
+                        let _ = builder.serve_connection(TokioIo::new(io), service).await;
                     }
                 }
                 None => {
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let io = deadline::HeaderDeadline::new(stream, spec.limits.header_timeout);
+                    let _ = builder.serve_connection(TokioIo::new(io), service).await;
                 }
             }
         });
@@ -529,7 +530,9 @@ fn listener_builder(limits: Limits) -> hyper_util::server::conn::auto::Builder<T
         .timer(hyper_util::rt::TokioTimer::new())
         .max_buf_size(60 * 1024)
         .max_headers(100)
-        .header_read_timeout(limits.header_timeout);
+        // The first request's deadline is enforced (with a 408) by `HeaderDeadline`; this
+        // one, a little later, bounds the requests that follow on a kept-alive connection.
+        .header_read_timeout(limits.header_timeout + Duration::from_secs(1));
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
