@@ -398,6 +398,21 @@ fn compile_rules(files: &[PathBuf], identity: Identity) -> Result<RulesDocument,
     }
 }
 
+/// Rules and the request to decide, for `explain` and `simulate`.
+fn compile_probe(
+    files: &[PathBuf],
+    identity: Identity,
+    method: &str,
+    url: &str,
+    headers: &[String],
+) -> Result<(RulesDocument, meshroute_harness::explain::Probe), ExitCode> {
+    let probe = meshroute_harness::explain::Probe::parse(method, url, headers).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    Ok((compile_rules(files, identity)?, probe))
+}
+
 fn write_output(output: Option<&Path>, text: &str) -> ExitCode {
     let written = match output {
         Some(path) => std::fs::write(path, format!("{text}\n"))
@@ -473,12 +488,11 @@ fn main() -> ExitCode {
             method,
             url,
         } => {
-            let doc = match compile_rules(&files, identity) {
-                Ok(doc) => doc,
+            let (doc, probe) = match compile_probe(&files, identity, &method, &url, &headers) {
+                Ok(v) => v,
                 Err(code) => return code,
             };
-            let result = meshroute_harness::explain::Probe::parse(&method, &url, &headers)
-                .and_then(|probe| meshroute_harness::explain::explain(&doc, &probe));
+            let result = meshroute_harness::explain::explain(&doc, &probe);
             match result {
                 Ok((_, json)) if output == "json" => write_output(
                     None,
@@ -500,12 +514,11 @@ fn main() -> ExitCode {
             method,
             url,
         } => {
-            let doc = match compile_rules(&files, identity) {
-                Ok(doc) => doc,
+            let (doc, probe) = match compile_probe(&files, identity, &method, &url, &headers) {
+                Ok(v) => v,
                 Err(code) => return code,
             };
-            let result = meshroute_harness::explain::Probe::parse(&method, &url, &headers)
-                .and_then(|probe| meshroute_harness::explain::simulate(&doc, &probe, n, seed));
+            let result = meshroute_harness::explain::simulate(&doc, &probe, n, seed);
             match result {
                 Ok(counts) => {
                     let mut rows: Vec<_> = counts.into_iter().collect();

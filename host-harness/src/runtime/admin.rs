@@ -82,7 +82,10 @@ impl Stats {
         self.vm_reloads.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn prometheus(&self, reporter: &str) -> String {
+    /// Istio's metrics as the client-side proxy reports them (`reporter="source"`): both a
+    /// sidecar's outbound traffic and a gateway's are reported that way.
+    fn prometheus(&self) -> String {
+        let reporter = "source";
         let mut out = String::new();
         let Ok(series) = self.series.lock() else {
             return out;
@@ -158,17 +161,7 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
     match req.uri().path() {
         "/ready" => text(200, "text/plain", "LIVE\n".into()),
         "/healthz" => text(200, "text/plain", "OK\n".into()),
-        "/stats/prometheus" => {
-            let reporter = match proxy.kind {
-                meshroute_core::ir::ProxyKind::Sidecar => "source",
-                meshroute_core::ir::ProxyKind::Gateway => "source",
-            };
-            text(
-                200,
-                "text/plain; version=0.0.4",
-                proxy.stats.prometheus(reporter),
-            )
-        }
+        "/stats/prometheus" => text(200, "text/plain; version=0.0.4", proxy.stats.prometheus()),
         "/config_dump" => {
             let g = proxy.current();
             let dump = serde_json::json!({

@@ -1130,7 +1130,6 @@ async fn forward(
         }
         return match result {
             upstream::Attempt::Response(r) => Ok(r),
-            upstream::Attempt::Timeout if out_of_time || per_try.is_none() => Err(HostReply { status: 504, body: "upstream request timeout", flag: "UT" }),
             upstream::Attempt::Timeout => Err(HostReply { status: 504, body: "upstream request timeout", flag: "UT" }),
             upstream::Attempt::ConnectFailure => Err(HostReply {
                 status: 503,

@@ -397,7 +397,7 @@ impl Engine {
             }
             if let Some(abort) = &fault.abort {
                 if sampled(rng, abort.per_million) {
-                    return Outcome::Reply(respond::fault_abort(abort, req));
+                    return Outcome::Reply(respond::fault_abort(abort));
                 }
             }
         }

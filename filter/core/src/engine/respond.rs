@@ -78,7 +78,7 @@ fn request_host(req: &RequestView<'_>, new_scheme: &str, new_port: bool) -> Stri
 }
 
 /// Envoy's fault filter abort: `fault filter abort`, or a gRPC status for gRPC aborts.
-pub(crate) fn fault_abort(abort: &FaultAbort, _req: &RequestView<'_>) -> Reply {
+pub(crate) fn fault_abort(abort: &FaultAbort) -> Reply {
     match (abort.grpc_status, abort.http_status) {
         (Some(code), _) => Reply {
             status: 200,
