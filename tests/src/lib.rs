@@ -342,10 +342,15 @@ impl<'a> Request<'a> {
 
     /// Sends over a fresh connection and reads the whole response.
     pub fn send(&self, port: u16) -> Response {
+        self.try_send(port)
+            .unwrap_or_else(|e| panic!("request to 127.0.0.1:{port} failed: {e}"))
+    }
+
+    /// As `send`, with connection errors returned instead of panicking.
+    pub fn try_send(&self, port: u16) -> std::io::Result<Response> {
         let start = Instant::now();
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to proxy");
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
+        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut req = format!(
             "{} {} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n",
             self.method, self.path, self.host
@@ -357,11 +362,11 @@ impl<'a> Request<'a> {
             req.push_str(&format!("content-length: {}\r\n", self.body.len()));
         }
         req.push_str("\r\n");
-        conn.write_all(req.as_bytes()).expect("write");
-        conn.write_all(self.body).expect("write body");
+        conn.write_all(req.as_bytes())?;
+        conn.write_all(self.body)?;
         let mut reader = BufReader::new(conn);
         let mut status_line = String::new();
-        reader.read_line(&mut status_line).expect("status line");
+        reader.read_line(&mut status_line)?;
         let status = status_line
             .split_whitespace()
             .nth(1)
@@ -394,12 +399,12 @@ impl<'a> Request<'a> {
             b
         };
         let _ = reader.get_ref().shutdown(Shutdown::Both);
-        Response {
+        Ok(Response {
             status,
             headers,
             body,
             elapsed: start.elapsed(),
-        }
+        })
     }
 }
 
@@ -548,11 +553,12 @@ impl Envoy {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("envoy exited early ({status}):\n{}", self.log_text());
             }
-            if TcpStream::connect(("127.0.0.1", self.admin)).is_ok() {
-                let r = get("admin", "/ready").send(self.admin);
-                if r.status == 200 && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                    return;
-                }
+            // A probe reset while Envoy is still starting means "not ready yet".
+            let ready = get("admin", "/ready")
+                .try_send(self.admin)
+                .is_ok_and(|r| r.status == 200);
+            if ready && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
             }
             thread::sleep(Duration::from_millis(100));
         }
