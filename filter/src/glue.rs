@@ -9,7 +9,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, GrpcStatusCode};
 
-use meshroute_core::engine::{EditOp, Engine, Outcome, Reply, RequestView, SplitMix64};
+use meshroute_core::engine::{
+    split_host_port, AttemptResult, EditOp, EndpointState, Engine, Outcome, Reply, RequestView,
+    SplitMix64, Ticket,
+};
 use meshroute_core::ir::{self, CLUSTER_HEADER, ENDPOINT_HEADER, LISTENER_PORT_HEADER};
 
 /// Request bodies above this are not mirrored (Envoy's shadow has the same kind of bound).
@@ -124,6 +127,8 @@ impl RootContext for FilterRoot {
             engine: self.shared.engine.borrow().clone(),
             response_edits: Vec::new(),
             mirror: None,
+            ticket: None,
+            admitted: None,
         }))
     }
 
@@ -157,6 +162,60 @@ struct FilterHttp {
     engine: Option<Rc<Engine>>,
     response_edits: Vec<(EditOp, String, String)>,
     mirror: Option<PendingMirror>,
+    /// The endpoint this request holds, for LEAST_REQUEST and outlier detection.
+    ticket: Option<Ticket>,
+    /// Shared-data key of the circuit-breaker counter this request was admitted under.
+    admitted: Option<String>,
+}
+
+/// Endpoint health as every worker sees it: outlier records in shared data.
+struct SharedEndpointState {
+    now_ms: u64,
+}
+
+impl EndpointState for SharedEndpointState {
+    fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+    fn outlier_record(&self, cluster: &str) -> Option<Vec<u8>> {
+        hostcalls::get_shared_data(&Engine::outlier_key(cluster))
+            .ok()
+            .and_then(|(bytes, _)| bytes)
+    }
+}
+
+/// Envoy's legacy response-flag bits for failures the proxy saw itself (no upstream answer):
+/// LR, UR, UF, UC, and UT for the timeout.
+const LOCAL_ORIGIN_FLAGS: u64 = 0x8 | 0x10 | 0x20 | 0x40;
+const TIMEOUT_FLAG: u64 = 0x4;
+/// Compare-and-swap attempts on a shared counter before giving up on it.
+const CAS_TRIES: usize = 16;
+
+/// Adds `delta` to the shared counter `key` unless that would take it above `limit`.
+/// Returns whether it changed.
+fn shared_add(key: &str, delta: i64, limit: u32) -> bool {
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = hostcalls::get_shared_data(key).unwrap_or((None, None));
+        let current = bytes
+            .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+            .map_or(0, u32::from_le_bytes);
+        let Some(next) = current.checked_add_signed(delta as i32) else {
+            return false;
+        };
+        if delta > 0 && next > limit {
+            return false;
+        }
+        match hostcalls::set_shared_data(key, Some(&next.to_le_bytes()), cas) {
+            Ok(()) => return true,
+            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(status) => {
+                warn!("shared counter {key}: {status:?}");
+                return false;
+            }
+        }
+    }
+    warn!("shared counter {key}: too much contention");
+    false
 }
 
 impl Context for FilterHttp {
@@ -211,6 +270,14 @@ impl HttpContext for FilterHttp {
         );
         let scheme = if scheme.is_empty() { "http" } else { scheme };
         let port = engine.route_port(authority, scheme, listener_port.unwrap_or(80));
+        // `ip:port` as Envoy encodes `source.address`; hashing uses the IP.
+        let source = if engine.uses_source_ip() {
+            self.get_property(vec!["source", "address"])
+                .and_then(|b| String::from_utf8(b).ok())
+        } else {
+            None
+        };
+        let source_ip = source.as_deref().map(|a| split_host_port(a).0);
         let view = RequestView {
             method,
             scheme,
@@ -218,15 +285,23 @@ impl HttpContext for FilterHttp {
             path,
             port,
             headers: &headers,
-            source_ip: None,
+            source_ip,
         };
         let mut rng = SplitMix64(self.shared.rng.get() ^ u64::from(self.context_id));
-        let decision = engine.decide(&view, &mut rng);
+        let state = SharedEndpointState { now_ms: now_ms() };
+        let decision = engine.decide_with(&view, &mut rng, &state);
         self.shared.rng.set(rng.0);
 
         let then = match decision.outcome {
             Outcome::Reply(reply) => Some(reply),
+            Outcome::Forward(f) if !self.admit(&f.cluster, f.max_active) => {
+                if let Some(t) = f.ticket {
+                    engine.release(t);
+                }
+                Some(Reply::overflow())
+            }
             Outcome::Forward(f) => {
+                self.ticket = f.ticket;
                 self.set_http_request_header(CLUSTER_HEADER, Some(&f.cluster));
                 self.set_http_request_header(ENDPOINT_HEADER, f.endpoint.as_deref());
                 if let Some(new_path) = &f.path {
@@ -326,6 +401,7 @@ impl HttpContext for FilterHttp {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        self.observe_attempt();
         for (op, name, value) in &self.response_edits {
             match op {
                 EditOp::Set => self.set_http_response_header(name, Some(value)),
@@ -337,6 +413,12 @@ impl HttpContext for FilterHttp {
     }
 
     fn on_log(&mut self) {
+        if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
+            engine.release(t);
+        }
+        if let Some(key) = self.admitted.take() {
+            shared_add(&key, -1, u32::MAX);
+        }
         // A stream that ends while delayed must not be resumed later.
         self.shared
             .delays
@@ -346,6 +428,74 @@ impl HttpContext for FilterHttp {
 }
 
 impl FilterHttp {
+    /// Circuit breaker: takes a place among the cluster's concurrent requests, if one is free.
+    fn admit(&mut self, cluster: &str, max_active: Option<u32>) -> bool {
+        let Some(limit) = max_active else {
+            return true;
+        };
+        let key = format!("meshroute.active/{cluster}");
+        if !shared_add(&key, 1, limit) {
+            return false;
+        }
+        self.admitted = Some(key);
+        true
+    }
+
+    /// Feeds the outcome of the attempt to outlier detection: the upstream's status, or a
+    /// local-origin failure when the host's router answered for it (Envoy's response flags).
+    fn observe_attempt(&self) {
+        let (Some(ticket), Some(engine)) = (self.ticket, &self.engine) else {
+            return;
+        };
+        if !engine.tracks_outliers(ticket) {
+            return;
+        }
+        let status = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let flags = self
+            .get_property(vec!["response", "flags"])
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let result = if flags & (LOCAL_ORIGIN_FLAGS | TIMEOUT_FLAG) != 0 {
+            AttemptResult::LocalOrigin {
+                timeout: flags & TIMEOUT_FLAG != 0,
+            }
+        } else {
+            AttemptResult::Status(status)
+        };
+        let now = now_ms();
+        for _ in 0..CAS_TRIES {
+            let key;
+            let (stored, cas) = match engine.cluster_of(ticket) {
+                Some(name) => {
+                    key = Engine::outlier_key(name);
+                    hostcalls::get_shared_data(&key).unwrap_or((None, None))
+                }
+                None => return,
+            };
+            let Some((cluster, record, ejected)) =
+                engine.observe(ticket, result, stored.as_deref(), now)
+            else {
+                return;
+            };
+            match hostcalls::set_shared_data(&key, Some(&record), cas) {
+                Ok(()) => {
+                    if ejected {
+                        info!("outlier detection ejected an endpoint of {cluster}");
+                    }
+                    return;
+                }
+                Err(proxy_wasm::types::Status::CasMismatch) => continue,
+                Err(status) => {
+                    warn!("outlier record of {cluster}: {status:?}");
+                    return;
+                }
+            }
+        }
+    }
+
     fn set_retry_headers(&self, r: &ir::RetryPolicy) {
         if r.num_retries == 0 {
             return;

@@ -331,7 +331,7 @@ fn cluster(c: &Cluster) -> Value {
     if let Some(d) = pool.max_connection_duration_ms {
         common["max_connection_duration"] = json!(format!("{}s", d as f64 / 1000.0));
     }
-    let h2 = pool.h2_upgrade || matches!(c.protocol.as_str(), "HTTP2" | "GRPC" | "GRPC-WEB");
+    let h2 = c.upstream_h2();
     let explicit = if h2 {
         json!({"http2_protocol_options": pool.max_concurrent_streams.map_or(json!({}), |n| json!({"max_concurrent_streams": n}))})
     } else {

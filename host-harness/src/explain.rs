@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use meshroute_core::engine::{Engine, Outcome, RequestView, SplitMix64};
+use meshroute_core::engine::{Engine, Forward, Outcome, RequestView, SplitMix64};
 use meshroute_core::ir::{Action, RouteTable, RulesDocument, SourceRef, StringMatch};
 
 /// A request as given on the command line.
@@ -339,6 +339,13 @@ pub fn simulate(
             key.push_str(" (delayed)");
         }
         *counts.entry(key).or_insert(0) += 1;
+        // Each simulated request is over before the next: LEAST_REQUEST sees an idle cluster.
+        if let Outcome::Forward(Forward {
+            ticket: Some(t), ..
+        }) = d.outcome
+        {
+            engine.release(t);
+        }
     }
     Ok(counts)
 }

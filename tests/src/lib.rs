@@ -103,6 +103,7 @@ pub struct Upstream {
     pub port: u16,
     log: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
+    control: Arc<Control>,
     acceptor: Option<thread::JoinHandle<()>>,
 }
 
@@ -116,15 +117,21 @@ impl Upstream {
         let port = listener.local_addr().expect("addr").port();
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (n, l, s) = (name.to_owned(), Arc::clone(&log), Arc::clone(&stop));
+        let control = Arc::new(Control::default());
+        let (n, l, s, c) = (
+            name.to_owned(),
+            Arc::clone(&log),
+            Arc::clone(&stop),
+            Arc::clone(&control),
+        );
         let acceptor = thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (n, l) = (n.clone(), Arc::clone(&l));
-                thread::spawn(move || serve_connection(conn, &n, &l));
+                let (n, l, c) = (n.clone(), Arc::clone(&l), Arc::clone(&c));
+                thread::spawn(move || serve_connection(conn, &n, &l, &c));
             }
         });
         Self {
@@ -132,6 +139,7 @@ impl Upstream {
             port,
             log,
             stop,
+            control,
             acceptor: Some(acceptor),
         }
     }
@@ -147,6 +155,26 @@ impl Upstream {
     pub fn clear(&self) {
         self.log.lock().unwrap().clear();
     }
+
+    /// Answers every request with `status` (`None`: back to normal), as a failing pod.
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.control
+            .forced_status
+            .store(status.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The most requests this upstream was handling at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.control.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// Behaviour switches and gauges of one upstream, shared with its connection threads.
+#[derive(Default)]
+struct Control {
+    forced_status: std::sync::atomic::AtomicU16,
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Upstream {
@@ -161,7 +189,7 @@ impl Drop for Upstream {
     }
 }
 
-fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>) {
+fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>, control: &Control) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut conn = conn;
@@ -211,13 +239,17 @@ fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>) {
             kept.body = Vec::new();
         }
         log.lock().unwrap().push(kept);
+        let now = control.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        control.peak.fetch_max(now, Ordering::SeqCst);
         if let Some(ms) = query.get("sleep_ms").and_then(|v| v.parse().ok()) {
             thread::sleep(Duration::from_millis(ms));
         }
+        control.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let forced = control.forced_status.load(Ordering::Relaxed);
         let status: u16 = query
             .get("status")
             .and_then(|v| v.parse().ok())
-            .unwrap_or(200);
+            .unwrap_or(if forced == 0 { 200 } else { forced });
         let report = serde_json::json!({
             "upstream": received.upstream,
             "method": received.method,

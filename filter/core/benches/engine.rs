@@ -2,7 +2,7 @@
 //! request matches the last route, so every matcher of the host runs).
 #![allow(clippy::expect_used, reason = "benchmark setup fails loudly")]
 
-use meshroute_core::engine::{Engine, RequestView, SplitMix64};
+use meshroute_core::engine::{Engine, Forward, Outcome, RequestView, SplitMix64};
 use meshroute_core::ir::{
     self, Action, Cluster, Destination, Discovery, Endpoint, HeaderMatch, RouteAction, RouteMatch,
     RouteTable, RulesDocument, StringMatch, VirtualHost,
@@ -112,6 +112,12 @@ fn decide_last_route(bencher: divan::Bencher<'_, '_>, services: usize) {
             source_ip: None,
         };
         let d = engine.decide(divan::black_box(&view), &mut rng);
+        if let Outcome::Forward(Forward {
+            ticket: Some(t), ..
+        }) = d.outcome
+        {
+            engine.release(t);
+        }
         divan::black_box(d.route);
     });
 }

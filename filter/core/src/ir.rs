@@ -591,6 +591,14 @@ pub struct ClientTls {
     pub insecure_skip_verify: bool,
 }
 
+impl Cluster {
+    /// Whether the host speaks HTTP/2 to the endpoints: HTTP2/gRPC ports or `h2UpgradePolicy`.
+    pub fn upstream_h2(&self) -> bool {
+        self.connection_pool.h2_upgrade
+            || matches!(self.protocol.as_str(), "HTTP2" | "GRPC" | "GRPC-WEB")
+    }
+}
+
 /// Builds the Istio cluster name `outbound|port|subset|host`.
 pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")

@@ -88,6 +88,10 @@ pub struct Stream {
     pub destination_port: u16,
     pub connection_id: u64,
     pub response_code: Option<u16>,
+    /// Envoy's legacy response-flag bits (`response.flags`), e.g. 0x20 for UF.
+    pub response_flags: u64,
+    /// `response.code_details` when the proxy answered itself.
+    pub response_details: &'static str,
 }
 
 impl Stream {
@@ -105,6 +109,8 @@ impl Stream {
             destination_port: 0,
             connection_id: 0,
             response_code: None,
+            response_flags: 0,
+            response_details: "",
         }
     }
 }

@@ -68,6 +68,10 @@ fn lookup(state: &HostState, path: &[&str]) -> Result<Value, i32> {
                 ["connection", "id"] | ["connection_id"] => Ok(Value::Int(s.connection_id as i64)),
                 ["connection", "mtls"] => Ok(Value::Bytes(vec![0])),
                 ["connection", "requested_server_name"] => text(String::new()),
+                ["response", "flags"] => Ok(Value::Int(s.response_flags as i64)),
+                ["response", "code_details"] if !s.response_details.is_empty() => {
+                    text(s.response_details.to_owned())
+                }
                 ["response", "code"] => s
                     .response_code
                     .map(|c| Value::Int(i64::from(c)))

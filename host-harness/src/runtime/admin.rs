@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshroute_core::engine::{cluster_health, Engine};
+use meshroute_core::ir::RulesDocument;
 
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -161,7 +164,28 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
     match req.uri().path() {
         "/ready" => text(200, "text/plain", "LIVE\n".into()),
         "/healthz" => text(200, "text/plain", "OK\n".into()),
-        "/stats/prometheus" => text(200, "text/plain; version=0.0.4", proxy.stats.prometheus()),
+        "/stats/prometheus" => {
+            let mut out = proxy.stats.prometheus();
+            // Ejections in force, per cluster with outlier detection (Envoy's
+            // `outlier_detection.ejections_active`).
+            let g = proxy.current();
+            let now = now_ms();
+            let name = "meshroute_outlier_ejections_active";
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for c in g
+                .doc
+                .clusters
+                .iter()
+                .filter(|c| c.outlier_detection.is_some())
+            {
+                let ejected = outlier_health(proxy, &g.doc, &c.name, now)
+                    .iter()
+                    .filter(|(_, until)| until.is_some())
+                    .count();
+                let _ = writeln!(out, "{name}{{cluster_name=\"{}\"}} {ejected}", c.name);
+            }
+            text(200, "text/plain; version=0.0.4", out)
+        }
         "/config_dump" => {
             let g = proxy.current();
             let dump = serde_json::json!({
@@ -180,16 +204,47 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
             let mut out = String::new();
             let mut names: Vec<_> = g.clusters.iter().collect();
             names.sort_by(|a, b| a.0.cmp(b.0));
+            let now = now_ms();
             for (name, c) in names {
                 let _ = writeln!(out, "{name}::discovery::{:?}", c.discovery);
+                let health = outlier_health(proxy, &g.doc, name, now);
                 for e in &c.endpoints {
-                    let _ = writeln!(out, "{name}::{e}::health_flags::healthy");
+                    // Envoy's spelling of an endpoint ejected by outlier detection.
+                    let flags = match health.iter().find(|(a, _)| a == e) {
+                        Some((_, Some(_))) => "/failed_outlier_check",
+                        _ => "healthy",
+                    };
+                    let _ = writeln!(out, "{name}::{e}::health_flags::{flags}");
                 }
             }
             text(200, "text/plain", out)
         }
         _ => text(404, "text/plain", "not found\n".into()),
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Endpoints of a cluster with their ejection end, from the filter's shared outlier record.
+fn outlier_health(
+    proxy: &Proxy,
+    doc: &RulesDocument,
+    cluster: &str,
+    now: u64,
+) -> Vec<(String, Option<u64>)> {
+    let Some(c) = doc
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster && c.outlier_detection.is_some())
+    else {
+        return Vec::new();
+    };
+    let stored = proxy.plugin.shared.get(&Engine::outlier_key(cluster));
+    cluster_health(c, stored.as_ref().map(|(v, _)| v.as_slice()), now)
 }
 
 pub async fn serve(proxy: Arc<Proxy>, address: SocketAddr) -> Result<(), String> {

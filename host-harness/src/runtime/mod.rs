@@ -149,8 +149,7 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
                     endpoints,
                     next: AtomicUsize::new(0),
                     connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
-                    h2: c.connection_pool.h2_upgrade
-                        || matches!(c.protocol.as_str(), "HTTP2" | "GRPC" | "GRPC-WEB"),
+                    h2: c.upstream_h2(),
                 },
             )
         })
@@ -851,8 +850,39 @@ async fn run_request(
     let response = match forward(proxy, generation, upstream_headers, body).await {
         Ok(r) => r,
         Err(reply) => {
+            // As in Envoy, the router's own answer passes through the filter's response
+            // callback, which sees it with its response flags.
             let flag = reply.flag;
-            return Err((reply.into_local(), cluster, flag));
+            let mut headers: Headers = vec![(":status".into(), reply.status.to_string())];
+            if !reply.body.is_empty() {
+                headers.push(("content-type".into(), "text/plain".into()));
+            }
+            let final_headers = with_vm(proxy, generation, index, |vm| {
+                if let Some(s) = vm.stream_mut(id) {
+                    s.phase = Phase::Response;
+                    s.response_headers = headers;
+                    s.response_code = Some(reply.status);
+                    s.response_flags = flag_bits(flag);
+                    s.response_details = reply.details;
+                }
+                vm.on_response_headers(id, false)?;
+                Ok(vm
+                    .stream_mut(id)
+                    .map(|s| std::mem::take(&mut s.response_headers)))
+            })
+            .flatten();
+            if let Some(replaced) = take_reply(generation, index, id) {
+                return Err((replaced, cluster, ""));
+            }
+            let mut local = reply.into_local();
+            for (k, v) in final_headers.unwrap_or_default() {
+                match k.as_str() {
+                    ":status" => local.status = v.parse().unwrap_or(local.status),
+                    k if k.starts_with(':') => {}
+                    _ => local.headers.push((k, v)),
+                }
+            }
+            return Err((local, cluster, flag));
         }
     };
     let (mut parts, body) = response.into_parts();
@@ -1013,9 +1043,58 @@ pub struct HostReply {
     pub status: u16,
     pub body: &'static str,
     pub flag: &'static str,
+    /// Envoy's `response.code_details` for the same situation.
+    pub details: &'static str,
+}
+
+/// Envoy's legacy bit for a response flag, as `response.flags` encodes it.
+fn flag_bits(flag: &str) -> u64 {
+    match flag {
+        "UH" => 0x2,
+        "UT" => 0x4,
+        "LR" => 0x8,
+        "UR" => 0x10,
+        "UF" => 0x20,
+        "UC" => 0x40,
+        "UO" => 0x80,
+        "NR" => 0x100,
+        "NC" => 0x100_0000,
+        _ => 0,
+    }
 }
 
 impl HostReply {
+    const NO_CLUSTER: Self = Self {
+        status: 503,
+        body: "",
+        flag: "NC",
+        details: "cluster_not_found",
+    };
+    const NO_HEALTHY: Self = Self {
+        status: 503,
+        body: "no healthy upstream",
+        flag: "UH",
+        details: "no_healthy_upstream",
+    };
+    const TIMEOUT: Self = Self {
+        status: 504,
+        body: "upstream request timeout",
+        flag: "UT",
+        details: "response_timeout",
+    };
+    const CONNECT_FAILURE: Self = Self {
+        status: 503,
+        body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+        flag: "UF",
+        details: "upstream_reset_before_response_started{remote_connection_failure}",
+    };
+    const RESET: Self = Self {
+        status: 503,
+        body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+        flag: "UC",
+        details: "upstream_reset_before_response_started{connection_termination}",
+    };
+
     fn into_local(self) -> LocalReply {
         local(self.status, self.body)
     }
@@ -1032,47 +1111,32 @@ async fn forward(
         let i = headers.iter().position(|(k, _)| k == name)?;
         Some(headers.remove(i).1)
     };
-    let no_cluster = HostReply {
-        status: 503,
-        body: "",
-        flag: "NC",
-    };
-    let cluster_name = take(&mut headers, ir::CLUSTER_HEADER).ok_or(HostReply {
-        status: 503,
-        body: "",
-        flag: "NC",
-    })?;
-    let cluster = generation.clusters.get(&cluster_name).ok_or(no_cluster)?;
+    let cluster_name = take(&mut headers, ir::CLUSTER_HEADER).ok_or(HostReply::NO_CLUSTER)?;
+    let cluster = generation
+        .clusters
+        .get(&cluster_name)
+        .ok_or(HostReply::NO_CLUSTER)?;
     let endpoint_header = headers
         .iter()
         .find(|(k, _)| k == ir::ENDPOINT_HEADER)
         .map(|(_, v)| v.clone());
-    let no_healthy = HostReply {
-        status: 503,
-        body: "no healthy upstream",
-        flag: "UH",
-    };
     let endpoint = match cluster.discovery {
         Discovery::Static => {
-            let e = endpoint_header.ok_or(no_healthy)?;
+            let e = endpoint_header.ok_or(HostReply::NO_HEALTHY)?;
             // Only endpoints of the chosen cluster: a forged header never reaches elsewhere.
             if !cluster.endpoints.contains(&e) {
-                return Err(HostReply {
-                    status: 503,
-                    body: "no healthy upstream",
-                    flag: "UH",
-                });
+                return Err(HostReply::NO_HEALTHY);
             }
             e
         }
         Discovery::Dns => {
             if cluster.endpoints.is_empty() {
-                return Err(no_healthy);
+                return Err(HostReply::NO_HEALTHY);
             }
             let i = cluster.next.fetch_add(1, Ordering::Relaxed) % cluster.endpoints.len();
             cluster.endpoints[i].clone()
         }
-        Discovery::OriginalDst => endpoint_header.ok_or(no_healthy)?,
+        Discovery::OriginalDst => endpoint_header.ok_or(HostReply::NO_HEALTHY)?,
     };
     let number =
         |headers: &mut Headers, name: &str| take(headers, name).and_then(|v| v.parse::<u64>().ok());
@@ -1130,17 +1194,9 @@ async fn forward(
         }
         return match result {
             upstream::Attempt::Response(r) => Ok(r),
-            upstream::Attempt::Timeout => Err(HostReply { status: 504, body: "upstream request timeout", flag: "UT" }),
-            upstream::Attempt::ConnectFailure => Err(HostReply {
-                status: 503,
-                body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                flag: "UF",
-            }),
-            upstream::Attempt::Reset => Err(HostReply {
-                status: 503,
-                body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                flag: "UC",
-            }),
+            upstream::Attempt::Timeout => Err(HostReply::TIMEOUT),
+            upstream::Attempt::ConnectFailure => Err(HostReply::CONNECT_FAILURE),
+            upstream::Attempt::Reset => Err(HostReply::RESET),
         };
     }
 }

@@ -5,6 +5,7 @@
 //! label of the host, walks the routes of one virtual host and samples the injected [`Rng`].
 
 mod balance;
+mod health;
 mod matcher;
 mod request;
 mod respond;
@@ -19,6 +20,7 @@ use regex::Regex;
 use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy, RulesDocument};
 
 use balance::ClusterRt;
+pub use health::{AttemptResult, OutlierRecord};
 pub use matcher::Condition;
 use matcher::{CompiledMatch, Matcher};
 pub use request::{split_host_port, split_query, RequestView};
@@ -50,6 +52,54 @@ impl Rng for SplitMix64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+}
+
+/// What the host knows about endpoints beyond the rules: the clock and the outlier records
+/// that every worker shares.
+pub trait EndpointState {
+    fn now_ms(&self) -> u64;
+    /// The stored outlier record of a cluster (see [`Engine::outlier_key`]).
+    fn outlier_record(&self, cluster: &str) -> Option<Vec<u8>>;
+}
+
+/// No shared state: every endpoint healthy (tools, tests, and hosts without shared data).
+pub struct NoEndpointState;
+
+impl EndpointState for NoEndpointState {
+    fn now_ms(&self) -> u64 {
+        0
+    }
+    fn outlier_record(&self, _: &str) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// The endpoint a forwarded request holds; give it back with [`Engine::release`] and report
+/// how the attempt went with [`Engine::observe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    cluster: usize,
+    endpoint: usize,
+}
+
+/// Endpoints of a cluster with the time each ejected one returns (status pages), read from
+/// the cluster's stored outlier record.
+pub fn cluster_health(
+    cluster: &ir::Cluster,
+    stored: Option<&[u8]>,
+    now_ms: u64,
+) -> Vec<(String, Option<u64>)> {
+    let c = ClusterRt::new(cluster.clone());
+    let record = OutlierRecord::decode(stored, c.fingerprint, c.endpoint_count());
+    (0..c.endpoint_count())
+        .filter_map(|i| {
+            let until = c
+                .outlier
+                .as_ref()
+                .and_then(|cfg| record.ejected_until(i, cfg, now_ms));
+            c.endpoint_address(i).map(|a| (a.to_owned(), until))
+        })
+        .collect()
 }
 
 /// Why a rules document could not be loaded.
@@ -117,6 +167,10 @@ pub struct Forward<'e> {
     pub timeout_ms: Option<u64>,
     pub retry: Option<&'e RetryPolicy>,
     pub mirrors: Vec<MirrorTarget<'e>>,
+    /// The chosen endpoint of a listed cluster.
+    pub ticket: Option<Ticket>,
+    /// Circuit breaker: requests the cluster admits at once across all workers.
+    pub max_active: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +227,19 @@ impl Reply {
             ..Self::empty(status, flag, details)
         }
     }
+    /// A circuit breaker's rejection, as Envoy's router answers it.
+    pub fn overflow() -> Self {
+        let mut reply = Self::text(
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "UO",
+            "upstream_reset_before_response_started{overflow}",
+        );
+        reply
+            .headers
+            .push(("x-envoy-overloaded".into(), "true".into()));
+        reply
+    }
 }
 
 /// The loaded rules of one proxy.
@@ -183,6 +250,8 @@ pub struct Engine {
     tables: HashMap<u16, Table>,
     clusters: Vec<ClusterRt>,
     cluster_index: HashMap<String, usize>,
+    /// Some cluster hashes on the client's address (hosts then supply `source_ip`).
+    uses_source_ip: bool,
 }
 
 #[derive(Debug, Default)]
@@ -296,6 +365,11 @@ impl Engine {
         if doc.version != ir::VERSION {
             return Err(BuildError::Version { found: doc.version });
         }
+        let uses_source_ip = doc.clusters.iter().any(|c| {
+            c.lb.consistent_hash
+                .as_ref()
+                .is_some_and(|h| h.key == ir::HashKey::SourceIp)
+        });
         let mut cluster_index = HashMap::with_capacity(doc.clusters.len());
         let clusters: Vec<ClusterRt> = doc
             .clusters
@@ -322,7 +396,13 @@ impl Engine {
             tables,
             clusters,
             cluster_index,
+            uses_source_ip,
         })
+    }
+
+    /// Whether decisions need the client's address in [`RequestView::source_ip`].
+    pub fn uses_source_ip(&self) -> bool {
+        self.uses_source_ip
     }
 
     pub fn kind(&self) -> ProxyKind {
@@ -341,8 +421,18 @@ impl Engine {
         }
     }
 
-    /// Decides what happens to one request.
+    /// Decides what happens to one request, with every endpoint healthy.
     pub fn decide<'e>(&'e self, req: &RequestView<'_>, rng: &mut dyn Rng) -> Decision<'e> {
+        self.decide_with(req, rng, &NoEndpointState)
+    }
+
+    /// Decides what happens to one request; ejected endpoints are skipped.
+    pub fn decide_with<'e>(
+        &'e self,
+        req: &RequestView<'_>,
+        rng: &mut dyn Rng,
+        state: &dyn EndpointState,
+    ) -> Decision<'e> {
         let Some(vhost) = self.find_vhost(req) else {
             return self.unknown_host(req);
         };
@@ -371,7 +461,8 @@ impl Engine {
             delay_ms: None,
             outcome: Outcome::Reply(Reply::empty(500, "", "")),
         };
-        decision.outcome = self.route_outcome(route, matched, req, rng, &mut decision.delay_ms);
+        decision.outcome =
+            self.route_outcome(route, matched, req, rng, state, &mut decision.delay_ms);
         decision
     }
 
@@ -381,6 +472,7 @@ impl Engine {
         matched: Option<&CompiledMatch>,
         req: &RequestView<'_>,
         rng: &mut dyn Rng,
+        state: &dyn EndpointState,
         delay_ms: &mut Option<u64>,
     ) -> Outcome<'e> {
         let origin = req.header("origin");
@@ -425,21 +517,34 @@ impl Engine {
             } => {
                 let dest = pick_destination(destinations, *total_weight, rng);
                 let cluster = dest.target.name(req.port);
-                let endpoint = match self.cluster(&cluster) {
-                    None => return Outcome::Reply(Reply::empty(503, "NC", "cluster_not_found")),
-                    Some(c) => match c.pick(req, rng) {
-                        Ok(endpoint) => endpoint,
-                        Err(()) => {
-                            return Outcome::Reply(Reply::text(
-                                503,
-                                "no healthy upstream",
-                                "UH",
-                                "no_healthy_upstream",
-                            ))
-                        }
-                    },
+                let Some(&cluster_at) = self.cluster_index.get(cluster.as_ref()) else {
+                    return Outcome::Reply(Reply::empty(503, "NC", "cluster_not_found"));
+                };
+                let c = &self.clusters[cluster_at];
+                let Ok(picked) = self.pick(c, req, rng, state) else {
+                    return Outcome::Reply(Reply::text(
+                        503,
+                        "no healthy upstream",
+                        "UH",
+                        "no_healthy_upstream",
+                    ));
                 };
                 let mut response_edits = dest.response_edits.clone();
+                let (mut endpoint, mut ticket) = (None, None);
+                if let Some(p) = picked {
+                    if let Some(cookie) = p.set_cookie {
+                        response_edits.push(HeaderEdit {
+                            op: EditOp::Add,
+                            name: Cow::Borrowed("set-cookie"),
+                            value: Cow::Owned(cookie),
+                        });
+                    }
+                    ticket = p.index.map(|endpoint| Ticket {
+                        cluster: cluster_at,
+                        endpoint,
+                    });
+                    endpoint = Some(p.address);
+                }
                 if let (Some(cors), Some(origin)) = (&route.cors, origin.as_deref()) {
                     cors.response_headers(origin, &mut response_edits);
                 }
@@ -449,10 +554,17 @@ impl Engine {
                         continue;
                     }
                     let name = m.target.name(req.port);
-                    if let Some(Ok(endpoint)) = self.cluster(&name).map(|c| c.pick(req, rng)) {
+                    let Some(mc) = self.cluster(&name) else {
+                        continue;
+                    };
+                    if let Ok(picked) = self.pick(mc, req, rng, state) {
+                        // A mirror is sent and forgotten: it holds no endpoint.
+                        if let Some(i) = picked.as_ref().and_then(|p| p.index) {
+                            mc.release(i);
+                        }
                         mirrors.push(MirrorTarget {
                             cluster: name,
-                            endpoint,
+                            endpoint: picked.map(|p| p.address),
                         });
                     }
                 }
@@ -466,6 +578,8 @@ impl Engine {
                     timeout_ms: route.timeout_ms,
                     retry: route.retry.as_ref(),
                     mirrors,
+                    ticket,
+                    max_active: c.max_active,
                 })
             }
         }
@@ -503,6 +617,62 @@ impl Engine {
 
     fn cluster(&self, name: &str) -> Option<&ClusterRt> {
         self.cluster_index.get(name).map(|&i| &self.clusters[i])
+    }
+
+    fn pick(
+        &self,
+        c: &ClusterRt,
+        req: &RequestView<'_>,
+        rng: &mut dyn Rng,
+        state: &dyn EndpointState,
+    ) -> Result<Option<balance::Picked>, ()> {
+        if c.outlier.is_none() {
+            return c.pick(req, rng, None);
+        }
+        let stored = state.outlier_record(&c.name);
+        let record = OutlierRecord::decode(stored.as_deref(), c.fingerprint, c.endpoint_count());
+        c.pick(req, rng, Some((&record, state.now_ms())))
+    }
+
+    /// The request holding `ticket` is over (LEAST_REQUEST counts requests in flight).
+    pub fn release(&self, ticket: Ticket) {
+        if let Some(c) = self.clusters.get(ticket.cluster) {
+            c.release(ticket.endpoint);
+        }
+    }
+
+    /// Whether the ticket's cluster has outlier detection.
+    pub fn tracks_outliers(&self, ticket: Ticket) -> bool {
+        self.clusters
+            .get(ticket.cluster)
+            .is_some_and(|c| c.outlier.is_some())
+    }
+
+    /// The name of the ticket's cluster.
+    pub fn cluster_of(&self, ticket: Ticket) -> Option<&str> {
+        self.clusters.get(ticket.cluster).map(|c| c.name.as_str())
+    }
+
+    /// Shared-data key of a cluster's outlier record.
+    pub fn outlier_key(cluster: &str) -> String {
+        format!("meshroute.outlier/{cluster}")
+    }
+
+    /// Counts an attempt's result against the ticket's endpoint. Returns the cluster's name
+    /// and its updated outlier record to store (with whether the endpoint was just ejected),
+    /// or `None` when the cluster has no outlier detection.
+    pub fn observe(
+        &self,
+        ticket: Ticket,
+        result: AttemptResult,
+        stored: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Option<(&str, Vec<u8>, bool)> {
+        let c = self.clusters.get(ticket.cluster)?;
+        let cfg = c.outlier.as_ref()?;
+        let mut record = OutlierRecord::decode(stored, c.fingerprint, c.endpoint_count());
+        let ejected = record.observe(ticket.endpoint, result, cfg, now_ms);
+        Some((&c.name, record.encode(), ejected))
     }
 
     /// Virtual host for the request's host; port in the authority is ignored (Istio G8).
@@ -551,6 +721,8 @@ impl Engine {
                     timeout_ms: None,
                     retry: None,
                     mirrors: Vec::new(),
+                    ticket: None,
+                    max_active: None,
                 })
             }
         };

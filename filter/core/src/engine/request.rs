@@ -67,6 +67,11 @@ impl<'a> RequestView<'a> {
             .flat_map(|(_, v)| v.split(';'))
             .find_map(|kv| {
                 let (k, v) = kv.trim().split_once('=')?;
+                // A quoted value means the text inside the quotes (RFC 6265 cookie-value).
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
                 (k == name).then_some(v)
             })
     }

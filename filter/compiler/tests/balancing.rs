@@ -1,0 +1,428 @@
+//! Load balancing, outlier ejection and circuit-breaker limits decided by the engine, from
+//! DestinationRules the compiler lowered; time comes from a fake clock.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions"
+)]
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+
+use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
+use meshroute_core::engine::{
+    AttemptResult, EndpointState, Engine, Forward, Outcome, RequestView, SplitMix64, Ticket,
+};
+use meshroute_core::ir::ProxyKind;
+
+/// Service `web` (port 80) with endpoints 10.0.0.1..=n on port 8080 and the given
+/// DestinationRule `trafficPolicy`.
+fn engine(endpoints: usize, policy: &str) -> Engine {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n---\n",
+    );
+    for i in 1..=endpoints {
+        yaml.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {{address: 10.0.0.{i}, ports: {{http: 8080}}, labels: {{app: web}}}}\n---\n"
+        ));
+    }
+    yaml.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n"
+    ));
+    let mut c = Config::default();
+    let load = c.add_text("t.yaml", &yaml);
+    assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
+    let proxy = ProxyOptions {
+        kind: ProxyKind::Sidecar,
+        namespace: "default".into(),
+        labels: BTreeMap::new(),
+    };
+    let out = compile(&c, &proxy, &MeshOptions::default());
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    Engine::new(out.document.expect("document")).expect("engine")
+}
+
+const CLUSTER: &str = "outbound|80||web.default.svc.cluster.local";
+
+/// Shared state as the filter keeps it: outlier records by cluster, and a clock.
+#[derive(Default)]
+struct FakeShared {
+    now_ms: u64,
+    records: RefCell<HashMap<String, Vec<u8>>>,
+}
+
+impl EndpointState for FakeShared {
+    fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+    fn outlier_record(&self, cluster: &str) -> Option<Vec<u8>> {
+        self.records.borrow().get(cluster).cloned()
+    }
+}
+
+impl FakeShared {
+    /// Reports an attempt as the filter does from its response callback.
+    fn report(&self, engine: &Engine, ticket: Ticket, result: AttemptResult) -> bool {
+        let stored = self.outlier_record(CLUSTER);
+        let (cluster, record, ejected) = engine
+            .observe(ticket, result, stored.as_deref(), self.now_ms)
+            .expect("cluster has outlier detection");
+        self.records.borrow_mut().insert(cluster.to_owned(), record);
+        ejected
+    }
+}
+
+struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    fn new(extra: &[(&str, &str)]) -> Self {
+        let mut h: Vec<(String, String)> = vec![
+            (":method".into(), "GET".into()),
+            (":authority".into(), "web".into()),
+            (":path".into(), "/".into()),
+        ];
+        h.extend(extra.iter().map(|(k, v)| ((*k).into(), (*v).into())));
+        Self(h)
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        RequestView {
+            method: "GET",
+            scheme: "http",
+            authority: "web",
+            path: "/",
+            port: 80,
+            headers: &self.0,
+            source_ip: Some("10.9.9.9"),
+        }
+    }
+}
+
+fn forward<'e>(
+    engine: &'e Engine,
+    h: &Headers,
+    rng: &mut SplitMix64,
+    state: &FakeShared,
+) -> Option<Forward<'e>> {
+    match engine.decide_with(&h.view(), rng, state).outcome {
+        Outcome::Forward(f) => Some(f),
+        Outcome::Reply(_) => None,
+    }
+}
+
+/// Endpoint counts over `n` decisions, each released at once.
+fn counts(
+    engine: &Engine,
+    state: &FakeShared,
+    extra: &[(&str, &str)],
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let h = Headers::new(extra);
+    let mut rng = SplitMix64(11);
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let f = forward(engine, &h, &mut rng, state).expect("forwarded");
+        *out.entry(f.endpoint.clone().expect("endpoint"))
+            .or_insert(0) += 1;
+        if let Some(t) = f.ticket {
+            engine.release(t);
+        }
+    }
+    out
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn round_robin_cycles_and_random_spreads_evenly() {
+    let state = FakeShared::default();
+    let rr = counts(
+        &engine(3, "{loadBalancer: {simple: ROUND_ROBIN}}"),
+        &state,
+        &[],
+        300,
+    );
+    assert!(rr.values().all(|&c| c == 100), "{rr:?}");
+    let random = counts(
+        &engine(4, "{loadBalancer: {simple: RANDOM}}"),
+        &state,
+        &[],
+        8_000,
+    );
+    assert_eq!(random.len(), 4);
+    assert!(
+        random.values().all(|&c| (1_800..=2_200).contains(&c)),
+        "{random:?}"
+    );
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn least_request_avoids_the_busy_endpoint() {
+    // No loadBalancer: LEAST_REQUEST is Istio's default.
+    let engine = engine(2, "{connectionPool: {http: {http2MaxRequests: 100}}}");
+    let state = FakeShared::default();
+    let h = Headers::new(&[]);
+    let mut rng = SplitMix64(5);
+    // Ten slow requests stay in flight on 10.0.0.1.
+    let mut held = Vec::new();
+    while held.len() < 10 {
+        let f = forward(&engine, &h, &mut rng, &state).unwrap();
+        if f.endpoint.as_deref() == Some("10.0.0.1:8080") {
+            held.push(f.ticket.unwrap());
+        } else {
+            engine.release(f.ticket.unwrap());
+        }
+    }
+    // Two choices: the busy endpoint wins only when both draws land on it (1 in 4).
+    let c = counts(&engine, &state, &[], 4_000);
+    let busy = c.get("10.0.0.1:8080").copied().unwrap_or(0);
+    assert!((800..=1_200).contains(&busy), "{c:?}");
+    // Once they finish, the two are even again.
+    for t in held {
+        engine.release(t);
+    }
+    let c = counts(&engine, &state, &[], 4_000);
+    let busy = c.get("10.0.0.1:8080").copied().unwrap_or(0);
+    assert!((1_800..=2_200).contains(&busy), "{c:?}");
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn consistent_hash_moves_only_the_keys_of_a_removed_endpoint() {
+    let policy = "{loadBalancer: {consistentHash: {httpHeaderName: x-user}}}";
+    let (four, three) = (engine(4, policy), engine(3, policy));
+    let state = FakeShared::default();
+    let mut rng = SplitMix64(1);
+    let (mut moved, mut on_removed) = (0, 0);
+    let mut per_endpoint = BTreeMap::new();
+    for user in 0..2_000 {
+        let user = user.to_string();
+        let h = Headers::new(&[("x-user", &user)]);
+        let before = forward(&four, &h, &mut rng, &state)
+            .unwrap()
+            .endpoint
+            .unwrap();
+        // Stable for the same key.
+        assert_eq!(
+            forward(&four, &h, &mut rng, &state)
+                .unwrap()
+                .endpoint
+                .unwrap(),
+            before
+        );
+        let after = forward(&three, &h, &mut rng, &state)
+            .unwrap()
+            .endpoint
+            .unwrap();
+        *per_endpoint.entry(before.clone()).or_insert(0) += 1;
+        if before == "10.0.0.4:8080" {
+            on_removed += 1;
+        } else if before != after {
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, 0, "keys of remaining endpoints moved");
+    // The removed endpoint held about a quarter of the keys: only those move (≤ 1/N).
+    assert!((400..=600).contains(&on_removed), "{per_endpoint:?}");
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn hashing_on_source_ip_and_query_parameter() {
+    let state = FakeShared::default();
+    let by_ip = counts(
+        &engine(4, "{loadBalancer: {consistentHash: {useSourceIp: true}}}"),
+        &state,
+        &[],
+        50,
+    );
+    assert_eq!(by_ip.len(), 1, "{by_ip:?}");
+    let e = engine(
+        4,
+        "{loadBalancer: {consistentHash: {httpQueryParameterName: user}}}",
+    );
+    let mut rng = SplitMix64(3);
+    let view = |path: &'static str, h: &'static [(String, String)]| RequestView {
+        method: "GET",
+        scheme: "http",
+        authority: "web",
+        path,
+        port: 80,
+        headers: h,
+        source_ip: None,
+    };
+    let pick = |path: &'static str, rng: &mut SplitMix64| match e
+        .decide_with(&view(path, &[]), rng, &state)
+        .outcome
+    {
+        Outcome::Forward(f) => f.endpoint.unwrap(),
+        Outcome::Reply(r) => panic!("{r:?}"),
+    };
+    let seen: std::collections::BTreeSet<String> = (0..40)
+        .map(|i| {
+            pick(
+                if i % 2 == 0 {
+                    "/?user=ann"
+                } else {
+                    "/x?a=1&user=ann"
+                },
+                &mut rng,
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn cookie_hash_generates_a_cookie_only_with_a_ttl() {
+    let state = FakeShared::default();
+    let h = Headers::new(&[]);
+    let mut rng = SplitMix64(9);
+    let with_ttl = engine(
+        3,
+        "{loadBalancer: {consistentHash: {httpCookie: {name: s, path: /a, ttl: 90s}}}}",
+    );
+    let f = forward(&with_ttl, &h, &mut rng, &state).unwrap();
+    let set: Vec<_> = f
+        .response_edits
+        .iter()
+        .filter(|e| e.name == "set-cookie")
+        .collect();
+    assert_eq!(set.len(), 1);
+    let value = set[0].value.to_string();
+    assert!(
+        value.starts_with("s=\"") && value.ends_with("; Max-Age=90; Path=/a; HttpOnly"),
+        "{value}"
+    );
+    // Sending it back lands on the same endpoint and sets nothing.
+    let cookie = value.split(';').next().unwrap().to_owned();
+    let again = Headers::new(&[("cookie", &cookie)]);
+    let f2 = forward(&with_ttl, &again, &mut rng, &state).unwrap();
+    assert_eq!(f2.endpoint, f.endpoint);
+    assert!(f2.response_edits.iter().all(|e| e.name != "set-cookie"));
+    let no_ttl = engine(
+        3,
+        "{loadBalancer: {consistentHash: {httpCookie: {name: s}}}}",
+    );
+    let f3 = forward(&no_ttl, &h, &mut rng, &state).unwrap();
+    assert!(f3.response_edits.iter().all(|e| e.name != "set-cookie"));
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn ejected_endpoints_are_skipped_by_every_policy_until_their_time_is_up() {
+    for lb in ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"] {
+        let engine = engine(
+            3,
+            &format!("{{loadBalancer: {{simple: {lb}}}, outlierDetection: {{consecutive5xxErrors: 2, interval: 5s, baseEjectionTime: 30s, maxEjectionPercent: 100}}}}"),
+        );
+        let mut state = FakeShared {
+            now_ms: 1_000,
+            ..FakeShared::default()
+        };
+        let h = Headers::new(&[]);
+        let mut rng = SplitMix64(2);
+        // Endpoint 10.0.0.2 fails twice in a row.
+        let mut failures = 0;
+        while failures < 2 {
+            let f = forward(&engine, &h, &mut rng, &state).unwrap();
+            let t = f.ticket.unwrap();
+            engine.release(t);
+            if f.endpoint.as_deref() == Some("10.0.0.2:8080") {
+                failures += 1;
+                assert_eq!(
+                    state.report(&engine, t, AttemptResult::Status(503)),
+                    failures == 2,
+                    "{lb}"
+                );
+            } else {
+                state.report(&engine, t, AttemptResult::Status(200));
+            }
+        }
+        let c = counts(&engine, &state, &[], 300);
+        assert!(!c.contains_key("10.0.0.2:8080"), "{lb}: {c:?}");
+        // 30 s later (fake clock) it is back.
+        state.now_ms += 30_000;
+        let c = counts(&engine, &state, &[], 300);
+        assert!(
+            c.get("10.0.0.2:8080").copied().unwrap_or(0) > 30,
+            "{lb}: {c:?}"
+        );
+    }
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn hash_policies_also_skip_ejected_endpoints() {
+    let engine = engine(
+        3,
+        "{loadBalancer: {consistentHash: {httpHeaderName: x-user}}, outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 100}}",
+    );
+    let state = FakeShared {
+        now_ms: 5,
+        ..FakeShared::default()
+    };
+    let h = Headers::new(&[("x-user", "ann")]);
+    let mut rng = SplitMix64(2);
+    let f = forward(&engine, &h, &mut rng, &state).unwrap();
+    assert!(state.report(&engine, f.ticket.unwrap(), AttemptResult::Status(500)));
+    let moved = forward(&engine, &h, &mut rng, &state).unwrap();
+    assert_ne!(moved.endpoint, f.endpoint);
+    // And it keeps the new place while the first is out.
+    assert_eq!(
+        forward(&engine, &h, &mut rng, &state).unwrap().endpoint,
+        moved.endpoint
+    );
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn panic_mode_ignores_ejections_below_min_health_percent() {
+    let policy = |min: u32| {
+        format!("{{loadBalancer: {{simple: ROUND_ROBIN}}, outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 100, minHealthPercent: {min}}}}}")
+    };
+    for (min, expect_both) in [(0, false), (40, false), (60, true)] {
+        let engine = engine(2, &policy(min));
+        let state = FakeShared {
+            now_ms: 5,
+            ..FakeShared::default()
+        };
+        let h = Headers::new(&[]);
+        let mut rng = SplitMix64(2);
+        let f = forward(&engine, &h, &mut rng, &state).unwrap();
+        assert!(state.report(&engine, f.ticket.unwrap(), AttemptResult::Status(500)));
+        // One of two ejected: 50 % healthy.
+        let c = counts(&engine, &state, &[], 100);
+        assert_eq!(c.len() == 2, expect_both, "minHealthPercent {min}: {c:?}");
+    }
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn circuit_breaker_limits_follow_the_connection_pool() {
+    let state = FakeShared::default();
+    let h = Headers::new(&[]);
+    let limit = |policy: &str| {
+        let e = engine(1, policy);
+        forward(&e, &h, &mut SplitMix64(1), &state)
+            .unwrap()
+            .max_active
+    };
+    assert_eq!(limit("{loadBalancer: {simple: RANDOM}}"), None);
+    assert_eq!(
+        limit("{connectionPool: {http: {http2MaxRequests: 7}}}"),
+        Some(7)
+    );
+    // HTTP/1.1: connections each carry one request, plus the pending queue.
+    assert_eq!(
+        limit("{connectionPool: {tcp: {maxConnections: 2}, http: {http1MaxPendingRequests: 3}}}"),
+        Some(5)
+    );
+    assert_eq!(
+        limit("{connectionPool: {tcp: {maxConnections: 2}, http: {http1MaxPendingRequests: 3, http2MaxRequests: 4}}}"),
+        Some(4)
+    );
+    // Connections alone only queue requests (Istio CP1): no rejection.
+    assert_eq!(limit("{connectionPool: {tcp: {maxConnections: 2}}}"), None);
+}

@@ -1,0 +1,220 @@
+//! Resilience decided by the filter, against upstreams that fail for real, on both hosts:
+//! circuit breaking, outlier detection, consistent hashing.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+use meshroute_tests::{get, registry, rules, start, Host, Running, Upstream};
+
+const HOST: &str = "web:8000";
+
+/// Service `web` on port 8000 served by `upstreams`, with a DestinationRule whose
+/// `trafficPolicy` is `policy` (YAML flow mapping).
+fn web(host: Host, upstreams: &[&Upstream], policy: &str) -> Box<dyn Running + Sync> {
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n",
+        registry("web", 8000, upstreams),
+    );
+    let doc = rules(
+        &[("web.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    start(host, &doc)
+}
+
+fn circuit_breaker_sheds_overflow_with_503_uo(host: Host) {
+    let v1 = Upstream::start("v1");
+    let proxy = web(
+        host,
+        &[&v1],
+        "{connectionPool: {http: {http2MaxRequests: 1}}}",
+    );
+    let port = proxy.port();
+    let clients: Vec<_> = (0..6)
+        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=600").send(port)))
+        .collect();
+    let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let shed: Vec<_> = responses.iter().filter(|r| r.status == 503).collect();
+    assert!(ok >= 1, "{responses:?}");
+    assert_eq!(ok + shed.len(), 6, "{responses:?}");
+    assert!(!shed.is_empty(), "{responses:?}");
+    for r in &shed {
+        assert_eq!(r.header("x-envoy-overloaded"), Some("true"), "{r:?}");
+        assert!(r.text().contains("overflow"), "{r:?}");
+    }
+    assert_eq!(v1.peak_in_flight(), 1, "more in flight than allowed");
+    // The places are given back: the next request is admitted.
+    assert_eq!(proxy.send(&get(HOST, "/")).status, 200);
+}
+
+fn pending_requests_queue_behind_max_connections(host: Host) {
+    let v1 = Upstream::start("v1");
+    // One connection plus one waiting request: two at once are admitted, a third is not.
+    let proxy = web(
+        host,
+        &[&v1],
+        "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}",
+    );
+    let port = proxy.port();
+    let clients: Vec<_> = (0..5)
+        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=600").send(port)))
+        .collect();
+    let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let shed = responses
+        .iter()
+        .filter(|r| r.status == 503 && r.header("x-envoy-overloaded") == Some("true"))
+        .count();
+    assert_eq!(ok + shed, 5, "{responses:?}");
+    assert!((1..=2).contains(&ok) && shed >= 3, "{responses:?}");
+}
+
+/// Sends `n` sequential requests and returns how many each upstream got.
+fn spread(proxy: &(dyn Running + Sync), upstreams: &[&Upstream], n: usize) -> Vec<usize> {
+    let before: Vec<usize> = upstreams.iter().map(|u| u.count()).collect();
+    for _ in 0..n {
+        proxy.send(&get(HOST, "/"));
+    }
+    upstreams
+        .iter()
+        .zip(before)
+        .map(|(u, b)| u.count() - b)
+        .collect()
+}
+
+fn outlier_detection_ejects_a_failing_endpoint_and_brings_it_back(host: Host) {
+    let (good, bad) = (Upstream::start("good"), Upstream::start("bad"));
+    let proxy = web(
+        host,
+        &[&good, &bad],
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}}",
+    );
+    bad.fail_with(Some(500));
+    let ejected_at = Instant::now();
+    let got = spread(&*proxy, &[&good, &bad], 20);
+    // Three consecutive 5xx, then no more traffic for the base ejection time.
+    assert_eq!(got[1], 3, "{got:?}");
+    assert_eq!(got[0], 17, "{got:?}");
+    if matches!(host, Host::Harness) {
+        let clusters = get("admin", "/clusters").send(proxy.admin_port()).text();
+        let line = format!(
+            "127.0.0.1:{}::health_flags::/failed_outlier_check",
+            bad.port
+        );
+        assert!(clusters.contains(&line), "{clusters}");
+        let stats = get("admin", "/stats/prometheus")
+            .send(proxy.admin_port())
+            .text();
+        assert!(
+            stats.contains("meshroute_outlier_ejections_active{cluster_name=\"outbound|8000||web.default.svc.cluster.local\"} 1"),
+            "{stats}"
+        );
+    }
+    bad.fail_with(None);
+    let back = ejected_at + Duration::from_millis(2_300);
+    thread::sleep(back.saturating_duration_since(Instant::now()));
+    let got = spread(&*proxy, &[&good, &bad], 10);
+    assert!(got[1] >= 3, "the endpoint did not come back: {got:?}");
+}
+
+fn max_ejection_percent_is_never_exceeded(host: Host) {
+    let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let proxy = web(
+        host,
+        &refs,
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 40}}",
+    );
+    for u in &ups {
+        u.fail_with(Some(500));
+    }
+    let got = spread(&*proxy, &refs, 30);
+    // 40 % of three endpoints allows one ejection: one stops at 2, the others keep serving.
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted[0], 2, "{got:?}");
+    assert!(sorted[1] > 5 && sorted[2] > 5, "{got:?}");
+}
+
+fn all_endpoints_ejected_gives_503_uh_without_panic_mode(host: Host) {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let proxy = web(
+        host,
+        &[&a, &b],
+        "{outlierDetection: {consecutive5xxErrors: 1, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 100}}",
+    );
+    a.fail_with(Some(502));
+    b.fail_with(Some(502));
+    let statuses: Vec<u16> = (0..6).map(|_| proxy.send(&get(HOST, "/")).status).collect();
+    assert_eq!(a.count() + b.count(), 2, "{statuses:?}");
+    let last = proxy.send(&get(HOST, "/"));
+    assert_eq!(
+        (last.status, last.text().as_str()),
+        (503, "no healthy upstream")
+    );
+}
+
+fn consistent_hash_keeps_a_key_on_one_endpoint(host: Host) {
+    let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let proxy = web(
+        host,
+        &refs,
+        "{loadBalancer: {consistentHash: {httpHeaderName: x-user}}}",
+    );
+    let mut used = std::collections::BTreeSet::new();
+    for user in 0..12 {
+        let user = format!("user-{user}");
+        let seen: std::collections::BTreeSet<String> = (0..4)
+            .map(|_| {
+                proxy
+                    .send(&get(HOST, "/").header("x-user", &user))
+                    .upstream()
+            })
+            .collect();
+        assert_eq!(seen.len(), 1, "{user} moved: {seen:?}");
+        used.extend(seen);
+    }
+    assert!(used.len() >= 2, "every key on one endpoint: {used:?}");
+}
+
+fn cookie_hash_generates_the_cookie_and_sticks_to_it(host: Host) {
+    let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let proxy = web(
+        host,
+        &refs,
+        "{loadBalancer: {consistentHash: {httpCookie: {name: sticky, path: /, ttl: 60s}}}}",
+    );
+    for _ in 0..3 {
+        let first = proxy.send(&get(HOST, "/"));
+        assert_eq!(first.status, 200);
+        let set = first.header("set-cookie").expect("set-cookie").to_owned();
+        assert!(set.starts_with("sticky=\""), "{set}");
+        assert!(
+            set.contains("Max-Age=60") && set.contains("Path=/"),
+            "{set}"
+        );
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let upstream = first.upstream();
+        for _ in 0..4 {
+            let r = proxy.send(&get(HOST, "/").header("cookie", &cookie));
+            assert_eq!(r.upstream(), upstream, "{cookie}");
+            assert!(r.header("set-cookie").is_none(), "{r:?}");
+        }
+    }
+}
+
+meshroute_tests::on_both_hosts!(
+    circuit_breaker_sheds_overflow_with_503_uo,
+    pending_requests_queue_behind_max_connections,
+    outlier_detection_ejects_a_failing_endpoint_and_brings_it_back,
+    max_ejection_percent_is_never_exceeded,
+    all_endpoints_ejected_gives_503_uh_without_panic_mode,
+    consistent_hash_keeps_a_key_on_one_endpoint,
+    cookie_hash_generates_the_cookie_and_sticks_to_it,
+);
