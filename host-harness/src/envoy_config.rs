@@ -245,6 +245,8 @@ fn listener(
                         "virtual_hosts": [{
                             "name": "meshroute",
                             "domains": ["*"],
+                            // As Istio's virtual hosts: upstreams see x-envoy-attempt-count.
+                            "include_request_attempt_count": true,
                             "routes": [{
                                 "match": {"prefix": "/"},
                                 // Istio disables the route timeout by default; the filter sets

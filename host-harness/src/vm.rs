@@ -99,6 +99,16 @@ impl Plugin {
         })
     }
 
+    /// The same compiled module with its own shared data: a separate proxy in the same
+    /// process (Envoy shares data only between VMs of one `vm_id`).
+    pub fn fresh_copy(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            pre: self.pre.clone(),
+            shared: Arc::new(SharedData::default()),
+        }
+    }
+
     /// A started instance with its root context configured with `configuration`.
     pub fn start(
         &self,

@@ -723,8 +723,9 @@ impl Harness {
     }
 
     pub fn try_start(doc: &RulesDocument) -> Result<Self, String> {
+        // Each proxy has its own shared data, as separate processes would.
         Self::start_plugin(
-            plugin(),
+            Arc::new(plugin().fresh_copy()),
             doc,
             meshroute_harness::runtime::FailPolicy::FailClosed,
             2,

@@ -34,7 +34,7 @@ fn circuit_breaker_sheds_overflow_with_503_uo(host: Host) {
     );
     let port = proxy.port();
     let clients: Vec<_> = (0..6)
-        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=600").send(port)))
+        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=1500").send(port)))
         .collect();
     let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let ok = responses.iter().filter(|r| r.status == 200).count();
@@ -61,7 +61,7 @@ fn pending_requests_queue_behind_max_connections(host: Host) {
     );
     let port = proxy.port();
     let clients: Vec<_> = (0..5)
-        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=600").send(port)))
+        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=1500").send(port)))
         .collect();
     let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let ok = responses.iter().filter(|r| r.status == 200).count();
@@ -209,7 +209,65 @@ fn cookie_hash_generates_the_cookie_and_sticks_to_it(host: Host) {
     }
 }
 
+/// Service `web` with one VirtualService route carrying `retries` (YAML flow mapping).
+fn web_retrying(host: Host, upstreams: &[&Upstream], retries: &str) -> Box<dyn Running + Sync> {
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n{retries}\n",
+        registry("web", 8000, upstreams),
+    );
+    let doc = rules(
+        &[("web.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    start(host, &doc)
+}
+
+fn five_xx_is_retried_only_when_retry_on_says_so(host: Host) {
+    let v1 = Upstream::start("v1");
+    v1.fail_with(Some(500));
+    // Istio's default policy does not retry an upstream 500.
+    let proxy = web_retrying(host, &[&v1], "");
+    let r = proxy.send(&get(HOST, "/"));
+    assert_eq!((r.status, v1.count()), (500, 1), "{r:?}");
+    drop(proxy);
+    v1.clear();
+    let proxy = web_retrying(host, &[&v1], "    retries: {attempts: 2, retryOn: 5xx}");
+    let r = proxy.send(&get(HOST, "/"));
+    assert_eq!(r.status, 500, "{r:?}");
+    let attempts: Vec<String> = v1
+        .received()
+        .iter()
+        .map(|q| q.header("x-envoy-attempt-count").unwrap_or("-").to_owned())
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+}
+
+fn per_try_timeout_bounds_each_attempt_of_a_hanging_endpoint(host: Host) {
+    let v1 = Upstream::start("v1");
+    let proxy = web_retrying(
+        host,
+        &[&v1],
+        "    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}",
+    );
+    let r = proxy.send(&get(HOST, "/?sleep_ms=2500"));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (504, "upstream request timeout"),
+        "{r:?}"
+    );
+    // Three tries of 300 ms each (plus back-off), well before the endpoint would answer.
+    assert!(
+        r.elapsed >= Duration::from_millis(850) && r.elapsed < Duration::from_millis(2_300),
+        "{:?}",
+        r.elapsed
+    );
+    assert_eq!(v1.count(), 3);
+}
+
 meshroute_tests::on_both_hosts!(
+    five_xx_is_retried_only_when_retry_on_says_so,
+    per_try_timeout_bounds_each_attempt_of_a_hanging_endpoint,
     circuit_breaker_sheds_overflow_with_503_uo,
     pending_requests_queue_behind_max_connections,
     outlier_detection_ejects_a_failing_endpoint_and_brings_it_back,

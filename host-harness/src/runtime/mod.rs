@@ -405,7 +405,7 @@ async fn side_call(
         headers.push(("x-envoy-upstream-rq-timeout-ms".into(), t.clone()));
     }
     let body = body::RequestBody::Buffered(Bytes::from(call.body.clone()));
-    match forward(proxy, generation, headers, body).await {
+    match forward(proxy, generation, headers, body, false).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
             let mut out: Headers = vec![(":status".into(), status.to_string())];
@@ -771,7 +771,7 @@ async fn run_request(
     let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
     let slot = &generation.slots[index];
     if proxy.fail_policy == FailPolicy::FailOpen && instance_failed(generation, index) {
-        return match forward(proxy, generation, headers, body).await {
+        return match forward(proxy, generation, headers, body, true).await {
             Ok(r) => Ok((r, String::new())),
             Err(reply) => {
                 let flag = reply.flag;
@@ -847,7 +847,7 @@ async fn run_request(
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     let upstream_start = Instant::now();
-    let response = match forward(proxy, generation, upstream_headers, body).await {
+    let response = match forward(proxy, generation, upstream_headers, body, true).await {
         Ok(r) => r,
         Err(reply) => {
             // As in Envoy, the router's own answer passes through the filter's response
@@ -1101,11 +1101,13 @@ impl HostReply {
 }
 
 /// Executes the host contract: cluster header, endpoint header, timeout and retry headers.
+/// `count_attempts` sends `x-envoy-attempt-count` (requests; Envoy's side calls have none).
 async fn forward(
     proxy: &Proxy,
     generation: &Generation,
     mut headers: Headers,
     mut body: body::RequestBody,
+    count_attempts: bool,
 ) -> Result<Response<Body>, HostReply> {
     let take = |headers: &mut Headers, name: &str| -> Option<String> {
         let i = headers.iter().position(|(k, _)| k == name)?;
@@ -1168,6 +1170,11 @@ async fn forward(
     let policy = upstream::RetryPolicy::parse(&retry_on, &retriable_codes);
     let mut attempt = 0;
     loop {
+        if count_attempts {
+            // Istio turns on Envoy's include_request_attempt_count.
+            headers.retain(|(k, _)| k != "x-envoy-attempt-count");
+            headers.push(("x-envoy-attempt-count".into(), (attempt + 1).to_string()));
+        }
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let attempt_timeout = match (per_try, remaining) {
             (Some(p), Some(r)) => Some(p.min(r)),
