@@ -1,6 +1,7 @@
 //! proxy-wasm contexts. Everything here is a host call or bookkeeping around one.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -10,28 +11,52 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, GrpcStatusCode};
 
 use meshroute_core::engine::{
-    split_host_port, AttemptResult, EditOp, EndpointState, Engine, Outcome, Reply, RequestView,
-    SplitMix64, Ticket,
+    backoff_ms, split_host_port, EditOp, Engine, Outcome, Reply, RequestView, SplitMix64, Ticket,
 };
 use meshroute_core::ir::{self, CLUSTER_HEADER, ENDPOINT_HEADER, LISTENER_PORT_HEADER};
 
-/// Request bodies above this are not mirrored (Envoy's shadow has the same kind of bound).
+use crate::retry::{call_end, first_try_end, Answer, RetryRun};
+use crate::shared::{self, SharedEndpointState};
+
+/// Request bodies above this are neither mirrored nor retried (Envoy's buffer limit for
+/// shadows and retries is of the same order).
 pub const MIRROR_BODY_LIMIT: usize = 1 << 20;
 /// Mirror calls that take longer are abandoned; the client never waits for them.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+/// A retry without any timeout still needs one for the side call (Envoy requires it).
+const UNBOUNDED_TRY: Duration = Duration::from_secs(3600);
 
 /// What the root context shares with its HTTP contexts.
 struct Shared {
     engine: RefCell<Option<Rc<Engine>>>,
     rng: Cell<u64>,
     delays: RefCell<Vec<Delayed>>,
+    /// Requests whose retries are under way, by HTTP context.
+    retries: RefCell<HashMap<u32, RetryRun>>,
+    /// Side calls of retries, by token, to their HTTP context.
+    retry_calls: RefCell<HashMap<u32, u32>>,
 }
 
-/// A request paused by a fault delay, and what to do when the delay is over.
+impl Shared {
+    fn draw(&self, salt: u32) -> SplitMix64 {
+        SplitMix64(self.rng.get() ^ u64::from(salt))
+    }
+}
+
+/// A request waiting on a timer, and what to do when it fires.
 struct Delayed {
     context_id: u32,
     due_ms: u64,
-    then: Option<Reply>,
+    then: After,
+}
+
+enum After {
+    /// The fault delay is over: let the request go on.
+    Resume,
+    /// The fault delay is over: answer with the fault abort.
+    Reply(Reply),
+    /// The back-off is over: send the next try.
+    Retry,
 }
 
 pub struct FilterRoot {
@@ -47,6 +72,8 @@ impl FilterRoot {
                 engine: RefCell::new(None),
                 rng: Cell::new(u64::from(context_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
                 delays: RefCell::new(Vec::new()),
+                retries: RefCell::new(HashMap::new()),
+                retry_calls: RefCell::new(HashMap::new()),
             }),
         }
     }
@@ -58,8 +85,6 @@ fn now_ms() -> u64 {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
-
-impl Context for FilterRoot {}
 
 impl RootContext for FilterRoot {
     fn on_vm_start(&mut self, _: usize) -> bool {
@@ -110,8 +135,12 @@ impl RootContext for FilterRoot {
                 continue;
             }
             let result = match &d.then {
-                None => hostcalls::resume_http_request(),
-                Some(reply) => send_reply(reply),
+                After::Resume => hostcalls::resume_http_request(),
+                After::Reply(reply) => send_reply(reply),
+                After::Retry => {
+                    self.send_retry(d.context_id, now);
+                    Ok(())
+                }
             };
             if let Err(status) = result {
                 warn!("resuming delayed request failed: {status:?}");
@@ -129,12 +158,199 @@ impl RootContext for FilterRoot {
             mirror: None,
             ticket: None,
             admitted: None,
+            retry: None,
+            body: None,
         }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+impl Context for FilterRoot {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _: usize) {
+        let Some(context_id) = self.shared.retry_calls.borrow_mut().remove(&token) else {
+            return;
+        };
+        let answer = (headers > 0).then(|| {
+            let headers = self.get_http_call_response_headers();
+            let status = headers
+                .iter()
+                .find(|(k, _)| k == ":status")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(502);
+            Answer {
+                status,
+                headers,
+                body: self
+                    .get_http_call_response_body(0, body_size)
+                    .unwrap_or_default(),
+            }
+        });
+        let end = call_end(answer.as_ref());
+        let now = now_ms();
+        let again = {
+            let mut retries = self.shared.retries.borrow_mut();
+            let Some(run) = retries.get_mut(&context_id) else {
+                return;
+            };
+            if let Some(t) = run.active.take() {
+                run.engine.release(t);
+                shared::report_attempt(&run.engine, t, end.outlier_result(), now);
+            }
+            if answer.is_some() {
+                run.last = answer;
+            }
+            run.should_retry(end, now)
+        };
+        if again {
+            self.schedule_retry(context_id, now);
+        } else {
+            self.finish_retries(context_id);
+        }
+    }
+}
+
+impl FilterRoot {
+    /// Sends the next try of a request to an endpoint not tried yet (when one is left).
+    fn send_retry(&self, context_id: u32, now: u64) {
+        let sent = {
+            let mut retries = self.shared.retries.borrow_mut();
+            let Some(run) = retries.get_mut(&context_id) else {
+                return;
+            };
+            let remaining = run.deadline_ms.map(|d| d.saturating_sub(now));
+            let mut rng = self.shared.draw(context_id);
+            let state = SharedEndpointState { now_ms: now };
+            let engine = Rc::clone(&run.engine);
+            let picked = engine.retry_pick(
+                &run.tried,
+                run.avoid_previous,
+                &run.view(),
+                &mut rng,
+                &state,
+            );
+            self.shared.rng.set(rng.0);
+            match (picked, remaining) {
+                (_, Some(0)) | (None, _) => None,
+                (Some((endpoint, ticket)), remaining) => {
+                    let timeout = match (run.per_try_ms, remaining) {
+                        (Some(p), Some(r)) => Duration::from_millis(p.min(r)),
+                        (p, r) => p.or(r).map_or(UNBOUNDED_TRY, Duration::from_millis),
+                    };
+                    let attempt = (run.retries_done + 2).to_string();
+                    let mut headers: Vec<(&str, &str)> = run
+                        .headers
+                        .iter()
+                        .filter(|(k, _)| k != "x-envoy-attempt-count")
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    headers.push((ENDPOINT_HEADER, &endpoint));
+                    headers.push(("x-envoy-attempt-count", &attempt));
+                    let body = run.body.as_deref().filter(|b| !b.is_empty());
+                    match self.dispatch_http_call(&run.cluster, headers, body, vec![], timeout) {
+                        Ok(token) => {
+                            run.retries_left -= 1;
+                            run.retries_done += 1;
+                            run.tried.push(ticket);
+                            run.active = Some(ticket);
+                            Some(token)
+                        }
+                        Err(status) => {
+                            warn!("retry to {} not sent: {status:?}", run.cluster);
+                            engine.release(ticket);
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        match sent {
+            Some(token) => {
+                self.shared
+                    .retry_calls
+                    .borrow_mut()
+                    .insert(token, context_id);
+            }
+            None => self.finish_retries(context_id),
+        }
+    }
+
+    fn schedule_retry(&self, context_id: u32, now: u64) {
+        schedule_backoff(&self.shared, context_id, now);
+    }
+
+    /// Gives the client the last try's answer: the held first response, or a side call's.
+    fn finish_retries(&self, context_id: u32) {
+        let Some(run) = self.shared.retries.borrow_mut().remove(&context_id) else {
+            return;
+        };
+        if let Some(t) = run.active {
+            run.engine.release(t);
+        }
+        if hostcalls::set_effective_context(context_id).is_err() {
+            return;
+        }
+        let result = match run.last {
+            None => hostcalls::resume_http_response(),
+            Some(answer) => {
+                let mut headers: Vec<(String, String)> = answer
+                    .headers
+                    .into_iter()
+                    .filter(|(k, _)| {
+                        !k.starts_with(':')
+                            && !matches!(
+                                k.as_str(),
+                                "content-length" | "transfer-encoding" | "connection"
+                            )
+                    })
+                    .collect();
+                for (op, name, value) in &run.response_edits {
+                    match op {
+                        EditOp::Set => {
+                            headers.retain(|(k, _)| k != name);
+                            headers.push((name.clone(), value.clone()));
+                        }
+                        EditOp::Add => headers.push((name.clone(), value.clone())),
+                        EditOp::Remove => headers.retain(|(k, _)| k != name),
+                    }
+                }
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                hostcalls::send_http_response(
+                    answer.status,
+                    headers,
+                    (!answer.body.is_empty()).then_some(answer.body.as_slice()),
+                )
+            }
+        };
+        if let Err(status) = result {
+            warn!("answering after retries failed: {status:?}");
+        }
+    }
+}
+
+/// Queues the next try of `context_id` after Envoy's jittered back-off.
+fn schedule_backoff(shared: &Shared, context_id: u32, now: u64) {
+    let wait = {
+        let retries = shared.retries.borrow();
+        let Some(run) = retries.get(&context_id) else {
+            return;
+        };
+        let mut rng = shared.draw(context_id ^ run.retries_done);
+        let wait = backoff_ms(run.backoff_base_ms, run.retries_done + 1, &mut rng);
+        shared.rng.set(rng.0);
+        wait
+    };
+    shared.delays.borrow_mut().push(Delayed {
+        context_id,
+        due_ms: now + wait,
+        then: After::Retry,
+    });
+    schedule_tick(shared, now);
 }
 
 /// Sets the tick to fire at the next due delay, or stops it.
@@ -152,7 +368,11 @@ fn schedule_tick(shared: &Shared, now: u64) {
 struct PendingMirror {
     headers: Vec<(String, String)>,
     targets: Vec<(String, Option<String>)>,
-    body: Vec<u8>,
+}
+
+/// The request body as it streams by, kept for mirrors and retries up to a bound.
+struct BodyCopy {
+    bytes: Vec<u8>,
     too_big: bool,
 }
 
@@ -162,60 +382,14 @@ struct FilterHttp {
     engine: Option<Rc<Engine>>,
     response_edits: Vec<(EditOp, String, String)>,
     mirror: Option<PendingMirror>,
-    /// The endpoint this request holds, for LEAST_REQUEST and outlier detection.
+    /// The endpoint the first try holds, for LEAST_REQUEST and outlier detection.
     ticket: Option<Ticket>,
     /// Shared-data key of the circuit-breaker counter this request was admitted under.
     admitted: Option<String>,
-}
-
-/// Endpoint health as every worker sees it: outlier records in shared data.
-struct SharedEndpointState {
-    now_ms: u64,
-}
-
-impl EndpointState for SharedEndpointState {
-    fn now_ms(&self) -> u64 {
-        self.now_ms
-    }
-    fn outlier_record(&self, cluster: &str) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(&Engine::outlier_key(cluster))
-            .ok()
-            .and_then(|(bytes, _)| bytes)
-    }
-}
-
-/// Envoy's legacy response-flag bits for failures the proxy saw itself (no upstream answer):
-/// LR, UR, UF, UC, and UT for the timeout.
-const LOCAL_ORIGIN_FLAGS: u64 = 0x8 | 0x10 | 0x20 | 0x40;
-const TIMEOUT_FLAG: u64 = 0x4;
-/// Compare-and-swap attempts on a shared counter before giving up on it.
-const CAS_TRIES: usize = 16;
-
-/// Adds `delta` to the shared counter `key` unless that would take it above `limit`.
-/// Returns whether it changed.
-fn shared_add(key: &str, delta: i64, limit: u32) -> bool {
-    for _ in 0..CAS_TRIES {
-        let (bytes, cas) = hostcalls::get_shared_data(key).unwrap_or((None, None));
-        let current = bytes
-            .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
-            .map_or(0, u32::from_le_bytes);
-        let Some(next) = current.checked_add_signed(delta as i32) else {
-            return false;
-        };
-        if delta > 0 && next > limit {
-            return false;
-        }
-        match hostcalls::set_shared_data(key, Some(&next.to_le_bytes()), cas) {
-            Ok(()) => return true,
-            Err(proxy_wasm::types::Status::CasMismatch) => continue,
-            Err(status) => {
-                warn!("shared counter {key}: {status:?}");
-                return false;
-            }
-        }
-    }
-    warn!("shared counter {key}: too much contention");
-    false
+    /// Retries the filter runs for this request, until the first try's response.
+    retry: Option<RetryRun>,
+    /// The request body copied for mirrors and retries (`None`: nobody needs it).
+    body: Option<BodyCopy>,
 }
 
 impl Context for FilterHttp {
@@ -287,8 +461,9 @@ impl HttpContext for FilterHttp {
             headers: &headers,
             source_ip,
         };
-        let mut rng = SplitMix64(self.shared.rng.get() ^ u64::from(self.context_id));
-        let state = SharedEndpointState { now_ms: now_ms() };
+        let now = now_ms();
+        let mut rng = self.shared.draw(self.context_id);
+        let state = SharedEndpointState { now_ms: now };
         let decision = engine.decide_with(&view, &mut rng, &state);
         self.shared.rng.set(rng.0);
 
@@ -318,37 +493,86 @@ impl HttpContext for FilterHttp {
                         EditOp::Remove => self.set_http_request_header(&e.name, None),
                     }
                 }
-                if let Some(t) = f.timeout_ms {
-                    self.set_http_request_header(
-                        "x-envoy-upstream-rq-timeout-ms",
-                        Some(&t.to_string()),
-                    );
-                }
-                if let Some(r) = f.retry {
-                    self.set_retry_headers(r);
-                }
                 self.response_edits = f
                     .response_edits
                     .iter()
                     .map(|e| (e.op, e.name.to_string(), e.value.to_string()))
                     .collect();
+                // The filter runs the retries when it chose the endpoint, so that they go
+                // to other endpoints; otherwise the host's router retries.
+                let owned_retry = match (f.retry, f.ticket) {
+                    (Some(policy), Some(_)) if policy.num_retries > 0 => Some(RetryRun::new(
+                        Rc::clone(&engine),
+                        policy,
+                        f.cluster.to_string(),
+                        f.timeout_ms,
+                        now,
+                    )),
+                    _ => None,
+                };
+                let timeout = match &owned_retry {
+                    Some(run) => run.first_try_timeout_ms(f.timeout_ms),
+                    None => f.timeout_ms,
+                };
+                if let Some(t) = timeout {
+                    self.set_http_request_header(
+                        "x-envoy-upstream-rq-timeout-ms",
+                        Some(&t.to_string()),
+                    );
+                }
+                if let (None, Some(r)) = (&owned_retry, f.retry) {
+                    self.set_retry_headers(r);
+                }
+                let needs_copy = owned_retry.is_some() || !f.mirrors.is_empty();
+                if needs_copy {
+                    self.body = Some(BodyCopy {
+                        bytes: Vec::new(),
+                        too_big: false,
+                    });
+                }
+                // The request as sent upstream, for the tries and mirrors that resend it:
+                // the headers read above with the same edits, without asking the host again.
+                let original_path = f.path.as_ref().map(|_| path.to_owned());
+                let mut sent = if needs_copy { headers } else { Vec::new() };
+                if needs_copy {
+                    if let (Some(new_path), Some(old)) = (&f.path, original_path) {
+                        set_header(&mut sent, "x-envoy-original-path", &old);
+                        set_header(&mut sent, ":path", new_path);
+                    }
+                    if let Some(a) = f.authority {
+                        set_header(&mut sent, ":authority", a);
+                    }
+                    for e in &f.request_edits {
+                        match e.op {
+                            EditOp::Set => set_header(&mut sent, &e.name, &e.value),
+                            EditOp::Add => sent.push((e.name.to_string(), e.value.to_string())),
+                            EditOp::Remove => sent.retain(|(k, _)| k != &e.name),
+                        }
+                    }
+                }
+                if let Some(mut run) = owned_retry {
+                    if f.mirrors.is_empty() {
+                        run.headers = std::mem::take(&mut sent);
+                    } else {
+                        run.headers.clone_from(&sent);
+                    }
+                    run.response_edits.clone_from(&self.response_edits);
+                    if end_of_stream {
+                        run.body = Some(Vec::new());
+                    }
+                    self.retry = Some(run);
+                }
                 if !f.mirrors.is_empty() {
-                    let mut pending = PendingMirror {
-                        headers: self
-                            .get_http_request_headers()
-                            .into_iter()
-                            .filter(|(k, _)| !is_control_header(k))
-                            .collect(),
+                    let pending = PendingMirror {
+                        headers: sent,
                         targets: f
                             .mirrors
                             .into_iter()
                             .map(|m| (m.cluster.into_owned(), m.endpoint))
                             .collect(),
-                        body: Vec::new(),
-                        too_big: false,
                     };
                     if end_of_stream {
-                        self.dispatch_mirrors(&mut pending);
+                        self.dispatch_mirrors(&pending, &[]);
                     } else {
                         self.mirror = Some(pending);
                     }
@@ -358,11 +582,10 @@ impl HttpContext for FilterHttp {
         };
         match (decision.delay_ms, then) {
             (Some(ms), then) => {
-                let now = now_ms();
                 self.shared.delays.borrow_mut().push(Delayed {
                     context_id: self.context_id,
                     due_ms: now + ms,
-                    then,
+                    then: then.map_or(After::Resume, After::Reply),
                 });
                 schedule_tick(&self.shared, now);
                 Action::Pause
@@ -378,30 +601,62 @@ impl HttpContext for FilterHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if let Some(mut pending) = self.mirror.take() {
-            if !pending.too_big {
-                if pending.body.len() + body_size > MIRROR_BODY_LIMIT {
-                    pending.too_big = true;
-                    pending.body = Vec::new();
-                } else if let Some(chunk) = self.get_http_request_body(0, body_size) {
-                    pending.body.extend_from_slice(&chunk);
-                }
+        let Some(copy) = self.body.as_mut() else {
+            return Action::Continue;
+        };
+        if !copy.too_big {
+            if copy.bytes.len() + body_size > MIRROR_BODY_LIMIT {
+                copy.too_big = true;
+                copy.bytes = Vec::new();
+            } else if let Some(chunk) =
+                hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size)
+                    .ok()
+                    .flatten()
+            {
+                copy.bytes.extend_from_slice(&chunk);
             }
-            if end_of_stream {
-                if pending.too_big {
-                    warn!("request body above {MIRROR_BODY_LIMIT} bytes, not mirrored");
-                } else {
-                    self.dispatch_mirrors(&mut pending);
-                }
-            } else {
-                self.mirror = Some(pending);
-            }
+        }
+        if !end_of_stream {
+            return Action::Continue;
+        }
+        let Some(copy) = self.body.take() else {
+            return Action::Continue;
+        };
+        if copy.too_big {
+            warn!("request body above {MIRROR_BODY_LIMIT} bytes: not mirrored, not retried");
+            self.mirror = None;
+            return Action::Continue;
+        }
+        if let Some(pending) = self.mirror.take() {
+            self.dispatch_mirrors(&pending, &copy.bytes);
+        }
+        if let Some(run) = self.retry.as_mut() {
+            run.body = Some(copy.bytes);
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        self.observe_attempt();
+        let end = self.first_try_end();
+        let now = now_ms();
+        if let (Some(t), Some(engine)) = (self.ticket, &self.engine) {
+            shared::report_attempt(engine, t, end.outlier_result(), now);
+        }
+        if let Some(mut run) = self.retry.take() {
+            if run.should_retry(end, now) {
+                // Hold this response; the next try goes out after the back-off.
+                if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
+                    engine.release(t);
+                    run.tried.push(t);
+                }
+                self.shared
+                    .retries
+                    .borrow_mut()
+                    .insert(self.context_id, run);
+                schedule_backoff(&self.shared, self.context_id, now);
+                return Action::Pause;
+            }
+        }
         for (op, name, value) in &self.response_edits {
             match op {
                 EditOp::Set => self.set_http_response_header(name, Some(value)),
@@ -412,12 +667,26 @@ impl HttpContext for FilterHttp {
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, _: usize, _: bool) -> Action {
+        // A held response stays held (and buffered) until the retries decide.
+        if self.shared.retries.borrow().contains_key(&self.context_id) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn on_log(&mut self) {
         if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
             engine.release(t);
         }
+        if let Some(run) = self.shared.retries.borrow_mut().remove(&self.context_id) {
+            if let Some(t) = run.active {
+                run.engine.release(t);
+            }
+        }
         if let Some(key) = self.admitted.take() {
-            shared_add(&key, -1, u32::MAX);
+            shared::add(&key, -1, u32::MAX);
         }
         // A stream that ends while delayed must not be resumed later.
         self.shared
@@ -434,66 +703,31 @@ impl FilterHttp {
             return true;
         };
         let key = format!("meshroute.active/{cluster}");
-        if !shared_add(&key, 1, limit) {
+        if !shared::add(&key, 1, limit) {
             return false;
         }
         self.admitted = Some(key);
         true
     }
 
-    /// Feeds the outcome of the attempt to outlier detection: the upstream's status, or a
-    /// local-origin failure when the host's router answered for it (Envoy's response flags).
-    fn observe_attempt(&self) {
-        let (Some(ticket), Some(engine)) = (self.ticket, &self.engine) else {
-            return;
-        };
-        if !engine.tracks_outliers(ticket) {
-            return;
-        }
+    /// How the first try ended: the upstream's status, or a failure the host's router
+    /// answered for (Envoy's response flags).
+    fn first_try_end(&self) -> meshroute_core::engine::AttemptEnd {
         let status = self
             .get_http_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        let flags = self
-            .get_property(vec!["response", "flags"])
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes);
-        let result = if flags & (LOCAL_ORIGIN_FLAGS | TIMEOUT_FLAG) != 0 {
-            AttemptResult::LocalOrigin {
-                timeout: flags & TIMEOUT_FLAG != 0,
-            }
+        let flags = if self.ticket.is_some() {
+            self.get_property(vec!["response", "flags"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_le_bytes)
         } else {
-            AttemptResult::Status(status)
+            0
         };
-        let now = now_ms();
-        for _ in 0..CAS_TRIES {
-            let key;
-            let (stored, cas) = match engine.cluster_of(ticket) {
-                Some(name) => {
-                    key = Engine::outlier_key(name);
-                    hostcalls::get_shared_data(&key).unwrap_or((None, None))
-                }
-                None => return,
-            };
-            let Some((cluster, record, ejected)) =
-                engine.observe(ticket, result, stored.as_deref(), now)
-            else {
-                return;
-            };
-            match hostcalls::set_shared_data(&key, Some(&record), cas) {
-                Ok(()) => {
-                    if ejected {
-                        info!("outlier detection ejected an endpoint of {cluster}");
-                    }
-                    return;
-                }
-                Err(proxy_wasm::types::Status::CasMismatch) => continue,
-                Err(status) => {
-                    warn!("outlier record of {cluster}: {status:?}");
-                    return;
-                }
-            }
-        }
+        let grpc = self
+            .get_http_response_header("grpc-status")
+            .and_then(|s| s.parse().ok());
+        first_try_end(status, flags, grpc)
     }
 
     fn set_retry_headers(&self, r: &ir::RetryPolicy) {
@@ -518,8 +752,8 @@ impl FilterHttp {
         }
     }
 
-    fn dispatch_mirrors(&self, pending: &mut PendingMirror) {
-        let body = (!pending.body.is_empty()).then_some(pending.body.as_slice());
+    fn dispatch_mirrors(&self, pending: &PendingMirror, body: &[u8]) {
+        let body = (!body.is_empty()).then_some(body);
         for (cluster, endpoint) in &pending.targets {
             let mut headers: Vec<(&str, &str)> = pending
                 .headers
@@ -536,6 +770,12 @@ impl FilterHttp {
             }
         }
     }
+}
+
+/// Replaces every value of `name` with `value`.
+fn set_header(headers: &mut Vec<(String, String)>, name: &str, value: &str) {
+    headers.retain(|(k, _)| k != name);
+    headers.push((name.to_owned(), value.to_owned()));
 }
 
 /// The gateway server port, from the trusted header the host's first stage sets.

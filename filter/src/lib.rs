@@ -6,6 +6,8 @@
 //! replies, a tick queue for fault delays, side calls for mirrors).
 
 mod glue;
+mod retry;
+mod shared;
 
 pub use glue::{FilterRoot, MIRROR_BODY_LIMIT};
 

@@ -265,7 +265,130 @@ fn per_try_timeout_bounds_each_attempt_of_a_hanging_endpoint(host: Host) {
     assert_eq!(v1.count(), 3);
 }
 
+/// A WorkloadEntry of `web` on a loopback port where nothing listens.
+fn dead_endpoint() -> String {
+    let port = meshroute_tests::free_port();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-dead, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{http: {port}}}\n  labels: {{app: web, version: dead}}\n---\n"
+    )
+}
+
+fn web_routes(
+    host: Host,
+    upstreams: &[&Upstream],
+    extra: &str,
+    route: &str,
+) -> Box<dyn Running + Sync> {
+    let yaml = format!(
+        "{}{extra}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n{route}\n",
+        registry("web", 8000, upstreams),
+    );
+    let doc = rules(
+        &[("web.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    start(host, &doc)
+}
+
+fn default_policy_retries_a_refused_connection_on_the_other_endpoint(host: Host) {
+    let good = Upstream::start("good");
+    // No VirtualService retries: Istio's default policy (connect-failure among them).
+    let proxy = web_routes(host, &[&good], &dead_endpoint(), "");
+    for i in 0..12 {
+        let r = proxy.send(&get(HOST, "/"));
+        assert_eq!(
+            (r.status, r.upstream()),
+            (200, "good".to_owned()),
+            "request {i}: {r:?}"
+        );
+    }
+    // Some requests met the dead endpoint first: the good one saw them as second tries.
+    let attempts: Vec<String> = good
+        .received()
+        .iter()
+        .map(|q| q.header("x-envoy-attempt-count").unwrap_or("-").to_owned())
+        .collect();
+    assert!(attempts.iter().any(|a| a == "2"), "{attempts:?}");
+    assert!(
+        attempts.iter().all(|a| a == "1" || a == "2"),
+        "{attempts:?}"
+    );
+}
+
+fn five_xx_retries_go_to_another_endpoint_with_the_body(host: Host) {
+    let (bad, good) = (Upstream::start("bad"), Upstream::start("good"));
+    bad.fail_with(Some(503));
+    let proxy = web_routes(
+        host,
+        &[&bad, &good],
+        "",
+        "    retries: {attempts: 1, retryOn: 5xx}",
+    );
+    for i in 0..10 {
+        let body = format!("payload {i}");
+        let r = proxy.send(&get(HOST, "/").method("POST").body(body.as_bytes()));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.report()["body"], body.as_str());
+    }
+    // Every request that met the failing endpoint went on to the other one.
+    assert_eq!(good.count(), 10);
+    for q in bad.received() {
+        assert_eq!(q.header("x-envoy-attempt-count"), Some("1"));
+    }
+    assert!(bad.count() >= 1, "the failing endpoint was never tried");
+}
+
+fn exhausted_retries_answer_with_the_last_try(host: Host) {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    a.fail_with(Some(502));
+    b.fail_with(Some(502));
+    let proxy = web_routes(
+        host,
+        &[&a, &b],
+        "",
+        "    retries: {attempts: 3, retryOn: gateway-error}",
+    );
+    let r = proxy.send(&get(HOST, "/"));
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(a.count() + b.count(), 4);
+    // Tries alternate between the two while both fail.
+    assert!(
+        a.count() >= 1 && b.count() >= 1,
+        "{} {}",
+        a.count(),
+        b.count()
+    );
+}
+
+fn route_timeout_bounds_all_tries(host: Host) {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let proxy = web_routes(
+        host,
+        &[&a, &b],
+        "",
+        "    timeout: 1s\n    retries: {attempts: 5, perTryTimeout: 400ms, retryOn: 5xx}",
+    );
+    let r = proxy.send(&get(HOST, "/?sleep_ms=3000"));
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        r.elapsed >= Duration::from_millis(950) && r.elapsed < Duration::from_millis(2_500),
+        "{:?}",
+        r.elapsed
+    );
+    assert!(
+        (2..=3).contains(&(a.count() + b.count())),
+        "{} {}",
+        a.count(),
+        b.count()
+    );
+}
+
 meshroute_tests::on_both_hosts!(
+    default_policy_retries_a_refused_connection_on_the_other_endpoint,
+    five_xx_retries_go_to_another_endpoint_with_the_body,
+    exhausted_retries_answer_with_the_last_try,
+    route_timeout_bounds_all_tries,
     five_xx_is_retried_only_when_retry_on_says_so,
     per_try_timeout_bounds_each_attempt_of_a_hanging_endpoint,
     circuit_breaker_sheds_overflow_with_503_uo,

@@ -83,6 +83,8 @@ pub struct Stream {
     pub local_reply: Option<LocalReply>,
     /// `continue_stream(HTTP_REQUEST)` was called while the stream was paused.
     pub resumed: bool,
+    /// `continue_stream(HTTP_RESPONSE)` was called in the response phase.
+    pub response_resumed: bool,
     pub source: String,
     pub destination: String,
     pub destination_port: u16,
@@ -104,6 +106,7 @@ impl Stream {
             response_body: Vec::new(),
             local_reply: None,
             resumed: false,
+            response_resumed: false,
             source: String::new(),
             destination: String::new(),
             destination_port: 0,

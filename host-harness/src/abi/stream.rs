@@ -16,8 +16,15 @@ fn continue_stream(mut c: Caller<'_, HostState>, kind: i32) -> i32 {
             }
             status::OK
         }
-        // Continuing a response that does not exist yet is a no-op here (Envoy crashes).
-        1 => status::OK,
+        1 => {
+            // Continuing a response that does not exist yet is a no-op here (Envoy crashes).
+            if let Some(s) = c.data_mut().stream_mut() {
+                if s.phase == Phase::Response {
+                    s.response_resumed = true;
+                }
+            }
+            status::OK
+        }
         2 | 3 => status::OK,
         _ => status::BAD_ARGUMENT,
     }

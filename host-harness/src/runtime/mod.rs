@@ -346,10 +346,14 @@ fn with_vm<R>(
             .keys()
             .copied()
             .filter(|id| {
-                state
-                    .streams
-                    .get(id)
-                    .is_none_or(|s| s.resumed || s.local_reply.is_some())
+                state.streams.get(id).is_none_or(|s| {
+                    s.local_reply.is_some()
+                        || if s.phase == Phase::Response {
+                            s.response_resumed
+                        } else {
+                            s.resumed
+                        }
+                })
             })
             .collect();
         for id in ready {
@@ -857,23 +861,16 @@ async fn run_request(
             if !reply.body.is_empty() {
                 headers.push(("content-type".into(), "text/plain".into()));
             }
-            let final_headers = with_vm(proxy, generation, index, |vm| {
-                if let Some(s) = vm.stream_mut(id) {
-                    s.phase = Phase::Response;
-                    s.response_headers = headers;
-                    s.response_code = Some(reply.status);
-                    s.response_flags = flag_bits(flag);
-                    s.response_details = reply.details;
-                }
-                vm.on_response_headers(id, false)?;
-                Ok(vm
-                    .stream_mut(id)
-                    .map(|s| std::mem::take(&mut s.response_headers)))
-            })
-            .flatten();
-            if let Some(replaced) = take_reply(generation, index, id) {
-                return Err((replaced, cluster, ""));
-            }
+            let seen = ResponseSeen {
+                headers,
+                status: reply.status,
+                flags: flag_bits(flag),
+                details: reply.details,
+            };
+            let final_headers = match response_phase(proxy, generation, index, id, seen).await {
+                Ok(h) => h,
+                Err(replaced) => return Err((replaced, cluster, "")),
+            };
             let mut local = reply.into_local();
             for (k, v) in final_headers.unwrap_or_default() {
                 match k.as_str() {
@@ -896,22 +893,16 @@ async fn run_request(
         "x-envoy-upstream-service-time".into(),
         upstream_start.elapsed().as_millis().to_string(),
     ));
-    let status = parts.status.as_u16();
-    let final_headers = with_vm(proxy, generation, index, |vm| {
-        if let Some(s) = vm.stream_mut(id) {
-            s.phase = Phase::Response;
-            s.response_headers = response_headers;
-            s.response_code = Some(status);
-        }
-        vm.on_response_headers(id, false)?;
-        Ok(vm
-            .stream_mut(id)
-            .map(|s| std::mem::take(&mut s.response_headers)))
-    })
-    .flatten();
-    if let Some(reply) = take_reply(generation, index, id) {
-        return Err((reply, cluster, ""));
-    }
+    let seen = ResponseSeen {
+        headers: response_headers,
+        status: parts.status.as_u16(),
+        flags: 0,
+        details: "",
+    };
+    let final_headers = match response_phase(proxy, generation, index, id, seen).await {
+        Ok(h) => h,
+        Err(reply) => return Err((reply, cluster, "")),
+    };
     let Some(final_headers) = final_headers else {
         return Err((local(503, ""), cluster, "UH"));
     };
@@ -939,6 +930,65 @@ async fn run_request(
         http::HeaderValue::from_static(server_name(proxy.kind)),
     );
     Ok((Response::from_parts(parts, body.boxed()), cluster))
+}
+
+/// A response as the filter's response callback sees it.
+struct ResponseSeen {
+    headers: Headers,
+    status: u16,
+    flags: u64,
+    details: &'static str,
+}
+
+/// Runs the filter's response-headers callback; when it pauses (to retry elsewhere), waits
+/// until it resumes the response or answers in its place. `Ok` carries the headers to send
+/// (`None` when the instance is gone), `Err` the filter's replacement.
+async fn response_phase(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+    id: u32,
+    seen: ResponseSeen,
+) -> Result<Option<Headers>, LocalReply> {
+    let slot = &generation.slots[index];
+    let action = with_vm(proxy, generation, index, |vm| {
+        if let Some(s) = vm.stream_mut(id) {
+            s.phase = Phase::Response;
+            s.response_headers = seen.headers;
+            s.response_code = Some(seen.status);
+            s.response_flags = seen.flags;
+            s.response_details = seen.details;
+        }
+        vm.on_response_headers(id, false)
+    });
+    let waiting = |generation: &Generation| {
+        !stream_fact(generation, index, id, true, |s| {
+            s.response_resumed || s.local_reply.is_some()
+        })
+    };
+    if action == Some(Action::Pause) && waiting(generation) {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.insert(id, tx);
+        }
+        // Re-check: the answer may have come before the waiter was registered.
+        if waiting(generation) {
+            let _ = rx.await;
+        }
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.remove(&id);
+        }
+    }
+    if let Some(reply) = take_reply(generation, index, id) {
+        return Err(reply);
+    }
+    let Ok(mut guard) = slot.vm.lock() else {
+        return Ok(None);
+    };
+    Ok(guard
+        .as_mut()
+        .and_then(|vm| vm.stream_mut(id))
+        .map(|s| std::mem::take(&mut s.response_headers)))
 }
 
 /// Runs the end-of-stream callbacks when the request is finished or abandoned.

@@ -86,6 +86,10 @@ impl ClusterRt {
         }
     }
 
+    pub(crate) fn hashes(&self) -> bool {
+        self.hash_key.is_some()
+    }
+
     pub(crate) fn endpoint_count(&self) -> usize {
         self.endpoints.len()
     }
@@ -96,12 +100,14 @@ impl ClusterRt {
 
     /// `Ok(Some(..))` for a chosen endpoint, `Ok(None)` when the host resolves the name
     /// itself (DNS discovery), `Err(())` when no endpoint may take the request (503 UH).
-    /// `health` is the cluster's outlier record when it has outlier detection.
+    /// `health` is the cluster's outlier record when it has outlier detection; endpoints in
+    /// `avoid` (tried before) are skipped while any other may take the request.
     pub(crate) fn pick(
         &self,
         req: &RequestView<'_>,
         rng: &mut dyn Rng,
         health: Option<(&OutlierRecord, u64)>,
+        avoid: &[usize],
     ) -> Result<Option<Picked>, ()> {
         if self.discovery == Discovery::Dns {
             return Ok(None);
@@ -123,7 +129,7 @@ impl ClusterRt {
         if self.endpoints.is_empty() {
             return Err(());
         }
-        let eligible = self.eligible(health);
+        let eligible = self.eligible(health, avoid);
         let candidates: &[usize] = match &eligible {
             Eligible::All => &[],
             Eligible::Some(list) => list,
@@ -194,24 +200,43 @@ impl ClusterRt {
     /// Which endpoints may be chosen: all, a subset (some ejected), or none (503 UH).
     /// When fewer than `minHealthPercent` are healthy the cluster is in panic and ignores
     /// ejections, as Envoy's panic threshold; 0 disables panic.
-    fn eligible(&self, health: Option<(&OutlierRecord, u64)>) -> Eligible {
-        let (Some(cfg), Some((record, now))) = (&self.outlier, health) else {
-            return Eligible::All;
+    fn eligible(&self, health: Option<(&OutlierRecord, u64)>, avoid: &[usize]) -> Eligible {
+        let healthy = match (&self.outlier, health) {
+            (Some(cfg), Some((record, now))) => {
+                let healthy: Vec<usize> = (0..self.endpoints.len())
+                    .filter(|&i| !record.is_ejected(i, cfg, now))
+                    .collect();
+                let panic = cfg.min_health_percent > 0
+                    && (healthy.len() * 100)
+                        < cfg.min_health_percent as usize * self.endpoints.len();
+                if panic || healthy.len() == self.endpoints.len() {
+                    None
+                } else if healthy.is_empty() {
+                    return Eligible::None;
+                } else {
+                    Some(healthy)
+                }
+            }
+            _ => None,
         };
-        let healthy: Vec<usize> = (0..self.endpoints.len())
-            .filter(|&i| !record.is_ejected(i, cfg, now))
-            .collect();
-        if healthy.len() == self.endpoints.len() {
-            return Eligible::All;
+        if avoid.is_empty() {
+            return healthy.map_or(Eligible::All, Eligible::Some);
         }
-        let panic = cfg.min_health_percent > 0
-            && (healthy.len() * 100) < cfg.min_health_percent as usize * self.endpoints.len();
-        if panic {
-            Eligible::All
-        } else if healthy.is_empty() {
-            Eligible::None
-        } else {
-            Eligible::Some(healthy)
+        let fresh: Vec<usize> = match &healthy {
+            Some(list) => list
+                .iter()
+                .copied()
+                .filter(|i| !avoid.contains(i))
+                .collect(),
+            None => (0..self.endpoints.len())
+                .filter(|i| !avoid.contains(i))
+                .collect(),
+        };
+        // Every endpoint was tried: any may take the retry (Envoy gives up re-selecting).
+        match (fresh.is_empty(), healthy) {
+            (false, _) => Eligible::Some(fresh),
+            (true, Some(list)) => Eligible::Some(list),
+            (true, None) => Eligible::All,
         }
     }
 

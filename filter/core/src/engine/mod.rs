@@ -9,6 +9,7 @@ mod health;
 mod matcher;
 mod request;
 mod respond;
+mod retry;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ pub use health::{AttemptResult, OutlierRecord};
 pub use matcher::Condition;
 use matcher::{CompiledMatch, Matcher};
 pub use request::{split_host_port, split_query, RequestView};
+pub use retry::{backoff_ms, AttemptEnd, RetryOn};
 
 /// Source of randomness; the guest seeds it, tests script it.
 pub trait Rng {
@@ -626,12 +628,48 @@ impl Engine {
         rng: &mut dyn Rng,
         state: &dyn EndpointState,
     ) -> Result<Option<balance::Picked>, ()> {
+        self.pick_avoiding(c, req, rng, state, &[])
+    }
+
+    fn pick_avoiding(
+        &self,
+        c: &ClusterRt,
+        req: &RequestView<'_>,
+        rng: &mut dyn Rng,
+        state: &dyn EndpointState,
+        avoid: &[usize],
+    ) -> Result<Option<balance::Picked>, ()> {
         if c.outlier.is_none() {
-            return c.pick(req, rng, None);
+            return c.pick(req, rng, None, avoid);
         }
         let stored = state.outlier_record(&c.name);
         let record = OutlierRecord::decode(stored.as_deref(), c.fingerprint, c.endpoint_count());
-        c.pick(req, rng, Some((&record, state.now_ms())))
+        c.pick(req, rng, Some((&record, state.now_ms())), avoid)
+    }
+
+    /// The endpoint for a retry of a request whose tries so far hold `tried` (all of one
+    /// cluster): another one than those while any is left, when `avoid_previous` (Istio's
+    /// `previous_hosts` predicate); `None` when the cluster has no endpoint to offer.
+    pub fn retry_pick(
+        &self,
+        tried: &[Ticket],
+        avoid_previous: bool,
+        req: &RequestView<'_>,
+        rng: &mut dyn Rng,
+        state: &dyn EndpointState,
+    ) -> Option<(String, Ticket)> {
+        let cluster = tried.first()?.cluster;
+        let c = self.clusters.get(cluster)?;
+        // With consistent hashing Istio leaves out the previous-hosts predicate: a retry
+        // stays on the key's endpoint.
+        let avoid: Vec<usize> = if avoid_previous && !c.hashes() {
+            tried.iter().map(|t| t.endpoint).collect()
+        } else {
+            Vec::new()
+        };
+        let picked = self.pick_avoiding(c, req, rng, state, &avoid).ok()??;
+        let endpoint = picked.index?;
+        Some((picked.address, Ticket { cluster, endpoint }))
     }
 
     /// The request holding `ticket` is over (LEAST_REQUEST counts requests in flight).
