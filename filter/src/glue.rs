@@ -199,6 +199,7 @@ impl Context for FilterRoot {
                 run.engine.release(t);
                 shared::report_attempt(&run.engine, t, end.outlier_result(), now);
             }
+            give_back_budget(run);
             if answer.is_some() {
                 run.last = answer;
             }
@@ -232,7 +233,17 @@ impl FilterRoot {
                 &state,
             );
             self.shared.rng.set(rng.0);
+            // The retry circuit breaker: no place free, no retry (Envoy's retry overflow).
+            let budget_ok = run
+                .retry_budget
+                .as_ref()
+                .is_none_or(|(key, limit)| shared::add(key, 1, *limit));
+            run.holds_budget = budget_ok && run.retry_budget.is_some();
             match (picked, remaining) {
+                (Some((_, ticket)), _) if !budget_ok => {
+                    engine.release(ticket);
+                    None
+                }
                 (_, Some(0)) | (None, _) => None,
                 (Some((endpoint, ticket)), remaining) => {
                     let timeout = match (run.per_try_ms, remaining) {
@@ -283,12 +294,13 @@ impl FilterRoot {
 
     /// Gives the client the last try's answer: the held first response, or a side call's.
     fn finish_retries(&self, context_id: u32) {
-        let Some(run) = self.shared.retries.borrow_mut().remove(&context_id) else {
+        let Some(mut run) = self.shared.retries.borrow_mut().remove(&context_id) else {
             return;
         };
-        if let Some(t) = run.active {
+        if let Some(t) = run.active.take() {
             run.engine.release(t);
         }
+        give_back_budget(&mut run);
         if hostcalls::set_effective_context(context_id).is_err() {
             return;
         }
@@ -329,6 +341,15 @@ impl FilterRoot {
         };
         if let Err(status) = result {
             warn!("answering after retries failed: {status:?}");
+        }
+    }
+}
+
+/// Frees the retry circuit-breaker place the try in flight held.
+fn give_back_budget(run: &mut RetryRun) {
+    if std::mem::take(&mut run.holds_budget) {
+        if let Some((key, _)) = &run.retry_budget {
+            shared::add(key, -1, u32::MAX);
         }
     }
 }
@@ -467,6 +488,7 @@ impl HttpContext for FilterHttp {
         let decision = engine.decide_with(&view, &mut rng, &state);
         self.shared.rng.set(rng.0);
 
+        let delay_ms = decision.delay_ms;
         let then = match decision.outcome {
             Outcome::Reply(reply) => Some(reply),
             Outcome::Forward(f) if !self.admit(&f.cluster, f.max_active) => {
@@ -506,7 +528,9 @@ impl HttpContext for FilterHttp {
                         policy,
                         f.cluster.to_string(),
                         f.timeout_ms,
-                        now,
+                        f.max_retries,
+                        // A fault delay is not part of the route timeout.
+                        now + delay_ms.unwrap_or(0),
                     )),
                     _ => None,
                 };
@@ -680,10 +704,11 @@ impl HttpContext for FilterHttp {
         if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
             engine.release(t);
         }
-        if let Some(run) = self.shared.retries.borrow_mut().remove(&self.context_id) {
-            if let Some(t) = run.active {
+        if let Some(mut run) = self.shared.retries.borrow_mut().remove(&self.context_id) {
+            if let Some(t) = run.active.take() {
                 run.engine.release(t);
             }
+            give_back_budget(&mut run);
         }
         if let Some(key) = self.admitted.take() {
             shared::add(&key, -1, u32::MAX);

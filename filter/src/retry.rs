@@ -40,6 +40,10 @@ pub struct RetryRun {
     /// The latest side call's answer; `None` while the first try's response is the answer.
     pub last: Option<Answer>,
     pub response_edits: Vec<(EditOp, String, String)>,
+    /// Shared counter of the cluster's retries in flight and its limit (`http.maxRetries`).
+    pub retry_budget: Option<(String, u32)>,
+    /// Whether the try in flight holds a place in that counter.
+    pub holds_budget: bool,
 }
 
 /// A try's response as the client would get it.
@@ -55,8 +59,10 @@ impl RetryRun {
         policy: &RetryPolicy,
         cluster: String,
         timeout_ms: Option<u64>,
-        now_ms: u64,
+        max_retries: Option<u32>,
+        start_ms: u64,
     ) -> Self {
+        let retry_budget = max_retries.map(|n| (format!("meshroute.retries/{cluster}"), n));
         Self {
             engine,
             on: RetryOn::parse(
@@ -72,10 +78,12 @@ impl RetryRun {
             body: None,
             tried: Vec::new(),
             active: None,
-            deadline_ms: timeout_ms.map(|t| now_ms + t),
+            deadline_ms: timeout_ms.map(|t| start_ms + t),
             retries_done: 0,
             last: None,
             response_edits: Vec::new(),
+            retry_budget,
+            holds_budget: false,
         }
     }
 

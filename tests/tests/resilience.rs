@@ -384,7 +384,46 @@ fn route_timeout_bounds_all_tries(host: Host) {
     );
 }
 
+fn max_retries_limits_concurrent_retries(host: Host) {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    a.fail_with(Some(503));
+    b.fail_with(Some(503));
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {{connectionPool: {{http: {{maxRetries: 1}}}}}}\n---\n",
+        registry("web", 8000, &[&a, &b]),
+    );
+    let doc = rules(
+        &[(
+            "web.yaml",
+            format!("{yaml}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n    retries: {{attempts: 1, retryOn: 5xx}}\n"),
+        )],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(host, &doc);
+    let port = proxy.port();
+    // Four slow failures at once: their retries overlap, and only one may be in flight.
+    let clients: Vec<_> = (0..4)
+        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=800").send(port)))
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap().status, 503);
+    }
+    let tries = a.count() + b.count();
+    assert!((5..=6).contains(&tries), "{tries} tries for 4 requests");
+}
+
+fn random_balancing_spreads_requests_over_endpoints(host: Host) {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let proxy = web(host, &[&a, &b], "{loadBalancer: {simple: RANDOM}}");
+    let got = spread(&*proxy, &[&a, &b], 200);
+    // Binomial(200, 1/2): 5 standard deviations either side.
+    assert!(got.iter().all(|&n| (65..=135).contains(&n)), "{got:?}");
+}
+
 meshroute_tests::on_both_hosts!(
+    max_retries_limits_concurrent_retries,
+    random_balancing_spreads_requests_over_endpoints,
     default_policy_retries_a_refused_connection_on_the_other_endpoint,
     five_xx_retries_go_to_another_endpoint_with_the_body,
     exhausted_retries_answer_with_the_last_try,

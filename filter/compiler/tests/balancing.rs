@@ -426,3 +426,81 @@ fn circuit_breaker_limits_follow_the_connection_pool() {
     // Connections alone only queue requests (Istio CP1): no rejection.
     assert_eq!(limit("{connectionPool: {tcp: {maxConnections: 2}}}"), None);
 }
+
+/// Statistical properties over random cluster shapes (native only: proptest needs an OS
+/// random source).
+#[cfg(not(target_arch = "wasm32"))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Service `web` with one WorkloadEntry per weight.
+    fn weighted(weights: &[u32], policy: &str) -> Engine {
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n---\n",
+        );
+        for (i, w) in weights.iter().enumerate() {
+            yaml.push_str(&format!(
+                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {{address: 10.0.1.{i}, ports: {{http: 8080}}, labels: {{app: web}}, weight: {w}}}\n---\n"
+            ));
+        }
+        yaml.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n"
+        ));
+        let mut c = Config::default();
+        assert!(c.add_text("w.yaml", &yaml).iter().all(|d| !d.is_error()));
+        let proxy = ProxyOptions {
+            kind: ProxyKind::Sidecar,
+            namespace: "default".into(),
+            labels: BTreeMap::new(),
+        };
+        let out = compile(&c, &proxy, &MeshOptions::default());
+        Engine::new(out.document.expect("document")).expect("engine")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn random_and_round_robin_follow_endpoint_weights(
+            weights in proptest::collection::vec(1u32..8, 2..5),
+            round_robin in any::<bool>(),
+        ) {
+            let policy = if round_robin { "{loadBalancer: {simple: ROUND_ROBIN}}" } else { "{loadBalancer: {simple: RANDOM}}" };
+            let engine = weighted(&weights, policy);
+            let total: u32 = weights.iter().sum();
+            let n = 400 * total as usize;
+            let c = counts(&engine, &FakeShared::default(), &[], n);
+            for (i, w) in weights.iter().enumerate() {
+                let got = c.get(&format!("10.0.1.{i}:8080")).copied().unwrap_or(0) as f64;
+                let expected = n as f64 * f64::from(*w) / f64::from(total);
+                // Round robin is exact; random within 5 standard deviations.
+                let sd = (expected * (1.0 - f64::from(*w) / f64::from(total))).sqrt();
+                prop_assert!((got - expected).abs() <= 5.0 * sd + 1.0, "{i}: {got} vs {expected} ({c:?})");
+            }
+        }
+
+        #[test]
+        fn consistent_hash_moves_at_most_the_removed_endpoints_keys(n in 2usize..7, seed in any::<u64>()) {
+            let policy = "{loadBalancer: {consistentHash: {httpHeaderName: k}}}";
+            let (before, after) = (engine(n + 1, policy), engine(n, policy));
+            let state = FakeShared::default();
+            let mut rng = SplitMix64(seed);
+            let removed = format!("10.0.0.{}:8080", n + 1);
+            let mut moved = 0;
+            for key in 0..300u64 {
+                let key = (key ^ seed).to_string();
+                let h = Headers::new(&[("k", &key)]);
+                let b = forward(&before, &h, &mut rng, &state).unwrap().endpoint.unwrap();
+                let a = forward(&after, &h, &mut rng, &state).unwrap().endpoint.unwrap();
+                if b != a {
+                    prop_assert_eq!(&b, &removed);
+                    moved += 1;
+                }
+            }
+            // About 1/(n+1) of the keys lived on the removed endpoint.
+            let share = f64::from(moved) / 300.0;
+            prop_assert!(share <= 1.0 / (n as f64 + 1.0) + 0.12, "{share}");
+        }
+    }
+}

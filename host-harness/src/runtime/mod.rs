@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
+use meshroute_core::engine::{backoff_ms, RetryOn, Rng as _, SplitMix64};
 use meshroute_core::ir::{
     self, Discovery, ProxyKind, RulesDocument, CONTROL_HEADERS, LISTENER_PORT_HEADER,
 };
@@ -455,12 +456,20 @@ const HOP_BY_HOP: &[&str] = &[
 fn random_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:016x}-{n:08x}",
+        random_seed() ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    )
+}
+
+/// A seed from the clock and a counter (ids and retry jitter need no cryptographic quality).
+fn random_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let t = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let mut z = t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    format!("{:016x}-{n:08x}", z ^ (z >> 31))
+    SplitMix64(t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
 }
 
 /// Serves one listener until the process ends.
@@ -1217,7 +1226,8 @@ async fn forward(
         ));
     }
     let deadline = timeout.map(|t| Instant::now() + t);
-    let policy = upstream::RetryPolicy::parse(&retry_on, &retriable_codes);
+    let policy = RetryOn::parse(retry_on.split(','), &retriable_codes);
+    let mut rng = SplitMix64(random_seed());
     let mut attempt = 0;
     loop {
         if count_attempts {
@@ -1241,12 +1251,13 @@ async fn forward(
                 attempt_timeout,
             )
             .await;
-        let retriable = policy.retriable(&result);
+        let retriable = policy.retriable(result.end());
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         // A streamed body was consumed by the first attempt and cannot be resent.
         if retriable && attempt < max_retries && !out_of_time && body.replayable() {
             attempt += 1;
-            tokio::time::sleep(upstream::backoff(attempt)).await;
+            let wait = backoff_ms(25, u32::try_from(attempt).unwrap_or(u32::MAX), &mut rng);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
             continue;
         }
         return match result {

@@ -10,6 +10,8 @@ use hyper::Response;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use meshroute_core::engine::AttemptEnd;
+
 use super::Body;
 use crate::abi::Headers;
 
@@ -163,54 +165,21 @@ impl Client {
     }
 }
 
-/// The subset of Envoy retry conditions this host evaluates.
-#[derive(Default)]
-pub struct RetryPolicy {
-    five_xx: bool,
-    gateway_error: bool,
-    connect_failure: bool,
-    reset: bool,
-    retriable_4xx: bool,
-    codes: Vec<u16>,
-}
-
-impl RetryPolicy {
-    pub fn parse(retry_on: &str, codes: &[u16]) -> Self {
-        let mut p = Self::default();
-        for c in retry_on.split(',').map(str::trim) {
-            match c {
-                "5xx" => p.five_xx = true,
-                "gateway-error" => p.gateway_error = true,
-                "connect-failure" => p.connect_failure = true,
-                "reset" | "reset-before-request" => p.reset = true,
-                "retriable-4xx" => p.retriable_4xx = true,
-                "retriable-status-codes" => p.codes = codes.to_vec(),
-                _ => {}
-            }
-        }
-        p
-    }
-
-    pub fn retriable(&self, attempt: &Attempt) -> bool {
-        match attempt {
-            Attempt::Response(r) => {
-                let s = r.status().as_u16();
-                (self.five_xx && s >= 500)
-                    || (self.gateway_error && (502..=504).contains(&s))
-                    || (self.retriable_4xx && s == 409)
-                    || self.codes.contains(&s)
-            }
-            Attempt::Timeout => self.five_xx || self.gateway_error || self.reset,
-            Attempt::ConnectFailure => {
-                self.connect_failure || self.five_xx || self.gateway_error || self.reset
-            }
-            Attempt::Reset => self.reset || self.five_xx || self.gateway_error,
+impl Attempt {
+    /// How the attempt ended, in the terms of Envoy's retry conditions.
+    pub fn end(&self) -> AttemptEnd {
+        match self {
+            Self::Response(r) => AttemptEnd::Response {
+                status: r.status().as_u16(),
+                grpc_status: r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            },
+            Self::Timeout => AttemptEnd::Timeout,
+            Self::ConnectFailure => AttemptEnd::ConnectFailure,
+            Self::Reset => AttemptEnd::Reset,
         }
     }
-}
-
-/// Envoy's default back-off: 25 ms base, doubling, capped at 10× base.
-pub fn backoff(attempt: u64) -> Duration {
-    let ms = 25u64.saturating_mul(1 << attempt.saturating_sub(1).min(8));
-    Duration::from_millis(ms.min(250))
 }

@@ -26,6 +26,8 @@ pub(crate) struct ClusterRt {
     pub(crate) fingerprint: u64,
     /// Concurrent requests admitted to the cluster (`None`: unlimited).
     pub(crate) max_active: Option<u32>,
+    /// Concurrent retries to the cluster (`http.maxRetries`; `None`: unlimited).
+    pub(crate) max_retries: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -73,6 +75,8 @@ impl ClusterRt {
             .fold(fnv1a(c.name.as_bytes()), |h, e| mix(h ^ e.id_hash));
         Self {
             max_active: admission_limit(&c.connection_pool, c.upstream_h2()),
+            max_retries: (c.connection_pool.max_retries > 0)
+                .then_some(c.connection_pool.max_retries),
             name: c.name,
             discovery: c.discovery,
             policy: c.lb.policy,

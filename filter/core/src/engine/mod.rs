@@ -173,6 +173,8 @@ pub struct Forward<'e> {
     pub ticket: Option<Ticket>,
     /// Circuit breaker: requests the cluster admits at once across all workers.
     pub max_active: Option<u32>,
+    /// Circuit breaker: retries the cluster admits at once across all workers.
+    pub max_retries: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -582,6 +584,7 @@ impl Engine {
                     mirrors,
                     ticket,
                     max_active: c.max_active,
+                    max_retries: c.max_retries,
                 })
             }
         }
@@ -761,6 +764,7 @@ impl Engine {
                     mirrors: Vec::new(),
                     ticket: None,
                     max_active: None,
+                    max_retries: None,
                 })
             }
         };
