@@ -42,6 +42,9 @@ struct Identity {
     /// Mesh outboundTrafficPolicy (a Sidecar resource overrides it).
     #[arg(long, value_enum, default_value = "allow-any")]
     outbound: Outbound,
+    /// Locality of the proxy, `region/zone/subzone`, for locality-aware balancing.
+    #[arg(long, default_value = "")]
+    locality: String,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +164,7 @@ fn proxy_options(identity: &Identity) -> Result<(ProxyOptions, MeshOptions), Str
             },
             namespace: identity.namespace.clone(),
             labels,
+            locality: identity.locality.clone(),
         },
         MeshOptions {
             outbound_traffic_policy: match identity.outbound {
@@ -376,6 +380,7 @@ fn compile_rules(files: &[PathBuf], identity: Identity) -> Result<RulesDocument,
         },
         namespace: identity.namespace,
         labels,
+        locality: identity.locality,
     };
     let mesh = MeshOptions {
         outbound_traffic_policy: match identity.outbound {
@@ -553,6 +558,7 @@ fn main() -> ExitCode {
                 kind: ProxyKind::Gateway,
                 namespace: "istio-system".into(),
                 labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+                locality: String::new(),
             };
             if host.port_offset == 0 {
                 host.port_offset = 8000;

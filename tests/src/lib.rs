@@ -463,6 +463,7 @@ pub fn rules(
         } else {
             BTreeMap::new()
         },
+        locality: String::new(),
     };
     let mesh = MeshOptions {
         outbound_traffic_policy: outbound,

@@ -25,6 +25,8 @@ pub struct ProxyOptions {
     pub kind: ProxyKind,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// `region/zone/subzone` (empty: unknown; locality balancing then has no effect).
+    pub locality: String,
 }
 
 impl Default for ProxyOptions {
@@ -33,6 +35,7 @@ impl Default for ProxyOptions {
             kind: ProxyKind::Sidecar,
             namespace: "default".into(),
             labels: BTreeMap::new(),
+            locality: String::new(),
         }
     }
 }
@@ -236,6 +239,7 @@ pub fn lower(
             kind: proxy.kind,
             namespace: proxy.namespace.clone(),
             labels: proxy.labels.clone(),
+            locality: proxy.locality.clone(),
         },
         outbound_traffic_policy: outbound,
         route_tables,
@@ -1355,10 +1359,34 @@ fn load_balancer(lb: Option<&api::LoadBalancerSettings>) -> ir::LoadBalancer {
         .and_then(|w| w.duration.as_deref())
         .or(lb.warmup_duration_secs.as_deref())
         .and_then(|d| duration::parse_ms(d).ok());
+    let locality = lb
+        .locality_lb_setting
+        .as_ref()
+        .map_or_else(ir::LocalityLb::default, |l| ir::LocalityLb {
+            disabled: l.enabled == Some(false),
+            distribute: l
+                .distribute
+                .iter()
+                .map(|d| {
+                    let to =
+                        d.to.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), u32::try_from(*v).ok()?)))
+                            .collect();
+                    (d.from.clone(), to)
+                })
+                .collect(),
+            failover: l
+                .failover
+                .iter()
+                .map(|f| (f.from.clone(), f.to.clone()))
+                .collect(),
+            failover_priority: l.failover_priority.clone(),
+        });
     ir::LoadBalancer {
         policy,
         consistent_hash,
         warmup_ms,
+        locality,
     }
 }
 

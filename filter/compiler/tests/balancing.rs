@@ -36,6 +36,7 @@ fn engine(endpoints: usize, policy: &str) -> Engine {
         kind: ProxyKind::Sidecar,
         namespace: "default".into(),
         labels: BTreeMap::new(),
+        locality: String::new(),
     };
     let out = compile(&c, &proxy, &MeshOptions::default());
     assert!(!out.has_errors(), "{:?}", out.diagnostics);
@@ -453,6 +454,7 @@ mod properties {
             kind: ProxyKind::Sidecar,
             namespace: "default".into(),
             labels: BTreeMap::new(),
+            locality: String::new(),
         };
         let out = compile(&c, &proxy, &MeshOptions::default());
         Engine::new(out.document.expect("document")).expect("engine")
@@ -503,4 +505,175 @@ mod properties {
             prop_assert!(share <= 1.0 / (n as f64 + 1.0) + 0.12, "{share}");
         }
     }
+}
+
+/// Service `web` with an endpoint per `(locality, network label)`, 10.0.2.1.., for a proxy
+/// at `proxy_locality` on network `n1`.
+fn engine_at(proxy_locality: &str, endpoints: &[(&str, &str)], policy: &str) -> Engine {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n---\n",
+    );
+    for (i, (locality, network)) in endpoints.iter().enumerate() {
+        yaml.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {{address: 10.0.2.{}, ports: {{http: 8080}}, labels: {{app: web, network: {network}}}, locality: {locality}}}\n---\n",
+            i + 1
+        ));
+    }
+    yaml.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n"
+    ));
+    let mut c = Config::default();
+    let load = c.add_text("l.yaml", &yaml);
+    assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
+    let proxy = ProxyOptions {
+        kind: ProxyKind::Sidecar,
+        namespace: "default".into(),
+        labels: BTreeMap::from([("network".to_string(), "n1".to_string())]),
+        locality: proxy_locality.into(),
+    };
+    let out = compile(&c, &proxy, &MeshOptions::default());
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    Engine::new(out.document.expect("document")).expect("engine")
+}
+
+/// Ejects endpoint `address` by failing it once (the policies below eject on one 5xx).
+fn eject(engine: &Engine, state: &FakeShared, address: &str) {
+    let h = Headers::new(&[]);
+    let mut rng = SplitMix64(77);
+    for _ in 0..10_000 {
+        let f = forward(engine, &h, &mut rng, state).unwrap();
+        let t = f.ticket.unwrap();
+        engine.release(t);
+        if f.endpoint.as_deref() == Some(address) {
+            assert!(state.report(engine, t, AttemptResult::Status(500)));
+            return;
+        }
+    }
+    panic!("{address} never chosen");
+}
+
+const FAIL_ONCE: &str =
+    "outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}";
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn locality_failover_prefers_the_nearest_healthy_endpoints() {
+    let endpoints = [
+        ("us-east/zone1/sub1", "n1"),
+        ("us-east/zone2/sub1", "n1"),
+        ("eu-west/zone1/sub1", "n1"),
+    ];
+    let engine = engine_at(
+        "us-east/zone1/sub1",
+        &endpoints,
+        &format!("{{{FAIL_ONCE}}}"),
+    );
+    let state = FakeShared {
+        now_ms: 10,
+        ..FakeShared::default()
+    };
+    let only = |c: BTreeMap<String, usize>| c.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(only(counts(&engine, &state, &[], 200)), ["10.0.2.1:8080"]);
+    eject(&engine, &state, "10.0.2.1:8080");
+    assert_eq!(only(counts(&engine, &state, &[], 200)), ["10.0.2.2:8080"]);
+    eject(&engine, &state, "10.0.2.2:8080");
+    assert_eq!(only(counts(&engine, &state, &[], 200)), ["10.0.2.3:8080"]);
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn locality_failover_needs_outlier_detection_and_can_be_disabled() {
+    let endpoints = [("us-east/zone1/sub1", "n1"), ("eu-west/zone1/sub1", "n1")];
+    let state = FakeShared::default();
+    for policy in [
+        "{loadBalancer: {simple: RANDOM}}".to_string(),
+        format!("{{loadBalancer: {{simple: RANDOM, localityLbSetting: {{enabled: false}}}}, {FAIL_ONCE}}}"),
+    ] {
+        let c = counts(&engine_at("us-east/zone1/sub1", &endpoints, &policy), &state, &[], 400);
+        assert_eq!(c.len(), 2, "{policy}: {c:?}");
+    }
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn a_level_keeps_its_traffic_while_enough_of_it_is_healthy() {
+    let mut endpoints = vec![("us-east/zone1/sub1", "n1"); 4];
+    endpoints.push(("eu-west/zone1/sub1", "n1"));
+    let engine = engine_at(
+        "us-east/zone1/sub1",
+        &endpoints,
+        &format!("{{loadBalancer: {{simple: RANDOM}}, {FAIL_ONCE}}}"),
+    );
+    let state = FakeShared {
+        now_ms: 10,
+        ..FakeShared::default()
+    };
+    eject(&engine, &state, "10.0.2.1:8080");
+    // 3 of 4 healthy × 1.4 = 105 %: all traffic stays near.
+    let c = counts(&engine, &state, &[], 2_000);
+    assert!(!c.contains_key("10.0.2.5:8080"), "{c:?}");
+    eject(&engine, &state, "10.0.2.2:8080");
+    // 2 of 4 × 1.4 = 70 % near, 30 % to the next level.
+    let c = counts(&engine, &state, &[], 4_000);
+    let far = c.get("10.0.2.5:8080").copied().unwrap_or(0);
+    assert!((1_000..=1_400).contains(&far), "{c:?}");
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn failover_goes_to_the_named_region_first() {
+    let endpoints = [
+        ("us-east/zone1/sub1", "n1"),
+        ("ap-south/zone1/sub1", "n1"),
+        ("eu-west/zone1/sub1", "n1"),
+    ];
+    let engine = engine_at(
+        "us-east/zone1/sub1",
+        &endpoints,
+        &format!("{{loadBalancer: {{localityLbSetting: {{failover: [{{from: us-east, to: eu-west}}]}}}}, {FAIL_ONCE}}}"),
+    );
+    let state = FakeShared {
+        now_ms: 10,
+        ..FakeShared::default()
+    };
+    eject(&engine, &state, "10.0.2.1:8080");
+    let c = counts(&engine, &state, &[], 300);
+    assert_eq!(c.keys().collect::<Vec<_>>(), ["10.0.2.3:8080"], "{c:?}");
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn failover_priority_ranks_endpoints_by_matching_labels() {
+    let endpoints = [("us-east/zone1/sub1", "n2"), ("eu-west/zone9/sub1", "n1")];
+    let engine = engine_at(
+        "us-east/zone1/sub1",
+        &endpoints,
+        &format!("{{loadBalancer: {{localityLbSetting: {{failoverPriority: [network, topology.kubernetes.io/region]}}}}, {FAIL_ONCE}}}"),
+    );
+    // Same network beats same region.
+    let c = counts(&engine, &FakeShared::default(), &[], 200);
+    assert_eq!(c.keys().collect::<Vec<_>>(), ["10.0.2.2:8080"], "{c:?}");
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), test)]
+#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+fn distribute_sends_each_locality_its_weight() {
+    let endpoints = [
+        ("us-east/zone1/sub1", "n1"),
+        ("us-east/zone2/sub1", "n1"),
+        ("us-east/zone2/sub2", "n1"),
+        ("eu-west/zone1/sub1", "n1"),
+    ];
+    let engine = engine_at(
+        "us-east/zone1/sub1",
+        &endpoints,
+        "{loadBalancer: {simple: ROUND_ROBIN, localityLbSetting: {distribute: [{from: us-east/zone1/*, to: {\"us-east/zone1/*\": 80, \"us-east/zone2/*\": 20}}]}}}",
+    );
+    let c = counts(&engine, &FakeShared::default(), &[], 10_000);
+    let n = |a: &str| c.get(a).copied().unwrap_or(0);
+    assert!((7_700..=8_300).contains(&n("10.0.2.1:8080")), "{c:?}");
+    // zone2's 20 % is shared by its two localities.
+    assert!((800..=1_200).contains(&n("10.0.2.2:8080")), "{c:?}");
+    assert!((800..=1_200).contains(&n("10.0.2.3:8080")), "{c:?}");
+    assert_eq!(n("10.0.2.4:8080"), 0, "{c:?}");
 }

@@ -75,6 +75,7 @@ fn engine_with(yaml: &str, outbound: OutboundPolicy) -> Engine {
         kind: ProxyKind::Sidecar,
         namespace: "default".into(),
         labels: BTreeMap::new(),
+        locality: String::new(),
     };
     let mesh = MeshOptions {
         outbound_traffic_policy: outbound,

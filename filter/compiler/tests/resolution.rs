@@ -27,6 +27,7 @@ fn sidecar(ns: &str) -> ProxyOptions {
         kind: ProxyKind::Sidecar,
         namespace: ns.into(),
         labels: BTreeMap::new(),
+        locality: String::new(),
     }
 }
 
@@ -35,6 +36,7 @@ fn gateway() -> ProxyOptions {
         kind: ProxyKind::Gateway,
         namespace: "istio-system".into(),
         labels: BTreeMap::from([("istio".into(), "ingressgateway".into())]),
+        locality: String::new(),
     }
 }
 

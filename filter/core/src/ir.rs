@@ -71,6 +71,9 @@ pub struct ProxyIdentity {
     pub namespace: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `region/zone/subzone` of the proxy, for locality-aware balancing; empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -489,6 +492,27 @@ pub struct LoadBalancer {
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_ms: Option<u64>,
+    /// Locality-aware balancing (the mesh default: on, failover by proximity).
+    #[serde(default, skip_serializing_if = "LocalityLb::is_default")]
+    pub locality: LocalityLb,
+}
+
+/// Istio's `localityLbSetting`; empty lists mean failover by proximity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityLb {
+    /// `enabled: false`: endpoints are balanced without regard to locality.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+    /// From a proxy locality (pattern) to weights per endpoint locality (patterns).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distribute: Vec<(String, BTreeMap<String, u32>)>,
+    /// From a region to the region that takes over when it has no healthy endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<(String, String)>,
+    /// Endpoint labels that rank endpoints by how many match the proxy's, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_priority: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -596,6 +620,12 @@ impl Cluster {
     pub fn upstream_h2(&self) -> bool {
         self.connection_pool.h2_upgrade
             || matches!(self.protocol.as_str(), "HTTP2" | "GRPC" | "GRPC-WEB")
+    }
+}
+
+impl LocalityLb {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }
 

@@ -4,9 +4,12 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::ir::{Cluster, ConnectionPool, Discovery, HashKey, LbPolicy, OutlierDetection};
+use crate::ir::{
+    Cluster, ConnectionPool, Discovery, HashKey, LbPolicy, OutlierDetection, ProxyIdentity,
+};
 
 use super::health::OutlierRecord;
+use super::locality::{self, Plan};
 use super::{split_host_port, RequestView, Rng};
 
 #[derive(Debug)]
@@ -28,6 +31,8 @@ pub(crate) struct ClusterRt {
     pub(crate) max_active: Option<u32>,
     /// Concurrent retries to the cluster (`http.maxRetries`; `None`: unlimited).
     pub(crate) max_retries: Option<u32>,
+    /// Locality failover levels or distribution groups, when locality plays a part.
+    locality: Option<Plan>,
 }
 
 #[derive(Debug)]
@@ -51,7 +56,16 @@ pub(crate) struct Picked {
 }
 
 impl ClusterRt {
-    pub(crate) fn new(c: Cluster) -> Self {
+    pub(crate) fn new(c: Cluster, proxy: &ProxyIdentity) -> Self {
+        let weighted: Vec<&crate::ir::Endpoint> =
+            c.endpoints.iter().filter(|e| e.weight > 0).collect();
+        let locality = locality::plan(
+            &c.lb.locality,
+            &weighted,
+            &proxy.locality,
+            &proxy.labels,
+            c.outlier_detection.is_some(),
+        );
         let endpoints: Vec<EndpointRt> = c
             .endpoints
             .iter()
@@ -87,6 +101,7 @@ impl ClusterRt {
             next: AtomicU64::new(0),
             outlier: c.outlier_detection,
             fingerprint,
+            locality,
         }
     }
 
@@ -133,7 +148,20 @@ impl ClusterRt {
         if self.endpoints.is_empty() {
             return Err(());
         }
-        let eligible = self.eligible(health, avoid);
+        let mut eligible = self.eligible(health, avoid);
+        if let Some(plan) = &self.locality {
+            let healthy: Vec<usize> = match eligible {
+                Eligible::All => (0..self.endpoints.len()).collect(),
+                Eligible::Some(list) => list,
+                Eligible::None => return Err(()),
+            };
+            let narrowed = locality::narrow(plan, &healthy, rng);
+            eligible = if narrowed.is_empty() {
+                Eligible::None
+            } else {
+                Eligible::Some(narrowed)
+            };
+        }
         let candidates: &[usize] = match &eligible {
             Eligible::All => &[],
             Eligible::Some(list) => list,

@@ -6,6 +6,7 @@
 
 mod balance;
 mod health;
+mod locality;
 mod matcher;
 mod request;
 mod respond;
@@ -91,7 +92,7 @@ pub fn cluster_health(
     stored: Option<&[u8]>,
     now_ms: u64,
 ) -> Vec<(String, Option<u64>)> {
-    let c = ClusterRt::new(cluster.clone());
+    let c = ClusterRt::new(cluster.clone(), &ir::ProxyIdentity::default());
     let record = OutlierRecord::decode(stored, c.fingerprint, c.endpoint_count());
     (0..c.endpoint_count())
         .filter_map(|i| {
@@ -381,7 +382,7 @@ impl Engine {
             .enumerate()
             .map(|(i, c)| {
                 cluster_index.insert(c.name.clone(), i);
-                ClusterRt::new(c)
+                ClusterRt::new(c, &doc.proxy)
             })
             .collect();
         let built: Result<Vec<(u16, Table)>, BuildError> = doc
