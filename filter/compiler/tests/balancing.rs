@@ -483,6 +483,27 @@ mod properties {
         }
 
         #[test]
+        fn consistent_hash_follows_endpoint_weights(weights in proptest::collection::vec(1u32..6, 2..4)) {
+            let engine = weighted(&weights, "{loadBalancer: {consistentHash: {httpHeaderName: k}}}");
+            let state = FakeShared::default();
+            let mut rng = SplitMix64(1);
+            let total: u32 = weights.iter().sum();
+            let keys = 3_000;
+            let mut c = BTreeMap::new();
+            for key in 0..keys {
+                let key = key.to_string();
+                let h = Headers::new(&[("k", &key)]);
+                let e = forward(&engine, &h, &mut rng, &state).unwrap().endpoint.unwrap();
+                *c.entry(e).or_insert(0usize) += 1;
+            }
+            for (i, w) in weights.iter().enumerate() {
+                let got = c.get(&format!("10.0.1.{i}:8080")).copied().unwrap_or(0) as f64;
+                let expected = keys as f64 * f64::from(*w) / f64::from(total);
+                prop_assert!((got - expected).abs() <= 0.2 * expected + 30.0, "{i}: {got} vs {expected} ({c:?})");
+            }
+        }
+
+        #[test]
         fn consistent_hash_moves_at_most_the_removed_endpoints_keys(n in 2usize..7, seed in any::<u64>()) {
             let policy = "{loadBalancer: {consistentHash: {httpHeaderName: k}}}";
             let (before, after) = (engine(n + 1, policy), engine(n, policy));

@@ -171,7 +171,13 @@ impl ClusterRt {
         let (key, set_cookie) = self.hash_input(req, rng);
         let index = if let Some(key) = key {
             let key = fnv1a(key.as_bytes());
-            self.best_by(all, candidates, |i| mix(key ^ self.endpoints[i].id_hash))
+            // Weighted rendezvous hashing: the endpoint with the best weight / -ln(u) score
+            // wins, so shares follow weights and a key moves only when its endpoint goes.
+            self.best_by(all, candidates, |i| {
+                let e = &self.endpoints[i];
+                let u = ((mix(key ^ e.id_hash) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                e.weight as f64 / -u.ln()
+            })
         } else {
             match self.policy {
                 LbPolicy::RoundRobin => {
@@ -306,11 +312,12 @@ impl ClusterRt {
         (value, None)
     }
 
-    fn best_by(&self, all: bool, candidates: &[usize], score: impl Fn(usize) -> u64) -> usize {
+    fn best_by(&self, all: bool, candidates: &[usize], score: impl Fn(usize) -> f64) -> usize {
+        let by_score = |a: &usize, b: &usize| score(*a).total_cmp(&score(*b));
         let best = if all {
-            (0..self.endpoints.len()).max_by_key(|&i| score(i))
+            (0..self.endpoints.len()).max_by(by_score)
         } else {
-            candidates.iter().copied().max_by_key(|&i| score(i))
+            candidates.iter().copied().max_by(by_score)
         };
         best.unwrap_or(0)
     }
