@@ -522,16 +522,19 @@ impl HttpContext for FilterHttp {
                     .collect();
                 // The filter runs the retries when it chose the endpoint, so that they go
                 // to other endpoints; otherwise the host's router retries.
-                let owned_retry = match (f.retry, f.ticket) {
-                    (Some(policy), Some(_)) if policy.num_retries > 0 => Some(RetryRun::new(
-                        Rc::clone(&engine),
-                        policy,
-                        f.cluster.to_string(),
-                        f.timeout_ms,
-                        f.max_retries,
-                        // A fault delay is not part of the route timeout.
-                        now + delay_ms.unwrap_or(0),
-                    )),
+                let owned_retry = match (f.retry, f.retry_on, f.ticket) {
+                    (Some(policy), Some(on), Some(_)) if policy.num_retries > 0 => {
+                        Some(RetryRun::new(
+                            Rc::clone(&engine),
+                            policy,
+                            on,
+                            f.cluster.to_string(),
+                            f.timeout_ms,
+                            f.max_retries,
+                            // A fault delay is not part of the route timeout.
+                            now + delay_ms.unwrap_or(0),
+                        ))
+                    }
                     _ => None,
                 };
                 let timeout = match &owned_retry {
@@ -742,16 +745,25 @@ impl FilterHttp {
             .get_http_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        let flags = if self.ticket.is_some() {
+        // Each look-up is a host call: only those that can change the verdict. The router's
+        // own failures answer 503 or 504; gRPC statuses come from HTTP/2 upstreams.
+        let flags = if matches!(status, 503 | 504) {
             self.get_property(vec!["response", "flags"])
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .map_or(0, u64::from_le_bytes)
         } else {
             0
         };
-        let grpc = self
-            .get_http_response_header("grpc-status")
-            .and_then(|s| s.parse().ok());
+        let grpc_matters = match (&self.retry, self.ticket, &self.engine) {
+            (Some(run), Some(t), Some(engine)) => run.on.watches_grpc() && engine.upstream_h2(t),
+            _ => false,
+        };
+        let grpc = if grpc_matters {
+            self.get_http_response_header("grpc-status")
+                .and_then(|s| s.parse().ok())
+        } else {
+            None
+        };
         first_try_end(status, flags, grpc)
     }
 

@@ -57,6 +57,7 @@ impl RetryRun {
     pub fn new(
         engine: Rc<Engine>,
         policy: &RetryPolicy,
+        on: &RetryOn,
         cluster: String,
         timeout_ms: Option<u64>,
         max_retries: Option<u32>,
@@ -65,10 +66,7 @@ impl RetryRun {
         let retry_budget = max_retries.map(|n| (format!("meshroute.retries/{cluster}"), n));
         Self {
             engine,
-            on: RetryOn::parse(
-                policy.retry_on.iter().map(String::as_str),
-                &policy.retriable_status_codes,
-            ),
+            on: on.clone(),
             retries_left: policy.num_retries,
             per_try_ms: policy.per_try_timeout_ms,
             backoff_base_ms: policy.backoff_base_ms.unwrap_or(DEFAULT_BACKOFF_MS),

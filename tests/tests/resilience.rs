@@ -73,6 +73,28 @@ fn pending_requests_queue_behind_max_connections(host: Host) {
     assert!((1..=2).contains(&ok) && shed >= 3, "{responses:?}");
 }
 
+fn requests_beyond_max_connections_wait_for_a_connection(host: Host) {
+    let v1 = Upstream::start("v1");
+    let proxy = web(
+        host,
+        &[&v1],
+        "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 10}}}",
+    );
+    // Envoy's ORIGINAL_DST cluster makes the endpoint's host (and its pool) on first use;
+    // concurrent first requests could each make one and each get a connection.
+    assert_eq!(proxy.send(&get(HOST, "/")).status, 200);
+    let port = proxy.port();
+    let clients: Vec<_> = (0..3)
+        .map(|_| thread::spawn(move || get(HOST, "/?sleep_ms=400").send(port)))
+        .collect();
+    let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    // Queued, not rejected (Istio CP1), and one at a time at the upstream.
+    assert!(responses.iter().all(|r| r.status == 200), "{responses:?}");
+    assert_eq!(v1.peak_in_flight(), 1);
+    let slowest = responses.iter().map(|r| r.elapsed).max().unwrap();
+    assert!(slowest >= Duration::from_millis(1_150), "{slowest:?}");
+}
+
 /// Sends `n` sequential requests and returns how many each upstream got.
 fn spread(proxy: &(dyn Running + Sync), upstreams: &[&Upstream], n: usize) -> Vec<usize> {
     let before: Vec<usize> = upstreams.iter().map(|u| u.count()).collect();
@@ -422,6 +444,7 @@ fn random_balancing_spreads_requests_over_endpoints(host: Host) {
 }
 
 meshroute_tests::on_both_hosts!(
+    requests_beyond_max_connections_wait_for_a_connection,
     max_retries_limits_concurrent_retries,
     random_balancing_spreads_requests_over_endpoints,
     default_policy_retries_a_refused_connection_on_the_other_endpoint,

@@ -11,6 +11,41 @@ use hyper::body::Incoming;
 
 use super::{full, Body};
 
+/// A response body that keeps `permit` (a connection of a capped pool) until it is read or
+/// dropped.
+pub fn holding(inner: Body, permit: tokio::sync::OwnedSemaphorePermit) -> Body {
+    Held {
+        inner,
+        _permit: permit,
+    }
+    .boxed()
+}
+
+struct Held {
+    inner: Body,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl HttpBody for Held {
+    type Data = Bytes;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 pub enum RequestBody {
     Buffered(Bytes),
     /// Taken by the first attempt.

@@ -101,6 +101,9 @@ struct ClusterInfo {
     connect_timeout: Duration,
     /// Speak HTTP/2 (prior knowledge) to the endpoints: HTTP2/GRPC ports or `h2UpgradePolicy`.
     h2: bool,
+    /// `tcp.maxConnections` for HTTP/1.1: each connection carries one request at a time, so
+    /// requests beyond it wait for one to free up (the pending queue the filter bounds).
+    connections: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// One filter instance and its bookkeeping.
@@ -127,34 +130,40 @@ pub struct Proxy {
 }
 
 fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
-    let mut clusters: HashMap<String, ClusterInfo> = doc
-        .clusters
-        .iter()
-        .map(|c| {
-            let endpoints = c
-                .endpoints
-                .iter()
-                .filter(|e| e.weight > 0)
-                .map(|e| {
-                    if e.address.contains(':') {
-                        format!("[{}]:{}", e.address, e.port)
-                    } else {
-                        format!("{}:{}", e.address, e.port)
-                    }
-                })
-                .collect();
-            (
-                c.name.clone(),
-                ClusterInfo {
-                    discovery: c.discovery,
-                    endpoints,
-                    next: AtomicUsize::new(0),
-                    connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
-                    h2: c.upstream_h2(),
-                },
-            )
-        })
-        .collect();
+    let mut clusters: HashMap<String, ClusterInfo> =
+        doc.clusters
+            .iter()
+            .map(|c| {
+                let endpoints = c
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.weight > 0)
+                    .map(|e| {
+                        if e.address.contains(':') {
+                            format!("[{}]:{}", e.address, e.port)
+                        } else {
+                            format!("{}:{}", e.address, e.port)
+                        }
+                    })
+                    .collect();
+                (
+                    c.name.clone(),
+                    ClusterInfo {
+                        discovery: c.discovery,
+                        endpoints,
+                        next: AtomicUsize::new(0),
+                        connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
+                        h2: c.upstream_h2(),
+                        connections: (c.connection_pool.max_connections > 0 && !c.upstream_h2())
+                            .then(|| {
+                                Arc::new(tokio::sync::Semaphore::new(
+                                    c.connection_pool.max_connections as usize,
+                                ))
+                            }),
+                    },
+                )
+            })
+            .collect();
     clusters.insert(
         ir::PASSTHROUGH_CLUSTER.to_owned(),
         ClusterInfo {
@@ -163,6 +172,7 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
             next: AtomicUsize::new(0),
             connect_timeout: Duration::from_secs(10),
             h2: false,
+            connections: None,
         },
     );
     clusters
@@ -960,7 +970,8 @@ async fn response_phase(
     seen: ResponseSeen,
 ) -> Result<Option<Headers>, LocalReply> {
     let slot = &generation.slots[index];
-    let action = with_vm(proxy, generation, index, |vm| {
+    // One lock for the callback and, unless it paused, the headers it left.
+    let outcome = with_vm(proxy, generation, index, |vm| {
         if let Some(s) = vm.stream_mut(id) {
             s.phase = Phase::Response;
             s.response_headers = seen.headers;
@@ -968,14 +979,29 @@ async fn response_phase(
             s.response_flags = seen.flags;
             s.response_details = seen.details;
         }
-        vm.on_response_headers(id, false)
+        let action = vm.on_response_headers(id, false)?;
+        let done = |s: &abi::Stream| s.response_resumed || s.local_reply.is_some();
+        Ok(match vm.stream_mut(id) {
+            Some(s) if s.local_reply.is_some() => (action, None),
+            Some(s) if action != Action::Pause || done(s) => {
+                (action, Some(std::mem::take(&mut s.response_headers)))
+            }
+            _ => (action, None),
+        })
     });
+    let (action, headers) = match outcome {
+        Some(o) => o,
+        None => (Action::Continue, None),
+    };
+    if headers.is_some() {
+        return Ok(headers);
+    }
     let waiting = |generation: &Generation| {
         !stream_fact(generation, index, id, true, |s| {
             s.response_resumed || s.local_reply.is_some()
         })
     };
-    if action == Some(Action::Pause) && waiting(generation) {
+    if action == Action::Pause && waiting(generation) {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = slot.waiters.lock() {
             w.insert(id, tx);
@@ -1240,6 +1266,21 @@ async fn forward(
             (Some(p), Some(r)) => Some(p.min(r)),
             (p, r) => p.or(r),
         };
+        let started = Instant::now();
+        let permit = match &cluster.connections {
+            None => None,
+            Some(pool) => {
+                let wait = Arc::clone(pool).acquire_owned();
+                match attempt_timeout {
+                    None => wait.await.ok(),
+                    Some(t) => match tokio::time::timeout(t, wait).await {
+                        Ok(p) => p.ok(),
+                        // Still queued when the time is up: Envoy's 504.
+                        Err(_) => return Err(HostReply::TIMEOUT),
+                    },
+                }
+            }
+        };
         let result = proxy
             .client
             .send(
@@ -1248,9 +1289,16 @@ async fn forward(
                 body.for_attempt(),
                 cluster.connect_timeout,
                 cluster.h2,
-                attempt_timeout,
+                attempt_timeout.map(|t| t.saturating_sub(started.elapsed())),
             )
             .await;
+        // The connection stays taken until the response body is read.
+        let result = match (result, permit) {
+            (upstream::Attempt::Response(r), Some(p)) => {
+                upstream::Attempt::Response(r.map(|b| body::holding(b, p)))
+            }
+            (other, _) => other,
+        };
         let retriable = policy.retriable(result.end());
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         // A streamed body was consumed by the first attempt and cannot be resent.

@@ -33,6 +33,8 @@ pub(crate) struct ClusterRt {
     pub(crate) max_retries: Option<u32>,
     /// Locality failover levels or distribution groups, when locality plays a part.
     locality: Option<Plan>,
+    /// The host speaks HTTP/2 to the endpoints.
+    pub(crate) h2: bool,
 }
 
 #[derive(Debug)]
@@ -87,8 +89,9 @@ impl ClusterRt {
         let fingerprint = endpoints
             .iter()
             .fold(fnv1a(c.name.as_bytes()), |h, e| mix(h ^ e.id_hash));
+        let h2 = c.upstream_h2();
         Self {
-            max_active: admission_limit(&c.connection_pool, c.upstream_h2()),
+            max_active: admission_limit(&c.connection_pool, h2),
             max_retries: (c.connection_pool.max_retries > 0)
                 .then_some(c.connection_pool.max_retries),
             name: c.name,
@@ -102,6 +105,7 @@ impl ClusterRt {
             outlier: c.outlier_detection,
             fingerprint,
             locality,
+            h2,
         }
     }
 

@@ -169,6 +169,8 @@ pub struct Forward<'e> {
     pub response_edits: Vec<HeaderEdit<'e>>,
     pub timeout_ms: Option<u64>,
     pub retry: Option<&'e RetryPolicy>,
+    /// The retry policy's conditions, parsed when the rules loaded.
+    pub retry_on: Option<&'e RetryOn>,
     pub mirrors: Vec<MirrorTarget<'e>>,
     /// The chosen endpoint of a listed cluster.
     pub ticket: Option<Ticket>,
@@ -285,6 +287,7 @@ struct RouteRt {
     mirrors: Vec<MirrorRt>,
     timeout_ms: Option<u64>,
     retry: Option<RetryPolicy>,
+    retry_on: Option<RetryOn>,
     /// Header edits for local replies (direct response, redirect).
     reply_edits: Vec<HeaderEdit<'static>>,
 }
@@ -582,6 +585,7 @@ impl Engine {
                     response_edits,
                     timeout_ms: route.timeout_ms,
                     retry: route.retry.as_ref(),
+                    retry_on: route.retry_on.as_ref(),
                     mirrors,
                     ticket,
                     max_active: c.max_active,
@@ -690,6 +694,11 @@ impl Engine {
             .is_some_and(|c| c.outlier.is_some())
     }
 
+    /// Whether the ticket's cluster speaks HTTP/2 upstream (gRPC status may matter).
+    pub fn upstream_h2(&self, ticket: Ticket) -> bool {
+        self.clusters.get(ticket.cluster).is_some_and(|c| c.h2)
+    }
+
     /// The name of the ticket's cluster.
     pub fn cluster_of(&self, ticket: Ticket) -> Option<&str> {
         self.clusters.get(ticket.cluster).map(|c| c.name.as_str())
@@ -762,6 +771,7 @@ impl Engine {
                     response_edits: Vec::new(),
                     timeout_ms: None,
                     retry: None,
+                    retry_on: None,
                     mirrors: Vec::new(),
                     ticket: None,
                     max_active: None,
@@ -981,6 +991,12 @@ fn build_route(route: ir::Route) -> Result<RouteRt, BuildError> {
             })
             .collect(),
         timeout_ms: route.timeout_ms.filter(|&t| t > 0),
+        retry_on: route.retry.as_ref().map(|r| {
+            RetryOn::parse(
+                r.retry_on.iter().map(String::as_str),
+                &r.retriable_status_codes,
+            )
+        }),
         retry: route.retry,
         reply_edits,
     })

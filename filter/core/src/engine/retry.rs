@@ -39,8 +39,8 @@ pub struct RetryOn {
     reset: bool,
     retriable_4xx: bool,
     codes: Vec<u16>,
-    /// gRPC status codes named by `cancelled`, `deadline-exceeded`, ... tokens.
-    grpc: Vec<u32>,
+    /// gRPC status codes named by `cancelled`, `deadline-exceeded`, ... tokens, one bit each.
+    grpc: u32,
 }
 
 impl RetryOn {
@@ -56,15 +56,20 @@ impl RetryOn {
                 "reset" | "reset-before-request" => on.reset = true,
                 "retriable-4xx" => on.retriable_4xx = true,
                 "retriable-status-codes" => on.codes = codes.to_vec(),
-                "cancelled" => on.grpc.push(1),
-                "deadline-exceeded" => on.grpc.push(4),
-                "resource-exhausted" => on.grpc.push(8),
-                "internal" => on.grpc.push(13),
-                "unavailable" => on.grpc.push(14),
+                "cancelled" => on.grpc |= 1 << 1,
+                "deadline-exceeded" => on.grpc |= 1 << 4,
+                "resource-exhausted" => on.grpc |= 1 << 8,
+                "internal" => on.grpc |= 1 << 13,
+                "unavailable" => on.grpc |= 1 << 14,
                 _ => {}
             }
         }
         on
+    }
+
+    /// Whether any gRPC status condition is set.
+    pub fn watches_grpc(&self) -> bool {
+        self.grpc != 0
     }
 
     /// Whether an attempt that ended so may be retried. Status codes count only for real
@@ -80,7 +85,7 @@ impl RetryOn {
                     || (self.gateway_error && (502..=504).contains(&status))
                     || (self.retriable_4xx && status == 409)
                     || self.codes.contains(&status)
-                    || grpc_status.is_some_and(|g| self.grpc.contains(&g))
+                    || grpc_status.is_some_and(|g| g < 32 && self.grpc & (1 << g) != 0)
             }
             AttemptEnd::Timeout => self.five_xx || self.gateway_error || self.reset,
             AttemptEnd::ConnectFailure => {
