@@ -10,19 +10,25 @@ use meshroute_tests::{get, registry, rules, start, Host, Running, Upstream};
 
 const HOST: &str = "web:8000";
 
-/// Service `web` on port 8000 served by `upstreams`, with a DestinationRule whose
-/// `trafficPolicy` is `policy` (YAML flow mapping).
-fn web(host: Host, upstreams: &[&Upstream], policy: &str) -> Box<dyn Running + Sync> {
-    let yaml = format!(
-        "{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n",
-        registry("web", 8000, upstreams),
-    );
+/// Service `web` on port 8000 served by `upstreams`, with `extra` Istio YAML.
+fn serve(host: Host, upstreams: &[&Upstream], extra: &str) -> Box<dyn Running + Sync> {
+    let yaml = format!("{}{extra}", registry("web", 8000, upstreams));
     let doc = rules(
         &[("web.yaml", yaml)],
         ProxyKind::Sidecar,
         OutboundPolicy::AllowAny,
     );
     start(host, &doc)
+}
+
+/// A DestinationRule for `web` with `trafficPolicy` (YAML flow mapping).
+fn destination_rule(policy: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n---\n")
+}
+
+/// Service `web` with a DestinationRule whose `trafficPolicy` is `policy`.
+fn web(host: Host, upstreams: &[&Upstream], policy: &str) -> Box<dyn Running + Sync> {
+    serve(host, upstreams, &destination_rule(policy))
 }
 
 fn circuit_breaker_sheds_overflow_with_503_uo(host: Host) {
@@ -231,30 +237,16 @@ fn cookie_hash_generates_the_cookie_and_sticks_to_it(host: Host) {
     }
 }
 
-/// Service `web` with one VirtualService route carrying `retries` (YAML flow mapping).
-fn web_retrying(host: Host, upstreams: &[&Upstream], retries: &str) -> Box<dyn Running + Sync> {
-    let yaml = format!(
-        "{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n{retries}\n",
-        registry("web", 8000, upstreams),
-    );
-    let doc = rules(
-        &[("web.yaml", yaml)],
-        ProxyKind::Sidecar,
-        OutboundPolicy::AllowAny,
-    );
-    start(host, &doc)
-}
-
 fn five_xx_is_retried_only_when_retry_on_says_so(host: Host) {
     let v1 = Upstream::start("v1");
     v1.fail_with(Some(500));
     // Istio's default policy does not retry an upstream 500.
-    let proxy = web_retrying(host, &[&v1], "");
+    let proxy = web_routes(host, &[&v1], "", "");
     let r = proxy.send(&get(HOST, "/"));
     assert_eq!((r.status, v1.count()), (500, 1), "{r:?}");
     drop(proxy);
     v1.clear();
-    let proxy = web_retrying(host, &[&v1], "    retries: {attempts: 2, retryOn: 5xx}");
+    let proxy = web_routes(host, &[&v1], "", "    retries: {attempts: 2, retryOn: 5xx}");
     let r = proxy.send(&get(HOST, "/"));
     assert_eq!(r.status, 500, "{r:?}");
     let attempts: Vec<String> = v1
@@ -267,9 +259,10 @@ fn five_xx_is_retried_only_when_retry_on_says_so(host: Host) {
 
 fn per_try_timeout_bounds_each_attempt_of_a_hanging_endpoint(host: Host) {
     let v1 = Upstream::start("v1");
-    let proxy = web_retrying(
+    let proxy = web_routes(
         host,
         &[&v1],
+        "",
         "    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}",
     );
     let r = proxy.send(&get(HOST, "/?sleep_ms=2500"));
@@ -295,22 +288,18 @@ fn dead_endpoint() -> String {
     )
 }
 
+/// Service `web` with `extra` YAML and one VirtualService route with `route` fields.
 fn web_routes(
     host: Host,
     upstreams: &[&Upstream],
     extra: &str,
     route: &str,
 ) -> Box<dyn Running + Sync> {
-    let yaml = format!(
-        "{}{extra}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n{route}\n",
-        registry("web", 8000, upstreams),
-    );
-    let doc = rules(
-        &[("web.yaml", yaml)],
-        ProxyKind::Sidecar,
-        OutboundPolicy::AllowAny,
-    );
-    start(host, &doc)
+    serve(
+        host,
+        upstreams,
+        &format!("{extra}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n{route}\n"),
+    )
 }
 
 fn default_policy_retries_a_refused_connection_on_the_other_endpoint(host: Host) {
@@ -410,19 +399,12 @@ fn max_retries_limits_concurrent_retries(host: Host) {
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
     a.fail_with(Some(503));
     b.fail_with(Some(503));
-    let yaml = format!(
-        "{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {{connectionPool: {{http: {{maxRetries: 1}}}}}}\n---\n",
-        registry("web", 8000, &[&a, &b]),
+    let proxy = web_routes(
+        host,
+        &[&a, &b],
+        &destination_rule("{connectionPool: {http: {maxRetries: 1}}}"),
+        "    retries: {attempts: 1, retryOn: 5xx}",
     );
-    let doc = rules(
-        &[(
-            "web.yaml",
-            format!("{yaml}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web}}}}]\n    retries: {{attempts: 1, retryOn: 5xx}}\n"),
-        )],
-        ProxyKind::Sidecar,
-        OutboundPolicy::AllowAny,
-    );
-    let proxy = start(host, &doc);
     let port = proxy.port();
     // Four slow failures at once: their retries overlap, and only one may be in flight.
     let clients: Vec<_> = (0..4)

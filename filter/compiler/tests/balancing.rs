@@ -15,15 +15,16 @@ use meshroute_core::engine::{
 };
 use meshroute_core::ir::ProxyKind;
 
-/// Service `web` (port 80) with endpoints 10.0.0.1..=n on port 8080 and the given
-/// DestinationRule `trafficPolicy`.
-fn engine(endpoints: usize, policy: &str) -> Engine {
+/// Service `web` (port 80) with the given WorkloadEntries (`spec` flow mappings, `app: web`
+/// among their labels) and DestinationRule `trafficPolicy`, compiled for a sidecar with
+/// network label `n1` at `locality`.
+fn web_engine(workloads: &[String], policy: &str, locality: &str) -> Engine {
     let mut yaml = String::from(
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n---\n",
     );
-    for i in 1..=endpoints {
+    for (i, spec) in workloads.iter().enumerate() {
         yaml.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {{address: 10.0.0.{i}, ports: {{http: 8080}}, labels: {{app: web}}}}\n---\n"
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {spec}\n---\n"
         ));
     }
     yaml.push_str(&format!(
@@ -35,12 +36,20 @@ fn engine(endpoints: usize, policy: &str) -> Engine {
     let proxy = ProxyOptions {
         kind: ProxyKind::Sidecar,
         namespace: "default".into(),
-        labels: BTreeMap::new(),
-        locality: String::new(),
+        labels: BTreeMap::from([("network".to_string(), "n1".to_string())]),
+        locality: locality.into(),
     };
     let out = compile(&c, &proxy, &MeshOptions::default());
     assert!(!out.has_errors(), "{:?}", out.diagnostics);
     Engine::new(out.document.expect("document")).expect("engine")
+}
+
+/// Endpoints 10.0.0.1..=n on port 8080.
+fn engine(endpoints: usize, policy: &str) -> Engine {
+    let workloads: Vec<String> = (1..=endpoints)
+        .map(|i| format!("{{address: 10.0.0.{i}, ports: {{http: 8080}}, labels: {{app: web}}}}"))
+        .collect();
+    web_engine(&workloads, policy, "")
 }
 
 const CLUSTER: &str = "outbound|80||web.default.svc.cluster.local";
@@ -435,29 +444,16 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    /// Service `web` with one WorkloadEntry per weight.
+    /// Endpoints 10.0.1.0.. with the given weights.
     fn weighted(weights: &[u32], policy: &str) -> Engine {
-        let mut yaml = String::from(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n---\n",
-        );
-        for (i, w) in weights.iter().enumerate() {
-            yaml.push_str(&format!(
-                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {{address: 10.0.1.{i}, ports: {{http: 8080}}, labels: {{app: web}}, weight: {w}}}\n---\n"
-            ));
-        }
-        yaml.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n"
-        ));
-        let mut c = Config::default();
-        assert!(c.add_text("w.yaml", &yaml).iter().all(|d| !d.is_error()));
-        let proxy = ProxyOptions {
-            kind: ProxyKind::Sidecar,
-            namespace: "default".into(),
-            labels: BTreeMap::new(),
-            locality: String::new(),
-        };
-        let out = compile(&c, &proxy, &MeshOptions::default());
-        Engine::new(out.document.expect("document")).expect("engine")
+        let workloads: Vec<String> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                format!("{{address: 10.0.1.{i}, ports: {{http: 8080}}, labels: {{app: web}}, weight: {w}}}")
+            })
+            .collect();
+        web_engine(&workloads, policy, "")
     }
 
     proptest! {
@@ -528,33 +524,20 @@ mod properties {
     }
 }
 
-/// Service `web` with an endpoint per `(locality, network label)`, 10.0.2.1.., for a proxy
-/// at `proxy_locality` on network `n1`.
+/// Endpoints 10.0.2.1.. per `(locality, network label)`, for a proxy at `proxy_locality`
+/// on network `n1`.
 fn engine_at(proxy_locality: &str, endpoints: &[(&str, &str)], policy: &str) -> Engine {
-    let mut yaml = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n---\n",
-    );
-    for (i, (locality, network)) in endpoints.iter().enumerate() {
-        yaml.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-{i}, namespace: default}}\nspec: {{address: 10.0.2.{}, ports: {{http: 8080}}, labels: {{app: web, network: {network}}}, locality: {locality}}}\n---\n",
-            i + 1
-        ));
-    }
-    yaml.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy: {policy}\n"
-    ));
-    let mut c = Config::default();
-    let load = c.add_text("l.yaml", &yaml);
-    assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
-    let proxy = ProxyOptions {
-        kind: ProxyKind::Sidecar,
-        namespace: "default".into(),
-        labels: BTreeMap::from([("network".to_string(), "n1".to_string())]),
-        locality: proxy_locality.into(),
-    };
-    let out = compile(&c, &proxy, &MeshOptions::default());
-    assert!(!out.has_errors(), "{:?}", out.diagnostics);
-    Engine::new(out.document.expect("document")).expect("engine")
+    let workloads: Vec<String> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, (locality, network))| {
+            format!(
+                "{{address: 10.0.2.{}, ports: {{http: 8080}}, labels: {{app: web, network: {network}}}, locality: {locality}}}",
+                i + 1
+            )
+        })
+        .collect();
+    web_engine(&workloads, policy, proxy_locality)
 }
 
 /// Ejects endpoint `address` by failing it once (the policies below eject on one 5xx).
