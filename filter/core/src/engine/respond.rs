@@ -20,9 +20,10 @@ pub(crate) fn redirect(
     }
     // Istio leaves the scheme's default port out of the redirect.
     .filter(|&p| !(scheme == "http" && p == 80 || scheme == "https" && p == 443));
+    // An explicit port replaces the Host's port even when it is the scheme's default.
     let host = match &r.authority {
         Some(a) => a.clone(),
-        None => request_host(req, scheme, port.is_some()),
+        None => request_host(req, scheme, r.port.is_some()),
     };
     let (path, query) = split_query(req.path);
     let new_path = match (&r.uri, &r.prefix_rewrite) {
