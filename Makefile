@@ -12,6 +12,8 @@ TOOLS := $(BUILD_DIR)/tools
 # The test runner must match the wasm-bindgen version in Cargo.lock.
 WASM_BINDGEN_VERSION := $(shell grep -A1 '^name = "wasm-bindgen"$$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 WASM_TEST_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
+OHA_VERSION := 1.16.0
+OHA := $(TOOLS)/bin/oha
 
 .PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check conformance clean
 
@@ -85,9 +87,13 @@ configs-check:
 	docker-compose -f envoy-configs/docker-compose.yml config -q
 
 ## Throughput and latency, Envoy and meshroute run with the same filter (release builds).
-bench: wasm envoy
+bench: wasm envoy $(OHA)
 	$(CARGO) build --release -p meshroute-harness
-	./scripts/bench.sh $(TARGET_DIR)/release/meshroute $(abspath $(WASM)) $(abspath $(ENVOY))
+	./scripts/bench.sh $(TARGET_DIR)/release/meshroute $(abspath $(WASM)) $(abspath $(ENVOY)) $(abspath $(OHA))
+
+## The fixed-rate load generator for `make bench`.
+$(OHA):
+	$(CARGO) install --root $(TOOLS) oha --locked --version $(OHA_VERSION)
 
 ## The embedded demo: hello v1/v2 upstreams and a gateway with the filter in front of them.
 run: wasm

@@ -1,10 +1,12 @@
 #!/bin/sh
-# Throughput and latency of the same filter and rules on Envoy and on `meshroute run`,
-# side by side: the demo gateway (hello v1/v2 upstreams in-process) and Envoy generated from
-# the same files, one worker each, driven by wrk over loopback.
-# usage: bench.sh MESHROUTE(release) WASM ENVOY [DURATION_S] [CONNECTIONS]
+# Side-by-side proxy benchmark: the same upstream reached directly, through plain Envoy,
+# through Envoy with the filter, and through `meshroute run` with the filter. Each proxy runs
+# with one worker pinned to core 0; wrk, oha and the upstream share core 1. Every target gets
+# REPS runs of DURATION seconds at a fixed number of connections (medians reported), then one
+# run at a fixed 1000 requests/s for the added latency per hop.
+# usage: bench.sh MESHROUTE(release) WASM ENVOY OHA [DURATION_S] [CONNECTIONS] [REPS]
 set -eu
-mr=$1; wasm=$2; envoy=$3; dur=${4:-10}; conns=${5:-16}
+mr=$1; wasm=$2; envoy=$3; oha=$4; dur=${5:-10}; conns=${6:-16}; reps=${7:-3}
 work=$(mktemp -d)
 pids=""
 cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -12,27 +14,157 @@ trap cleanup EXIT INT TERM
 command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1 \
   || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1; }
 
-files="-f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml -f examples/hello/demo-gateway.yaml"
-# shellcheck disable=SC2086
-MESHROUTE_WASM=$wasm setsid "$mr" demo --workers 1 --port-offset 18000 --admin 127.0.0.1:18990 --access-log off \
-  </dev/null >"$work/harness.log" 2>&1 &
+up=18901; plain=18902; filtered=18903; harness=18904
+setsid taskset -c 1 "$mr" hello --listen 127.0.0.1:$up --name v1 </dev/null >"$work/upstream.log" 2>&1 &
 pids="$pids $!"
-# shellcheck disable=SC2086
-"$mr" envoy-config $files --for gateway --namespace istio-system --wasm "$wasm" \
-  --listen 80=127.0.0.1:18180 --admin 127.0.0.1:18991 -o "$work/envoy.yaml" 2>/dev/null
-# Envoy's access log goes to stdout; send it nowhere, as the harness's is off.
-setsid "$envoy" -c "$work/envoy.yaml" --concurrency 1 --disable-hot-restart --log-level warn \
-  </dev/null >/dev/null 2>"$work/envoy.log" &
-pids="$pids $!"
-for i in $(seq 1 600); do
-  if curl -fs -o /dev/null http://127.0.0.1:18080/v1 && curl -fs -o /dev/null http://127.0.0.1:18180/v1; then break; fi
-  sleep 0.1
+
+cat >"$work/bench.yaml" <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: default}
+spec: {selector: {app: hello}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: hello-1, namespace: default}
+spec: {address: 127.0.0.1, ports: {http: $up}, labels: {app: hello}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bench, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/bench]
+  http:
+  - match: [{uri: {prefix: /}}]
+    route: [{destination: {host: hello.default.svc.cluster.local}}]
+EOF
+
+cat >"$work/plain.yaml" <<EOF
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: 18992}}}
+static_resources:
+  listeners:
+  - name: plain
+    address: {socket_address: {address: 127.0.0.1, port_value: $plain}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          route_config:
+            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: hello}}]}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: hello
+    type: STATIC
+    load_assignment:
+      cluster_name: hello
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $up}}}}]}]
+EOF
+
+"$mr" envoy-config -f "$work/bench.yaml" --for gateway --namespace istio-system --wasm "$wasm" \
+  --listen 80=127.0.0.1:$filtered --admin 127.0.0.1:18993 -o "$work/filtered.json" 2>/dev/null
+# Same footing as plain Envoy: no access log (the harness runs with --access-log off too).
+python3 - "$work/filtered.json" <<'EOF'
+import json, sys
+path = sys.argv[1]
+config = json.load(open(path))
+for listener in config["static_resources"]["listeners"]:
+    for chain in listener["filter_chains"]:
+        for f in chain["filters"]:
+            f["typed_config"].pop("access_log", None)
+json.dump(config, open(path, "w"))
+EOF
+
+start() { # name, command...
+  name=$1; shift
+  setsid taskset -c 0 "$@" </dev/null >"$work/$name.log" 2>&1 &
+  pids="$pids $!"
+  eval "pid_$name=$!"
+}
+start plain "$envoy" -c "$work/plain.yaml" --concurrency 1 --disable-hot-restart --log-level warn
+start filtered "$envoy" -c "$work/filtered.json" --concurrency 1 --disable-hot-restart --log-level warn
+MESHROUTE_WASM=$wasm start harness "$mr" run -f "$work/bench.yaml" --for gateway --namespace istio-system \
+  --workers 1 --port-offset $((harness - 80)) --admin 127.0.0.1:18994 --access-log off --wasm "$wasm"
+for port in $up $plain $filtered $harness; do
+  for i in $(seq 1 600); do
+    curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.1
+  done
+  curl -fs -o /dev/null "http://127.0.0.1:$port/" || { tail -n 20 "$work"/*.log; exit 1; }
 done
-curl -fs http://127.0.0.1:18080/v1 >/dev/null || { cat "$work/harness.log"; exit 1; }
-curl -fs http://127.0.0.1:18180/v1 >/dev/null || { cat "$work/envoy.log"; exit 1; }
-for target in "meshroute-run 18080" "envoy 18180"; do
-  set -- $target
-  wrk -t1 -c1 -d2s "http://127.0.0.1:$2/v1" >/dev/null  # warm-up
-  echo "== $1 (wrk -t1 -c$conns -d${dur}s --latency http://127.0.0.1:$2/v1)"
-  wrk -t1 -c"$conns" -d"${dur}s" --latency "http://127.0.0.1:$2/v1" | grep -E "Requests/sec|Latency  |50%|99%|Non-2xx|errors"
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+: >"$work/results.tsv"
+for rep in $(seq 1 "$reps"); do
+  for target in direct:$up:0 plain:$plain:$pid_plain filtered:$filtered:$pid_filtered harness:$harness:$pid_harness; do
+    name=${target%%:*}; rest=${target#*:}; port=${rest%%:*}; pid=${rest#*:}
+    taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null  # warm-up
+    before=0; [ "$pid" = 0 ] || before=$(ticks "$pid")
+    taskset -c 1 wrk -t1 -c"$conns" -d"${dur}s" --latency "http://127.0.0.1:$port/" >"$work/wrk.txt"
+    after=0; [ "$pid" = 0 ] || after=$(ticks "$pid")
+    rss=0; [ "$pid" = 0 ] || rss=$(rss_kib "$pid")
+    python3 - "$work/wrk.txt" "$name" "$rep" $((after - before)) "$rss" >>"$work/results.tsv" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(s):
+    v, unit = re.match(r"([\d.]+)(\w+)", s).groups()
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+requests = int(re.search(r"(\d+) requests in", text).group(1))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", text).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
+ticks = int(sys.argv[4])
+cpu_us = ticks * 1e6 / 100 / requests if ticks else 0.0  # USER_HZ = 100
+print(f"{sys.argv[2]}\t{sys.argv[3]}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{cpu_us:.1f}\t{sys.argv[5]}")
+EOF
+  done
+done
+
+echo "== closed loop: wrk -t1 -c$conns -d${dur}s, $reps runs each, medians (proxy pinned to core 0)"
+python3 - "$work/results.tsv" <<'EOF'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
+names = {"direct": "direct to upstream", "plain": "Envoy, plain route",
+         "filtered": "Envoy + meshroute filter", "harness": "meshroute run + filter"}
+print("| target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | proxy RSS MiB |")
+print("|---|---:|---:|---:|---:|---:|")
+med = {}
+for key, label in names.items():
+    r = [x for x in rows if x[0] == key]
+    m = lambda i: statistics.median(float(x[i]) for x in r)
+    med[key] = {"rps": m(2), "cpu": m(5), "p50": m(3)}
+    cpu = f"{m(5):.1f}" if key != "direct" else "—"
+    rss = f"{max(float(x[6]) for x in r) / 1024:.1f}" if key != "direct" else "—"
+    print(f"| {label} | {m(2):,.0f} | {m(3):.3f} | {m(4):.3f} | {cpu} | {rss} |")
+print()
+print(f"harness / Envoy+filter requests/s: {med['harness']['rps'] / med['filtered']['rps']:.2f}x")
+print(f"harness / plain Envoy requests/s: {med['harness']['rps'] / med['plain']['rps']:.2f}x")
+print(f"Envoy+filter / plain Envoy CPU per request: {med['filtered']['cpu'] / med['plain']['cpu']:.2f}x")
+EOF
+
+echo
+echo "== fixed rate: oha -q 1000 -c $conns -z ${dur}s (latency p50/p90/p99, ms)"
+echo "| target | p50 | p90 | p99 |"
+echo "|---|---:|---:|---:|"
+for target in direct:$up plain:$plain filtered:$filtered harness:$harness; do
+  name=${target%%:*}; port=${target#*:}
+  taskset -c 1 "$oha" -z "${dur}s" -q 1000 -c "$conns" --no-tui --output-format json \
+    "http://127.0.0.1:$port/" >"$work/oha.json" 2>/dev/null
+  python3 - "$work/oha.json" "$name" <<'EOF'
+import json, sys
+p = json.load(open(sys.argv[1]))["latencyPercentiles"]
+print(f"| {sys.argv[2]} | {p['p50'] * 1000:.3f} | {p['p90'] * 1000:.3f} | {p['p99'] * 1000:.3f} |")
+EOF
 done

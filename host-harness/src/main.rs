@@ -299,6 +299,13 @@ enum Command {
         method: String,
         url: String,
     },
+    /// Serve `Hello server - NAME` on an address: a test upstream (benchmarks, trials).
+    Hello {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "v1")]
+        name: String,
+    },
     /// Start demo upstreams (hello v1/v2) and a gateway in front of them.
     Demo {
         #[command(flatten)]
@@ -538,6 +545,28 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Hello { listen, name } => {
+            let name: &'static str = Box::leak(name.into_boxed_str());
+            let served = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        meshroute_harness::runtime::demo::hello_upstream(listen, name).await?;
+                        eprintln!("meshroute: hello upstream {name} on {listen}");
+                        std::future::pending::<()>().await;
+                        Ok::<(), String>(())
+                    })
+                });
+            match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
                 }
             }
         }
