@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -14,7 +15,7 @@ use super::{BuildError, RequestView};
 pub(crate) enum Matcher {
     Exact(String),
     Prefix(String),
-    Regex(Regex),
+    Regex(Arc<Regex>),
     Present,
 }
 
@@ -54,8 +55,9 @@ impl Matcher {
 
 thread_local! {
     /// Patterns compiled during one [`super::Engine::new`]: large configurations repeat the
-    /// same regex across many hosts, and a compiled `Regex` is cheap to share.
-    static COMPILED: RefCell<HashMap<String, Regex>> = RefCell::new(HashMap::new());
+    /// same regex across many hosts. Shared behind an `Arc`: cloning a `Regex` itself gives
+    /// each copy its own cache pool (about a kilobyte before first use).
+    static COMPILED: RefCell<HashMap<String, Arc<Regex>>> = RefCell::new(HashMap::new());
 }
 
 /// Drops the compile cache (end of a load).
@@ -64,20 +66,20 @@ pub(crate) fn forget_compiled() {
 }
 
 /// Compiles `pattern` once per load.
-pub(crate) fn regex(pattern: &str) -> Result<Regex, BuildError> {
+pub(crate) fn regex(pattern: &str) -> Result<Arc<Regex>, BuildError> {
     if let Some(re) = COMPILED.with(|c| c.borrow().get(pattern).cloned()) {
         return Ok(re);
     }
-    let re = Regex::new(pattern).map_err(|e| BuildError::Regex {
+    let re = Arc::new(Regex::new(pattern).map_err(|e| BuildError::Regex {
         pattern: pattern.to_owned(),
         reason: e.to_string(),
-    })?;
-    COMPILED.with(|c| c.borrow_mut().insert(pattern.to_owned(), re.clone()));
+    })?);
+    COMPILED.with(|c| c.borrow_mut().insert(pattern.to_owned(), Arc::clone(&re)));
     Ok(re)
 }
 
 /// RE2 matchers in Istio match the whole value; anchor the pattern once here.
-pub(crate) fn full_match_regex(pattern: &str) -> Result<Regex, BuildError> {
+pub(crate) fn full_match_regex(pattern: &str) -> Result<Arc<Regex>, BuildError> {
     regex(&format!("^(?:{pattern})$")).map_err(|e| match e {
         BuildError::Regex { reason, .. } => BuildError::Regex {
             pattern: pattern.to_owned(),

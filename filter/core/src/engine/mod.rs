@@ -345,7 +345,7 @@ impl Target {
 #[derive(Debug)]
 struct RewriteRt {
     uri: Option<String>,
-    regex: Option<(Regex, String)>,
+    regex: Option<(std::sync::Arc<Regex>, String)>,
 }
 
 #[derive(Debug)]
