@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use meshroute_core::ir::{
-    Cluster, Discovery, ProxyKind, RulesDocument, CLUSTER_HEADER, CONTROL_HEADERS,
+    Cluster, Discovery, ProxyKind, RulesDocument, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER,
     LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
 };
 
@@ -170,6 +170,16 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                 "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
                 "dns_cache_config": dns_cache(),
             },
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                // Envoy requires these of a dynamic forward proxy with protocol options; they
+                // only matter for TLS upstreams.
+                "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                "http_filters": upstream_filters(),
+            }
         },
     }));
     let mut out = json!({
@@ -357,9 +367,30 @@ fn cluster(c: &Cluster) -> Value {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "common_http_protocol_options": common,
             "explicit_http_config": explicit,
+            "http_filters": upstream_filters(),
         }
     });
     out
+}
+
+/// Upstream HTTP filters: once the load balancer has read the endpoint header, it goes, so
+/// upstreams never see how the proxy was steered.
+fn upstream_filters() -> Value {
+    json!([
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [{"remove": ENDPOINT_HEADER}]},
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+            },
+        },
+    ])
 }
 
 /// Where the rules go in Istio: which proxies and which module.

@@ -535,6 +535,24 @@ impl Envoy {
 
     /// Envoy running `wasm` (any proxy-wasm module) with `doc` as its configuration.
     pub fn start_module(wasm: &Path, doc: &RulesDocument, failure_policy: FailurePolicy) -> Self {
+        // A free port can be taken by another process between choosing it and Envoy binding
+        // it: then try again with new ports.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start_module(wasm, doc, failure_policy) {
+                Ok(envoy) => return envoy,
+                Err(e) if e.contains("Address already in use") => last = e,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("{last}")
+    }
+
+    fn try_start_module(
+        wasm: &Path,
+        doc: &RulesDocument,
+        failure_policy: FailurePolicy,
+    ) -> Result<Self, String> {
         let dir = Self::workdir();
         let (port, admin) = (free_port(), free_port());
         let wasm = wasm.to_path_buf();
@@ -564,11 +582,15 @@ impl Envoy {
             serde_json::to_string_pretty(&bootstrap).expect("json"),
         )
         .expect("write bootstrap");
-        Self::spawn(&config, dir, port, admin)
+        Self::try_spawn(&config, dir, port, admin)
     }
 
     /// Starts Envoy on a prepared bootstrap file (for tests of invalid configuration).
     pub fn spawn(config: &Path, dir: PathBuf, port: u16, admin: u16) -> Self {
+        Self::try_spawn(config, dir, port, admin).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_spawn(config: &Path, dir: PathBuf, port: u16, admin: u16) -> Result<Self, String> {
         let log = dir.join("envoy.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
@@ -597,8 +619,8 @@ impl Envoy {
             log,
             dir,
         };
-        envoy.wait_ready();
-        envoy
+        envoy.wait_ready()?;
+        Ok(envoy)
     }
 
     fn workdir() -> PathBuf {
@@ -611,22 +633,25 @@ impl Envoy {
         dir
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("envoy exited early ({status}):\n{}", self.log_text());
+                return Err(format!(
+                    "envoy exited early ({status}):\n{}",
+                    self.log_text()
+                ));
             }
             // A probe reset while Envoy is still starting means "not ready yet".
             let ready = get("admin", "/ready")
                 .try_send(self.admin)
                 .is_ok_and(|r| r.status == 200);
             if ready && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                return Ok(());
             }
             thread::sleep(Duration::from_millis(100));
         }
-        panic!("envoy not ready after 60 s:\n{}", self.log_text());
+        Err(format!("envoy not ready after 60 s:\n{}", self.log_text()))
     }
 
     /// Whether the process is still running.

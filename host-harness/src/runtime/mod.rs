@@ -1241,10 +1241,8 @@ async fn forward(
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
-    headers.retain(|(k, _)| {
-        !(k.starts_with("x-envoy-") && CONTROL_HEADERS.contains(&k.as_str()))
-            || k == ir::ENDPOINT_HEADER
-    });
+    // Upstreams never see how the proxy was steered.
+    headers.retain(|(k, _)| !(k.starts_with("x-envoy-") && CONTROL_HEADERS.contains(&k.as_str())));
     if let Some(t) = per_try.or(timeout) {
         headers.push((
             "x-envoy-expected-rq-timeout-ms".into(),
