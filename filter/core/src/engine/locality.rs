@@ -181,12 +181,7 @@ pub(crate) fn narrow(plan: &Plan, candidates: &[usize], rng: &mut dyn Rng) -> Ve
             // Envoy's priority load: each level takes min(100, 1.4 × healthy %) of what is
             // left, nearest first; what no level can take is spread by their health.
             let health: Vec<u64> = (0..levels)
-                .map(|l| {
-                    (OVERPROVISIONING_PERCENT * healthy[l])
-                        .checked_div(total[l])
-                        .unwrap_or(0)
-                        .min(100)
-                })
+                .map(|l| overprovisioned(healthy[l], total[l]))
                 .collect();
             let mut left = 100u64;
             let loads: Vec<u64> = health
@@ -202,15 +197,7 @@ pub(crate) fn narrow(plan: &Plan, candidates: &[usize], rng: &mut dyn Rng) -> Ve
             if sum == 0 {
                 return candidates.to_vec();
             }
-            let mut point = rng.below(sum);
-            let mut chosen = levels - 1;
-            for (l, load) in loads.iter().enumerate() {
-                if point < *load {
-                    chosen = l;
-                    break;
-                }
-                point -= load;
-            }
+            let chosen = draw(&loads, rng);
             candidates
                 .iter()
                 .copied()
@@ -230,27 +217,12 @@ pub(crate) fn narrow(plan: &Plan, candidates: &[usize], rng: &mut dyn Rng) -> Ve
                 }
             }
             let effective: Vec<u64> = (0..weights.len())
-                .map(|g| {
-                    let h = (OVERPROVISIONING_PERCENT * healthy[g])
-                        .checked_div(total[g])
-                        .unwrap_or(0)
-                        .min(100);
-                    weights[g] / 100 * h
-                })
+                .map(|g| weights[g] / 100 * overprovisioned(healthy[g], total[g]))
                 .collect();
-            let sum: u64 = effective.iter().sum();
-            if sum == 0 {
+            if effective.iter().all(|w| *w == 0) {
                 return Vec::new();
             }
-            let mut point = rng.below(sum);
-            let mut chosen = 0;
-            for (g, w) in effective.iter().enumerate() {
-                if point < *w {
-                    chosen = g;
-                    break;
-                }
-                point -= w;
-            }
+            let chosen = draw(&effective, rng);
             candidates
                 .iter()
                 .copied()
@@ -258,4 +230,24 @@ pub(crate) fn narrow(plan: &Plan, candidates: &[usize], rng: &mut dyn Rng) -> Ve
                 .collect()
         }
     }
+}
+
+/// Envoy's health of a level or locality: healthy share × 1.4, at most 100 (percent).
+fn overprovisioned(healthy: u64, total: u64) -> u64 {
+    (OVERPROVISIONING_PERCENT * healthy)
+        .checked_div(total)
+        .unwrap_or(0)
+        .min(100)
+}
+
+/// An index drawn with probability proportional to its weight (weights not all zero).
+fn draw(weights: &[u64], rng: &mut dyn Rng) -> usize {
+    let mut point = rng.below(weights.iter().sum());
+    for (i, w) in weights.iter().enumerate() {
+        if point < *w {
+            return i;
+        }
+        point -= w;
+    }
+    weights.len().saturating_sub(1)
 }
