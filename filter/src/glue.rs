@@ -20,7 +20,7 @@ use crate::shared::{self, SharedEndpointState};
 
 /// Request bodies above this are neither mirrored nor retried (Envoy's buffer limit for
 /// shadows and retries is of the same order).
-pub const MIRROR_BODY_LIMIT: usize = 1 << 20;
+pub const BODY_COPY_LIMIT: usize = 1 << 20;
 /// Mirror calls that take longer are abandoned; the client never waits for them.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// A retry without any timeout still needs one for the side call (Envoy requires it).
@@ -632,7 +632,7 @@ impl HttpContext for FilterHttp {
             return Action::Continue;
         };
         if !copy.too_big {
-            if copy.bytes.len() + body_size > MIRROR_BODY_LIMIT {
+            if copy.bytes.len() + body_size > BODY_COPY_LIMIT {
                 copy.too_big = true;
                 copy.bytes = Vec::new();
             } else if let Some(chunk) =
@@ -650,7 +650,7 @@ impl HttpContext for FilterHttp {
             return Action::Continue;
         };
         if copy.too_big {
-            warn!("request body above {MIRROR_BODY_LIMIT} bytes: not mirrored, not retried");
+            warn!("request body above {BODY_COPY_LIMIT} bytes: not mirrored, not retried");
             self.mirror = None;
             return Action::Continue;
         }

@@ -9,7 +9,7 @@ mod glue;
 mod retry;
 mod shared;
 
-pub use glue::{FilterRoot, MIRROR_BODY_LIMIT};
+pub use glue::{FilterRoot, BODY_COPY_LIMIT};
 
 use meshroute_core::engine::Engine;
 use meshroute_core::ir::RulesDocument;
