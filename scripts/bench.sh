@@ -118,8 +118,13 @@ for rep in $(seq 1 "$reps"); do
     python3 - "$work/wrk.txt" "$name" "$rep" $((after - before)) "$rss" >>"$work/results.tsv" <<'EOF'
 import re, sys
 text = open(sys.argv[1]).read()
+if "Requests/sec" not in text or "50%" not in text:
+    sys.exit(f"{sys.argv[2]}: unexpected wrk output:\n{text}")
 def ms(s):
-    v, unit = re.match(r"([\d.]+)(\w+)", s).groups()
+    m = re.match(r"([\d.]+)(\w+)", s)
+    if m is None:
+        sys.exit(f"{sys.argv[2]}: cannot read latency {s!r} in:\n{text}")
+    v, unit = m.groups()
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 requests = int(re.search(r"(\d+) requests in", text).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))

@@ -129,7 +129,7 @@ impl Plugin {
             .pre
             .instantiate(&mut store)
             .map_err(err("instantiating"))?;
-        let exports = Exports::find(&instance, &mut store);
+        let exports = Arc::new(Exports::find(&instance, &mut store));
         let mut vm = Vm {
             store,
             exports,
@@ -142,10 +142,12 @@ impl Plugin {
         }
         let root = vm.store.data().root_id as i32;
         let size = configuration.len() as i32;
-        if let Some(f) = vm.exports.on_context_create.clone() {
+        let exports = Arc::clone(&vm.exports);
+        if let Some(f) = exports.on_context_create.as_ref() {
             vm.call(0, |s| f.call(s, (root, 0))).map_err(VmError)?;
         }
-        if let Some(f) = vm.exports.on_vm_start.clone() {
+        let exports = Arc::clone(&vm.exports);
+        if let Some(f) = exports.on_vm_start.as_ref() {
             if vm.call(0, |s| f.call(s, (root, 0))).map_err(VmError)? == 0 {
                 return Err(VmError(format!(
                     "proxy_on_vm_start returned false{}",
@@ -153,7 +155,7 @@ impl Plugin {
                 )));
             }
         }
-        let configured = match vm.exports.on_configure.clone() {
+        let configured = match Arc::clone(&vm.exports).on_configure.as_ref() {
             Some(f) => vm.call(0, |s| f.call(s, (root, size))).map_err(VmError)? != 0,
             None => true,
         };
@@ -224,7 +226,9 @@ pub enum Action {
 /// One instance of the filter.
 pub struct Vm {
     pub store: Store<HostState>,
-    exports: Exports,
+    /// Shared so a callback borrows its handle instead of cloning it (a typed function's
+    /// clone takes wasmtime's type registry).
+    exports: Arc<Exports>,
     next_context: u32,
     pub failed: Arc<AtomicBool>,
 }
@@ -293,7 +297,8 @@ impl Vm {
         self.next_context = self.next_context.wrapping_add(1).max(2);
         self.store.data_mut().streams.insert(id, stream);
         let root = self.root() as i32;
-        if let Some(f) = self.exports.on_context_create.clone() {
+        let exports = Arc::clone(&self.exports);
+        if let Some(f) = exports.on_context_create.as_ref() {
             self.call(id, |s| f.call(s, (id as i32, root)))?;
         }
         Ok(id)
@@ -309,7 +314,8 @@ impl Vm {
 
     pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
         let n = self.stream_len(id, |s| s.request_headers.len());
-        match self.exports.on_request_headers.clone() {
+        let exports = Arc::clone(&self.exports);
+        match exports.on_request_headers.as_ref() {
             Some(f) => self
                 .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
                 .map(Self::action),
@@ -319,7 +325,8 @@ impl Vm {
 
     pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
         let n = self.stream_len(id, |s| s.request_body.len());
-        match self.exports.on_request_body.clone() {
+        let exports = Arc::clone(&self.exports);
+        match exports.on_request_body.as_ref() {
             Some(f) => self
                 .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
                 .map(Self::action),
@@ -329,7 +336,8 @@ impl Vm {
 
     pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
         let n = self.stream_len(id, |s| s.response_headers.len());
-        match self.exports.on_response_headers.clone() {
+        let exports = Arc::clone(&self.exports);
+        match exports.on_response_headers.as_ref() {
             Some(f) => self
                 .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
                 .map(Self::action),
@@ -339,7 +347,8 @@ impl Vm {
 
     pub fn on_tick(&mut self) -> Result<(), String> {
         let root = self.root();
-        match self.exports.on_tick.clone() {
+        let exports = Arc::clone(&self.exports);
+        match exports.on_tick.as_ref() {
             Some(f) => self.call(root, |s| f.call(s, root as i32)),
             None => Ok(()),
         }
@@ -353,7 +362,8 @@ impl Vm {
         let root = self.root();
         let (nh, nb) = (response.headers.len() as i32, response.body.len() as i32);
         self.store.data_mut().call_response = Some(response);
-        let result = match self.exports.on_http_call_response.clone() {
+        let exports = Arc::clone(&self.exports);
+        let result = match exports.on_http_call_response.as_ref() {
             Some(f) => self.call(root, |s| f.call(s, (root as i32, token as i32, nh, nb, 0))),
             None => Ok(()),
         };
@@ -367,14 +377,14 @@ impl Vm {
             s.phase = abi::Phase::Done;
         }
         if !self.failed.load(Ordering::Relaxed) {
-            let exports = self.exports.clone();
-            if let Some(f) = exports.on_log {
+            let exports = Arc::clone(&self.exports);
+            if let Some(f) = exports.on_log.as_ref() {
                 let _ = self.call(id, |s| f.call(s, id as i32));
             }
-            if let Some(f) = exports.on_done {
+            if let Some(f) = exports.on_done.as_ref() {
                 let _ = self.call(id, |s| f.call(s, id as i32));
             }
-            if let Some(f) = exports.on_delete {
+            if let Some(f) = exports.on_delete.as_ref() {
                 let _ = self.call(id, |s| f.call(s, id as i32));
             }
         }
