@@ -106,6 +106,17 @@ impl RootContext for FilterRoot {
                     bytes.len(),
                     self.context_id
                 );
+                // Counters must exist before the first request: compare-and-swap cannot guard
+                // the creation of a key, so two workers admitting at once could both win.
+                for key in engine.counter_keys() {
+                    if matches!(hostcalls::get_shared_data(&key), Ok((None, _)) | Err(_)) {
+                        if let Err(status) =
+                            hostcalls::set_shared_data(&key, Some(&0u32.to_le_bytes()), None)
+                        {
+                            warn!("shared counter {key}: {status:?}");
+                        }
+                    }
+                }
                 *self.shared.engine.borrow_mut() = Some(Rc::new(engine));
                 true
             }
@@ -730,7 +741,7 @@ impl FilterHttp {
         let Some(limit) = max_active else {
             return true;
         };
-        let key = format!("meshroute.active/{cluster}");
+        let key = Engine::active_key(cluster);
         if !shared::add(&key, 1, limit) {
             return false;
         }

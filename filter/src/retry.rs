@@ -63,7 +63,7 @@ impl RetryRun {
         max_retries: Option<u32>,
         start_ms: u64,
     ) -> Self {
-        let retry_budget = max_retries.map(|n| (format!("meshroute.retries/{cluster}"), n));
+        let retry_budget = max_retries.map(|n| (Engine::retries_key(&cluster), n));
         Self {
             engine,
             on: on.clone(),

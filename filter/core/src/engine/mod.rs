@@ -704,6 +704,30 @@ impl Engine {
         self.clusters.get(ticket.cluster).map(|c| c.name.as_str())
     }
 
+    /// Shared-data key of a cluster's count of requests in flight (circuit breaker).
+    pub fn active_key(cluster: &str) -> String {
+        format!("meshroute.active/{cluster}")
+    }
+
+    /// Shared-data key of a cluster's count of retries in flight (`maxRetries`).
+    pub fn retries_key(cluster: &str) -> String {
+        format!("meshroute.retries/{cluster}")
+    }
+
+    /// The shared counters the circuit breakers of these rules use.
+    pub fn counter_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for c in &self.clusters {
+            if c.max_active.is_some() {
+                keys.push(Self::active_key(&c.name));
+            }
+            if c.max_retries.is_some() {
+                keys.push(Self::retries_key(&c.name));
+            }
+        }
+        keys
+    }
+
     /// Shared-data key of a cluster's outlier record.
     pub fn outlier_key(cluster: &str) -> String {
         format!("meshroute.outlier/{cluster}")
