@@ -217,7 +217,7 @@ impl Context for FilterRoot {
             run.should_retry(end, now)
         };
         if again {
-            self.schedule_retry(context_id, now);
+            schedule_backoff(&self.shared, context_id, now);
         } else {
             self.finish_retries(context_id);
         }
@@ -233,30 +233,36 @@ impl FilterRoot {
                 return;
             };
             let remaining = run.deadline_ms.map(|d| d.saturating_sub(now));
-            let mut rng = self.shared.draw(context_id);
-            let state = SharedEndpointState { now_ms: now };
             let engine = Rc::clone(&run.engine);
-            let picked = engine.retry_pick(
-                &run.tried,
-                run.avoid_previous,
-                &run.view(),
-                &mut rng,
-                &state,
-            );
-            self.shared.rng.set(rng.0);
+            let picked = if remaining == Some(0) {
+                None
+            } else {
+                let mut rng = self.shared.draw(context_id);
+                let state = SharedEndpointState { now_ms: now };
+                let picked = engine.retry_pick(
+                    &run.tried,
+                    run.avoid_previous,
+                    &run.view(),
+                    &mut rng,
+                    &state,
+                );
+                self.shared.rng.set(rng.0);
+                picked
+            };
             // The retry circuit breaker: no place free, no retry (Envoy's retry overflow).
-            let budget_ok = run
-                .retry_budget
-                .as_ref()
-                .is_none_or(|(key, limit)| shared::add(key, 1, *limit));
+            let budget_ok = picked.is_some()
+                && run
+                    .retry_budget
+                    .as_ref()
+                    .is_none_or(|(key, limit)| shared::add(key, 1, *limit));
             run.holds_budget = budget_ok && run.retry_budget.is_some();
-            match (picked, remaining) {
-                (Some((_, ticket)), _) if !budget_ok => {
+            match picked {
+                None => None,
+                Some((_, ticket)) if !budget_ok => {
                     engine.release(ticket);
                     None
                 }
-                (_, Some(0)) | (None, _) => None,
-                (Some((endpoint, ticket)), remaining) => {
+                Some((endpoint, ticket)) => {
                     let timeout = match (run.per_try_ms, remaining) {
                         (Some(p), Some(r)) => Duration::from_millis(p.min(r)),
                         (p, r) => p.or(r).map_or(UNBOUNDED_TRY, Duration::from_millis),
@@ -297,10 +303,6 @@ impl FilterRoot {
             }
             None => self.finish_retries(context_id),
         }
-    }
-
-    fn schedule_retry(&self, context_id: u32, now: u64) {
-        schedule_backoff(&self.shared, context_id, now);
     }
 
     /// Gives the client the last try's answer: the held first response, or a side call's.
@@ -594,7 +596,6 @@ impl HttpContext for FilterHttp {
                     } else {
                         run.headers.clone_from(&sent);
                     }
-                    run.response_edits.clone_from(&self.response_edits);
                     if end_of_stream {
                         run.body = Some(Vec::new());
                     }
@@ -675,18 +676,30 @@ impl HttpContext for FilterHttp {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        // How the try ended matters only to retries and outlier detection: reading it costs
+        // host calls, so requests with neither skip it.
+        let tracked = match (self.ticket, &self.engine) {
+            (Some(t), Some(engine)) => engine.tracks_outliers(t),
+            _ => false,
+        };
+        if !tracked && self.retry.is_none() {
+            self.apply_response_edits();
+            return Action::Continue;
+        }
         let end = self.first_try_end();
         let now = now_ms();
-        if let (Some(t), Some(engine)) = (self.ticket, &self.engine) {
+        if let (true, Some(t), Some(engine)) = (tracked, self.ticket, &self.engine) {
             shared::report_attempt(engine, t, end.outlier_result(), now);
         }
         if let Some(mut run) = self.retry.take() {
             if run.should_retry(end, now) {
-                // Hold this response; the next try goes out after the back-off.
+                // Hold this response; the next try goes out after the back-off. The edits go
+                // with it: they apply to whichever answer the client finally gets.
                 if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
                     engine.release(t);
                     run.tried.push(t);
                 }
+                run.response_edits = std::mem::take(&mut self.response_edits);
                 self.shared
                     .retries
                     .borrow_mut()
@@ -695,13 +708,7 @@ impl HttpContext for FilterHttp {
                 return Action::Pause;
             }
         }
-        for (op, name, value) in &self.response_edits {
-            match op {
-                EditOp::Set => self.set_http_response_header(name, Some(value)),
-                EditOp::Add => self.add_http_response_header(name, value),
-                EditOp::Remove => self.set_http_response_header(name, None),
-            }
-        }
+        self.apply_response_edits();
         Action::Continue
     }
 
@@ -736,6 +743,16 @@ impl HttpContext for FilterHttp {
 }
 
 impl FilterHttp {
+    fn apply_response_edits(&self) {
+        for (op, name, value) in &self.response_edits {
+            match op {
+                EditOp::Set => self.set_http_response_header(name, Some(value)),
+                EditOp::Add => self.add_http_response_header(name, value),
+                EditOp::Remove => self.set_http_response_header(name, None),
+            }
+        }
+    }
+
     /// Circuit breaker: takes a place among the cluster's concurrent requests, if one is free.
     fn admit(&mut self, cluster: &str, max_active: Option<u32>) -> bool {
         let Some(limit) = max_active else {
