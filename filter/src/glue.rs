@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use log::{error, info, warn};
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, GrpcStatusCode};
 
 use meshroute_core::engine::{
@@ -62,6 +62,9 @@ enum After {
 pub struct FilterRoot {
     context_id: u32,
     shared: Rc<Shared>,
+    /// The listener port of a connection-level plugin (root id `meshroute_tcp_<port>`);
+    /// `None` for the HTTP filter.
+    l4_port: Option<u16>,
 }
 
 impl FilterRoot {
@@ -75,11 +78,12 @@ impl FilterRoot {
                 retries: RefCell::new(HashMap::new()),
                 retry_calls: RefCell::new(HashMap::new()),
             }),
+            l4_port: None,
         }
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -98,6 +102,20 @@ impl RootContext for FilterRoot {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
+        let root_id = match hostcalls::get_property(vec!["plugin_root_id"]) {
+            Ok(Some(id)) => String::from_utf8_lossy(&id).into_owned(),
+            _ => String::new(),
+        };
+        if let Some(port) = root_id.strip_prefix(ir::L4_ROOT_PREFIX) {
+            let Ok(port) = port.parse::<u16>() else {
+                error!(
+                    "root id {root_id:?}: expected {}<listener port>",
+                    ir::L4_ROOT_PREFIX
+                );
+                return false;
+            };
+            self.l4_port = Some(port);
+        }
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match crate::load_rules(&bytes) {
             Ok(engine) => {
@@ -174,8 +192,23 @@ impl RootContext for FilterRoot {
         }))
     }
 
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
+        let port = self.l4_port?;
+        Some(Box::new(crate::stream::FilterStream {
+            context_id,
+            port,
+            engine: self.shared.engine.borrow().clone(),
+            seed: self.shared.draw(context_id).0,
+            ticket: None,
+        }))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Some(if self.l4_port.is_some() {
+            ContextType::StreamContext
+        } else {
+            ContextType::HttpContext
+        })
     }
 }
 

@@ -8,6 +8,7 @@
 mod glue;
 mod retry;
 mod shared;
+mod stream;
 
 pub use glue::{FilterRoot, BODY_COPY_LIMIT};
 

@@ -8,8 +8,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use meshroute_core::ir::{
-    Cluster, Discovery, ProxyKind, RulesDocument, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER,
-    LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+    l4_root_id, ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, CLUSTER_HEADER,
+    CONTROL_HEADERS, ENDPOINT_HEADER, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
 };
 
 /// Envoy's wasm failure policy (Istio WasmPlugin `failStrategy`).
@@ -109,18 +109,6 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
         }
         ProxyKind::Gateway => {
             for (i, l) in doc.listeners.iter().enumerate() {
-                let tls = l.servers.iter().any(|s| {
-                    s.tls
-                        .as_ref()
-                        .is_some_and(|t| !t.mode.eq_ignore_ascii_case("httpsRedirect"))
-                });
-                if tls || !matches!(l.protocol.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB") {
-                    warnings.push(format!(
-                        "gateway port {} ({}) is not served by this bootstrap: only plain-text HTTP servers are",
-                        l.port, l.protocol
-                    ));
-                    continue;
-                }
                 let bind = opts
                     .binds
                     .iter()
@@ -136,19 +124,14 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                         address: "127.0.0.1".into(),
                         port: l.port,
                     });
-                listeners.push(listener(
-                    ProxyKind::Gateway,
-                    &format!("gateway_{}", l.port),
-                    &bind,
-                    l.port,
-                    &rules,
-                    wasm,
-                    opts,
-                ));
+                match gateway_listener(doc, l, &bind, &rules, wasm, opts) {
+                    Ok(v) => listeners.push(v),
+                    Err(w) => warnings.push(w),
+                }
             }
             if listeners.is_empty() {
                 return Err(format!(
-                    "the gateway has no plain-text HTTP server to listen for{}",
+                    "the gateway has no server to listen for{}",
                     warnings
                         .iter()
                         .map(|w| format!("; {w}"))
@@ -158,6 +141,13 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
         }
     }
     let mut clusters: Vec<Value> = doc.clusters.iter().map(cluster).collect();
+    // TCP proxies need a configured cluster; the filter's filter state replaces it, and a
+    // connection nothing routes is closed before it would be used.
+    clusters.push(json!({
+        "name": "BlackHoleCluster",
+        "type": "STATIC",
+        "connect_timeout": "10s",
+    }));
     // ALLOW_ANY traffic goes where the authority says, names included: a dynamic forward
     // proxy cluster resolves it (ORIGINAL_DST would only take IP literals).
     clusters.push(json!({
@@ -214,6 +204,15 @@ fn wasm_filter(rules: &str, module_file: &str, failure_policy: &str) -> Value {
     })
 }
 
+/// The filter as a network filter for listener `port`: the same module and rules, with the
+/// root id that makes it create connection contexts for that port's routes.
+fn network_wasm_filter(rules: &str, module_file: &str, failure_policy: &str, port: u16) -> Value {
+    let mut v = wasm_filter(rules, module_file, failure_policy);
+    v["@type"] = json!("type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm");
+    v["config"]["root_id"] = json!(l4_root_id(port));
+    v
+}
+
 fn dns_cache() -> Value {
     json!({"name": "passthrough", "dns_lookup_family": "V4_PREFERRED"})
 }
@@ -231,6 +230,148 @@ fn listener(
     wasm: &str,
     opts: &Options<'_>,
 ) -> Value {
+    json!({
+        "name": name,
+        "address": socket(bind),
+        "filter_chains": [{
+            "filters": [http_connection_manager(doc_kind, name, server_port, rules, wasm, opts)],
+        }],
+    })
+}
+
+/// The listener of one Gateway server port: HTTP (plain or TLS-terminated) through the HTTP
+/// filter, or TCP/TLS connections through the filter as a network filter in front of
+/// `tcp_proxy`. Servers that terminate TLS get a filter chain each, chosen by SNI.
+fn gateway_listener(
+    doc: &RulesDocument,
+    l: &Listener,
+    bind: &Bind,
+    rules: &str,
+    wasm: &str,
+    opts: &Options<'_>,
+) -> Result<Value, String> {
+    let name = format!("gateway_{}", l.port);
+    let l4 = doc.l4_tables.iter().any(|t| t.port == l.port);
+    let network_filters = if l4 {
+        vec![
+            json!({
+                "name": "envoy.filters.network.wasm",
+                "typed_config": network_wasm_filter(rules, wasm, opts.failure_policy.as_envoy(), l.port),
+            }),
+            json!({
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": name,
+                    "cluster": "BlackHoleCluster",
+                },
+            }),
+        ]
+    } else {
+        vec![http_connection_manager(
+            ProxyKind::Gateway,
+            &name,
+            l.port,
+            rules,
+            wasm,
+            opts,
+        )]
+    };
+    let mut chains = Vec::new();
+    let mut any_tls = false;
+    let mut plain = false;
+    let mut seen_names: Vec<Vec<String>> = Vec::new();
+    for server in &l.servers {
+        let terminate = server
+            .tls
+            .as_ref()
+            .filter(|t| matches!(t.mode.as_str(), "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL"));
+        let Some(tls) = terminate else {
+            any_tls |= server
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode.contains("PASSTHROUGH"));
+            plain = true;
+            continue;
+        };
+        any_tls = true;
+        let (Some(cert), Some(key)) = (&tls.server_certificate, &tls.private_key) else {
+            return Err(format!(
+                "gateway port {} is not served by this bootstrap: credentialName needs Istio's secret delivery; give serverCertificate and privateKey files",
+                l.port
+            ));
+        };
+        let names: Vec<String> = server
+            .hosts
+            .iter()
+            .map(|h| {
+                h.rsplit_once('/')
+                    .map_or(h.as_str(), |(_, d)| d)
+                    .to_ascii_lowercase()
+            })
+            .filter(|h| h != "*")
+            .collect();
+        if seen_names.contains(&names) {
+            continue;
+        }
+        seen_names.push(names.clone());
+        let mut common = json!({
+            "tls_certificates": [{
+                "certificate_chain": {"filename": cert},
+                "private_key": {"filename": key},
+            }],
+            "alpn_protocols": if l4 { json!([]) } else { json!(["h2", "http/1.1"]) },
+        });
+        let mutual = tls.mode != "SIMPLE";
+        if mutual {
+            if let Some(ca) = &tls.ca_certificates {
+                common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
+            }
+        }
+        let mut chain = json!({
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "require_client_certificate": tls.mode == "MUTUAL",
+                    "common_tls_context": common,
+                },
+            },
+            "filters": network_filters,
+        });
+        if !names.is_empty() {
+            chain["filter_chain_match"] = json!({"server_names": names});
+        }
+        chains.push(chain);
+    }
+    // Servers that do not terminate (plain HTTP, TCP, PASSTHROUGH) share the chain that
+    // matches what no terminating chain takes.
+    if plain || chains.is_empty() {
+        chains.push(json!({"filters": network_filters}));
+    }
+    let mut out = json!({
+        "name": name,
+        "address": socket(bind),
+        "filter_chains": chains,
+    });
+    if any_tls {
+        out["listener_filters"] = json!([{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+        }]);
+    }
+    Ok(out)
+}
+
+/// The HTTP connection manager with the filter, for one listener.
+fn http_connection_manager(
+    doc_kind: ProxyKind,
+    name: &str,
+    server_port: u16,
+    rules: &str,
+    wasm: &str,
+    opts: &Options<'_>,
+) -> Value {
     let mut request_mutations: Vec<Value> = CONTROL_HEADERS
         .iter()
         .map(|h| json!({"remove": h}))
@@ -242,10 +383,6 @@ fn listener(
         }
     }));
     json!({
-        "name": name,
-        "address": socket(bind),
-        "filter_chains": [{
-            "filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -260,7 +397,7 @@ fn listener(
                         "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                             "log_format": {"text_format_source": {"inline_string":
-                                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %DURATION%ms \"%REQ(:AUTHORITY)%\"\n"}},
+                                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %DURATION%ms \"%REQ(:AUTHORITY)%\" %UPSTREAM_TRANSPORT_FAILURE_REASON%\n"}},
                         }
                     }],
                     "route_config": {
@@ -304,8 +441,6 @@ fn listener(
                         },
                     ],
                 },
-            }],
-        }],
     })
 }
 
@@ -370,8 +505,55 @@ fn cluster(c: &Cluster) -> Value {
             "http_filters": upstream_filters(),
         }
     });
+    if let Some(tls) = &c.tls {
+        out["transport_socket"] = upstream_tls(tls);
+        if tls.sni.is_none() {
+            // Istio: without `sni`, the SNI is the request's Host.
+            out["typed_extension_protocol_options"]
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                ["upstream_http_protocol_options"] = json!({"auto_sni": true});
+        }
+    }
     out
 }
+
+/// DestinationRule `tls` (SIMPLE, MUTUAL): originate TLS, verify the server against the CA
+/// (the system's when none is given) and the `subjectAltNames`, present a client certificate
+/// for MUTUAL.
+fn upstream_tls(tls: &ClientTls) -> Value {
+    let mut common = json!({});
+    if let (Some(cert), Some(key)) = (&tls.client_certificate, &tls.private_key) {
+        common["tls_certificates"] =
+            json!([{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]);
+    }
+    if !tls.insecure_skip_verify {
+        let ca = tls
+            .ca_certificates
+            .clone()
+            .unwrap_or_else(|| SYSTEM_CA_BUNDLE.to_owned());
+        let mut validation = json!({"trusted_ca": {"filename": ca}});
+        if !tls.subject_alt_names.is_empty() {
+            validation["match_typed_subject_alt_names"] = tls
+                .subject_alt_names
+                .iter()
+                .map(|san| json!({"san_type": "DNS", "matcher": {"exact": san}}))
+                .collect();
+        }
+        common["validation_context"] = validation;
+    }
+    let mut ctx = json!({
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": common,
+    });
+    if let Some(sni) = &tls.sni {
+        ctx["sni"] = json!(sni);
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
+}
+
+/// Where Debian-family systems keep the trusted roots (Istio's default for SIMPLE without
+/// `caCertificates`).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Upstream HTTP filters: once the load balancer has read the endpoint header, it goes, so
 /// upstreams never see how the proxy was steered.

@@ -115,13 +115,25 @@ impl Plugin {
         configuration: &[u8],
         known_clusters: Arc<ClusterCheck>,
     ) -> Result<Vm, VmError> {
-        let state = HostState::new(
+        self.start_root(configuration, known_clusters, "meshroute")
+    }
+
+    /// As [`Plugin::start`], for the plugin with root id `root_id` (the connection-level
+    /// filter of a listener is `meshroute_tcp_<port>`).
+    pub fn start_root(
+        &self,
+        configuration: &[u8],
+        known_clusters: Arc<ClusterCheck>,
+        root_id: &str,
+    ) -> Result<Vm, VmError> {
+        let mut state = HostState::new(
             "meshroute",
             configuration.to_vec(),
             Arc::clone(&self.shared),
             known_clusters,
             MEMORY_LIMIT,
         );
+        root_id.clone_into(&mut state.root_name);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(CALLBACK_BUDGET_TICKS);
@@ -188,6 +200,11 @@ struct Exports {
     on_request_body: Option<F3R>,
     on_response_headers: Option<F3R>,
     on_http_call_response: Option<F5>,
+    on_new_connection: Option<F1R>,
+    on_downstream_data: Option<F3R>,
+    on_upstream_data: Option<F3R>,
+    on_downstream_connection_close: Option<F2>,
+    on_upstream_connection_close: Option<F2>,
     on_log: Option<F1>,
     on_done: Option<F1R>,
     on_delete: Option<F1>,
@@ -209,6 +226,11 @@ impl Exports {
             on_request_body: f!("proxy_on_request_body"),
             on_response_headers: f!("proxy_on_response_headers"),
             on_http_call_response: f!("proxy_on_http_call_response"),
+            on_new_connection: f!("proxy_on_new_connection"),
+            on_downstream_data: f!("proxy_on_downstream_data"),
+            on_upstream_data: f!("proxy_on_upstream_data"),
+            on_downstream_connection_close: f!("proxy_on_downstream_connection_close"),
+            on_upstream_connection_close: f!("proxy_on_upstream_connection_close"),
             on_log: f!("proxy_on_log"),
             on_done: f!("proxy_on_done"),
             on_delete: f!("proxy_on_delete"),
@@ -342,6 +364,64 @@ impl Vm {
                 .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
                 .map(Self::action),
             None => Ok(Action::Continue),
+        }
+    }
+
+    /// A new connection (network filter context `id`).
+    pub fn on_new_connection(&mut self, id: u32) -> Result<Action, String> {
+        let exports = Arc::clone(&self.exports);
+        match exports.on_new_connection.as_ref() {
+            Some(f) => self.call(id, |s| f.call(s, id as i32)).map(Self::action),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    /// Data of a connection in one direction, in the stream's `downstream_data` or
+    /// `upstream_data` buffer; the guest may rewrite it.
+    pub fn on_data(
+        &mut self,
+        id: u32,
+        downstream: bool,
+        end_of_stream: bool,
+    ) -> Result<Action, String> {
+        let n = self.stream_len(id, |s| {
+            if downstream {
+                s.downstream_data.len()
+            } else {
+                s.upstream_data.len()
+            }
+        });
+        let exports = Arc::clone(&self.exports);
+        let f = if downstream {
+            exports.on_downstream_data.as_ref()
+        } else {
+            exports.on_upstream_data.as_ref()
+        };
+        match f {
+            Some(f) => self
+                .call(id, |s| f.call(s, (id as i32, n, i32::from(end_of_stream))))
+                .map(Self::action),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    /// One side of a connection closed; `remote` when the peer closed it (`PeerType`).
+    pub fn on_connection_close(
+        &mut self,
+        id: u32,
+        downstream: bool,
+        remote: bool,
+    ) -> Result<(), String> {
+        let exports = Arc::clone(&self.exports);
+        let f = if downstream {
+            exports.on_downstream_connection_close.as_ref()
+        } else {
+            exports.on_upstream_connection_close.as_ref()
+        };
+        let peer = if remote { 2 } else { 1 };
+        match f {
+            Some(f) => self.call(id, |s| f.call(s, (id as i32, peer))),
+            None => Ok(()),
         }
     }
 

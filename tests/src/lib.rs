@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod l4;
+
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
 use meshroute_harness::envoy_config::{self, Bind, FailurePolicy};
@@ -556,11 +558,20 @@ impl Envoy {
         let dir = Self::workdir();
         let (port, admin) = (free_port(), free_port());
         let wasm = wasm.to_path_buf();
-        let binds = [Bind {
+        // The first (or only) listener is the one tests talk to; other gateway server ports
+        // get fresh ports of their own so that none needs a privileged port.
+        let mut binds = vec![Bind {
             server_port: None,
             address: "127.0.0.1".into(),
             port,
         }];
+        if doc.proxy.kind == ProxyKind::Gateway {
+            binds.extend(doc.listeners.iter().skip(1).map(|l| Bind {
+                server_port: Some(l.port),
+                address: "127.0.0.1".into(),
+                port: free_port(),
+            }));
+        }
         let admin_bind = Bind {
             server_port: None,
             address: "127.0.0.1".into(),
@@ -820,6 +831,7 @@ impl Harness {
             ProxyKind::Gateway => doc.listeners.first().map_or(80, |l| l.port),
         };
         let proxy = Proxy::new(plugin, fail_policy, workers, doc.clone(), Vec::new())?;
+        let (doc, kind) = (doc.clone(), doc.proxy.kind);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
@@ -831,11 +843,26 @@ impl Harness {
             };
             rt.block_on(async move {
                 proxy.start_tickers();
-                let spec = ListenerSpec {
-                    address: ([127, 0, 0, 1], port).into(),
-                    server_port,
-                    tls: None,
-                    limits,
+                let address = ([127, 0, 0, 1], port).into();
+                let spec = match doc.listeners.first() {
+                    Some(l) if kind == ProxyKind::Gateway => {
+                        match meshroute_harness::runtime::launch::gateway_listener(
+                            &doc, l, address, None, limits,
+                        ) {
+                            Ok(spec) => spec,
+                            Err(e) => {
+                                eprintln!("harness listener: {e}");
+                                return;
+                            }
+                        }
+                    }
+                    _ => ListenerSpec {
+                        address,
+                        server_port,
+                        tls: None,
+                        connections: None,
+                        limits,
+                    },
                 };
                 tokio::spawn(serve(Arc::clone(&proxy), spec));
                 tokio::spawn(admin::serve(proxy, ([127, 0, 0, 1], admin_port).into()));

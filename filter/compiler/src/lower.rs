@@ -19,6 +19,8 @@ use crate::registry::{self, Resolution, Service, ServicePort};
 use crate::source::FieldPath;
 use crate::validate::GRPC_CODES;
 
+mod l4;
+
 /// Who the document is compiled for.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
@@ -174,11 +176,16 @@ pub fn lower(
             l.services.push(svc);
         }
     }
-    let (route_tables, listeners) = match proxy.kind {
-        ProxyKind::Sidecar => (l.sidecar_routes(&scope), Vec::new()),
+    let (route_tables, listeners, l4_tables) = match proxy.kind {
+        ProxyKind::Sidecar => {
+            let vss = l.sidecar_vss(&scope);
+            let l4 = l.sidecar_l4(&vss);
+            (l.sidecar_routes(&vss), Vec::new(), l4)
+        }
         ProxyKind::Gateway => l.gateway_routes(),
     };
     let clusters = l.clusters();
+    l.reject_istio_mutual(&clusters);
     let cluster_names: BTreeSet<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
     let mut missing = Vec::new();
     for table in &route_tables {
@@ -245,14 +252,62 @@ pub fn lower(
         route_tables,
         clusters,
         listeners,
+        l4_tables,
         warnings: l.diags.iter().map(ToString::to_string).collect(),
     };
     (doc, l.diags)
 }
 
-impl Lowering<'_> {
+impl<'a> Lowering<'a> {
     fn warn<T>(&mut self, r: &Resource<T>, path: &FieldPath, msg: impl Into<String>) {
         self.diags.push(r.diag(Severity::Warning, path, msg));
+    }
+
+    /// `ISTIO_MUTUAL` needs the mesh's workload certificates (issued by istiod), which a
+    /// meshroute proxy does not have: sending plain text instead would silently drop the
+    /// security the user asked for, so the rules are not produced.
+    fn reject_istio_mutual(&mut self, clusters: &[ir::Cluster]) {
+        const WHY: &str = "ISTIO_MUTUAL is not supported: it needs the mesh certificates istiod issues, which meshroute does not have; use MUTUAL with clientCertificate, privateKey and caCertificates files";
+        let used: BTreeSet<&str> = clusters
+            .iter()
+            .filter(|c| c.tls.as_ref().is_some_and(|t| t.mode == "ISTIO_MUTUAL"))
+            .map(|c| c.service.as_str())
+            .collect();
+        if used.is_empty() {
+            return;
+        }
+        let is_istio_mutual = |t: &Option<api::ClientTlsSettings>| {
+            t.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")
+        };
+        let mut found = Vec::new();
+        for dr in &self.config.destination_rules {
+            let host = hosts::resolve_short_name(&dr.spec.host, &dr.namespace);
+            if !used.iter().any(|u| hosts::matches(&host, u)) {
+                continue;
+            }
+            let spec = FieldPath::root().key("spec");
+            let mut policies: Vec<(FieldPath, &api::TrafficPolicy)> = Vec::new();
+            if let Some(tp) = &dr.spec.traffic_policy {
+                policies.push((spec.key("trafficPolicy"), tp));
+            }
+            for (i, sub) in dr.spec.subsets.iter().enumerate() {
+                if let Some(tp) = &sub.traffic_policy {
+                    policies.push((spec.key("subsets").idx(i).key("trafficPolicy"), tp));
+                }
+            }
+            for (path, tp) in policies {
+                if is_istio_mutual(&tp.tls) {
+                    found.push(dr.diag(Severity::Error, &path.key("tls").key("mode"), WHY));
+                }
+                for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                    if is_istio_mutual(&pl.tls) {
+                        let p = path.key("portLevelSettings").idx(i).key("tls").key("mode");
+                        found.push(dr.diag(Severity::Error, &p, WHY));
+                    }
+                }
+            }
+        }
+        self.diags.extend(found);
     }
 
     /// Picks the Sidecar resource for this workload and turns it into a scope.
@@ -333,8 +388,9 @@ impl Lowering<'_> {
 
     // === Sidecar ===
 
-    fn sidecar_routes(&mut self, scope: &Scope) -> Vec<ir::RouteTable> {
-        let ns = self.proxy.namespace.clone();
+    /// The VirtualServices a sidecar sees, in the order istiod applies them.
+    fn sidecar_vss(&self, scope: &Scope) -> Vec<&'a Resource<api::VirtualService>> {
+        let ns = &self.proxy.namespace;
         let mut vss: Vec<&Resource<api::VirtualService>> = self
             .config
             .virtual_services
@@ -343,7 +399,7 @@ impl Lowering<'_> {
             .filter(|vs| {
                 vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh")
             })
-            .filter(|vs| visible(&vs.spec.export_to, &vs.namespace, &ns))
+            .filter(|vs| visible(&vs.spec.export_to, &vs.namespace, ns))
             .filter(|vs| {
                 vs.spec.hosts.iter().any(|h| {
                     scope.imports_host(&vs.namespace, &hosts::resolve_short_name(h, &vs.namespace))
@@ -353,10 +409,15 @@ impl Lowering<'_> {
         // Private (same namespace, exportTo ".") first, then by age (oldest wins).
         vss.sort_by(|a, b| {
             let private = |v: &Resource<api::VirtualService>| {
-                !(v.namespace == ns && v.spec.export_to.iter().any(|e| e == "."))
+                !(v.namespace == *ns && v.spec.export_to.iter().any(|e| e == "."))
             };
             (private(a), a.age_key()).cmp(&(private(b), b.age_key()))
         });
+        vss
+    }
+
+    fn sidecar_routes(&mut self, vss: &[&Resource<api::VirtualService>]) -> Vec<ir::RouteTable> {
+        let ns = self.proxy.namespace.clone();
 
         // Index the claimed hosts once: exact names by value, wildcards most specific first.
         let mut exact_hosts: HashMap<String, Vec<usize>> = HashMap::new();
@@ -414,7 +475,7 @@ impl Lowering<'_> {
         }
         // VirtualService hosts that name no registry service live on port 80 only.
         let mut seen_domains: BTreeSet<String> = BTreeSet::new();
-        for vs in &vss {
+        for vs in vss {
             let mut domains = Vec::new();
             for (hi, h) in vs.spec.hosts.iter().enumerate() {
                 let rh = hosts::resolve_short_name(h, &vs.namespace);
@@ -470,7 +531,7 @@ impl Lowering<'_> {
 
     // === Gateway ===
 
-    fn gateway_routes(&mut self) -> (Vec<ir::RouteTable>, Vec<ir::Listener>) {
+    fn gateway_routes(&mut self) -> (Vec<ir::RouteTable>, Vec<ir::Listener>, Vec<ir::L4Table>) {
         let labels = &self.proxy.labels;
         let gateways: Vec<&Resource<api::Gateway>> = self
             .config
@@ -495,9 +556,10 @@ impl Lowering<'_> {
         }
         let mut tables: BTreeMap<u16, BTreeMap<String, VHost>> = BTreeMap::new();
         let mut listeners: BTreeMap<u16, ir::Listener> = BTreeMap::new();
+        let mut l4_tables: BTreeMap<u16, ir::L4Table> = BTreeMap::new();
         for gw in &gateways {
             let gw_name = format!("{}/{}", gw.namespace, gw.name);
-            for server in &gw.spec.servers {
+            for (server_index, server) in gw.spec.servers.iter().enumerate() {
                 let Some(port) = server
                     .port
                     .as_ref()
@@ -530,6 +592,20 @@ impl Lowering<'_> {
                             credential_name: t.credential_name.clone(),
                         }),
                 });
+                if server.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL") {
+                    let path = FieldPath::root()
+                        .key("spec")
+                        .key("servers")
+                        .idx(server_index)
+                        .key("tls")
+                        .key("mode");
+                    self.diags.push(gw.diag(
+                        Severity::Error,
+                        &path,
+                        "ISTIO_MUTUAL is not supported: it needs the mesh certificates istiod issues, which meshroute does not have; use MUTUAL with serverCertificate, privateKey and caCertificates files",
+                    ));
+                    continue;
+                }
                 let terminated_http =
                     matches!(protocol.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
                         || (protocol == "HTTPS"
@@ -539,6 +615,11 @@ impl Lowering<'_> {
                                 .and_then(|t| t.mode.as_deref())
                                 .is_some_and(|m| m != "PASSTHROUGH" && m != "AUTO_PASSTHROUGH"));
                 if !terminated_http {
+                    let table = l4_tables.entry(port).or_insert_with(|| ir::L4Table {
+                        port,
+                        ..Default::default()
+                    });
+                    self.gateway_l4(gw, server_index, port, &vss, table);
                     continue;
                 }
                 let require_tls = protocol == "HTTP"
@@ -638,7 +719,11 @@ impl Lowering<'_> {
                 }
             })
             .collect();
-        (route_tables, listeners.into_values().collect())
+        (
+            route_tables,
+            listeners.into_values().collect(),
+            l4_tables.into_values().collect(),
+        )
     }
 
     // === Routes ===

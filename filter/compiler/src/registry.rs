@@ -54,6 +54,9 @@ pub struct Service {
     pub export_to: Vec<String>,
     /// A Kubernetes Service: reachable by its short aliases.
     pub kube: bool,
+    /// VIPs or CIDRs (ServiceEntry `addresses`, a Service's `clusterIP`): TCP traffic to them
+    /// belongs to this service.
+    pub addresses: Vec<String>,
     pub source: SourceRef,
 }
 
@@ -214,6 +217,13 @@ pub fn build(config: &Config) -> Vec<Service> {
             resolution,
             export_to: Vec::new(),
             kube: true,
+            addresses: r
+                .spec
+                .cluster_ip
+                .iter()
+                .filter(|ip| hosts::is_ip(ip))
+                .cloned()
+                .collect(),
             source: source_of(r),
         });
     }
@@ -266,6 +276,7 @@ pub fn build(config: &Config) -> Vec<Service> {
                 resolution,
                 export_to: se.export_to.clone(),
                 kube: false,
+                addresses: se.addresses.clone(),
                 source: source_of(r),
             });
         }

@@ -59,6 +59,10 @@ pub struct RulesDocument {
     pub clusters: Vec<Cluster>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
+    /// Connection-level routes (TCP, and TLS routed on SNI without terminating it), one table
+    /// per listener port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l4_tables: Vec<L4Table>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -123,6 +127,46 @@ pub struct ServerTls {
     pub ca_certificates: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+}
+
+/// Connection-level routes of one listener port: the first route that matches takes the
+/// connection; none matching closes it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L4Table {
+    pub port: u16,
+    /// Gateway `AUTO_PASSTHROUGH`: the SNI names the cluster (`outbound_.PORT_.SUBSET_.HOST`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub auto_passthrough: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<L4Route>,
+}
+
+/// One `tcp` or `tls` route (or the default route of a TCP service).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L4Route {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// OR across entries; an empty list matches every connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<L4Match>,
+    /// Weighted; each names its port (the connection has no authority to take one from).
+    pub destinations: Vec<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRef>,
+}
+
+/// AND of every condition present.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L4Match {
+    /// ClientHello SNI: exact names or `*.suffix` (which also matches `suffix`); lower case.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
+    /// CIDRs of the connection's original destination address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<String>,
 }
 
 /// Routes for one listener port.
@@ -630,6 +674,16 @@ impl LocalityLb {
 }
 
 /// Builds the Istio cluster name `outbound|port|subset|host`.
+/// Root id of the filter's connection-level (network filter) plugin for listener `port`.
+/// The root id tells the module which kind of context to create; the port selects the
+/// [`L4Table`], whatever port the host actually listens on.
+pub fn l4_root_id(port: u16) -> String {
+    format!("{L4_ROOT_PREFIX}{port}")
+}
+
+/// Prefix of [`l4_root_id`].
+pub const L4_ROOT_PREFIX: &str = "meshroute_tcp_";
+
 pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }

@@ -26,7 +26,15 @@ fn current(state: &HostState, kind: i32) -> Result<&[u8], i32> {
             .plugin_configuration
             .as_deref()
             .ok_or(status::NOT_FOUND),
-        2 | 3 | 5 | 8 => Err(status::NOT_FOUND),
+        buffer::DOWNSTREAM_DATA => state
+            .stream()
+            .map(|s| s.downstream_data.as_slice())
+            .ok_or(status::NOT_FOUND),
+        buffer::UPSTREAM_DATA => state
+            .stream()
+            .map(|s| s.upstream_data.as_slice())
+            .ok_or(status::NOT_FOUND),
+        5 | 8 => Err(status::NOT_FOUND),
         _ => Err(status::BAD_ARGUMENT),
     }
 }
@@ -83,6 +91,8 @@ fn set_bytes(
     let target = match kind {
         buffer::REQUEST_BODY => &mut stream.request_body,
         buffer::RESPONSE_BODY => &mut stream.response_body,
+        buffer::DOWNSTREAM_DATA => &mut stream.downstream_data,
+        buffer::UPSTREAM_DATA => &mut stream.upstream_data,
         _ => return status::BAD_ARGUMENT,
     };
     let (start, size) = (start as u32 as usize, size as u32 as usize);

@@ -279,13 +279,15 @@ fn get_status(mut c: Caller<'_, HostState>, code_out: i32, ptr_out: i32, size_ou
     )
 }
 
-/// Envoy's `clear_route_cache` is accepted (routing here never caches); nothing else exists.
+/// Envoy's `clear_route_cache` is accepted (routing here never caches), and
+/// `set_envoy_filter_state` keeps the value on the stream (a connection's cluster and endpoint
+/// for its TCP proxy); nothing else exists.
 fn foreign_function(
     mut c: Caller<'_, HostState>,
     np: i32,
     nl: i32,
-    _: i32,
-    _: i32,
+    ap: i32,
+    al: i32,
     ptr_out: i32,
     size_out: i32,
 ) -> i32 {
@@ -293,9 +295,63 @@ fn foreign_function(
         Ok(name) if name == "clear_route_cache" => {
             code(return_bytes(&mut c, &[], ptr_out, size_out))
         }
+        Ok(name) if name == "set_envoy_filter_state" => {
+            let args = match read(&mut c, ap, al) {
+                Ok(a) => a,
+                Err(s) => return s,
+            };
+            let Some((path, value)) = filter_state_arguments(&args) else {
+                return status::BAD_ARGUMENT;
+            };
+            let Some(stream) = c.data_mut().stream_mut() else {
+                return status::NOT_FOUND;
+            };
+            stream.filter_state.retain(|(k, _)| *k != path);
+            stream.filter_state.push((path, value));
+            code(return_bytes(&mut c, &[], ptr_out, size_out))
+        }
         Ok(_) => status::NOT_FOUND,
         Err(s) => s,
     }
+}
+
+/// Decodes `SetEnvoyFilterStateArguments { string path = 1; string value = 2; ... }`.
+fn filter_state_arguments(bytes: &[u8]) -> Option<(String, String)> {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut out = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *bytes.get(*at)?;
+            *at += 1;
+            out |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(out);
+            }
+        }
+        None
+    }
+    let (mut path, mut value) = (None, None);
+    let mut at = 0;
+    while at < bytes.len() {
+        let key = varint(bytes, &mut at)?;
+        match key & 7 {
+            0 => {
+                varint(bytes, &mut at)?;
+            }
+            2 => {
+                let len = usize::try_from(varint(bytes, &mut at)?).ok()?;
+                let field = bytes.get(at..at.checked_add(len)?)?;
+                at += len;
+                let text = String::from_utf8(field.to_vec()).ok()?;
+                match key >> 3 {
+                    1 => path = Some(text),
+                    2 => value = Some(text),
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some((path?, value.unwrap_or_default()))
 }
 
 pub fn link(l: &mut Linker<HostState>) -> wasmtime::Result<()> {

@@ -43,6 +43,8 @@ pub mod map {
 pub mod buffer {
     pub const REQUEST_BODY: i32 = 0;
     pub const RESPONSE_BODY: i32 = 1;
+    pub const DOWNSTREAM_DATA: i32 = 2;
+    pub const UPSTREAM_DATA: i32 = 3;
     pub const CALL_RESPONSE_BODY: i32 = 4;
     pub const VM_CONFIGURATION: i32 = 6;
     pub const PLUGIN_CONFIGURATION: i32 = 7;
@@ -97,6 +99,14 @@ pub struct Stream {
     /// The request is gRPC (`content-type: application/grpc…`): local replies with a gRPC
     /// status take the gRPC form only then, as in Envoy.
     pub grpc_request: bool,
+    /// Connections (network filter contexts): the ClientHello SNI, the filter state the guest
+    /// set (`set_envoy_filter_state`), the data of the current callback in each direction,
+    /// and whether the guest closed the connection.
+    pub requested_server_name: String,
+    pub filter_state: Vec<(String, String)>,
+    pub downstream_data: Vec<u8>,
+    pub upstream_data: Vec<u8>,
+    pub close_connection: bool,
 }
 
 impl Stream {
@@ -121,6 +131,11 @@ impl Stream {
             response_code: None,
             response_flags: 0,
             response_details: "",
+            requested_server_name: String::new(),
+            filter_state: Vec::new(),
+            downstream_data: Vec::new(),
+            upstream_data: Vec::new(),
+            close_connection: false,
         }
     }
 }
@@ -190,6 +205,8 @@ pub struct GuestLog {
 pub struct HostState {
     pub limits: StoreLimits,
     pub plugin_name: String,
+    /// The plugin's root id (`plugin_root_id`): tells the module which contexts to create.
+    pub root_name: String,
     pub root_id: u32,
     /// Context of the callback being run.
     pub current: u32,
@@ -228,6 +245,7 @@ impl HostState {
                 .trap_on_grow_failure(false)
                 .build(),
             plugin_name: plugin_name.to_owned(),
+            root_name: plugin_name.to_owned(),
             root_id: 1,
             current: 0,
             effective: None,

@@ -34,7 +34,8 @@ fn lookup(state: &HostState, path: &[&str]) -> Result<Value, i32> {
         }
     }
     match path {
-        ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] => text(state.plugin_name.clone()),
+        ["plugin_name"] | ["plugin_vm_id"] => text(state.plugin_name.clone()),
+        ["plugin_root_id"] => text(state.root_name.clone()),
         ["request" | "response" | "connection" | "source" | "destination" | "filter_state"] => {
             Err(status::SERIALIZATION_FAILURE)
         }
@@ -67,7 +68,7 @@ fn lookup(state: &HostState, path: &[&str]) -> Result<Value, i32> {
                 ["destination", "port"] => Ok(Value::Int(i64::from(s.destination_port))),
                 ["connection", "id"] | ["connection_id"] => Ok(Value::Int(s.connection_id as i64)),
                 ["connection", "mtls"] => Ok(Value::Bytes(vec![0])),
-                ["connection", "requested_server_name"] => text(String::new()),
+                ["connection", "requested_server_name"] => text(s.requested_server_name.clone()),
                 ["response", "flags"] => Ok(Value::Int(s.response_flags as i64)),
                 ["response", "code_details"] if !s.response_details.is_empty() => {
                     text(s.response_details.to_owned())

@@ -34,6 +34,12 @@ fn close_stream(mut c: Caller<'_, HostState>, kind: i32) -> i32 {
     if !(0..=3).contains(&kind) {
         return status::BAD_ARGUMENT;
     }
+    if kind >= 2 {
+        if let Some(s) = c.data_mut().stream_mut() {
+            s.close_connection = true;
+        }
+        return status::OK;
+    }
     if let Some(s) = c.data_mut().stream_mut() {
         // As in Envoy: a stream closed from the request phase ends in 503, details
         // wasm_fail_stream, no body.

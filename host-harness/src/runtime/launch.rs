@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
-use meshroute_core::ir::{ProxyKind, RulesDocument};
+use meshroute_core::ir::{Listener, ProxyKind, RulesDocument};
 
 use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
 use crate::vm::Plugin;
@@ -70,42 +70,60 @@ pub fn listeners(
             address: listen,
             server_port: 0,
             tls: None,
+            connections: None,
             limits,
         }]),
         ProxyKind::Gateway => {
             let ip: IpAddr = listen.ip();
             let mut out = Vec::new();
             for l in &doc.listeners {
-                if !matches!(
-                    l.protocol.as_str(),
-                    "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB"
-                ) {
-                    eprintln!(
-                        "meshroute: gateway port {} ({}) is not served: only HTTP and HTTPS servers are",
-                        l.port, l.protocol
-                    );
-                    continue;
-                }
-                let tls = super::tls::server_config(&l.servers, credentials)
-                    .map_err(|e| format!("gateway port {}: {e}", l.port))?;
                 let port = l.port.checked_add(port_offset).ok_or_else(|| {
                     format!("port {} + offset {port_offset} exceeds 65535", l.port)
                 })?;
-                out.push(ListenerSpec {
-                    address: SocketAddr::new(ip, port),
-                    server_port: l.port,
-                    tls,
+                out.push(gateway_listener(
+                    doc,
+                    l,
+                    SocketAddr::new(ip, port),
+                    credentials,
                     limits,
-                });
+                )?);
             }
             if out.is_empty() {
-                return Err(
-                    "no Gateway server with an HTTP or HTTPS port selects this proxy".into(),
-                );
+                return Err("no Gateway server selects this proxy".into());
             }
             Ok(out)
         }
     }
+}
+
+/// The listener of one Gateway server port at `address`: HTTP (plain or TLS-terminated), or
+/// connections routed by the filter's connection-level rules (TCP, TLS passthrough, or TLS
+/// terminated into TCP).
+pub fn gateway_listener(
+    doc: &RulesDocument,
+    l: &Listener,
+    address: SocketAddr,
+    credentials: Option<&Path>,
+    limits: super::Limits,
+) -> Result<ListenerSpec, String> {
+    let l4 = doc.l4_tables.iter().any(|t| t.port == l.port);
+    let tls = super::tls::server_config(&l.servers, credentials, !l4)
+        .map_err(|e| format!("gateway port {}: {e}", l.port))?;
+    let connections = l4.then(|| super::l4::ConnectionRouting {
+        // The SNI is read from the ClientHello when some server passes TLS through.
+        peek_sni: l.servers.iter().any(|s| {
+            s.tls
+                .as_ref()
+                .is_some_and(|t| t.mode.ends_with("PASSTHROUGH"))
+        }),
+    });
+    Ok(ListenerSpec {
+        address,
+        server_port: l.port,
+        tls,
+        connections,
+        limits,
+    })
 }
 
 fn newest_change(files: &[PathBuf]) -> Option<SystemTime> {

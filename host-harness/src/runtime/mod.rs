@@ -6,6 +6,7 @@ pub mod admin;
 mod body;
 mod deadline;
 pub mod demo;
+mod l4;
 pub mod launch;
 pub mod tls;
 mod upstream;
@@ -63,6 +64,9 @@ pub struct ListenerSpec {
     pub server_port: u16,
     /// Terminate TLS with this configuration (HTTPS Gateway servers).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections are routed by the filter's connection-level rules (TCP and TLS servers),
+    /// not served as HTTP.
+    pub connections: Option<l4::ConnectionRouting>,
     pub limits: Limits,
 }
 
@@ -91,6 +95,8 @@ pub struct Generation {
     pub sources: Vec<PathBuf>,
     clusters: HashMap<String, ClusterInfo>,
     slots: Vec<Slot>,
+    /// Filter instances of each connection-level listener port.
+    l4: HashMap<u16, l4::L4Instances>,
     next_slot: AtomicUsize,
 }
 
@@ -104,6 +110,10 @@ struct ClusterInfo {
     /// `tcp.maxConnections` for HTTP/1.1: each connection carries one request at a time, so
     /// requests beyond it wait for one to free up (the pending queue the filter bounds).
     connections: Option<Arc<tokio::sync::Semaphore>>,
+    /// DestinationRule `tls`: originate TLS to the endpoints.
+    tls: Option<tls::Origination>,
+    /// The service's host name (TLS name for TCP when `sni` is unset).
+    service: String,
 }
 
 /// One filter instance and its bookkeeping.
@@ -129,11 +139,17 @@ pub struct Proxy {
     client: upstream::Client,
 }
 
-fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
+fn cluster_table(doc: &RulesDocument) -> Result<HashMap<String, ClusterInfo>, String> {
     let mut clusters: HashMap<String, ClusterInfo> =
         doc.clusters
             .iter()
             .map(|c| {
+                let tls = c
+                    .tls
+                    .as_ref()
+                    .map(tls::origination)
+                    .transpose()
+                    .map_err(|e| format!("cluster {}: tls: {e}", c.name))?;
                 let endpoints = c
                     .endpoints
                     .iter()
@@ -146,9 +162,11 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
                         }
                     })
                     .collect();
-                (
+                Ok((
                     c.name.clone(),
                     ClusterInfo {
+                        tls,
+                        service: c.service.clone(),
                         discovery: c.discovery,
                         endpoints,
                         next: AtomicUsize::new(0),
@@ -161,9 +179,9 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
                                 ))
                             }),
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
     clusters.insert(
         ir::PASSTHROUGH_CLUSTER.to_owned(),
         ClusterInfo {
@@ -173,9 +191,11 @@ fn cluster_table(doc: &RulesDocument) -> HashMap<String, ClusterInfo> {
             connect_timeout: Duration::from_secs(10),
             h2: false,
             connections: None,
+            tls: None,
+            service: String::new(),
         },
     );
-    clusters
+    Ok(clusters)
 }
 
 /// Side calls reach known clusters; those where the filter picks endpoints need the endpoint
@@ -220,8 +240,15 @@ impl Proxy {
     ) -> Result<Generation, String> {
         let rules_json =
             serde_json::to_vec(&doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
-        let clusters = cluster_table(&doc);
+        let clusters = cluster_table(&doc)?;
         let known = cluster_check(&clusters);
+        let mut l4 = HashMap::new();
+        for t in &doc.l4_tables {
+            l4.insert(
+                t.port,
+                l4::L4Instances::start(plugin, &rules_json, &known, t.port, workers)?,
+            );
+        }
         let mut slots = Vec::with_capacity(workers);
         for _ in 0..workers.max(1) {
             let mut vm = plugin
@@ -241,6 +268,7 @@ impl Proxy {
             sources,
             clusters,
             slots,
+            l4,
             next_slot: AtomicUsize::new(0),
         })
     }
@@ -507,6 +535,13 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
         let proxy = Arc::clone(&proxy);
         let spec = spec.clone();
         let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
+        if spec.connections.is_some() {
+            tokio::spawn(async move {
+                let _permit = permit;
+                l4::serve_connection(proxy, spec, stream, peer, connection_id).await;
+            });
+            continue;
+        }
         tokio::spawn(async move {
             let _permit = permit;
             let local = stream.local_addr().ok();
@@ -1173,6 +1208,20 @@ impl HostReply {
         flag: "UF",
         details: "upstream_reset_before_response_started{remote_connection_failure}",
     };
+    /// TLS origination failed; the detailed reason (which name, which certificate) goes to
+    /// the log, the body names the kind of failure as Envoy's does.
+    const TLS_VERIFY_FAILURE: Self = Self {
+        status: 503,
+        body: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: CERTIFICATE_VERIFY_FAILED",
+        flag: "UF",
+        details: "upstream_reset_before_response_started{remote_connection_failure|TLS_error:CERTIFICATE_VERIFY_FAILED}",
+    };
+    const TLS_FAILURE: Self = Self {
+        status: 503,
+        body: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: handshake failure",
+        flag: "UF",
+        details: "upstream_reset_before_response_started{remote_connection_failure|TLS_error}",
+    };
     const RESET: Self = Self {
         status: 503,
         body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
@@ -1287,6 +1336,7 @@ async fn forward(
                 body.for_attempt(),
                 cluster.connect_timeout,
                 cluster.h2,
+                cluster.tls.as_ref(),
                 attempt_timeout.map(|t| t.saturating_sub(started.elapsed())),
             )
             .await;
@@ -1310,6 +1360,12 @@ async fn forward(
             upstream::Attempt::Response(r) => Ok(r),
             upstream::Attempt::Timeout => Err(HostReply::TIMEOUT),
             upstream::Attempt::ConnectFailure => Err(HostReply::CONNECT_FAILURE),
+            upstream::Attempt::TlsFailure(reason)
+                if reason.contains("CERTIFICATE_VERIFY_FAILED") =>
+            {
+                Err(HostReply::TLS_VERIFY_FAILURE)
+            }
+            upstream::Attempt::TlsFailure(_) => Err(HostReply::TLS_FAILURE),
             upstream::Attempt::Reset => Err(HostReply::RESET),
         };
     }

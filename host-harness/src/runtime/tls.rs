@@ -1,17 +1,24 @@
-//! TLS termination for Gateway servers (`tls.mode: SIMPLE`): certificates from files or from
-//! a `credentialName` directory, chosen by SNI the way the servers' hosts are written.
+//! TLS for Gateway servers and upstreams.
+//!
+//! Termination (`tls.mode` SIMPLE, MUTUAL, OPTIONAL_MUTUAL): certificates from files or from
+//! a `credentialName` directory, chosen by SNI the way the servers' hosts are written; client
+//! certificates verified against the server's `caCertificates`. Origination (DestinationRule
+//! `tls` SIMPLE, MUTUAL): the server verified against the CA and `subjectAltNames`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::DigitallySignedStruct;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use meshroute_core::ir::ListenerServer;
+use meshroute_core::ir::{ClientTls, ListenerServer};
 
 /// Certificates by server host: exact names, `*.suffix` wildcards, then `*`.
 #[derive(Debug, Default)]
@@ -58,16 +65,41 @@ fn load_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
 pub fn server_config(
     servers: &[ListenerServer],
     credentials: Option<&Path>,
+    alpn_http: bool,
 ) -> Result<Option<Arc<ServerConfig>>, String> {
     let mut resolver = SniResolver::default();
     let mut any_tls = false;
+    // One client CA per listener: rustls verifies client certificates per configuration.
+    let mut client_ca: Option<(PathBuf, bool)> = None;
     for server in servers {
         let Some(tls) = &server.tls else { continue };
         match tls.mode.as_str() {
             "SIMPLE" => {}
+            "MUTUAL" | "OPTIONAL_MUTUAL" => {
+                let optional = tls.mode == "OPTIONAL_MUTUAL";
+                let ca = tls.ca_certificates.as_ref().map(PathBuf::from).or_else(|| {
+                    let name = tls.credential_name.as_ref()?;
+                    Some(credentials?.join(name).join("ca.crt"))
+                });
+                let Some(ca) = ca else {
+                    return Err(format!("{} TLS needs caCertificates (or a credentialName with ca.crt)", tls.mode));
+                };
+                match &client_ca {
+                    Some((c, o)) if *c != ca || *o != optional => {
+                        return Err(format!(
+                            "servers on one port verify clients differently ({} and {}): meshroute run needs one client CA per port",
+                            c.display(),
+                            ca.display()
+                        ))
+                    }
+                    _ => client_ca = Some((ca, optional)),
+                }
+            }
+            // Not terminated: routed on SNI by the connection-level filter.
+            "PASSTHROUGH" | "AUTO_PASSTHROUGH" => continue,
             other => {
                 return Err(format!(
-                    "TLS mode {other} is not supported by meshroute run (SIMPLE is)"
+                    "TLS mode {other} is not supported by meshroute run (SIMPLE, MUTUAL, OPTIONAL_MUTUAL and PASSTHROUGH are)"
                 ))
             }
         }
@@ -117,12 +149,251 @@ pub fn server_config(
     resolver
         .wildcard
         .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some((ca, optional)) => {
+            let roots = root_store(&ca)?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| format!("{}: {e}", ca.display()))?,
+            )
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    if alpn_http {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     Ok(Some(Arc::new(config)))
+}
+
+/// Trusted roots from a PEM bundle.
+fn root_store(ca: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("{}: {e}", ca.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", ca.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{}: no CA certificate in the file", ca.display()));
+    }
+    Ok(roots)
+}
+
+/// Where Debian-family systems keep the trusted roots (used when `caCertificates` is unset).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// How to originate TLS to a cluster's endpoints (DestinationRule `tls`).
+#[derive(Clone, Debug)]
+pub struct Origination {
+    pub config: Arc<rustls::ClientConfig>,
+    /// `sni`; `None` takes the request's host (Istio's default), or the endpoint for TCP.
+    pub sni: Option<String>,
+}
+
+/// The client configuration for a DestinationRule `tls` block.
+pub fn origination(tls: &ClientTls) -> Result<Origination, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
+        Arc::new(AcceptAny(provider))
+    } else {
+        let ca = tls.ca_certificates.as_deref().unwrap_or(SYSTEM_CA_BUNDLE);
+        let roots = root_store(Path::new(ca))?;
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("{ca}: {e}"))?;
+        Arc::new(SanVerifier {
+            inner,
+            subject_alt_names: tls.subject_alt_names.clone(),
+        })
+    };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match (&tls.client_certificate, &tls.private_key) {
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| format!("{cert}: {e}"))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{cert}: {e}"))?;
+            let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, der)
+                .map_err(|e| format!("{cert}: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Origination {
+        config: Arc::new(config),
+        sni: tls.sni.clone(),
+    })
+}
+
+/// Verifies the chain against the CA, and the name against `subjectAltNames` when given
+/// (any one must match), else against the SNI sent, as Envoy's validation context does.
+#[derive(Debug)]
+struct SanVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    subject_alt_names: Vec<String>,
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.subject_alt_names.is_empty() {
+            return self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp,
+                now,
+            );
+        }
+        let mut last = None;
+        for san in &self.subject_alt_names {
+            let Ok(name) = ServerName::try_from(san.clone()) else {
+                continue;
+            };
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | None => rustls::Error::General(format!(
+                "the certificate matches none of subjectAltNames {:?}",
+                self.subject_alt_names
+            )),
+            Some(e) => e,
+        })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `insecureSkipVerify`: any certificate is accepted; signatures are still checked.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Opens TLS over `tcp` to `name` (the SNI, and the name verified when no
+/// `subjectAltNames` are given). Errors read as Envoy's transport failure reasons.
+pub async fn connect(
+    origination: &Origination,
+    name: &str,
+    tcp: tokio::net::TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let server_name = ServerName::try_from(name.to_owned())
+        .map_err(|_| format!("TLS_error: {name:?} is not a valid server name"))?;
+    tokio_rustls::TlsConnector::from(Arc::clone(&origination.config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| {
+            let certificate = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| {
+                    matches!(
+                        r,
+                        rustls::Error::InvalidCertificate(_) | rustls::Error::General(_)
+                    )
+                });
+            if certificate {
+                format!("TLS_error: CERTIFICATE_VERIFY_FAILED: {e}")
+            } else {
+                format!("TLS_error: {e}")
+            }
+        })
 }

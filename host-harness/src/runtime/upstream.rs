@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use meshroute_core::engine::AttemptEnd;
 
+use super::tls::Origination;
 use super::Body;
 use crate::abi::Headers;
 
@@ -29,6 +30,8 @@ pub enum Attempt {
     Response(Response<Body>),
     Timeout,
     ConnectFailure,
+    /// TLS origination failed (handshake, certificate or name), with the reason.
+    TlsFailure(String),
     Reset,
 }
 
@@ -57,6 +60,7 @@ impl Client {
         )
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one attempt's whole description")]
     pub async fn send(
         &self,
         endpoint: &str,
@@ -64,6 +68,7 @@ impl Client {
         body: Body,
         connect_timeout: Duration,
         h2: bool,
+        tls: Option<&Origination>,
         timeout: Option<Duration>,
     ) -> Attempt {
         let get = |name: &str| {
@@ -97,7 +102,12 @@ impl Client {
             return Attempt::Reset;
         };
         let call = async {
-            if h2 {
+            if let Some(origination) = tls {
+                // Istio's default SNI is the request's host.
+                let host = meshroute_core::engine::split_host_port(authority).0;
+                let name = origination.sni.as_deref().unwrap_or(host);
+                Self::send_tls(endpoint, origination, name, connect_timeout, h2, request).await
+            } else if h2 {
                 self.send_h2(endpoint, connect_timeout, request).await
             } else {
                 match self.pool(connect_timeout) {
@@ -123,6 +133,53 @@ impl Client {
             Ok(resp) => Attempt::Response(resp.map(BodyExt::boxed)),
             Err(attempt) => attempt,
         }
+    }
+
+    /// One request over a new TLS connection (DestinationRule `tls`).
+    async fn send_tls(
+        endpoint: &str,
+        origination: &Origination,
+        name: &str,
+        connect_timeout: Duration,
+        h2: bool,
+        request: hyper::Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, Attempt> {
+        let tcp = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| Attempt::ConnectFailure)?
+            .map_err(|_| Attempt::ConnectFailure)?;
+        let _ = tcp.set_nodelay(true);
+        let stream = super::tls::connect(origination, name, tcp)
+            .await
+            .map_err(|reason| {
+                eprintln!("meshroute: TLS to {endpoint} ({name}): {reason}");
+                Attempt::TlsFailure(reason)
+            })?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|_| Attempt::ConnectFailure)?;
+            tokio::spawn(conn);
+            return sender
+                .send_request(request)
+                .await
+                .map_err(|_| Attempt::Reset);
+        }
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|_| Attempt::ConnectFailure)?;
+        tokio::spawn(conn);
+        // HTTP/1.1 over a connection of its own: the request line takes the path only.
+        let (mut parts, body) = request.into_parts();
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            parts.uri = pq.as_str().parse().unwrap_or_default();
+        }
+        sender
+            .send_request(hyper::Request::from_parts(parts, body))
+            .await
+            .map_err(|_| Attempt::Reset)
     }
 
     /// One multiplexed HTTP/2 connection per endpoint, re-established when it closes.
@@ -178,7 +235,7 @@ impl Attempt {
                     .and_then(|v| v.parse().ok()),
             },
             Self::Timeout => AttemptEnd::Timeout,
-            Self::ConnectFailure => AttemptEnd::ConnectFailure,
+            Self::ConnectFailure | Self::TlsFailure(_) => AttemptEnd::ConnectFailure,
             Self::Reset => AttemptEnd::Reset,
         }
     }

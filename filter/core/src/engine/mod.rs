@@ -6,6 +6,7 @@
 
 mod balance;
 mod health;
+mod l4;
 mod locality;
 mod matcher;
 mod request;
@@ -23,6 +24,7 @@ use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy,
 
 use balance::ClusterRt;
 pub use health::{AttemptResult, OutlierRecord};
+pub use l4::{Cidr, ConnectionOutcome, ConnectionView};
 pub use matcher::Condition;
 use matcher::{CompiledMatch, Matcher};
 pub use request::{split_host_port, split_query, RequestView};
@@ -111,6 +113,7 @@ pub enum BuildError {
     Version { found: u32 },
     Regex { pattern: String, reason: String },
     Body { route: String, reason: String },
+    Invalid { what: String, reason: String },
 }
 
 impl fmt::Display for BuildError {
@@ -125,6 +128,7 @@ impl fmt::Display for BuildError {
             Self::Body { route, reason } => {
                 write!(f, "route {route:?}: direct response body: {reason}")
             }
+            Self::Invalid { what, reason } => write!(f, "{what}: {reason}"),
         }
     }
 }
@@ -255,6 +259,7 @@ pub struct Engine {
     kind: ProxyKind,
     outbound: OutboundPolicy,
     tables: HashMap<u16, Table>,
+    l4_tables: HashMap<u16, l4::L4TableRt>,
     clusters: Vec<ClusterRt>,
     cluster_index: HashMap<String, usize>,
     /// Some cluster hashes on the client's address (hosts then supply `source_ip`).
@@ -398,10 +403,15 @@ impl Engine {
             .collect();
         matcher::forget_compiled();
         let tables: HashMap<u16, Table> = built?.into_iter().collect();
+        let mut l4_tables = HashMap::with_capacity(doc.l4_tables.len());
+        for t in doc.l4_tables {
+            l4_tables.insert(t.port, l4::build_l4_table(t)?);
+        }
         Ok(Self {
             kind: doc.proxy.kind,
             outbound: doc.outbound_traffic_policy,
             tables,
+            l4_tables,
             clusters,
             cluster_index,
             uses_source_ip,

@@ -1,0 +1,170 @@
+//! The connection-level (network filter) context: one decision when a connection opens,
+//! handed to the host as filter state that its TCP proxy reads.
+
+use std::rc::Rc;
+
+use log::{debug, info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, StreamContext};
+use proxy_wasm::types::{Action, PeerType};
+
+use meshroute_core::engine::{ConnectionOutcome, ConnectionView, Engine, SplitMix64, Ticket};
+
+use crate::shared::SharedEndpointState;
+
+/// Filter state naming the cluster of a connection (Envoy's `tcp_proxy` reads it).
+pub const CLUSTER_STATE: &str = "envoy.tcp_proxy.cluster";
+/// Filter state naming the endpoint, `IP:PORT` (Envoy's ORIGINAL_DST cluster reads it).
+pub const ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_dst_address";
+/// The host function that sets both (Envoy's name and argument message).
+const SET_FILTER_STATE: &str = "set_envoy_filter_state";
+
+pub struct FilterStream {
+    pub(crate) context_id: u32,
+    pub(crate) port: u16,
+    pub(crate) engine: Option<Rc<Engine>>,
+    pub(crate) seed: u64,
+    pub(crate) ticket: Option<Ticket>,
+}
+
+/// `SetEnvoyFilterStateArguments { path = 1; value = 2; }` in protobuf wire form; the life
+/// span (field 3) stays at its default, the filter chain, which is the connection here.
+pub fn filter_state_arguments(path: &str, value: &str) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+        out.push(tag);
+        let mut n = bytes.len();
+        loop {
+            let low = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(low);
+                break;
+            }
+            out.push(low | 0x80);
+        }
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(path.len() + value.len() + 6);
+    field(&mut out, 0x0a, path.as_bytes());
+    field(&mut out, 0x12, value.as_bytes());
+    out
+}
+
+fn set_filter_state(path: &str, value: &str) -> bool {
+    let args = filter_state_arguments(path, value);
+    match hostcalls::call_foreign_function(SET_FILTER_STATE, Some(&args)) {
+        Ok(_) => true,
+        Err(status) => {
+            warn!("{SET_FILTER_STATE}({path}) failed: {status:?}");
+            false
+        }
+    }
+}
+
+fn text_property(path: Vec<&str>) -> String {
+    match hostcalls::get_property(path) {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => String::new(),
+    }
+}
+
+impl FilterStream {
+    fn release(&mut self) {
+        if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
+            engine.release(t);
+        }
+    }
+}
+
+impl Context for FilterStream {}
+
+impl StreamContext for FilterStream {
+    fn on_new_connection(&mut self) -> Action {
+        let Some(engine) = self.engine.clone() else {
+            warn!("connection {}: no rules loaded; closing", self.context_id);
+            let _ = hostcalls::close_downstream();
+            return Action::Pause;
+        };
+        let sni = text_property(vec!["connection", "requested_server_name"]).to_ascii_lowercase();
+        let destination = text_property(vec!["destination", "address"]);
+        let source = engine
+            .uses_source_ip()
+            .then(|| text_property(vec!["source", "address"]));
+        let source_ip = source
+            .as_deref()
+            .map(|s| meshroute_core::engine::split_host_port(s).0);
+        let view = ConnectionView {
+            port: self.port,
+            sni: &sni,
+            destination: &destination,
+            source_ip,
+        };
+        let state = SharedEndpointState {
+            now_ms: crate::glue::now_ms(),
+        };
+        let mut rng = SplitMix64(self.seed);
+        match engine.decide_connection(&view, &mut rng, &state) {
+            ConnectionOutcome::Forward {
+                route,
+                cluster,
+                endpoint,
+                ticket,
+            } => {
+                debug!(
+                    "connection {} (sni {sni:?}) → {route} → {cluster} {}",
+                    self.context_id,
+                    endpoint.as_deref().unwrap_or("")
+                );
+                self.ticket = ticket;
+                let named = set_filter_state(CLUSTER_STATE, &cluster)
+                    && endpoint
+                        .as_deref()
+                        .is_none_or(|e| set_filter_state(ENDPOINT_STATE, e));
+                if named {
+                    return Action::Continue;
+                }
+                self.release();
+                let _ = hostcalls::close_downstream();
+                Action::Pause
+            }
+            ConnectionOutcome::Close { reason } => {
+                info!(
+                    "connection {} on port {} (sni {sni:?}) closed: {reason}",
+                    self.context_id, self.port
+                );
+                let _ = hostcalls::close_downstream();
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_downstream_close(&mut self, _: PeerType) {
+        self.release();
+    }
+
+    fn on_upstream_close(&mut self, _: PeerType) {
+        self.release();
+    }
+
+    fn on_log(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_state_arguments_are_protobuf_strings() {
+        assert_eq!(
+            filter_state_arguments("a", "bc"),
+            [0x0a, 1, b'a', 0x12, 2, b'b', b'c']
+        );
+        let long = "x".repeat(200);
+        let out = filter_state_arguments(&long, "");
+        // 200 = 0xc8 → varint c8 01
+        assert_eq!(&out[..3], &[0x0a, 0xc8, 0x01]);
+        assert_eq!(out.len(), 3 + 200 + 2);
+    }
+}

@@ -1,0 +1,432 @@
+//! Connections routed by the filter's connection-level rules (Gateway TCP and TLS servers).
+//!
+//! Each connection gets a network-filter context in an instance started with the listener's
+//! root id (`meshroute_tcp_<port>`), as Envoy's network wasm filter does: `on_new_connection`
+//! decides, naming the cluster and endpoint as filter state (`set_envoy_filter_state`), then
+//! every chunk passes `on_downstream_data` / `on_upstream_data` and the close events follow.
+//! TLS is terminated (SIMPLE, MUTUAL) or passed through untouched with the SNI read from the
+//! ClientHello (PASSTHROUGH).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use meshroute_core::ir::{self, Discovery};
+
+use super::{ClusterInfo, Generation, ListenerSpec, Proxy};
+use crate::abi;
+use crate::vm::{Action, Plugin, Vm};
+
+/// How a listener's connections reach the filter.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionRouting {
+    /// Read the SNI from the ClientHello without terminating TLS (PASSTHROUGH servers).
+    pub peek_sni: bool,
+}
+
+/// Filter state the filter sets (Envoy's well-known keys).
+const CLUSTER_STATE: &str = "envoy.tcp_proxy.cluster";
+const ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_dst_address";
+/// Envoy's tls_inspector gives a client this long to send its ClientHello.
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// A ClientHello larger than this is not read further (Envoy's inspector stops at 64 KiB).
+const CLIENT_HELLO_LIMIT: usize = 64 * 1024;
+
+/// The filter instances of one connection-level listener port.
+pub(super) struct L4Instances {
+    vms: Vec<Mutex<Option<Vm>>>,
+    next: AtomicUsize,
+}
+
+impl L4Instances {
+    pub(super) fn start(
+        plugin: &Plugin,
+        rules_json: &[u8],
+        known: &Arc<abi::ClusterCheck>,
+        port: u16,
+        workers: usize,
+    ) -> Result<Self, String> {
+        let mut vms = Vec::with_capacity(workers);
+        for _ in 0..workers.max(1) {
+            let mut vm = plugin
+                .start_root(rules_json, Arc::clone(known), &ir::l4_root_id(port))
+                .map_err(|e| format!("connection filter for port {port}: {e}"))?;
+            super::print_logs(&mut vm);
+            vms.push(Mutex::new(Some(vm)));
+        }
+        Ok(Self {
+            vms,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn pick(&self) -> &Mutex<Option<Vm>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.vms.len();
+        &self.vms[i]
+    }
+}
+
+/// Runs `f` on an instance; a trap takes the instance out of service (fail closed).
+fn with_vm<R>(slot: &Mutex<Option<Vm>>, f: impl FnOnce(&mut Vm) -> Result<R, String>) -> Option<R> {
+    let mut guard = slot.lock().ok()?;
+    let vm = guard.as_mut()?;
+    let result = f(vm);
+    super::print_logs(vm);
+    match result {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("meshroute: {e}");
+            if vm.failed.load(Ordering::Relaxed) {
+                *guard = None;
+            }
+            None
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What a ClientHello read so far says.
+#[derive(Debug, PartialEq, Eq)]
+enum Hello {
+    NeedMore,
+    /// Not TLS, or no SNI in it.
+    NoSni,
+    Sni(String),
+}
+
+/// Reads the SNI out of a TLS ClientHello (record header, handshake header, then the
+/// `server_name` extension), without consuming anything.
+fn client_hello_sni(buf: &[u8]) -> Hello {
+    fn be16(b: &[u8], at: usize) -> Option<usize> {
+        Some(usize::from(*b.get(at)?) << 8 | usize::from(*b.get(at + 1)?))
+    }
+    if buf.is_empty() {
+        return Hello::NeedMore;
+    }
+    if buf[0] != 0x16 {
+        return Hello::NoSni;
+    }
+    let Some(record_len) = be16(buf, 3) else {
+        return Hello::NeedMore;
+    };
+    if buf.len() < 5 + record_len.min(CLIENT_HELLO_LIMIT) {
+        return Hello::NeedMore;
+    }
+    let body = &buf[5..(5 + record_len).min(buf.len())];
+    let parse = || -> Option<Option<String>> {
+        if *body.first()? != 1 {
+            return Some(None);
+        }
+        // handshake type, length (3), version (2), random (32)
+        let mut at = 4 + 2 + 32;
+        at += 1 + usize::from(*body.get(at)?); // session id
+        at += 2 + be16(body, at)?; // cipher suites
+        at += 1 + usize::from(*body.get(at)?); // compression methods
+        let ext_end = at + 2 + be16(body, at)?;
+        at += 2;
+        while at + 4 <= ext_end.min(body.len()) {
+            let (kind, len) = (be16(body, at)?, be16(body, at + 2)?);
+            at += 4;
+            if kind == 0 {
+                // server_name list: length (2), type (1), name length (2), name
+                let name_len = be16(body, at + 3)?;
+                let name = body.get(at + 5..at + 5 + name_len)?;
+                return Some(Some(String::from_utf8_lossy(name).to_ascii_lowercase()));
+            }
+            at += len;
+        }
+        Some(None)
+    };
+    match parse() {
+        Some(Some(sni)) => Hello::Sni(sni),
+        _ => Hello::NoSni,
+    }
+}
+
+/// Reads until the ClientHello's SNI is known; returns it with the bytes read.
+async fn peek_client_hello(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        loop {
+            match client_hello_sni(&buf) {
+                Hello::Sni(s) => return Some(s),
+                Hello::NoSni => return Some(String::new()),
+                Hello::NeedMore if buf.len() >= CLIENT_HELLO_LIMIT => return Some(String::new()),
+                Hello::NeedMore => {}
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let sni = tokio::time::timeout(CLIENT_HELLO_TIMEOUT, read)
+        .await
+        .ok()??;
+    Some((sni, buf))
+}
+
+/// Where the filter sent the connection.
+fn target<'g>(
+    generation: &'g Generation,
+    state: &[(String, String)],
+) -> Result<(String, &'g ClusterInfo), String> {
+    let get = |k: &str| state.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let name = get(CLUSTER_STATE).ok_or("the filter named no cluster")?;
+    let cluster = generation
+        .clusters
+        .get(&name)
+        .ok_or_else(|| format!("cluster {name} does not exist"))?;
+    let endpoint = match cluster.discovery {
+        Discovery::Static => {
+            let e = get(ENDPOINT_STATE).ok_or("the filter named no endpoint")?;
+            // Only endpoints of the chosen cluster, whatever the filter state says.
+            if !cluster.endpoints.contains(&e) {
+                return Err(format!("{e} is not an endpoint of {name}"));
+            }
+            e
+        }
+        Discovery::Dns => {
+            if cluster.endpoints.is_empty() {
+                return Err(format!("cluster {name} has no endpoints"));
+            }
+            let i = cluster.next.fetch_add(1, Ordering::Relaxed) % cluster.endpoints.len();
+            cluster.endpoints[i].clone()
+        }
+        Discovery::OriginalDst => get(ENDPOINT_STATE).ok_or("the filter named no endpoint")?,
+    };
+    Ok((endpoint, cluster))
+}
+
+async fn connect(endpoint: &str, cluster: &ClusterInfo) -> Result<Box<dyn Io>, String> {
+    let tcp = tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| format!("connect to {endpoint} timed out"))?
+        .map_err(|e| format!("connect to {endpoint}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    match &cluster.tls {
+        None => Ok(Box::new(tcp)),
+        Some(origination) => {
+            let name = origination
+                .sni
+                .clone()
+                .unwrap_or_else(|| cluster.service.clone());
+            let stream = super::tls::connect(origination, &name, tcp)
+                .await
+                .map_err(|e| format!("TLS to {endpoint}: {e}"))?;
+            Ok(Box::new(stream))
+        }
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub(super) async fn serve_connection(
+    proxy: Arc<Proxy>,
+    spec: ListenerSpec,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    connection_id: u64,
+) {
+    let local = stream.local_addr().ok();
+    let routing = spec
+        .connections
+        .unwrap_or(ConnectionRouting { peek_sni: false });
+    let (down, sni, initial): (Box<dyn Io>, String, Vec<u8>) = if routing.peek_sni {
+        let Some((sni, initial)) = peek_client_hello(&mut stream).await else {
+            return;
+        };
+        (Box::new(stream), sni, initial)
+    } else if let Some(config) = &spec.tls {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+        // A failed handshake (no or untrusted client certificate for MUTUAL) only closes
+        // this connection.
+        let tls = match acceptor.accept(stream).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!(
+                    "meshroute: TLS handshake from {peer} on port {}: {e}",
+                    spec.server_port
+                );
+                return;
+            }
+        };
+        let sni = tls.get_ref().1.server_name().unwrap_or_default().to_owned();
+        (Box::new(tls), sni, Vec::new())
+    } else {
+        (Box::new(stream), String::new(), Vec::new())
+    };
+    let generation = proxy.current();
+    let Some(instances) = generation.l4.get(&spec.server_port) else {
+        return;
+    };
+    let slot = instances.pick();
+    let opened = with_vm(slot, |vm| {
+        let mut s = abi::Stream::new(Vec::new());
+        s.source = peer.to_string();
+        s.destination = local.map(|a| a.to_string()).unwrap_or_default();
+        s.destination_port = spec.server_port;
+        s.connection_id = connection_id;
+        s.requested_server_name = sni.clone();
+        let id = vm.open_stream(s)?;
+        let action = vm.on_new_connection(id)?;
+        let s = vm.stream_mut(id).ok_or("connection context vanished")?;
+        let close = s.close_connection || action == Action::Pause;
+        Ok((id, close, std::mem::take(&mut s.filter_state)))
+    });
+    let Some((id, close, state)) = opened else {
+        return;
+    };
+    let finish = |remote_down: bool| {
+        with_vm(slot, |vm| {
+            let _ = vm.on_connection_close(id, true, remote_down);
+            let _ = vm.on_connection_close(id, false, !remote_down);
+            vm.close_stream(id);
+            Ok(())
+        });
+    };
+    if close {
+        finish(false);
+        return;
+    }
+    let up = match target(&generation, &state) {
+        Ok((endpoint, cluster)) => connect(&endpoint, cluster).await,
+        Err(e) => Err(e),
+    };
+    let up = match up {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!(
+                "meshroute: connection {connection_id} on port {}: {e}",
+                spec.server_port
+            );
+            finish(false);
+            return;
+        }
+    };
+    let remote_closed = relay(slot, id, down, up, initial).await;
+    finish(remote_closed);
+}
+
+/// Copies both ways through the filter's data callbacks until both sides are done or the
+/// filter closes the connection. Returns whether the client ended it.
+async fn relay(
+    slot: &Mutex<Option<Vm>>,
+    id: u32,
+    down: Box<dyn Io>,
+    up: Box<dyn Io>,
+    initial: Vec<u8>,
+) -> bool {
+    let (mut dr, mut dw) = tokio::io::split(down);
+    let (mut ur, mut uw) = tokio::io::split(up);
+    // The filter sees each chunk and may rewrite it; `None` means close now.
+    let through = |downstream: bool, data: Vec<u8>, eos: bool| -> Option<Vec<u8>> {
+        with_vm(slot, |vm| {
+            let s = vm.stream_mut(id).ok_or("connection context vanished")?;
+            if downstream {
+                s.downstream_data = data;
+            } else {
+                s.upstream_data = data;
+            }
+            vm.on_data(id, downstream, eos)?;
+            let s = vm.stream_mut(id).ok_or("connection context vanished")?;
+            Ok((!s.close_connection).then(|| {
+                std::mem::take(if downstream {
+                    &mut s.downstream_data
+                } else {
+                    &mut s.upstream_data
+                })
+            }))
+        })
+        .flatten()
+    };
+    if !initial.is_empty() {
+        match through(true, initial, false) {
+            Some(data) => {
+                if uw.write_all(&data).await.is_err() {
+                    return false;
+                }
+            }
+            None => return false,
+        }
+    }
+    let (mut down_open, mut up_open) = (true, true);
+    let (mut dbuf, mut ubuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let mut client_ended = false;
+    while down_open || up_open {
+        tokio::select! {
+            r = dr.read(&mut dbuf), if down_open => {
+                let n = r.unwrap_or(0);
+                let eos = n == 0;
+                let Some(data) = through(true, dbuf[..n].to_vec(), eos) else { break };
+                if !data.is_empty() && uw.write_all(&data).await.is_err() {
+                    break;
+                }
+                if eos {
+                    down_open = false;
+                    client_ended = true;
+                    let _ = uw.shutdown().await;
+                }
+            }
+            r = ur.read(&mut ubuf), if up_open => {
+                let n = r.unwrap_or(0);
+                let eos = n == 0;
+                let Some(data) = through(false, ubuf[..n].to_vec(), eos) else { break };
+                if !data.is_empty() && dw.write_all(&data).await.is_err() {
+                    break;
+                }
+                if eos {
+                    up_open = false;
+                    let _ = dw.shutdown().await;
+                }
+            }
+        }
+    }
+    client_ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ClientHello as rustls writes it, for `name`.
+    fn hello(name: &str) -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let server = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), server).expect("client");
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).expect("hello");
+        out
+    }
+
+    #[test]
+    fn reads_the_sni_of_a_client_hello_and_waits_for_all_of_it() {
+        let h = hello("Db.Example.com");
+        assert_eq!(client_hello_sni(&h), Hello::Sni("db.example.com".into()));
+        assert_eq!(client_hello_sni(&h[..h.len() - 1]), Hello::NeedMore);
+        assert_eq!(client_hello_sni(&h[..3]), Hello::NeedMore);
+        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n"), Hello::NoSni);
+        assert_eq!(client_hello_sni(&[]), Hello::NeedMore);
+    }
+
+    #[test]
+    fn a_client_hello_without_sni_or_garbled_has_none() {
+        let h = hello("10.0.0.1");
+        assert_eq!(client_hello_sni(&h), Hello::NoSni);
+        let mut junk = vec![0x16, 3, 1, 0, 8];
+        junk.extend_from_slice(&[1, 0, 0, 4, 3, 3, 0, 0]);
+        assert_eq!(client_hello_sni(&junk), Hello::NoSni);
+    }
+}

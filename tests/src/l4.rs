@@ -1,0 +1,299 @@
+//! Connection-level test support: a test CA issuing real certificates, TCP and TLS upstreams
+//! that say who they are, and raw TCP/TLS clients.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// A certificate authority for one test, writing its files under `dir`.
+pub struct TestCa {
+    pub dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub cert_pem: String,
+}
+
+/// A certificate and key issued by a [`TestCa`], as PEM and as files.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "meshroute-ca-{name}-{}-{}",
+            std::process::id(),
+            crate::free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("meshroute test CA {name}"),
+        );
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let cert_pem = cert.pem();
+        std::fs::write(dir.join("ca.crt"), &cert_pem).unwrap();
+        Self {
+            dir,
+            issuer: rcgen::Issuer::new(params, key),
+            cert_pem,
+        }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// A leaf certificate for `names` (DNS SANs), saved as `<file>.crt` / `<file>.key`.
+    pub fn issue(&self, file: &str, names: &[&str]) -> Issued {
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_file, key_file) = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_file,
+            key_file,
+        }
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// An upstream on 127.0.0.1 that answers every connection (raw TCP, or TLS with a
+/// certificate) with `<name>:` followed by what it read, and counts connections.
+pub struct EchoServer {
+    pub name: String,
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Plain TCP: echoes each chunk prefixed with the name, until the client closes.
+    pub fn tcp(name: &str) -> Self {
+        Self::start(name, None)
+    }
+
+    /// TLS with `cert`: reads one HTTP/1.1 request head (or any bytes up to a blank line)
+    /// and answers `200` with the name as body and `x-upstream`, keeping the connection.
+    pub fn tls(name: &str, cert: &Issued) -> Self {
+        let chain = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        Self::start(name, Some(Arc::new(config)))
+    }
+
+    fn start(name: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (n, s, c) = (name.to_owned(), Arc::clone(&stop), Arc::clone(&connections));
+        let acceptor = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                c.fetch_add(1, Ordering::Relaxed);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let (n, tls) = (n.clone(), tls.clone());
+                thread::spawn(move || match tls {
+                    None => echo(conn, &n),
+                    Some(config) => {
+                        let Ok(server) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        answer_http(rustls::StreamOwned::new(server, conn), &n);
+                    }
+                });
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            port,
+            stop,
+            connections,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+fn echo(mut conn: TcpStream, name: &str) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = conn.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                let mut out = format!("{name}:").into_bytes();
+                out.extend_from_slice(&buf[..n]);
+                if conn.write_all(&out).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn answer_http(mut s: impl Read + Write, name: &str) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-upstream: {name}\r\ncontent-length: {}\r\n\r\n{name}",
+                name.len()
+            );
+            if s.write_all(reply.as_bytes())
+                .and_then(|()| s.flush())
+                .is_err()
+            {
+                return;
+            }
+            head.clear();
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// Sends `payload` over TCP to 127.0.0.1:`port`, half-closes, and reads everything back.
+pub fn tcp_exchange(port: u16, payload: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(payload.as_bytes()).map_err(|e| e.to_string())?;
+    s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A TLS client: SNI `sni`, trusting `ca_pem`, presenting `client` when given.
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl TlsClient {
+    pub fn new(ca_pem: &str, client: Option<&Issued>) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some(c) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+        };
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// An HTTP/1.1 GET over TLS to 127.0.0.1:`port` with SNI and Host `sni`; the whole
+    /// response text, or why the connection failed.
+    pub fn get(&self, port: u16, sni: &str, path: &str) -> Result<String, String> {
+        let conn = rustls::ClientConnection::new(
+            Arc::clone(&self.config),
+            ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        write!(tls, "GET {path} HTTP/1.1\r\nhost: {sni}\r\n\r\n").map_err(|e| e.to_string())?;
+        tls.flush().map_err(|e| e.to_string())?;
+        // Read one response: head, then content-length bytes.
+        let mut out = Vec::new();
+        let mut byte = [0u8; 1];
+        while !out.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => out.push(byte[0]),
+                Ok(_) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&out))),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        tls.read_exact(&mut body).map_err(|e| e.to_string())?;
+        out.extend_from_slice(&body);
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// The path as text, for YAML.
+pub fn path_text(p: &Path) -> String {
+    p.display().to_string()
+}

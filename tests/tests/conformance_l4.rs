@@ -1,0 +1,346 @@
+//! Conformance scenarios for connection-level traffic (VirtualService `tcp` and `tls` routes,
+//! Gateway TLS modes, DestinationRule TLS origination), each run on real Envoy with the
+//! filter and on the harness with the filter. They live here rather than in the YAML suite
+//! because they need certificates issued per test and raw TCP/TLS clients. Sources are rows
+//! of istio-semantics.md and istio.io tasks.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::collections::BTreeMap;
+
+use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+use meshroute_tests::l4::{path_text, tcp_exchange, EchoServer, TestCa, TlsClient};
+use meshroute_tests::{get, on_both_hosts, rules, start, Envoy, Harness, Host, Running, Upstream};
+
+/// A Kubernetes Service with one WorkloadEntry per upstream (`version: <name>`).
+fn service(name: &str, port_name: &str, port: u16, upstreams: &[(&str, u16)]) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{name: {port_name}, port: {port}}}]\n---\n"
+    );
+    for (version, p) in upstreams {
+        out.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}-{version}, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{{port_name}: {p}}}\n  labels: {{app: {name}, version: {version}}}\n---\n"
+        ));
+    }
+    out
+}
+
+fn gateway(doc_yaml: String) -> meshroute_core::ir::RulesDocument {
+    rules(
+        &[("l4.yaml", doc_yaml)],
+        ProxyKind::Gateway,
+        OutboundPolicy::AllowAny,
+    )
+}
+
+/// istio.io "TCP Traffic Shifting": a Gateway TCP server and a VirtualService `tcp` route
+/// sending 80 % of connections to v1 and 20 % to v2 (istio-semantics P1, P2).
+fn tcp_weighted_split(host: Host) {
+    let (v1, v2) = (EchoServer::tcp("v1"), EchoServer::tcp("v2"));
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tcp-echo, namespace: default}}
+spec:
+  host: tcp-echo
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tcp-echo-gateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 31400, name: tcp, protocol: TCP}}
+    hosts: ['*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo, namespace: default}}
+spec:
+  hosts: ['*']
+  gateways: [istio-system/tcp-echo-gateway]
+  tcp:
+  - match: [{{port: 31400}}]
+    route:
+    - destination: {{host: tcp-echo.default.svc.cluster.local, port: {{number: 9000}}, subset: v1}}
+      weight: 80
+    - destination: {{host: tcp-echo.default.svc.cluster.local, port: {{number: 9000}}, subset: v2}}
+      weight: 20
+",
+        service("tcp-echo", "tcp", 9000, &[("v1", v1.port), ("v2", v2.port)])
+    );
+    let proxy = start(host, &gateway(yaml));
+    let mut counts = BTreeMap::new();
+    for i in 0..100 {
+        let answer = tcp_exchange(proxy.port(), &format!("hello {i}")).unwrap();
+        let (who, echoed) = answer.split_once(':').unwrap_or(("", ""));
+        assert_eq!(
+            echoed,
+            format!("hello {i}"),
+            "the bytes pass unchanged: {answer:?}"
+        );
+        *counts.entry(who.to_owned()).or_insert(0) += 1;
+    }
+    let (n1, n2) = (
+        counts.get("v1").copied().unwrap_or(0),
+        counts.get("v2").copied().unwrap_or(0),
+    );
+    assert_eq!(n1 + n2, 100, "{counts:?}");
+    assert!((65..=93).contains(&n1), "80/20 split, got {counts:?}");
+}
+
+/// Two TLS host names on one Gateway port, each routed on its SNI to its own upstream
+/// without the proxy terminating TLS: the client sees the upstream's own certificate
+/// (istio-semantics P3, P4, GW5 PASSTHROUGH). An SNI no route names is closed.
+fn sni_routing_without_termination(host: Host) {
+    let ca = TestCa::new("sni");
+    let (a_cert, b_cert) = (
+        ca.issue("a", &["a.example.com"]),
+        ca.issue("b", &["b.example.com"]),
+    );
+    let (a, b) = (EchoServer::tls("a", &a_cert), EchoServer::tls("b", &b_cert));
+    let yaml = format!(
+        "{}{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tls-gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: tls, protocol: TLS}}
+    hosts: [a.example.com, b.example.com, c.example.com]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: by-sni, namespace: default}}
+spec:
+  hosts: [a.example.com, b.example.com]
+  gateways: [istio-system/tls-gw]
+  tls:
+  - match: [{{port: 443, sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: svc-a.default.svc.cluster.local, port: {{number: 8443}}}}}}]
+  - match: [{{port: 443, sniHosts: [b.example.com]}}]
+    route: [{{destination: {{host: svc-b.default.svc.cluster.local, port: {{number: 8443}}}}}}]
+",
+        service("svc-a", "tls", 8443, &[("a", a.port)]),
+        service("svc-b", "tls", 8443, &[("b", b.port)]),
+    );
+    let proxy = start(host, &gateway(yaml));
+    let client = TlsClient::new(&ca.cert_pem, None);
+    for _ in 0..3 {
+        let r = client.get(proxy.port(), "a.example.com", "/").unwrap();
+        assert!(r.ends_with("\r\n\r\na"), "a.example.com reaches a: {r}");
+        let r = client.get(proxy.port(), "b.example.com", "/").unwrap();
+        assert!(r.ends_with("\r\n\r\nb"), "b.example.com reaches b: {r}");
+    }
+    assert!(
+        client.get(proxy.port(), "c.example.com", "/").is_err(),
+        "no tls route names c.example.com: the connection is closed"
+    );
+    assert_eq!(
+        a.connections() + b.connections(),
+        6,
+        "c reached no upstream"
+    );
+}
+
+/// istio.io "Ingress Gateway without TLS Termination": a PASSTHROUGH server for
+/// nginx.example.com and a `tls` route to the nginx service, which presents its own
+/// certificate to the client (istio-semantics GW5).
+fn passthrough_gateway(host: Host) {
+    let ca = TestCa::new("passthrough");
+    let cert = ca.issue("nginx", &["nginx.example.com"]);
+    let nginx = EchoServer::tls("nginx", &cert);
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: mygateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    tls: {{mode: PASSTHROUGH}}
+    hosts: [nginx.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: nginx, namespace: default}}
+spec:
+  hosts: [nginx.example.com]
+  gateways: [istio-system/mygateway]
+  tls:
+  - match:
+    - port: 443
+      sniHosts: [nginx.example.com]
+    route:
+    - destination:
+        host: my-nginx
+        port: {{number: 443}}
+",
+        service("my-nginx", "https", 443, &[("v1", nginx.port)])
+    );
+    let proxy = start(host, &gateway(yaml));
+    let r = TlsClient::new(&ca.cert_pem, None)
+        .get(proxy.port(), "nginx.example.com", "/")
+        .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("x-upstream: nginx"), "{r}");
+    assert_eq!(nginx.connections(), 1);
+}
+
+/// istio.io "Secure Gateways", mutual TLS: a MUTUAL server accepts a client with a
+/// certificate from the configured CA and rejects one without (istio-semantics GW5).
+fn mutual_gateway_requires_a_client_certificate(host: Host) {
+    let ca = TestCa::new("mutual");
+    let server = ca.issue("httpbin", &["httpbin.example.com"]);
+    let client_cert = ca.issue("client", &["client.example.com"]);
+    let up = Upstream::start("httpbin");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: mygateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    tls:
+      mode: MUTUAL
+      serverCertificate: {}
+      privateKey: {}
+      caCertificates: {}
+    hosts: [httpbin.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin, namespace: default}}
+spec:
+  hosts: [httpbin.example.com]
+  gateways: [istio-system/mygateway]
+  http:
+  - route: [{{destination: {{host: httpbin, port: {{number: 8000}}}}}}]
+",
+        service("httpbin", "http", 8000, &[("v1", up.port)]),
+        path_text(&server.cert_file),
+        path_text(&server.key_file),
+        path_text(&ca.ca_file()),
+    );
+    let proxy = start(host, &gateway(yaml));
+    let with = TlsClient::new(&ca.cert_pem, Some(&client_cert))
+        .get(proxy.port(), "httpbin.example.com", "/status")
+        .unwrap();
+    assert!(with.starts_with("HTTP/1.1 200"), "{with}");
+    assert!(
+        with.to_ascii_lowercase().contains("x-upstream: httpbin"),
+        "{with}"
+    );
+    let without =
+        TlsClient::new(&ca.cert_pem, None).get(proxy.port(), "httpbin.example.com", "/status");
+    assert!(
+        without.is_err(),
+        "a client without a certificate is refused: {without:?}"
+    );
+    assert_eq!(
+        up.count(),
+        1,
+        "only the authenticated request reached the upstream"
+    );
+}
+
+/// istio.io "Egress TLS Origination": plain HTTP from the application, TLS to the external
+/// service per the DestinationRule, with `sni` and `subjectAltNames` verified against the
+/// CA; a SAN the certificate does not carry fails with 503 and the TLS reason
+/// (istio-semantics TL1, TL2).
+fn tls_origination_verifies_sni_and_san(host: Host) {
+    let ca = TestCa::new("origination");
+    let cert = ca.issue("external", &["secure.external.test"]);
+    let external = EchoServer::tls("external", &cert);
+    let config = |san: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: default}}
+spec:
+  hosts: [secure.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 80, name: http, protocol: HTTP}}
+  endpoints:
+  - address: 127.0.0.1
+    ports: {{http: {port}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: external, namespace: default}}
+spec:
+  host: secure.external.test
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls:
+        mode: SIMPLE
+        sni: secure.external.test
+        subjectAltNames: [{san}]
+        caCertificates: {ca}
+",
+            port = external.port,
+            ca = path_text(&ca.ca_file()),
+        )
+    };
+    let sidecar = |yaml: String| {
+        rules(
+            &[("l4.yaml", yaml)],
+            ProxyKind::Sidecar,
+            OutboundPolicy::AllowAny,
+        )
+    };
+    let proxy = start(host, &sidecar(config("secure.external.test")));
+    let r = proxy.send(&get("secure.external.test", "/"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "external");
+    assert_eq!(r.header("x-upstream"), Some("external"));
+    drop(proxy);
+    let before = external.connections();
+    let doc = sidecar(config("other.external.test"));
+    let refused = |r: &meshroute_tests::Response| {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(
+            r.text().starts_with("upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"),
+            "{}",
+            r.text()
+        );
+    };
+    match host {
+        // Envoy's body stays generic; its access log names the transport failure.
+        Host::Envoy => {
+            let envoy = Envoy::start(&doc);
+            refused(&envoy.send(&get("secure.external.test", "/")));
+            let log = envoy.log_text();
+            assert!(log.contains("CERTIFICATE_VERIFY_FAILED"), "{log}");
+        }
+        Host::Harness => {
+            let harness = Harness::start(&doc);
+            let r = harness.send(&get("secure.external.test", "/"));
+            refused(&r);
+            assert!(
+                r.text().contains("CERTIFICATE_VERIFY_FAILED"),
+                "the reason is named: {}",
+                r.text()
+            );
+        }
+    }
+    assert!(
+        external.connections() > before,
+        "the handshake reached the upstream and failed there"
+    );
+}
+
+on_both_hosts!(
+    tcp_weighted_split,
+    sni_routing_without_termination,
+    passthrough_gateway,
+    mutual_gateway_requires_a_client_certificate,
+    tls_origination_verifies_sni_and_san,
+);
