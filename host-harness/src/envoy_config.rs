@@ -106,6 +106,21 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                 wasm,
                 opts,
             ));
+            // TCP and TLS service ports: a listener each, as Istio's per-port outbound
+            // listeners, the filter deciding every connection.
+            for t in &doc.l4_tables {
+                let bind = server_bind(opts.binds, t.port);
+                let name = format!("outbound_tcp_{}", t.port);
+                let mut l = json!({
+                    "name": name,
+                    "address": socket(&bind),
+                    "filter_chains": [{"filters": connection_filters(&name, t.port, &rules, wasm, opts)}],
+                });
+                if t.routes_on_sni() {
+                    l["listener_filters"] = tls_inspector();
+                }
+                listeners.push(l);
+            }
         }
         ProxyKind::Gateway => {
             for (i, l) in doc.listeners.iter().enumerate() {
@@ -119,11 +134,7 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                             .flatten()
                     })
                     .cloned()
-                    .unwrap_or_else(|| Bind {
-                        server_port: Some(l.port),
-                        address: "127.0.0.1".into(),
-                        port: l.port,
-                    });
+                    .unwrap_or_else(|| server_bind(opts.binds, l.port));
                 match gateway_listener(doc, l, &bind, &rules, wasm, opts) {
                     Ok(v) => listeners.push(v),
                     Err(w) => warnings.push(w),
@@ -251,22 +262,9 @@ fn gateway_listener(
     opts: &Options<'_>,
 ) -> Result<Value, String> {
     let name = format!("gateway_{}", l.port);
-    let l4 = doc.l4_tables.iter().any(|t| t.port == l.port);
-    let network_filters = if l4 {
-        vec![
-            json!({
-                "name": "envoy.filters.network.wasm",
-                "typed_config": network_wasm_filter(rules, wasm, opts.failure_policy.as_envoy(), l.port),
-            }),
-            json!({
-                "name": "envoy.filters.network.tcp_proxy",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                    "stat_prefix": name,
-                    "cluster": "BlackHoleCluster",
-                },
-            }),
-        ]
+    let l4 = doc.l4_tables.iter().find(|t| t.port == l.port);
+    let network_filters = if l4.is_some() {
+        connection_filters(&name, l.port, rules, wasm, opts)
     } else {
         vec![http_connection_manager(
             ProxyKind::Gateway,
@@ -320,7 +318,7 @@ fn gateway_listener(
                 "certificate_chain": {"filename": cert},
                 "private_key": {"filename": key},
             }],
-            "alpn_protocols": if l4 { json!([]) } else { json!(["h2", "http/1.1"]) },
+            "alpn_protocols": if l4.is_some() { json!([]) } else { json!(["h2", "http/1.1"]) },
         });
         let mutual = tls.mode != "SIMPLE";
         if mutual {
@@ -354,13 +352,57 @@ fn gateway_listener(
         "address": socket(bind),
         "filter_chains": chains,
     });
-    if any_tls {
-        out["listener_filters"] = json!([{
-            "name": "envoy.filters.listener.tls_inspector",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
-        }]);
+    if any_tls || l4.is_some_and(|t| t.routes_on_sni()) {
+        out["listener_filters"] = tls_inspector();
     }
     Ok(out)
+}
+
+/// The address for server (or service) port `port`: the `--listen PORT=ADDR:PORT` given for
+/// it, else 127.0.0.1 on the port itself.
+fn server_bind(binds: &[Bind], port: u16) -> Bind {
+    binds
+        .iter()
+        .find(|b| b.server_port == Some(port))
+        .cloned()
+        .unwrap_or_else(|| Bind {
+            server_port: Some(port),
+            address: "127.0.0.1".into(),
+            port,
+        })
+}
+
+/// Reads the ClientHello's SNI (and ALPN) before the filter chain runs.
+fn tls_inspector() -> Value {
+    json!([{
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+    }])
+}
+
+/// The filter deciding each connection of listener port `port`, then `tcp_proxy` carrying it
+/// where the filter's filter state says.
+fn connection_filters(
+    name: &str,
+    port: u16,
+    rules: &str,
+    wasm: &str,
+    opts: &Options<'_>,
+) -> Vec<Value> {
+    vec![
+        json!({
+            "name": "envoy.filters.network.wasm",
+            "typed_config": network_wasm_filter(rules, wasm, opts.failure_policy.as_envoy(), port),
+        }),
+        json!({
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": name,
+                "cluster": "BlackHoleCluster",
+            },
+        }),
+    ]
 }
 
 /// The HTTP connection manager with the filter, for one listener.

@@ -124,7 +124,8 @@ fn run_proxy(opts: meshroute_harness::runtime::launch::RunOptions, demo: bool) -
         let admin = opts.admin;
         meshroute_harness::runtime::launch::run(opts, |listeners| {
             for l in listeners {
-                eprintln!("meshroute: listening on {} (route table port {})", l.address, l.server_port);
+                let what = if l.connections.is_some() { "connection routes" } else { "route table" };
+                eprintln!("meshroute: listening on {} ({what} port {})", l.address, l.server_port);
             }
             if let Some(a) = admin {
                 eprintln!("meshroute: admin on http://{a}/ (stats/prometheus, config_dump, clusters, ready)");

@@ -519,6 +519,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub struct Envoy {
     child: Child,
     pub port: u16,
+    /// Listeners beyond the first: server (or service) port → port listened on.
+    pub extra_ports: BTreeMap<u16, u16>,
     pub admin: u16,
     pub log: PathBuf,
     pub dir: PathBuf,
@@ -565,13 +567,12 @@ impl Envoy {
             address: "127.0.0.1".into(),
             port,
         }];
-        if doc.proxy.kind == ProxyKind::Gateway {
-            binds.extend(doc.listeners.iter().skip(1).map(|l| Bind {
-                server_port: Some(l.port),
-                address: "127.0.0.1".into(),
-                port: free_port(),
-            }));
-        }
+        let extra_ports = extra_listener_ports(doc);
+        binds.extend(extra_ports.iter().map(|(&server_port, &port)| Bind {
+            server_port: Some(server_port),
+            address: "127.0.0.1".into(),
+            port,
+        }));
         let admin_bind = Bind {
             server_port: None,
             address: "127.0.0.1".into(),
@@ -593,7 +594,9 @@ impl Envoy {
             serde_json::to_string_pretty(&bootstrap).expect("json"),
         )
         .expect("write bootstrap");
-        Self::try_spawn(&config, dir, port, admin)
+        let mut envoy = Self::try_spawn(&config, dir, port, admin)?;
+        envoy.extra_ports = extra_ports;
+        Ok(envoy)
     }
 
     /// Starts Envoy on a prepared bootstrap file (for tests of invalid configuration).
@@ -626,6 +629,7 @@ impl Envoy {
         let mut envoy = Self {
             child,
             port,
+            extra_ports: BTreeMap::new(),
             admin,
             log,
             dir,
@@ -735,6 +739,9 @@ pub fn subsets(service: &str, names: &[&str]) -> String {
 pub trait Running {
     fn port(&self) -> u16;
     fn admin_port(&self) -> u16;
+    /// Where the listener for a gateway server port (beyond the first) or a sidecar TCP/TLS
+    /// service port listens.
+    fn port_for(&self, server_port: u16) -> u16;
     fn send(&self, req: &Request<'_>) -> Response {
         req.send(self.port())
     }
@@ -744,8 +751,32 @@ impl Running for Envoy {
     fn port(&self) -> u16 {
         self.port
     }
+    fn port_for(&self, server_port: u16) -> u16 {
+        self.extra_ports
+            .get(&server_port)
+            .copied()
+            .unwrap_or(self.port)
+    }
     fn admin_port(&self) -> u16 {
         self.admin
+    }
+}
+
+/// Fresh ports for the listeners a test does not reach through the first one: gateway
+/// server ports after the first, a sidecar's TCP/TLS service ports.
+fn extra_listener_ports(doc: &RulesDocument) -> BTreeMap<u16, u16> {
+    match doc.proxy.kind {
+        ProxyKind::Gateway => doc
+            .listeners
+            .iter()
+            .skip(1)
+            .map(|l| (l.port, free_port()))
+            .collect(),
+        ProxyKind::Sidecar => doc
+            .l4_tables
+            .iter()
+            .map(|t| (t.port, free_port()))
+            .collect(),
     }
 }
 
@@ -780,6 +811,7 @@ pub fn plugin() -> Arc<meshroute_harness::vm::Plugin> {
 /// gateway's first server port is mapped to it), stopped on drop.
 pub struct Harness {
     pub port: u16,
+    pub extra_ports: BTreeMap<u16, u16>,
     pub admin: u16,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
@@ -831,6 +863,29 @@ impl Harness {
             ProxyKind::Gateway => doc.listeners.first().map_or(80, |l| l.port),
         };
         let proxy = Proxy::new(plugin, fail_policy, workers, doc.clone(), Vec::new())?;
+        let extra_ports = extra_listener_ports(doc);
+        let mut extra_specs = Vec::new();
+        for (&server_port, &port) in &extra_ports {
+            let address = ([127, 0, 0, 1], port).into();
+            match doc.proxy.kind {
+                ProxyKind::Gateway => {
+                    if let Some(l) = doc.listeners.iter().find(|l| l.port == server_port) {
+                        extra_specs.push(meshroute_harness::runtime::launch::gateway_listener(
+                            doc, l, address, None, limits,
+                        )?);
+                    }
+                }
+                ProxyKind::Sidecar => {
+                    if let Some(t) = doc.l4_tables.iter().find(|t| t.port == server_port) {
+                        extra_specs.push(
+                            meshroute_harness::runtime::launch::sidecar_connection_listener(
+                                t, address, limits,
+                            ),
+                        );
+                    }
+                }
+            }
+        }
         let (doc, kind) = (doc.clone(), doc.proxy.kind);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::spawn(move || {
@@ -865,6 +920,9 @@ impl Harness {
                     },
                 };
                 tokio::spawn(serve(Arc::clone(&proxy), spec));
+                for spec in extra_specs {
+                    tokio::spawn(serve(Arc::clone(&proxy), spec));
+                }
                 tokio::spawn(admin::serve(proxy, ([127, 0, 0, 1], admin_port).into()));
                 let _ = rx.await;
             });
@@ -879,8 +937,17 @@ impl Harness {
             }
             thread::sleep(Duration::from_millis(10));
         }
+        for &p in extra_ports.values() {
+            while TcpStream::connect(("127.0.0.1", p)).is_err() {
+                if Instant::now() > deadline {
+                    return Err("harness did not start listening".into());
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
         Ok(Self {
             port,
+            extra_ports,
             admin: admin_port,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -891,6 +958,12 @@ impl Harness {
 impl Running for Harness {
     fn port(&self) -> u16 {
         self.port
+    }
+    fn port_for(&self, server_port: u16) -> u16 {
+        self.extra_ports
+            .get(&server_port)
+            .copied()
+            .unwrap_or(self.port)
     }
     fn admin_port(&self) -> u16 {
         self.admin

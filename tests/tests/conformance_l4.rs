@@ -337,7 +337,95 @@ spec:
     );
 }
 
+/// A sidecar's TCP service port: a listener of its own where a `tcp` route splits
+/// connections by weight between subsets (istio-semantics V5, P2).
+fn sidecar_tcp_port_split(host: Host) {
+    let (v1, v2) = (EchoServer::tcp("v1"), EchoServer::tcp("v2"));
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: default}}
+spec:
+  host: db
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: [db]
+  tcp:
+  - route:
+    - {{destination: {{host: db, subset: v1}}, weight: 50}}
+    - {{destination: {{host: db, subset: v2}}, weight: 50}}
+",
+        service("db", "tcp", 5432, &[("v1", v1.port), ("v2", v2.port)])
+    );
+    let doc = rules(
+        &[("l4.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(host, &doc);
+    let port = proxy.port_for(5432);
+    assert_ne!(port, proxy.port(), "the TCP port has a listener of its own");
+    let mut v1_count = 0;
+    for i in 0..60 {
+        let answer = tcp_exchange(port, &format!("q{i}")).unwrap();
+        match answer.split_once(':') {
+            Some(("v1", rest)) if rest == format!("q{i}") => v1_count += 1,
+            Some(("v2", rest)) if rest == format!("q{i}") => {}
+            _ => panic!("unexpected answer {answer:?}"),
+        }
+    }
+    assert!(
+        (15..=45).contains(&v1_count),
+        "50/50 split, v1 got {v1_count} of 60"
+    );
+}
+
+/// A sidecar's TLS port of a ServiceEntry: connections are routed on their SNI to the
+/// entry's endpoints without terminating; with REGISTRY_ONLY an SNI the registry does not
+/// know goes to the black hole, the connection closed (istio-semantics V4, SE1, SC4).
+fn sidecar_tls_port_routes_on_sni(host: Host) {
+    let ca = TestCa::new("sidecar-tls");
+    let cert = ca.issue("api", &["api.external.test"]);
+    let api = EchoServer::tls("api", &cert);
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {}}}}}]
+",
+        api.port
+    );
+    let doc = rules(
+        &[("l4.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::RegistryOnly,
+    );
+    let proxy = start(host, &doc);
+    let client = TlsClient::new(&ca.cert_pem, None);
+    let r = client
+        .get(proxy.port_for(443), "api.external.test", "/")
+        .unwrap();
+    assert!(r.ends_with("\r\n\r\napi"), "{r}");
+    assert!(client
+        .get(proxy.port_for(443), "unknown.external.test", "/")
+        .is_err());
+    assert_eq!(api.connections(), 1);
+}
+
 on_both_hosts!(
+    sidecar_tcp_port_split,
+    sidecar_tls_port_routes_on_sni,
     tcp_weighted_split,
     sni_routing_without_termination,
     passthrough_gateway,

@@ -142,6 +142,17 @@ pub struct L4Table {
     pub routes: Vec<L4Route>,
 }
 
+impl L4Table {
+    /// Whether routing needs the ClientHello's SNI (hosts read it before the filter runs).
+    pub fn routes_on_sni(&self) -> bool {
+        self.auto_passthrough
+            || self
+                .routes
+                .iter()
+                .any(|r| r.matches.iter().any(|m| !m.sni_hosts.is_empty()))
+    }
+}
+
 /// One `tcp` or `tls` route (or the default route of a TCP service).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

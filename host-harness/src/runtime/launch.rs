@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
-use meshroute_core::ir::{Listener, ProxyKind, RulesDocument};
+use meshroute_core::ir::{L4Table, Listener, ProxyKind, RulesDocument};
 
 use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
 use crate::vm::Plugin;
@@ -66,13 +66,28 @@ pub fn listeners(
     limits: super::Limits,
 ) -> Result<Vec<ListenerSpec>, String> {
     match doc.proxy.kind {
-        ProxyKind::Sidecar => Ok(vec![ListenerSpec {
-            address: listen,
-            server_port: 0,
-            tls: None,
-            connections: None,
-            limits,
-        }]),
+        ProxyKind::Sidecar => {
+            let mut out = vec![ListenerSpec {
+                address: listen,
+                server_port: 0,
+                tls: None,
+                connections: None,
+                limits,
+            }];
+            // TCP and TLS service ports: a listener each (shifted by the offset), as Istio's
+            // per-port outbound listeners.
+            for t in &doc.l4_tables {
+                let port = t.port.checked_add(port_offset).ok_or_else(|| {
+                    format!("port {} + offset {port_offset} exceeds 65535", t.port)
+                })?;
+                out.push(sidecar_connection_listener(
+                    t,
+                    SocketAddr::new(listen.ip(), port),
+                    limits,
+                ));
+            }
+            Ok(out)
+        }
         ProxyKind::Gateway => {
             let ip: IpAddr = listen.ip();
             let mut out = Vec::new();
@@ -93,6 +108,23 @@ pub fn listeners(
             }
             Ok(out)
         }
+    }
+}
+
+/// The sidecar's listener for the TCP/TLS service port of `table`, at `address`.
+pub fn sidecar_connection_listener(
+    table: &L4Table,
+    address: SocketAddr,
+    limits: super::Limits,
+) -> ListenerSpec {
+    ListenerSpec {
+        address,
+        server_port: table.port,
+        tls: None,
+        connections: Some(super::l4::ConnectionRouting {
+            peek_sni: table.routes_on_sni(),
+        }),
+        limits,
     }
 }
 
