@@ -295,8 +295,22 @@ pub(super) async fn serve_connection(
         finish(false);
         return;
     }
+    let mut permit = None;
     let up = match target(&generation, &state) {
-        Ok((endpoint, cluster)) => connect(&endpoint, cluster).await,
+        Ok((endpoint, cluster)) => {
+            // `tcp.maxConnections`: a connection over the limit is closed at once, as
+            // Envoy's TCP proxy does on a cluster overflow.
+            match &cluster.connections {
+                Some(pool) => match Arc::clone(pool).try_acquire_owned() {
+                    Ok(p) => {
+                        permit = Some(p);
+                        connect(&endpoint, cluster).await
+                    }
+                    Err(_) => Err(format!("{endpoint}: maxConnections reached (UO)")),
+                },
+                None => connect(&endpoint, cluster).await,
+            }
+        }
         Err(e) => Err(e),
     };
     let up = match up {
@@ -311,6 +325,7 @@ pub(super) async fn serve_connection(
         }
     };
     let remote_closed = relay(slot, id, down, up, initial).await;
+    drop(permit);
     finish(remote_closed);
 }
 
