@@ -23,5 +23,7 @@ run compile -f examples/external/foo-ext.yaml
 for f in case3-uri-prefix case4-weights case5-subsets; do
   run compile -f examples/hello/registry.yaml -f "examples/hello/$f.yaml"
 done
+run compile -f examples/tcp/registry.yaml -f examples/tcp/gateway.yaml --for gateway
+run compile -f examples/tcp/egress-tls-origination.yaml
 echo "$((total - fail)) passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -28,3 +28,13 @@ mkdir -p "$out"
   -f examples/bookinfo/gateway.yaml \
   --for gateway --namespace istio-system \
   --module file:///var/local/lib/wasm/meshroute_filter.wasm -o "$out/bookinfo-gateway.wasmplugin.yaml"
+# Connection-level routes: TCP split and SNI passthrough on a gateway, as an Envoy bootstrap
+# (TCP proxies behind the filter as network filter) and as WasmPlugins (one NETWORK plugin per
+# TCP/TLS port).
+"$mr" envoy-config -f examples/tcp/registry.yaml -f examples/tcp/gateway.yaml --for gateway \
+  --wasm /etc/meshroute/meshroute_filter.wasm --admin 127.0.0.1:15000 \
+  --listen 31400=0.0.0.0:31400 --listen 443=0.0.0.0:8443 -o "$out/tcp-gateway.envoy.yaml"
+"$mr" istio-manifest --kind wasm-plugin \
+  -f examples/tcp/registry.yaml -f examples/tcp/gateway.yaml \
+  --for gateway --namespace istio-system \
+  --module file:///var/local/lib/wasm/meshroute_filter.wasm -o "$out/tcp-gateway.wasmplugin.yaml"

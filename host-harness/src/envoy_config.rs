@@ -635,37 +635,85 @@ pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, S
         ProxyKind::Sidecar => "SIDECAR_OUTBOUND",
         ProxyKind::Gateway => "GATEWAY",
     };
+    let mut patches = vec![json!({
+        "applyTo": "HTTP_FILTER",
+        "match": {
+            "context": context,
+            "listener": {"filterChain": {"filter": {
+                "name": "envoy.filters.network.http_connection_manager",
+                "subFilter": {"name": "envoy.filters.http.router"},
+            }}},
+        },
+        "patch": {
+            "operation": "INSERT_BEFORE",
+            "value": {
+                "name": "meshroute",
+                "typed_config": wasm_filter(&rules, t.module, "FAIL_CLOSED"),
+            },
+        },
+    })];
+    // Connection-level routes: the filter as a network filter in front of each TCP proxy.
+    for table in &doc.l4_tables {
+        patches.push(json!({
+            "applyTo": "NETWORK_FILTER",
+            "match": {
+                "context": context,
+                "listener": {
+                    "portNumber": table.port,
+                    "filterChain": {"filter": {"name": "envoy.filters.network.tcp_proxy"}},
+                },
+            },
+            "patch": {
+                "operation": "INSERT_BEFORE",
+                "value": {
+                    "name": l4_root_id(table.port),
+                    "typed_config": network_wasm_filter(&rules, t.module, "FAIL_CLOSED", table.port),
+                },
+            },
+        }));
+    }
     Ok(json!({
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
         "metadata": {"name": t.name, "namespace": t.namespace},
         "spec": {
             "workloadSelector": {"labels": t.selector},
-            "configPatches": [{
-                "applyTo": "HTTP_FILTER",
-                "match": {
-                    "context": context,
-                    "listener": {"filterChain": {"filter": {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "subFilter": {"name": "envoy.filters.http.router"},
-                    }}},
-                },
-                "patch": {
-                    "operation": "INSERT_BEFORE",
-                    "value": {
-                        "name": "meshroute",
-                        "typed_config": wasm_filter(&rules, t.module, "FAIL_CLOSED"),
-                    },
-                },
-            }],
+            "configPatches": patches,
         },
     }))
 }
 
-/// A WasmPlugin: istiod turns `pluginConfig` into the JSON text the filter reads.
+/// A WasmPlugin: istiod turns `pluginConfig` into the JSON text the filter reads. With
+/// connection-level routes, a `List` that adds one NETWORK plugin per TCP/TLS port, its
+/// `pluginName` (the root id) naming the port.
 pub fn wasm_plugin(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, String> {
     let config = serde_json::to_value(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
-    Ok(json!({
+    let http = http_wasm_plugin(&config, t);
+    if doc.l4_tables.is_empty() {
+        return Ok(http);
+    }
+    let mut items = vec![http];
+    for table in &doc.l4_tables {
+        items.push(json!({
+            "apiVersion": "extensions.istio.io/v1alpha1",
+            "kind": "WasmPlugin",
+            "metadata": {"name": format!("{}-tcp-{}", t.name, table.port), "namespace": t.namespace},
+            "spec": {
+                "selector": {"matchLabels": t.selector},
+                "url": t.module,
+                "pluginName": l4_root_id(table.port),
+                "type": "NETWORK",
+                "match": [{"ports": [{"number": table.port}]}],
+                "failStrategy": "FAIL_CLOSE",
+                "pluginConfig": config,
+            },
+        }));
+    }
+    Ok(json!({"apiVersion": "v1", "kind": "List", "items": items}))
+}
+
+fn http_wasm_plugin(config: &Value, t: &IstioTarget<'_>) -> Value {
+    json!({
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
         "metadata": {"name": t.name, "namespace": t.namespace},
@@ -677,5 +725,5 @@ pub fn wasm_plugin(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, St
             "failStrategy": "FAIL_CLOSE",
             "pluginConfig": config,
         },
-    }))
+    })
 }
