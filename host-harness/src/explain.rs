@@ -6,8 +6,10 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use meshroute_core::engine::{Engine, Forward, Outcome, RequestView, SplitMix64};
-use meshroute_core::ir::{Action, RouteTable, RulesDocument, SourceRef, StringMatch};
+use meshroute_core::engine::{
+    ConnectionOutcome, ConnectionView, Engine, Forward, Outcome, RequestView, SplitMix64,
+};
+use meshroute_core::ir::{Action, Destination, RouteTable, RulesDocument, SourceRef, StringMatch};
 
 /// A request as given on the command line.
 pub struct Probe {
@@ -19,7 +21,8 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// `METHOD URL` plus `name: value` headers.
+    /// `METHOD URL` plus `name: value` headers; `tcp://ADDRESS:PORT` and `tls://SNI:PORT`
+    /// stand for connections (the method is then ignored).
     pub fn parse(method: &str, url: &str, headers: &[String]) -> Result<Self, String> {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             format!("{url:?}: expected an absolute URL such as http://reviews:9080/path")
@@ -92,6 +95,9 @@ fn describe(m: &StringMatch) -> String {
 
 /// The decision path as text and as JSON.
 pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), String> {
+    if is_connection(probe) {
+        return explain_connection(doc, probe);
+    }
     let engine = Engine::new(doc.clone()).map_err(|e| e.to_string())?;
     let headers = probe.all_headers();
     let view = probe.view(&engine, &headers);
@@ -175,68 +181,7 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
                 .map(|r| &vh.routes[r])
             {
                 if let Action::Route(ra) = &route.action {
-                    let total: u32 = ra.destinations.iter().map(|d| d.weight).sum();
-                    for d in &ra.destinations {
-                        let cluster = meshroute_core::ir::cluster_name(
-                            d.port.unwrap_or(view.port),
-                            &d.subset,
-                            &d.host,
-                        );
-                        let endpoints: Vec<String> = doc
-                            .clusters
-                            .iter()
-                            .find(|c| c.name == cluster)
-                            .map(|c| {
-                                c.endpoints
-                                    .iter()
-                                    .map(|e| format!("{}:{}", e.address, e.port))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        let share = if total == 0 {
-                            0.0
-                        } else {
-                            f64::from(d.weight) * 100.0 / f64::from(total)
-                        };
-                        let subset = if d.subset.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" subset {}", d.subset)
-                        };
-                        let ends = if doc.clusters.iter().any(|c| c.name == cluster) {
-                            format!("endpoints [{}]", endpoints.join(", "))
-                        } else {
-                            "cluster not defined (no DestinationRule declares the subset)"
-                                .to_owned()
-                        };
-                        let _ = writeln!(
-                            out,
-                            "    -> {}{subset} {share:.1}%: cluster {cluster}, {ends}",
-                            d.host
-                        );
-                        if let Some(c) = doc.clusters.iter().find(|c| c.name == cluster) {
-                            let mut p = vec![format!("lb {:?}", c.lb.policy)];
-                            if c.lb.consistent_hash.is_some() {
-                                p.push("consistent hash".into());
-                            }
-                            if !c.connection_pool.is_default() {
-                                p.push(format!("connection pool {:?}", c.connection_pool));
-                            }
-                            if let Some(o) = &c.outlier_detection {
-                                p.push(format!("outlier detection {o:?}"));
-                            }
-                            let _ =
-                                writeln!(out, "       {}{}", p.join(", "), at(c.source.as_ref()));
-                            if c.endpoints.is_empty()
-                                && c.discovery == meshroute_core::ir::Discovery::Static
-                            {
-                                let _ = writeln!(
-                                    out,
-                                    "       warning: no endpoint matches this cluster (503 no healthy upstream)"
-                                );
-                            }
-                        }
-                    }
+                    destinations(&mut out, doc, &ra.destinations, view.port);
                 }
                 let mut policies = Vec::new();
                 policies.push(format!(
@@ -316,6 +261,198 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
     ))
 }
 
+/// Each weighted destination with its cluster, endpoints and policies.
+fn destinations(out: &mut String, doc: &RulesDocument, dests: &[Destination], port: u16) {
+    let total: u32 = dests.iter().map(|d| d.weight).sum();
+    for d in dests {
+        let cluster = meshroute_core::ir::cluster_name(d.port.unwrap_or(port), &d.subset, &d.host);
+        let endpoints: Vec<String> = doc
+            .clusters
+            .iter()
+            .find(|c| c.name == cluster)
+            .map(|c| {
+                c.endpoints
+                    .iter()
+                    .map(|e| format!("{}:{}", e.address, e.port))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let share = if total == 0 {
+            0.0
+        } else {
+            f64::from(d.weight) * 100.0 / f64::from(total)
+        };
+        let subset = if d.subset.is_empty() {
+            String::new()
+        } else {
+            format!(" subset {}", d.subset)
+        };
+        let ends = if doc.clusters.iter().any(|c| c.name == cluster) {
+            format!("endpoints [{}]", endpoints.join(", "))
+        } else {
+            "cluster not defined (no DestinationRule declares the subset)".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "    -> {}{subset} {share:.1}%: cluster {cluster}, {ends}",
+            d.host
+        );
+        if let Some(c) = doc.clusters.iter().find(|c| c.name == cluster) {
+            let mut p = vec![format!("lb {:?}", c.lb.policy)];
+            if c.lb.consistent_hash.is_some() {
+                p.push("consistent hash".into());
+            }
+            if !c.connection_pool.is_default() {
+                p.push(format!("connection pool {:?}", c.connection_pool));
+            }
+            if let Some(o) = &c.outlier_detection {
+                p.push(format!("outlier detection {o:?}"));
+            }
+            if let Some(t) = &c.tls {
+                p.push(format!(
+                    "TLS {}{}",
+                    t.mode,
+                    t.sni
+                        .as_deref()
+                        .map_or(String::new(), |s| format!(" sni {s}"))
+                ));
+            }
+            let _ = writeln!(out, "       {}{}", p.join(", "), at(c.source.as_ref()));
+            if c.endpoints.is_empty() && c.discovery == meshroute_core::ir::Discovery::Static {
+                let _ = writeln!(
+                    out,
+                    "       warning: no endpoint matches this cluster (503 no healthy upstream)"
+                );
+            }
+        }
+    }
+}
+
+/// A connection given as `tcp://ADDRESS:PORT` or `tls://SNI:PORT`.
+fn connection_view(probe: &Probe) -> Result<(String, String, u16), String> {
+    let (host, port) = meshroute_core::engine::split_host_port(&probe.authority);
+    let port = port
+        .or((probe.scheme == "tls").then_some(443))
+        .ok_or_else(|| {
+            format!(
+                "{}://{}: a connection needs a port",
+                probe.scheme, probe.authority
+            )
+        })?;
+    Ok(if probe.scheme == "tls" {
+        (host.to_ascii_lowercase(), String::new(), port)
+    } else {
+        (String::new(), probe.authority.clone(), port)
+    })
+}
+
+/// Whether the probe is a connection (`tcp://` or `tls://`) rather than a request.
+pub fn is_connection(probe: &Probe) -> bool {
+    matches!(probe.scheme.as_str(), "tcp" | "tls")
+}
+
+fn connection_outcome(o: &ConnectionOutcome<'_>) -> String {
+    match o {
+        ConnectionOutcome::Forward {
+            cluster, endpoint, ..
+        } => format!(
+            "forward to {cluster}{}",
+            endpoint
+                .as_deref()
+                .map_or(String::new(), |e| format!(" endpoint {e}"))
+        ),
+        ConnectionOutcome::Close { reason } => format!("close ({reason})"),
+    }
+}
+
+/// The decision path of a connection: its table, each route tried, destinations, outcome.
+pub fn explain_connection(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), String> {
+    let engine = Engine::new(doc.clone()).map_err(|e| e.to_string())?;
+    let (sni, destination, port) = connection_view(probe)?;
+    let view = ConnectionView {
+        port,
+        sni: &sni,
+        destination: &destination,
+        source_ip: Some("127.0.0.1"),
+    };
+    let mut out = String::new();
+    let mut steps = Vec::new();
+    let _ = writeln!(
+        out,
+        "proxy: {:?} in namespace {} (outbound policy {:?})",
+        doc.proxy.kind, doc.proxy.namespace, doc.outbound_traffic_policy
+    );
+    let _ = writeln!(
+        out,
+        "connection: {}://{} (connection table port {port}{})",
+        probe.scheme,
+        probe.authority,
+        if sni.is_empty() {
+            String::new()
+        } else {
+            format!(", SNI {sni}")
+        }
+    );
+    match doc.l4_tables.iter().find(|t| t.port == port) {
+        None => {
+            let _ = writeln!(out, "table: no TCP/TLS routes on port {port}");
+        }
+        Some(t) if t.auto_passthrough => {
+            let _ = writeln!(out, "table: AUTO_PASSTHROUGH, the SNI names the cluster");
+            steps.push(json!({"auto_passthrough": true}));
+        }
+        Some(t) => {
+            let chosen = engine.connection_route(&view);
+            for (i, r) in t.routes.iter().enumerate() {
+                let matched = chosen == Some(i);
+                let verdict = if matched { "matched" } else { "no match" };
+                let conditions: Vec<String> = r
+                    .matches
+                    .iter()
+                    .map(|m| {
+                        let mut c = Vec::new();
+                        if !m.sni_hosts.is_empty() {
+                            c.push(format!("SNI in [{}]", m.sni_hosts.join(", ")));
+                        }
+                        if !m.destination_subnets.is_empty() {
+                            c.push(format!(
+                                "destination in [{}]",
+                                m.destination_subnets.join(", ")
+                            ));
+                        }
+                        c.join(" and ")
+                    })
+                    .collect();
+                let when = if conditions.is_empty() {
+                    "any connection".to_owned()
+                } else {
+                    conditions.join(" or ")
+                };
+                let _ = writeln!(
+                    out,
+                    "  route {i} {:?}{} ({when}): {verdict}",
+                    r.name,
+                    at(r.source.as_ref())
+                );
+                steps.push(
+                    json!({"route": i, "name": r.name, "matched": matched, "source": r.source}),
+                );
+                if matched {
+                    destinations(&mut out, doc, &r.destinations, port);
+                    break;
+                }
+            }
+        }
+    }
+    let outcome = connection_outcome(&engine.decide_connection(
+        &view,
+        &mut SplitMix64(1),
+        &meshroute_core::engine::NoEndpointState,
+    ));
+    let _ = writeln!(out, "outcome: {outcome}");
+    Ok((out, json!({"steps": steps, "outcome": outcome})))
+}
+
 /// Runs the decision `n` times with a seeded generator and counts outcomes.
 pub fn simulate(
     doc: &RulesDocument,
@@ -324,10 +461,35 @@ pub fn simulate(
     seed: u64,
 ) -> Result<BTreeMap<String, u64>, String> {
     let engine = Engine::new(doc.clone()).map_err(|e| e.to_string())?;
-    let headers = probe.all_headers();
-    let view = probe.view(&engine, &headers);
     let mut rng = SplitMix64(seed);
     let mut counts = BTreeMap::new();
+    if is_connection(probe) {
+        let (sni, destination, port) = connection_view(probe)?;
+        let view = ConnectionView {
+            port,
+            sni: &sni,
+            destination: &destination,
+            source_ip: Some("127.0.0.1"),
+        };
+        for _ in 0..n {
+            let d =
+                engine.decide_connection(&view, &mut rng, &meshroute_core::engine::NoEndpointState);
+            let key = match &d {
+                ConnectionOutcome::Forward { cluster, .. } => format!("forward {cluster}"),
+                ConnectionOutcome::Close { reason } => format!("close ({reason})"),
+            };
+            *counts.entry(key).or_insert(0) += 1;
+            if let ConnectionOutcome::Forward {
+                ticket: Some(t), ..
+            } = d
+            {
+                engine.release(t);
+            }
+        }
+        return Ok(counts);
+    }
+    let headers = probe.all_headers();
+    let view = probe.view(&engine, &headers);
     for _ in 0..n {
         let d = engine.decide(&view, &mut rng);
         let mut key = match &d.outcome {

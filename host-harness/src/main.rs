@@ -536,7 +536,12 @@ fn main() -> ExitCode {
                 Ok(counts) => {
                     let mut rows: Vec<_> = counts.into_iter().collect();
                     rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-                    let mut text = format!("{n} requests\n");
+                    let what = if meshroute_harness::explain::is_connection(&probe) {
+                        "connections"
+                    } else {
+                        "requests"
+                    };
+                    let mut text = format!("{n} {what}\n");
                     for (outcome, count) in rows {
                         let pct = count as f64 * 100.0 / n.max(1) as f64;
                         text.push_str(&format!("{count:>8} {pct:6.2}%  {outcome}\n"));

@@ -194,3 +194,44 @@ fn simulate_reports_the_split() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!((88.5..=91.5).contains(&v1), "{out}");
 }
+
+#[test]
+fn explain_and_simulate_connections() {
+    let files = [
+        "-f",
+        "examples/tcp/registry.yaml",
+        "-f",
+        "examples/tcp/gateway.yaml",
+        "--for",
+        "gateway",
+    ];
+    let mut args = vec!["explain"];
+    args.extend(files);
+    args.extend(["TLS", "tls://nginx.example.com:443"]);
+    let (code, out, err) = meshroute(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("SNI in [nginx.example.com]): matched")
+            && out.contains("examples/tcp/gateway.yaml:36")
+            && out.contains("outcome: forward to outbound|443||my-nginx.default.svc.cluster.local"),
+        "{out}"
+    );
+    let mut args = vec!["explain"];
+    args.extend(files);
+    args.extend(["TLS", "tls://other.example.com:443"]);
+    let (_, out, _) = meshroute(&args);
+    assert!(out.contains("outcome: close (no route matches"), "{out}");
+    let mut args = vec!["simulate", "-n", "4000"];
+    args.extend(files);
+    args.extend(["TCP", "tcp://127.0.0.1:31400"]);
+    let (code, out, err) = meshroute(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("4000 connections"), "{out}");
+    let v1 = out
+        .lines()
+        .find(|l| l.contains("|v1|"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.trim_end_matches('%').parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!((77.0..=83.0).contains(&v1), "{out}");
+}

@@ -199,6 +199,22 @@ impl Engine {
         self.l4_tables.contains_key(&port)
     }
 
+    /// Which route of the connection table takes the connection (`explain`): its index, or
+    /// `None` when none does (or the table routes on the SNI alone, AUTO_PASSTHROUGH).
+    pub fn connection_route(&self, conn: &ConnectionView<'_>) -> Option<usize> {
+        let table = self.l4_tables.get(&conn.port)?;
+        let destination_ip = super::split_host_port(conn.destination)
+            .0
+            .parse::<IpAddr>()
+            .ok();
+        table.routes.iter().position(|r| {
+            r.matches.is_empty()
+                || r.matches
+                    .iter()
+                    .any(|m| m.matches(conn.sni, destination_ip))
+        })
+    }
+
     /// Decides where a new connection goes; ejected endpoints are skipped.
     pub fn decide_connection<'e>(
         &'e self,
