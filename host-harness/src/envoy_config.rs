@@ -400,6 +400,14 @@ fn connection_filters(
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                 "stat_prefix": name,
                 "cluster": "BlackHoleCluster",
+                "access_log": [{
+                    "name": "envoy.access_loggers.stdout",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                        "log_format": {"text_format_source": {"inline_string":
+                            "[%START_TIME%] TCP %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms \"%REQUESTED_SERVER_NAME%\" %UPSTREAM_TRANSPORT_FAILURE_REASON%\n"}},
+                    },
+                }],
             },
         }),
     ]

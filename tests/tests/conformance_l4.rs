@@ -536,6 +536,60 @@ spec:
     assert_eq!(third, "db:three");
 }
 
+/// meshroute run reports connections with Istio's TCP metrics.
+#[test]
+fn harness_reports_istio_tcp_metrics() {
+    let db = EchoServer::tcp("db");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 31400, name: tcp, protocol: TCP}}
+    hosts: ['*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: ['*']
+  gateways: [istio-system/gw]
+  tcp:
+  - route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
+",
+        service("db", "tcp", 5432, &[("v1", db.port)])
+    );
+    let harness = Harness::start(&gateway(yaml));
+    for _ in 0..3 {
+        assert_eq!(tcp_exchange(harness.port, "12345").unwrap(), "db:12345");
+    }
+    // A connection is counted as closed once both sides are done: wait for the last one.
+    let mut text = String::new();
+    for _ in 0..40 {
+        text = get("admin", "/stats/prometheus").send(harness.admin).text();
+        if text.contains("istio_tcp_sent_bytes_total") && text.contains("} 24\n") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let labels = "destination_service=\"db.default.svc.cluster.local\",destination_service_name=\"db\",destination_subset=\"unknown\",destination_port=\"5432\",request_protocol=\"tcp\",response_flags=\"-\"";
+    let value = |name: &str| -> u64 {
+        let prefix = format!("{name}{{reporter=\"source\",{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
+    };
+    // The start-up probe's empty connection counts too.
+    let opened = value("istio_tcp_connections_opened_total");
+    assert!(opened >= 3, "{text}");
+    assert_eq!(value("istio_tcp_connections_closed_total"), opened);
+    assert_eq!(value("istio_tcp_received_bytes_total"), 15);
+    assert_eq!(value("istio_tcp_sent_bytes_total"), 24);
+}
+
 on_both_hosts!(
     terminated_tls_server_uses_tcp_routes,
     tcp_max_connections_closes_the_overflow,

@@ -43,17 +43,56 @@ pub struct Stats {
     pub config_reloads: AtomicU64,
     pub config_reload_failures: AtomicU64,
     connection_overflows: AtomicU64,
+    tcp: Mutex<BTreeMap<TcpKey, TcpSeries>>,
+}
+
+/// destination service, subset, port, response flags.
+type TcpKey = (String, String, String, String);
+
+#[derive(Default)]
+struct TcpSeries {
+    opened: u64,
+    closed: u64,
+    received: u64,
+    sent: u64,
+}
+
+/// `outbound|port|subset|host` → (host, subset, port).
+fn cluster_parts(cluster: &str) -> (String, String, String) {
+    let mut parts = cluster.splitn(4, '|').skip(1);
+    let (port, subset, host) = (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("unknown").to_owned(),
+    );
+    (host, subset, port)
 }
 
 impl Stats {
+    /// A proxied connection opened to `cluster`.
+    pub fn tcp_opened(&self, cluster: &str) {
+        let (host, subset, port) = cluster_parts(cluster);
+        if let Ok(mut t) = self.tcp.lock() {
+            t.entry((host, subset, port, "-".to_owned()))
+                .or_default()
+                .opened += 1;
+        }
+    }
+
+    /// A connection to `cluster` ended: bytes received from the client and sent to it.
+    pub fn tcp_closed(&self, cluster: &str, flags: &str, received: u64, sent: u64) {
+        let (host, subset, port) = cluster_parts(cluster);
+        let flags = if flags.is_empty() { "-" } else { flags };
+        if let Ok(mut t) = self.tcp.lock() {
+            let e = t.entry((host, subset, port, flags.to_owned())).or_default();
+            e.closed += 1;
+            e.received += received;
+            e.sent += sent;
+        }
+    }
+
     pub fn record(&self, cluster: &str, code: u16, flags: &str, elapsed: Duration) {
-        // outbound|port|subset|host
-        let mut parts = cluster.splitn(4, '|').skip(1);
-        let (port, subset, host) = (
-            parts.next().unwrap_or("").to_owned(),
-            parts.next().unwrap_or("").to_owned(),
-            parts.next().unwrap_or("unknown").to_owned(),
-        );
+        let (host, subset, port) = cluster_parts(cluster);
         let flags = if flags.is_empty() { "-" } else { flags };
         let ms = elapsed.as_secs_f64() * 1000.0;
         if let Ok(mut s) = self.series.lock() {
@@ -148,6 +187,29 @@ impl Stats {
                 "# TYPE {name} counter\n{name} {}",
                 v.load(Ordering::Relaxed)
             );
+        }
+        drop(series);
+        if let Ok(tcp) = self.tcp.lock() {
+            let label = |(host, subset, port, flags): &TcpKey| {
+                let subset = if subset.is_empty() { "unknown" } else { subset };
+                format!(
+                    "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"tcp\",response_flags=\"{flags}\"",
+                    host.split('.').next().unwrap_or(host)
+                )
+            };
+            type Field = fn(&TcpSeries) -> u64;
+            let metrics: [(&str, Field); 4] = [
+                ("istio_tcp_connections_opened_total", |s| s.opened),
+                ("istio_tcp_connections_closed_total", |s| s.closed),
+                ("istio_tcp_received_bytes_total", |s| s.received),
+                ("istio_tcp_sent_bytes_total", |s| s.sent),
+            ];
+            for (name, field) in metrics {
+                let _ = writeln!(out, "# TYPE {name} counter");
+                for (k, s) in tcp.iter() {
+                    let _ = writeln!(out, "{name}{{{}}} {}", label(k), field(s));
+                }
+            }
         }
         out
     }

@@ -283,6 +283,37 @@ pub(super) async fn serve_connection(
     let Some((id, close, state)) = opened else {
         return;
     };
+    let started = std::time::Instant::now();
+    let cluster_name = state
+        .iter()
+        .find(|(k, _)| k == CLUSTER_STATE)
+        .map_or_else(String::new, |(_, v)| v.clone());
+    let log = |flags: &str, endpoint: &str, received: u64, sent: u64| {
+        if !cluster_name.is_empty() {
+            proxy.stats.tcp_closed(&cluster_name, flags, received, sent);
+        }
+        if let Ok(mut sink) = proxy.access_log.lock() {
+            if let Some(out) = sink.as_mut() {
+                let line = format!(
+                    "[{}] TCP {} {} {} {} {} {}ms \"{}\"\n",
+                    super::httpdate(std::time::SystemTime::now()),
+                    if cluster_name.is_empty() {
+                        "-"
+                    } else {
+                        &cluster_name
+                    },
+                    if endpoint.is_empty() { "-" } else { endpoint },
+                    if flags.is_empty() { "-" } else { flags },
+                    received,
+                    sent,
+                    started.elapsed().as_millis(),
+                    sni,
+                );
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.flush();
+            }
+        }
+    };
     let finish = |remote_down: bool| {
         with_vm(slot, |vm| {
             let _ = vm.on_connection_close(id, true, remote_down);
@@ -292,52 +323,59 @@ pub(super) async fn serve_connection(
         });
     };
     if close {
+        log("NR", "", 0, 0);
         finish(false);
         return;
     }
     let mut permit = None;
+    let mut chosen = String::new();
     let up = match target(&generation, &state) {
         Ok((endpoint, cluster)) => {
+            chosen.clone_from(&endpoint);
             // `tcp.maxConnections`: a connection over the limit is closed at once, as
             // Envoy's TCP proxy does on a cluster overflow.
             match &cluster.connections {
                 Some(pool) => match Arc::clone(pool).try_acquire_owned() {
                     Ok(p) => {
                         permit = Some(p);
-                        connect(&endpoint, cluster).await
+                        connect(&endpoint, cluster).await.map_err(|e| (e, "UF"))
                     }
-                    Err(_) => Err(format!("{endpoint}: maxConnections reached (UO)")),
+                    Err(_) => Err((format!("{endpoint}: maxConnections reached"), "UO")),
                 },
-                None => connect(&endpoint, cluster).await,
+                None => connect(&endpoint, cluster).await.map_err(|e| (e, "UF")),
             }
         }
-        Err(e) => Err(e),
+        Err(e) => Err((e, "NC")),
     };
     let up = match up {
         Ok(u) => u,
-        Err(e) => {
+        Err((e, flag)) => {
             eprintln!(
                 "meshroute: connection {connection_id} on port {}: {e}",
                 spec.server_port
             );
+            log(flag, &chosen, 0, 0);
             finish(false);
             return;
         }
     };
-    let remote_closed = relay(slot, id, down, up, initial).await;
+    proxy.stats.tcp_opened(&cluster_name);
+    let (remote_closed, received, sent) = relay(slot, id, down, up, initial).await;
     drop(permit);
+    log("", &chosen, received, sent);
     finish(remote_closed);
 }
 
 /// Copies both ways through the filter's data callbacks until both sides are done or the
-/// filter closes the connection. Returns whether the client ended it.
+/// filter closes the connection. Returns whether the client ended it, and the bytes received
+/// from the client and sent to it.
 async fn relay(
     slot: &Mutex<Option<Vm>>,
     id: u32,
     down: Box<dyn Io>,
     up: Box<dyn Io>,
     initial: Vec<u8>,
-) -> bool {
+) -> (bool, u64, u64) {
     let (mut dr, mut dw) = tokio::io::split(down);
     let (mut ur, mut uw) = tokio::io::split(up);
     // The filter sees each chunk and may rewrite it; `None` means close now.
@@ -361,14 +399,15 @@ async fn relay(
         })
         .flatten()
     };
+    let (mut received, mut sent) = (initial.len() as u64, 0u64);
     if !initial.is_empty() {
         match through(true, initial, false) {
             Some(data) => {
                 if uw.write_all(&data).await.is_err() {
-                    return false;
+                    return (false, received, sent);
                 }
             }
-            None => return false,
+            None => return (false, received, sent),
         }
     }
     let (mut down_open, mut up_open) = (true, true);
@@ -378,6 +417,7 @@ async fn relay(
         tokio::select! {
             r = dr.read(&mut dbuf), if down_open => {
                 let n = r.unwrap_or(0);
+                received += n as u64;
                 let eos = n == 0;
                 let Some(data) = through(true, dbuf[..n].to_vec(), eos) else { break };
                 if !data.is_empty() && uw.write_all(&data).await.is_err() {
@@ -393,6 +433,7 @@ async fn relay(
                 let n = r.unwrap_or(0);
                 let eos = n == 0;
                 let Some(data) = through(false, ubuf[..n].to_vec(), eos) else { break };
+                sent += data.len() as u64;
                 if !data.is_empty() && dw.write_all(&data).await.is_err() {
                     break;
                 }
@@ -403,7 +444,7 @@ async fn relay(
             }
         }
     }
-    client_ended
+    (client_ended, received, sent)
 }
 
 #[cfg(test)]

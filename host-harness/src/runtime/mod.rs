@@ -792,7 +792,7 @@ async fn handle(
 }
 
 /// RFC 3339 UTC timestamp with milliseconds.
-fn httpdate(t: SystemTime) -> String {
+pub(super) fn httpdate(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
