@@ -263,9 +263,8 @@ fn gateway_listener(
 ) -> Result<Value, String> {
     let name = format!("gateway_{}", l.port);
     let l4 = doc.l4_tables.iter().find(|t| t.port == l.port);
-    let network_filters = if l4.is_some() {
-        connection_filters(&name, l.port, rules, wasm, opts)
-    } else {
+    let connection = || connection_filters(&name, l.port, rules, wasm, opts);
+    let http = || {
         vec![http_connection_manager(
             ProxyKind::Gateway,
             &name,
@@ -275,77 +274,66 @@ fn gateway_listener(
             opts,
         )]
     };
+    // One filter chain per server, as Istio builds them: TLS servers chosen by SNI
+    // (terminated, or passed through to the connection filter), plain servers in the chain
+    // without server names.
     let mut chains = Vec::new();
     let mut any_tls = false;
-    let mut plain = false;
-    let mut seen_names: Vec<Vec<String>> = Vec::new();
+    let mut seen: Vec<(Vec<String>, bool)> = Vec::new();
     for server in &l.servers {
-        let terminate = server
-            .tls
-            .as_ref()
-            .filter(|t| matches!(t.mode.as_str(), "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL"));
-        let Some(tls) = terminate else {
-            any_tls |= server
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.mode.contains("PASSTHROUGH"));
-            plain = true;
-            continue;
+        let names = server.sni_names();
+        let filters = if server.serves_http() {
+            http()
+        } else {
+            connection()
         };
-        any_tls = true;
-        let (Some(cert), Some(key)) = (&tls.server_certificate, &tls.private_key) else {
-            return Err(format!(
-                "gateway port {} is not served by this bootstrap: credentialName needs Istio's secret delivery; give serverCertificate and privateKey files",
-                l.port
-            ));
-        };
-        let names: Vec<String> = server
-            .hosts
-            .iter()
-            .map(|h| {
-                h.rsplit_once('/')
-                    .map_or(h.as_str(), |(_, d)| d)
-                    .to_ascii_lowercase()
-            })
-            .filter(|h| h != "*")
-            .collect();
-        if seen_names.contains(&names) {
+        let terminate = server.terminates_tls();
+        any_tls |= terminate || server.passes_tls_through();
+        // A chain without TLS and without names is the plain one; only the first counts.
+        let key = (names.clone(), terminate || server.passes_tls_through());
+        if seen.contains(&key) {
             continue;
         }
-        seen_names.push(names.clone());
-        let mut common = json!({
-            "tls_certificates": [{
-                "certificate_chain": {"filename": cert},
-                "private_key": {"filename": key},
-            }],
-            "alpn_protocols": if l4.is_some() { json!([]) } else { json!(["h2", "http/1.1"]) },
-        });
-        let mutual = tls.mode != "SIMPLE";
-        if mutual {
-            if let Some(ca) = &tls.ca_certificates {
-                common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
+        seen.push(key);
+        let mut chain = json!({"filters": filters});
+        if terminate {
+            let Some(tls) = &server.tls else { continue };
+            let (Some(cert), Some(key)) = (&tls.server_certificate, &tls.private_key) else {
+                return Err(format!(
+                    "gateway port {} is not served by this bootstrap: credentialName needs Istio's secret delivery; give serverCertificate and privateKey files",
+                    l.port
+                ));
+            };
+            let mut common = json!({
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": cert},
+                    "private_key": {"filename": key},
+                }],
+                "alpn_protocols": if server.serves_http() { json!(["h2", "http/1.1"]) } else { json!([]) },
+            });
+            if tls.mode != "SIMPLE" {
+                if let Some(ca) = &tls.ca_certificates {
+                    common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
+                }
             }
-        }
-        let mut chain = json!({
-            "transport_socket": {
+            chain["transport_socket"] = json!({
                 "name": "envoy.transport_sockets.tls",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                     "require_client_certificate": tls.mode == "MUTUAL",
                     "common_tls_context": common,
                 },
-            },
-            "filters": network_filters,
-        });
-        if !names.is_empty() {
+            });
+        }
+        if !names.is_empty() && (terminate || server.passes_tls_through()) {
             chain["filter_chain_match"] = json!({"server_names": names});
+        } else if terminate || server.passes_tls_through() {
+            chain["filter_chain_match"] = json!({"transport_protocol": "tls"});
         }
         chains.push(chain);
     }
-    // Servers that do not terminate (plain HTTP, TCP, PASSTHROUGH) share the chain that
-    // matches what no terminating chain takes.
-    if plain || chains.is_empty() {
-        chains.push(json!({"filters": network_filters}));
+    if chains.is_empty() {
+        chains.push(json!({"filters": if l4.is_some() { connection() } else { http() }}));
     }
     let mut out = json!({
         "name": name,

@@ -590,7 +590,70 @@ spec:
     assert_eq!(value("istio_tcp_sent_bytes_total"), 24);
 }
 
+/// One port, two servers: HTTPS terminated at the gateway for one host, TLS passed through
+/// for another; the SNI picks the server (istio-semantics GW2, GW5).
+fn terminated_and_passthrough_servers_share_a_port(host: Host) {
+    let ca = TestCa::new("mixed");
+    let gw_cert = ca.issue("gw", &["secure.example.com"]);
+    let nginx_cert = ca.issue("nginx", &["nginx.example.com"]);
+    let nginx = EchoServer::tls("nginx", &nginx_cert);
+    let web = Upstream::start("web");
+    let yaml = format!(
+        "{}{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: [secure.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}
+  - port: {{number: 443, name: tls-passthrough, protocol: TLS}}
+    hosts: [nginx.example.com]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [secure.example.com]
+  gateways: [istio-system/gw]
+  http:
+  - route: [{{destination: {{host: web, port: {{number: 8000}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: nginx, namespace: default}}
+spec:
+  hosts: [nginx.example.com]
+  gateways: [istio-system/gw]
+  tls:
+  - match: [{{sniHosts: [nginx.example.com]}}]
+    route: [{{destination: {{host: my-nginx, port: {{number: 443}}}}}}]
+",
+        service("web", "http", 8000, &[("v1", web.port)]),
+        service("my-nginx", "https", 443, &[("v1", nginx.port)]),
+        path_text(&gw_cert.cert_file),
+        path_text(&gw_cert.key_file),
+    );
+    let proxy = start(host, &gateway(yaml));
+    let client = TlsClient::new(&ca.cert_pem, None);
+    let r = client
+        .get(proxy.port(), "secure.example.com", "/pay")
+        .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("x-upstream: web"),
+        "terminated and routed as HTTP: {r}"
+    );
+    assert_eq!(web.received()[0].path, "/pay");
+    let r = client.get(proxy.port(), "nginx.example.com", "/").unwrap();
+    assert!(r.ends_with("\r\n\r\nnginx"), "passed through to nginx: {r}");
+    assert!(client.get(proxy.port(), "other.example.com", "/").is_err());
+}
+
 on_both_hosts!(
+    terminated_and_passthrough_servers_share_a_port,
     terminated_tls_server_uses_tcp_routes,
     tcp_max_connections_closes_the_overflow,
     sidecar_tcp_port_split,

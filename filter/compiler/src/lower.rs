@@ -580,6 +580,7 @@ impl<'a> Lowering<'a> {
                 });
                 listener.servers.push(ir::ListenerServer {
                     hosts: server.hosts.clone(),
+                    protocol: protocol.clone(),
                     tls: server
                         .tls
                         .as_ref()

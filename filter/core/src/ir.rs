@@ -111,8 +111,55 @@ pub struct Listener {
 #[serde(deny_unknown_fields)]
 pub struct ListenerServer {
     pub hosts: Vec<String>,
+    /// The server's own protocol (servers of several protocols may share a TLS port).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTls>,
+}
+
+impl ListenerServer {
+    fn tls_mode(&self) -> &str {
+        self.tls.as_ref().map_or("", |t| t.mode.as_str())
+    }
+
+    /// The proxy terminates TLS for this server (SIMPLE, MUTUAL, OPTIONAL_MUTUAL).
+    pub fn terminates_tls(&self) -> bool {
+        matches!(self.tls_mode(), "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL")
+    }
+
+    /// TLS passes through, routed on its SNI (PASSTHROUGH, AUTO_PASSTHROUGH).
+    pub fn passes_tls_through(&self) -> bool {
+        matches!(self.tls_mode(), "PASSTHROUGH" | "AUTO_PASSTHROUGH")
+    }
+
+    /// What reaches the filter is HTTP (plain, or after termination).
+    pub fn serves_http(&self) -> bool {
+        !self.passes_tls_through()
+            && matches!(
+                self.protocol.as_str(),
+                "" | "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB"
+            )
+    }
+
+    /// The hosts as SNI patterns: lower case, without the namespace part; empty when the
+    /// server takes any name (`*`).
+    pub fn sni_names(&self) -> Vec<String> {
+        let names: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                h.rsplit_once('/')
+                    .map_or(h.as_str(), |(_, d)| d)
+                    .to_ascii_lowercase()
+            })
+            .collect();
+        if names.iter().any(|n| n == "*") {
+            Vec::new()
+        } else {
+            names
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

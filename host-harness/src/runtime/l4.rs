@@ -22,10 +22,98 @@ use crate::abi;
 use crate::vm::{Action, Plugin, Vm};
 
 /// How a listener's connections reach the filter.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ConnectionRouting {
     /// Read the SNI from the ClientHello without terminating TLS (PASSTHROUGH servers).
     pub peek_sni: bool,
+    /// SNI patterns of servers on the port that terminate TLS, with whether what they
+    /// decrypt is HTTP (served as HTTP requests) rather than TCP; an empty pattern list
+    /// stands for any name.
+    pub terminate: Vec<(Vec<String>, bool)>,
+    /// SNI patterns of servers that pass TLS through (empty list: any name).
+    pub pass: Vec<Vec<String>>,
+}
+
+/// How well `sni` matches `patterns`: exact beats a longer wildcard beats a shorter one
+/// beats "any" (an empty list); `None` when it does not match. Envoy's server-name order.
+fn sni_rank(patterns: &[String], sni: &str) -> Option<usize> {
+    if patterns.is_empty() {
+        return Some(0);
+    }
+    patterns
+        .iter()
+        .filter_map(|p| match p.strip_prefix('*') {
+            None => (p == sni).then_some(usize::MAX),
+            Some(suffix) => {
+                (sni.len() > suffix.len() && sni.ends_with(suffix)).then_some(suffix.len() + 1)
+            }
+        })
+        .max()
+}
+
+/// What to do with a TLS connection given its SNI: terminate (and whether it is HTTP), or
+/// pass it through; `None` when no server takes the name.
+fn tls_choice(routing: &ConnectionRouting, sni: &str) -> Option<Option<bool>> {
+    let terminate = routing
+        .terminate
+        .iter()
+        .filter_map(|(p, http)| sni_rank(p, sni).map(|r| (r, *http)))
+        .max_by_key(|(r, _)| *r);
+    let pass = routing.pass.iter().filter_map(|p| sni_rank(p, sni)).max();
+    match (terminate, pass) {
+        (Some((t, http)), Some(p)) if t > p => Some(Some(http)),
+        (_, Some(_)) => Some(None),
+        (Some((_, http)), None) => Some(Some(http)),
+        (None, None) => None,
+    }
+}
+
+/// A stream whose first bytes were already read: they are replayed before the rest.
+struct Replay<S> {
+    head: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = (self.head.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Filter state the filter sets (Envoy's well-known keys).
@@ -235,32 +323,68 @@ pub(super) async fn serve_connection(
     connection_id: u64,
 ) {
     let local = stream.local_addr().ok();
-    let routing = spec
-        .connections
-        .unwrap_or(ConnectionRouting { peek_sni: false });
-    let (down, sni, initial): (Box<dyn Io>, String, Vec<u8>) = if routing.peek_sni {
-        let Some((sni, initial)) = peek_client_hello(&mut stream).await else {
+    let routing = spec.connections.clone().unwrap_or_default();
+    // Passthrough ports read the ClientHello first: its SNI picks the server, which either
+    // passes the bytes on untouched or terminates TLS here.
+    let (mut peeked, mut head) = (None, Vec::new());
+    if routing.peek_sni {
+        let Some((sni, bytes)) = peek_client_hello(&mut stream).await else {
             return;
         };
-        (Box::new(stream), sni, initial)
-    } else if let Some(config) = &spec.tls {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
-        // A failed handshake (no or untrusted client certificate for MUTUAL) only closes
-        // this connection.
-        let tls = match acceptor.accept(stream).await {
-            Ok(t) => t,
-            Err(e) => {
+        let choice = if bytes.first() == Some(&0x16) {
+            tls_choice(&routing, &sni)
+        } else {
+            // Plain bytes on a passthrough port: the filter's routes decide.
+            Some(None)
+        };
+        match choice {
+            None => {
                 eprintln!(
-                    "meshroute: TLS handshake from {peer} on port {}: {e}",
+                    "meshroute: no server on port {} takes SNI {sni:?}; closing",
                     spec.server_port
                 );
                 return;
             }
-        };
-        let sni = tls.get_ref().1.server_name().unwrap_or_default().to_owned();
-        (Box::new(tls), sni, Vec::new())
-    } else {
-        (Box::new(stream), String::new(), Vec::new())
+            Some(None) => peeked = Some(sni),
+            Some(Some(_)) => {}
+        }
+        head = bytes;
+    }
+    let (down, sni, initial): (Box<dyn Io>, String, Vec<u8>) = match (peeked, &spec.tls) {
+        (Some(sni), _) => (Box::new(stream), sni, head),
+        (None, Some(config)) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+            // A failed handshake (no or untrusted client certificate for MUTUAL) only closes
+            // this connection.
+            let replay = Replay {
+                head,
+                at: 0,
+                inner: stream,
+            };
+            let tls = match acceptor.accept(replay).await {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!(
+                        "meshroute: TLS handshake from {peer} on port {}: {e}",
+                        spec.server_port
+                    );
+                    return;
+                }
+            };
+            let sni = tls
+                .get_ref()
+                .1
+                .server_name()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            // A terminating HTTPS server on the port: its requests go to the HTTP filter.
+            if tls_choice(&routing, &sni) == Some(Some(true)) {
+                super::serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
+                return;
+            }
+            (Box::new(tls), sni, Vec::new())
+        }
+        (None, None) => (Box::new(stream), String::new(), head),
     };
     let generation = proxy.current();
     let Some(instances) = generation.l4.get(&spec.server_port) else {
@@ -465,6 +589,28 @@ mod tests {
         let mut out = Vec::new();
         conn.write_tls(&mut out).expect("hello");
         out
+    }
+
+    #[test]
+    fn the_most_specific_server_takes_the_sni() {
+        let routing = ConnectionRouting {
+            peek_sni: true,
+            terminate: vec![
+                (vec!["secure.example.com".into()], true),
+                (vec!["*.db.example.com".into()], false),
+            ],
+            pass: vec![vec!["*.example.com".into()]],
+        };
+        assert_eq!(tls_choice(&routing, "secure.example.com"), Some(Some(true)));
+        assert_eq!(tls_choice(&routing, "a.db.example.com"), Some(Some(false)));
+        assert_eq!(tls_choice(&routing, "other.example.com"), Some(None));
+        assert_eq!(tls_choice(&routing, "example.org"), None);
+        let any = ConnectionRouting {
+            pass: vec![Vec::new()],
+            ..routing
+        };
+        assert_eq!(tls_choice(&any, "example.org"), Some(None));
+        assert_eq!(tls_choice(&any, "secure.example.com"), Some(Some(true)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
-use meshroute_core::ir::{L4Table, Listener, ProxyKind, RulesDocument};
+use meshroute_core::ir::{L4Table, Listener, ListenerServer, ProxyKind, RulesDocument};
 
 use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
 use crate::vm::Plugin;
@@ -123,6 +123,9 @@ pub fn sidecar_connection_listener(
         tls: None,
         connections: Some(super::l4::ConnectionRouting {
             peek_sni: table.routes_on_sni(),
+            // Every name passes through: the filter's routes decide.
+            pass: vec![Vec::new()],
+            ..Default::default()
         }),
         limits,
     }
@@ -143,11 +146,19 @@ pub fn gateway_listener(
         .map_err(|e| format!("gateway port {}: {e}", l.port))?;
     let connections = l4.then(|| super::l4::ConnectionRouting {
         // The SNI is read from the ClientHello when some server passes TLS through.
-        peek_sni: l.servers.iter().any(|s| {
-            s.tls
-                .as_ref()
-                .is_some_and(|t| t.mode.ends_with("PASSTHROUGH"))
-        }),
+        peek_sni: l.servers.iter().any(ListenerServer::passes_tls_through),
+        terminate: l
+            .servers
+            .iter()
+            .filter(|s| s.terminates_tls())
+            .map(|s| (s.sni_names(), s.serves_http()))
+            .collect(),
+        pass: l
+            .servers
+            .iter()
+            .filter(|s| s.passes_tls_through())
+            .map(ListenerServer::sni_names)
+            .collect(),
     });
     Ok(ListenerSpec {
         address,

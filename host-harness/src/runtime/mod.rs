@@ -545,36 +545,44 @@ pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec) -> Result<(), String> 
         tokio::spawn(async move {
             let _permit = permit;
             let local = stream.local_addr().ok();
-            let https = spec.tls.is_some();
-            let service = {
-                let spec = spec.clone();
-                service_fn(move |req| {
-                    let proxy = Arc::clone(&proxy);
-                    let spec = spec.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            handle(proxy, spec, peer, local, connection_id, https, req).await,
-                        )
-                    }
-                })
-            };
-            let builder = listener_builder(spec.limits);
             match &spec.tls {
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
                     // A failed handshake only closes this connection.
                     if let Ok(tls) = acceptor.accept(stream).await {
-                        let io = deadline::HeaderDeadline::new(tls, spec.limits.header_timeout);
-                        let _ = builder.serve_connection(TokioIo::new(io), service).await;
+                        serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
                     }
                 }
-                None => {
-                    let io = deadline::HeaderDeadline::new(stream, spec.limits.header_timeout);
-                    let _ = builder.serve_connection(TokioIo::new(io), service).await;
-                }
+                None => serve_http(proxy, spec, stream, peer, local, connection_id, false).await,
             }
         });
     }
+}
+
+/// Serves HTTP on one accepted (and, for `https`, decrypted) connection.
+pub(super) async fn serve_http<I>(
+    proxy: Arc<Proxy>,
+    spec: ListenerSpec,
+    io: I,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    connection_id: u64,
+    https: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = listener_builder(spec.limits);
+    let io = deadline::HeaderDeadline::new(io, spec.limits.header_timeout);
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let spec = spec.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                handle(proxy, spec, peer, local, connection_id, https, req).await,
+            )
+        }
+    });
+    let _ = builder.serve_connection(TokioIo::new(io), service).await;
 }
 
 /// Downstream limits, with Envoy's defaults: 60 KiB of request headers and 100 header fields
