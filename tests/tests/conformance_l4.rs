@@ -652,7 +652,65 @@ spec:
     assert!(client.get(proxy.port(), "other.example.com", "/").is_err());
 }
 
+/// Hostile clients on a passthrough port: a ClientHello that announces more than it sends
+/// and stalls, plain bytes where TLS is expected, a truncated record. Each is closed or
+/// waits alone; a real client is routed meanwhile.
+fn passthrough_port_survives_broken_client_hellos(host: Host) {
+    use std::io::Write;
+    let ca = TestCa::new("hostile");
+    let cert = ca.issue("a", &["a.example.com"]);
+    let a = EchoServer::tls("a", &cert);
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: tls, protocol: TLS}}
+    hosts: [a.example.com]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: a, namespace: default}}
+spec:
+  hosts: [a.example.com]
+  gateways: [istio-system/gw]
+  tls:
+  - match: [{{sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: svc-a, port: {{number: 8443}}}}}}]
+",
+        service("svc-a", "tls", 8443, &[("a", a.port)])
+    );
+    let proxy = start(host, &gateway(yaml));
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
+        // A handshake record claiming 16 KiB, of which 3 bytes arrive.
+        s.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f])
+            .unwrap();
+        stalled.push(s);
+    }
+    let plain = tcp_exchange(proxy.port(), "GET / HTTP/1.1\r\n\r\n");
+    assert!(
+        plain.as_deref().map_or(true, str::is_empty),
+        "plain bytes on a TLS passthrough port reach nobody: {plain:?}"
+    );
+    let r = TlsClient::new(&ca.cert_pem, None)
+        .get(proxy.port(), "a.example.com", "/")
+        .unwrap();
+    assert!(r.ends_with("\r\n\r\na"), "{r}");
+    assert_eq!(
+        a.connections(),
+        1,
+        "only the real client reached the upstream"
+    );
+    drop(stalled);
+}
+
 on_both_hosts!(
+    passthrough_port_survives_broken_client_hellos,
     terminated_and_passthrough_servers_share_a_port,
     terminated_tls_server_uses_tcp_routes,
     tcp_max_connections_closes_the_overflow,
