@@ -709,7 +709,51 @@ spec:
     drop(stalled);
 }
 
+/// DestinationRule TLS origination on a TCP route: the gateway accepts plain TCP and
+/// speaks TLS to the upstream with the configured SNI, verified against the CA
+/// (istio-semantics TL1, TL2).
+fn tcp_route_originates_tls(host: Host) {
+    let ca = TestCa::new("tcp-origination");
+    let cert = ca.issue("db", &["db.internal.test"]);
+    let db = EchoServer::tls("db", &cert);
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: default}}
+spec:
+  host: db
+  trafficPolicy:
+    tls: {{mode: SIMPLE, sni: db.internal.test, caCertificates: {}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 31400, name: tcp, protocol: TCP}}
+    hosts: ['*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: ['*']
+  gateways: [istio-system/gw]
+  tcp:
+  - route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
+",
+        service("db", "tcp", 5432, &[("v1", db.port)]),
+        path_text(&ca.ca_file()),
+    );
+    let proxy = start(host, &gateway(yaml));
+    let answer = tcp_exchange(proxy.port(), "GET / HTTP/1.1\r\nhost: db\r\n\r\n").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.ends_with("\r\n\r\ndb"), "{answer:?}");
+}
+
 on_both_hosts!(
+    tcp_route_originates_tls,
     passthrough_port_survives_broken_client_hellos,
     terminated_and_passthrough_servers_share_a_port,
     terminated_tls_server_uses_tcp_routes,
