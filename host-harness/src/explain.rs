@@ -105,11 +105,7 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
     let decision = engine.decide(&view, &mut SplitMix64(1));
     let mut out = String::new();
     let mut steps = Vec::new();
-    let _ = writeln!(
-        out,
-        "proxy: {:?} in namespace {} (outbound policy {:?})",
-        doc.proxy.kind, doc.proxy.namespace, doc.outbound_traffic_policy
-    );
+    proxy_line(&mut out, doc);
     let _ = writeln!(
         out,
         "request: {} {}://{}{} (route table port {})",
@@ -261,6 +257,14 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
     ))
 }
 
+fn proxy_line(out: &mut String, doc: &RulesDocument) {
+    let _ = writeln!(
+        out,
+        "proxy: {:?} in namespace {} (outbound policy {:?})",
+        doc.proxy.kind, doc.proxy.namespace, doc.outbound_traffic_policy
+    );
+}
+
 /// Each weighted destination with its cluster, endpoints and policies.
 fn destinations(out: &mut String, doc: &RulesDocument, dests: &[Destination], port: u16) {
     let total: u32 = dests.iter().map(|d| d.weight).sum();
@@ -377,11 +381,7 @@ pub fn explain_connection(doc: &RulesDocument, probe: &Probe) -> Result<(String,
     };
     let mut out = String::new();
     let mut steps = Vec::new();
-    let _ = writeln!(
-        out,
-        "proxy: {:?} in namespace {} (outbound policy {:?})",
-        doc.proxy.kind, doc.proxy.namespace, doc.outbound_traffic_policy
-    );
+    proxy_line(&mut out, doc);
     let _ = writeln!(
         out,
         "connection: {}://{} (connection table port {port}{})",

@@ -24,6 +24,26 @@ fn service(name: &str, port_name: &str, port: u16, upstreams: &[(&str, u16)]) ->
     out
 }
 
+/// A Gateway TCP server on 31400 whose `tcp` route sends every connection to `db:5432`.
+const TCP_GATEWAY_TO_DB: &str = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ['*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: ['*']
+  gateways: [istio-system/gw]
+  tcp:
+  - route: [{destination: {host: db, port: {number: 5432}}}]
+";
+
 fn gateway(doc_yaml: String) -> meshroute_core::ir::RulesDocument {
     rules(
         &[("l4.yaml", doc_yaml)],
@@ -476,24 +496,7 @@ spec:
     connectionPool:
       tcp: {{maxConnections: 1}}
 ---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 31400, name: tcp, protocol: TCP}}
-    hosts: ['*']
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: db, namespace: default}}
-spec:
-  hosts: ['*']
-  gateways: [istio-system/gw]
-  tcp:
-  - route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
-",
+{TCP_GATEWAY_TO_DB}",
         service("db", "tcp", 5432, &[("v1", db.port)])
     );
     let proxy = start(host, &gateway(yaml));
@@ -541,24 +544,7 @@ spec:
 fn harness_reports_istio_tcp_metrics() {
     let db = EchoServer::tcp("db");
     let yaml = format!(
-        "{}apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 31400, name: tcp, protocol: TCP}}
-    hosts: ['*']
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: db, namespace: default}}
-spec:
-  hosts: ['*']
-  gateways: [istio-system/gw]
-  tcp:
-  - route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
-",
+        "{}{TCP_GATEWAY_TO_DB}",
         service("db", "tcp", 5432, &[("v1", db.port)])
     );
     let harness = Harness::start(&gateway(yaml));
@@ -725,24 +711,7 @@ spec:
   trafficPolicy:
     tls: {{mode: SIMPLE, sni: db.internal.test, caCertificates: {}}}
 ---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 31400, name: tcp, protocol: TCP}}
-    hosts: ['*']
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: db, namespace: default}}
-spec:
-  hosts: ['*']
-  gateways: [istio-system/gw]
-  tcp:
-  - route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
-",
+{TCP_GATEWAY_TO_DB}",
         service("db", "tcp", 5432, &[("v1", db.port)]),
         path_text(&ca.ca_file()),
     );
