@@ -16,7 +16,9 @@ use crate::shared::SharedEndpointState;
 pub const CLUSTER_STATE: &str = "envoy.tcp_proxy.cluster";
 /// Filter state naming the endpoint, `IP:PORT` (Envoy's ORIGINAL_DST cluster reads it).
 pub const ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_dst_address";
-/// The host function that sets both (Envoy's name and argument message).
+/// Filter state overriding the TCP proxy's idle timeout, milliseconds (0: none).
+pub const IDLE_TIMEOUT_STATE: &str = "envoy.tcp_proxy.per_connection_idle_timeout_ms";
+/// The host function that sets them (Envoy's name and argument message).
 const SET_FILTER_STATE: &str = "set_envoy_filter_state";
 
 pub struct FilterStream {
@@ -109,6 +111,7 @@ impl StreamContext for FilterStream {
                 cluster,
                 endpoint,
                 ticket,
+                idle_timeout_ms,
             } => {
                 debug!(
                     "connection {} (sni {sni:?}) → {route} → {cluster} {}",
@@ -119,7 +122,9 @@ impl StreamContext for FilterStream {
                 let named = set_filter_state(CLUSTER_STATE, &cluster)
                     && endpoint
                         .as_deref()
-                        .is_none_or(|e| set_filter_state(ENDPOINT_STATE, e));
+                        .is_none_or(|e| set_filter_state(ENDPOINT_STATE, e))
+                    && idle_timeout_ms
+                        .is_none_or(|ms| set_filter_state(IDLE_TIMEOUT_STATE, &ms.to_string()));
                 if named {
                     return Action::Continue;
                 }

@@ -721,7 +721,45 @@ spec:
     assert!(answer.ends_with("\r\n\r\ndb"), "{answer:?}");
 }
 
+/// `connectionPool.tcp.idleTimeout`: a proxied connection with no bytes either way for
+/// that long is closed (istio-semantics CP4).
+fn tcp_idle_timeout_closes_quiet_connections(host: Host) {
+    use std::io::{Read, Write};
+    let db = EchoServer::tcp("db");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: default}}
+spec:
+  host: db
+  trafficPolicy:
+    connectionPool:
+      tcp: {{idleTimeout: 500ms}}
+---
+{TCP_GATEWAY_TO_DB}",
+        service("db", "tcp", 5432, &[("v1", db.port)])
+    );
+    let proxy = start(host, &gateway(yaml));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"db:ping");
+    let quiet = std::time::Instant::now();
+    let n = s.read(&mut buf).unwrap_or(0);
+    let waited = quiet.elapsed();
+    assert_eq!(n, 0, "the proxy closed the quiet connection");
+    assert!(
+        waited >= std::time::Duration::from_millis(300)
+            && waited < std::time::Duration::from_secs(5),
+        "closed after {waited:?}, the idle timeout is 500 ms"
+    );
+}
+
 on_both_hosts!(
+    tcp_idle_timeout_closes_quiet_connections,
     tcp_route_originates_tls,
     passthrough_port_survives_broken_client_hellos,
     terminated_and_passthrough_servers_share_a_port,

@@ -1174,6 +1174,7 @@ impl<'a> Lowering<'a> {
                 max_retries: n(http.and_then(|h| h.max_retries)),
                 idle_timeout_ms: ms(http.and_then(|h| h.idle_timeout.as_ref()))
                     .or_else(|| ms(tcp.and_then(|t| t.idle_timeout.as_ref()))),
+                tcp_idle_timeout_ms: ms(tcp.and_then(|t| t.idle_timeout.as_ref())),
                 max_connection_duration_ms: ms(tcp.and_then(|t| t.max_connection_duration.as_ref())),
                 max_concurrent_streams: http
                     .and_then(|h| h.max_concurrent_streams)

@@ -668,6 +668,10 @@ pub struct ConnectionPool {
     pub max_retries: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_ms: Option<u64>,
+    /// `tcp.idleTimeout` alone: what a proxied TCP connection may sit idle (`Some(0)`: no
+    /// limit; `None`: Istio's default, 1 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -119,6 +119,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 /// Filter state the filter sets (Envoy's well-known keys).
 const CLUSTER_STATE: &str = "envoy.tcp_proxy.cluster";
 const ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_dst_address";
+const IDLE_TIMEOUT_STATE: &str = "envoy.tcp_proxy.per_connection_idle_timeout_ms";
+/// Envoy's TCP proxy closes a connection idle this long unless told otherwise (Istio's
+/// `tcp.idleTimeout` default is the same hour).
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Envoy's tls_inspector gives a client this long to send its ClientHello.
 const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 /// A ClientHello larger than this is not read further (Envoy's inspector stops at 64 KiB).
@@ -484,7 +488,16 @@ pub(super) async fn serve_connection(
         }
     };
     proxy.stats.tcp_opened(&cluster_name);
-    let (remote_closed, received, sent) = relay(slot, id, down, up, initial).await;
+    let idle = match state
+        .iter()
+        .find(|(k, _)| k == IDLE_TIMEOUT_STATE)
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+    {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+    };
+    let (remote_closed, received, sent) = relay(slot, id, down, up, initial, idle).await;
     drop(permit);
     log("", &chosen, received, sent);
     finish(remote_closed);
@@ -499,6 +512,7 @@ async fn relay(
     down: Box<dyn Io>,
     up: Box<dyn Io>,
     initial: Vec<u8>,
+    idle: Option<Duration>,
 ) -> (bool, u64, u64) {
     let (mut dr, mut dw) = tokio::io::split(down);
     let (mut ur, mut uw) = tokio::io::split(up);
@@ -537,11 +551,21 @@ async fn relay(
     let (mut down_open, mut up_open) = (true, true);
     let (mut dbuf, mut ubuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
     let mut client_ended = false;
+    let mut idle_until = idle.map(|d| tokio::time::Instant::now() + d);
     while down_open || up_open {
+        // Idle means no bytes either way for the whole timeout: then both sides close.
+        let expired = async {
+            match idle_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = expired => break,
             r = dr.read(&mut dbuf), if down_open => {
                 let n = r.unwrap_or(0);
                 received += n as u64;
+                idle_until = idle.map(|d| tokio::time::Instant::now() + d);
                 let eos = n == 0;
                 let Some(data) = through(true, dbuf[..n].to_vec(), eos) else { break };
                 if !data.is_empty() && uw.write_all(&data).await.is_err() {
@@ -555,6 +579,7 @@ async fn relay(
             }
             r = ur.read(&mut ubuf), if up_open => {
                 let n = r.unwrap_or(0);
+                idle_until = idle.map(|d| tokio::time::Instant::now() + d);
                 let eos = n == 0;
                 let Some(data) = through(false, ubuf[..n].to_vec(), eos) else { break };
                 sent += data.len() as u64;

@@ -35,6 +35,8 @@ pub(crate) struct ClusterRt {
     locality: Option<Plan>,
     /// The host speaks HTTP/2 to the endpoints.
     pub(crate) h2: bool,
+    /// How long a proxied TCP connection may sit idle (`tcp.idleTimeout`).
+    pub(crate) tcp_idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -91,6 +93,7 @@ impl ClusterRt {
             .fold(fnv1a(c.name.as_bytes()), |h, e| mix(h ^ e.id_hash));
         let h2 = c.upstream_h2();
         Self {
+            tcp_idle_timeout_ms: c.connection_pool.tcp_idle_timeout_ms,
             max_active: admission_limit(&c.connection_pool, h2),
             max_retries: (c.connection_pool.max_retries > 0)
                 .then_some(c.connection_pool.max_retries),

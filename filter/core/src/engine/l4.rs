@@ -31,6 +31,8 @@ pub enum ConnectionOutcome<'e> {
         endpoint: Option<String>,
         /// Give back with [`Engine::release`] when the connection closes.
         ticket: Option<Ticket>,
+        /// `tcp.idleTimeout` of the cluster (`Some(0)`: none); `None` leaves the host's.
+        idle_timeout_ms: Option<u64>,
     },
     /// Nothing takes the connection: the host closes it. `reason` is for logs.
     Close { reason: &'static str },
@@ -296,6 +298,7 @@ impl Engine {
                     cluster,
                     endpoint: picked.map(|p| p.address),
                     ticket,
+                    idle_timeout_ms: c.tcp_idle_timeout_ms,
                 }
             }
         }
