@@ -83,6 +83,21 @@ impl FilterRoot {
     }
 }
 
+thread_local! {
+    /// The last rules document this VM loaded, with its engine while any root context uses it.
+    static LOADED: RefCell<Option<(Vec<u8>, std::rc::Weak<Engine>)>> = const { RefCell::new(None) };
+}
+
+/// The engine already loaded from exactly these bytes, if a root context still holds it.
+fn shared_engine(bytes: &[u8]) -> Option<Rc<Engine>> {
+    LOADED.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|(loaded, _)| loaded.as_slice() == bytes)
+            .and_then(|(_, engine)| engine.upgrade())
+    })
+}
+
 pub(crate) fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -117,6 +132,12 @@ impl RootContext for FilterRoot {
             self.l4_port = Some(port);
         }
         let bytes = self.get_plugin_configuration().unwrap_or_default();
+        if let Some(engine) = shared_engine(&bytes) {
+            // Another root context of this VM (the HTTP filter, another TCP listener) loaded
+            // the same rules: one engine, one set of per-endpoint counts, less memory.
+            *self.shared.engine.borrow_mut() = Some(engine);
+            return true;
+        }
         match crate::load_rules(&bytes) {
             Ok(engine) => {
                 info!(
@@ -135,7 +156,9 @@ impl RootContext for FilterRoot {
                         }
                     }
                 }
-                *self.shared.engine.borrow_mut() = Some(Rc::new(engine));
+                let engine = Rc::new(engine);
+                LOADED.with(|l| *l.borrow_mut() = Some((bytes, Rc::downgrade(&engine))));
+                *self.shared.engine.borrow_mut() = Some(engine);
                 true
             }
             Err(reason) => {

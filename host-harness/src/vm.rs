@@ -115,25 +115,13 @@ impl Plugin {
         configuration: &[u8],
         known_clusters: Arc<ClusterCheck>,
     ) -> Result<Vm, VmError> {
-        self.start_root(configuration, known_clusters, "meshroute")
-    }
-
-    /// As [`Plugin::start`], for the plugin with root id `root_id` (the connection-level
-    /// filter of a listener is `meshroute_tcp_<port>`).
-    pub fn start_root(
-        &self,
-        configuration: &[u8],
-        known_clusters: Arc<ClusterCheck>,
-        root_id: &str,
-    ) -> Result<Vm, VmError> {
-        let mut state = HostState::new(
+        let state = HostState::new(
             "meshroute",
             configuration.to_vec(),
             Arc::clone(&self.shared),
             known_clusters,
             MEMORY_LIMIT,
         );
-        root_id.clone_into(&mut state.root_name);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(CALLBACK_BUDGET_TICKS);
@@ -311,6 +299,65 @@ impl Vm {
 
     pub fn root(&self) -> u32 {
         self.store.data().root_id
+    }
+
+    /// Starts another plugin of the same module in this instance, with root id `root_id`
+    /// (a connection-level listener's `meshroute_tcp_<port>`) and `configuration`, as Envoy
+    /// starts several plugins in one VM. Returns its root context.
+    pub fn add_root(&mut self, root_id: &str, configuration: &[u8]) -> Result<u32, VmError> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(2);
+        {
+            let state = self.store.data_mut();
+            state.root_names.insert(id, root_id.to_owned());
+            state.plugin_configuration = Some(configuration.to_vec());
+        }
+        let size = configuration.len() as i32;
+        let exports = Arc::clone(&self.exports);
+        if let Some(f) = exports.on_context_create.as_ref() {
+            self.call(id, |s| f.call(s, (id as i32, 0)))
+                .map_err(VmError)?;
+        }
+        if let Some(f) = exports.on_vm_start.as_ref() {
+            if self
+                .call(id, |s| f.call(s, (id as i32, 0)))
+                .map_err(VmError)?
+                == 0
+            {
+                return Err(VmError(format!(
+                    "proxy_on_vm_start returned false for {root_id}"
+                )));
+            }
+        }
+        let configured = match exports.on_configure.as_ref() {
+            Some(f) => {
+                self.call(id, |s| f.call(s, (id as i32, size)))
+                    .map_err(VmError)?
+                    != 0
+            }
+            None => true,
+        };
+        self.store.data_mut().plugin_configuration = None;
+        if !configured {
+            return Err(VmError(format!(
+                "the filter rejected its configuration as {root_id}{}",
+                self.log_tail()
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Creates a stream context under root context `root` (a connection of that plugin).
+    pub fn open_stream_in(&mut self, root: u32, mut stream: abi::Stream) -> Result<u32, String> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(2);
+        stream.root = root;
+        self.store.data_mut().streams.insert(id, stream);
+        let exports = Arc::clone(&self.exports);
+        if let Some(f) = exports.on_context_create.as_ref() {
+            self.call(id, |s| f.call(s, (id as i32, root as i32)))?;
+        }
+        Ok(id)
     }
 
     /// Creates a stream context (ids are per instance, as in Envoy).

@@ -268,7 +268,10 @@ impl TlsClient {
         let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        write!(tls, "GET {path} HTTP/1.1\r\nhost: {sni}\r\n\r\n").map_err(|e| e.to_string())?;
+        // One write, so the request travels in one TLS record.
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {sni}\r\n\r\n");
+        tls.write_all(request.as_bytes())
+            .map_err(|e| e.to_string())?;
         tls.flush().map_err(|e| e.to_string())?;
         // Read one response: head, then content-length bytes.
         let mut out = Vec::new();

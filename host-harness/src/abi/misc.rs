@@ -53,7 +53,7 @@ fn set_tick_period(mut c: Caller<'_, HostState>, period_ms: i32) -> i32 {
 fn set_effective_context(mut c: Caller<'_, HostState>, id: i32) -> i32 {
     let state = c.data_mut();
     let id = id as u32;
-    if id == state.root_id || state.streams.contains_key(&id) {
+    if state.root_names.contains_key(&id) || state.streams.contains_key(&id) {
         state.effective = Some(id);
         status::OK
     } else {

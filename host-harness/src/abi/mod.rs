@@ -107,6 +107,8 @@ pub struct Stream {
     pub downstream_data: Vec<u8>,
     pub upstream_data: Vec<u8>,
     pub close_connection: bool,
+    /// The root context this stream belongs to (0: the HTTP filter's).
+    pub root: u32,
 }
 
 impl Stream {
@@ -136,6 +138,7 @@ impl Stream {
             downstream_data: Vec::new(),
             upstream_data: Vec::new(),
             close_connection: false,
+            root: 0,
         }
     }
 }
@@ -205,8 +208,11 @@ pub struct GuestLog {
 pub struct HostState {
     pub limits: StoreLimits,
     pub plugin_name: String,
-    /// The plugin's root id (`plugin_root_id`): tells the module which contexts to create.
-    pub root_name: String,
+    /// Root ids (`plugin_root_id`) of the plugins started in this VM, by root context: the
+    /// HTTP filter's and one per connection-level listener, as Envoy shares one VM among
+    /// the plugins of a worker.
+    pub root_names: HashMap<u32, String>,
+    /// The HTTP filter's root context (ticks and side-call responses go there).
     pub root_id: u32,
     /// Context of the callback being run.
     pub current: u32,
@@ -245,7 +251,7 @@ impl HostState {
                 .trap_on_grow_failure(false)
                 .build(),
             plugin_name: plugin_name.to_owned(),
-            root_name: plugin_name.to_owned(),
+            root_names: HashMap::from([(1, plugin_name.to_owned())]),
             root_id: 1,
             current: 0,
             effective: None,
@@ -269,6 +275,20 @@ impl HostState {
     /// The context host calls act on.
     pub fn context(&self) -> u32 {
         self.effective.unwrap_or(self.current)
+    }
+
+    /// The root id (`plugin_root_id`) of the plugin the current context belongs to.
+    pub fn current_root_name(&self) -> &str {
+        let ctx = self.context();
+        let root = match self.streams.get(&ctx) {
+            Some(s) if s.root != 0 => s.root,
+            Some(_) => self.root_id,
+            None => ctx,
+        };
+        self.root_names
+            .get(&root)
+            .or_else(|| self.root_names.get(&self.root_id))
+            .map_or("", String::as_str)
     }
 
     pub fn stream(&self) -> Option<&Stream> {

@@ -35,7 +35,7 @@ fn lookup(state: &HostState, path: &[&str]) -> Result<Value, i32> {
     }
     match path {
         ["plugin_name"] | ["plugin_vm_id"] => text(state.plugin_name.clone()),
-        ["plugin_root_id"] => text(state.root_name.clone()),
+        ["plugin_root_id"] => text(state.current_root_name().to_owned()),
         ["request" | "response" | "connection" | "source" | "destination" | "filter_state"] => {
             Err(status::SERIALIZATION_FAILURE)
         }

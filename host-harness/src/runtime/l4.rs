@@ -8,18 +8,16 @@
 //! ClientHello (PASSTHROUGH).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use meshroute_core::ir::{self, Discovery};
-
 use super::{ClusterInfo, Generation, ListenerSpec, Proxy};
 use crate::abi;
-use crate::vm::{Action, Plugin, Vm};
+use crate::vm::Action;
 
 /// How a listener's connections reach the filter.
 #[derive(Clone, Debug, Default)]
@@ -128,58 +126,6 @@ const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 /// A ClientHello larger than this is not read further (Envoy's inspector stops at 64 KiB).
 const CLIENT_HELLO_LIMIT: usize = 64 * 1024;
 
-/// The filter instances of one connection-level listener port.
-pub(super) struct L4Instances {
-    vms: Vec<Mutex<Option<Vm>>>,
-    next: AtomicUsize,
-}
-
-impl L4Instances {
-    pub(super) fn start(
-        plugin: &Plugin,
-        rules_json: &[u8],
-        known: &Arc<abi::ClusterCheck>,
-        port: u16,
-        workers: usize,
-    ) -> Result<Self, String> {
-        let mut vms = Vec::with_capacity(workers);
-        for _ in 0..workers.max(1) {
-            let mut vm = plugin
-                .start_root(rules_json, Arc::clone(known), &ir::l4_root_id(port))
-                .map_err(|e| format!("connection filter for port {port}: {e}"))?;
-            super::print_logs(&mut vm);
-            vms.push(Mutex::new(Some(vm)));
-        }
-        Ok(Self {
-            vms,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    fn pick(&self) -> &Mutex<Option<Vm>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.vms.len();
-        &self.vms[i]
-    }
-}
-
-/// Runs `f` on an instance; a trap takes the instance out of service (fail closed).
-fn with_vm<R>(slot: &Mutex<Option<Vm>>, f: impl FnOnce(&mut Vm) -> Result<R, String>) -> Option<R> {
-    let mut guard = slot.lock().ok()?;
-    let vm = guard.as_mut()?;
-    let result = f(vm);
-    super::print_logs(vm);
-    match result {
-        Ok(r) => Some(r),
-        Err(e) => {
-            eprintln!("meshroute: {e}");
-            if vm.failed.load(Ordering::Relaxed) {
-                *guard = None;
-            }
-            None
-        }
-    }
-}
-
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -276,24 +222,9 @@ fn target<'g>(
         .clusters
         .get(&name)
         .ok_or_else(|| format!("cluster {name} does not exist"))?;
-    let endpoint = match cluster.discovery {
-        Discovery::Static => {
-            let e = get(ENDPOINT_STATE).ok_or("the filter named no endpoint")?;
-            // Only endpoints of the chosen cluster, whatever the filter state says.
-            if !cluster.endpoints.contains(&e) {
-                return Err(format!("{e} is not an endpoint of {name}"));
-            }
-            e
-        }
-        Discovery::Dns => {
-            if cluster.endpoints.is_empty() {
-                return Err(format!("cluster {name} has no endpoints"));
-            }
-            let i = cluster.next.fetch_add(1, Ordering::Relaxed) % cluster.endpoints.len();
-            cluster.endpoints[i].clone()
-        }
-        Discovery::OriginalDst => get(ENDPOINT_STATE).ok_or("the filter named no endpoint")?,
-    };
+    let endpoint = cluster
+        .endpoint(get(ENDPOINT_STATE))
+        .ok_or_else(|| format!("no endpoint of {name} to connect to"))?;
     Ok((endpoint, cluster))
 }
 
@@ -391,18 +322,22 @@ pub(super) async fn serve_connection(
         (None, None) => (Box::new(stream), String::new(), head),
     };
     let generation = proxy.current();
-    let Some(instances) = generation.l4.get(&spec.server_port) else {
+    let Some(&root) = generation.l4_roots.get(&spec.server_port) else {
         return;
     };
-    let slot = instances.pick();
-    let opened = with_vm(slot, |vm| {
+    let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
+    // A failed instance (reloaded first under the reload policy) routes nothing: closed.
+    if super::check_failed(&proxy, &generation, index).is_some() {
+        return;
+    }
+    let opened = super::with_vm(&proxy, &generation, index, |vm| {
         let mut s = abi::Stream::new(Vec::new());
         s.source = peer.to_string();
         s.destination = local.map(|a| a.to_string()).unwrap_or_default();
         s.destination_port = spec.server_port;
         s.connection_id = connection_id;
         s.requested_server_name = sni.clone();
-        let id = vm.open_stream(s)?;
+        let id = vm.open_stream_in(root, s)?;
         let action = vm.on_new_connection(id)?;
         let s = vm.stream_mut(id).ok_or("connection context vanished")?;
         let close = s.close_connection || action == Action::Pause;
@@ -443,7 +378,7 @@ pub(super) async fn serve_connection(
         }
     };
     let finish = |remote_down: bool| {
-        with_vm(slot, |vm| {
+        super::with_vm(&proxy, &generation, index, |vm| {
             let _ = vm.on_connection_close(id, true, remote_down);
             let _ = vm.on_connection_close(id, false, !remote_down);
             vm.close_stream(id);
@@ -497,7 +432,8 @@ pub(super) async fn serve_connection(
         Some(0) => None,
         Some(ms) => Some(Duration::from_millis(ms)),
     };
-    let (remote_closed, received, sent) = relay(slot, id, down, up, initial, idle).await;
+    let (remote_closed, received, sent) =
+        relay((&proxy, &generation, index), id, down, up, initial, idle).await;
     drop(permit);
     log("", &chosen, received, sent);
     finish(remote_closed);
@@ -507,7 +443,7 @@ pub(super) async fn serve_connection(
 /// filter closes the connection. Returns whether the client ended it, and the bytes received
 /// from the client and sent to it.
 async fn relay(
-    slot: &Mutex<Option<Vm>>,
+    (proxy, generation, index): (&Arc<Proxy>, &Arc<Generation>, usize),
     id: u32,
     down: Box<dyn Io>,
     up: Box<dyn Io>,
@@ -518,7 +454,7 @@ async fn relay(
     let (mut ur, mut uw) = tokio::io::split(up);
     // The filter sees each chunk and may rewrite it; `None` means close now.
     let through = |downstream: bool, data: Vec<u8>, eos: bool| -> Option<Vec<u8>> {
-        with_vm(slot, |vm| {
+        super::with_vm(proxy, generation, index, |vm| {
             let s = vm.stream_mut(id).ok_or("connection context vanished")?;
             if downstream {
                 s.downstream_data = data;

@@ -95,8 +95,9 @@ pub struct Generation {
     pub sources: Vec<PathBuf>,
     clusters: HashMap<String, ClusterInfo>,
     slots: Vec<Slot>,
-    /// Filter instances of each connection-level listener port.
-    l4: HashMap<u16, l4::L4Instances>,
+    /// Root context of each connection-level listener port's plugin, the same in every
+    /// instance (they are started in the same order).
+    l4_roots: HashMap<u16, u32>,
     next_slot: AtomicUsize,
 }
 
@@ -114,6 +115,23 @@ struct ClusterInfo {
     tls: Option<tls::Origination>,
     /// The service's host name (TLS name for TCP when `sni` is unset).
     service: String,
+}
+
+impl ClusterInfo {
+    /// Where to connect: the endpoint the filter named (only one of this cluster's, so a
+    /// forged name never reaches elsewhere), the next resolved address when the host
+    /// resolves (DNS), or the named original destination. `None`: nowhere to go.
+    fn endpoint(&self, named: Option<String>) -> Option<String> {
+        match self.discovery {
+            Discovery::Static => named.filter(|e| self.endpoints.contains(e)),
+            Discovery::Dns => {
+                let n = self.endpoints.len();
+                (n > 0)
+                    .then(|| self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n].clone())
+            }
+            Discovery::OriginalDst => named,
+        }
+    }
 }
 
 /// One filter instance and its bookkeeping.
@@ -242,19 +260,12 @@ impl Proxy {
             serde_json::to_vec(&doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
         let clusters = cluster_table(&doc)?;
         let known = cluster_check(&clusters);
-        let mut l4 = HashMap::new();
-        for t in &doc.l4_tables {
-            l4.insert(
-                t.port,
-                l4::L4Instances::start(plugin, &rules_json, &known, t.port, workers)?,
-            );
-        }
+        let l4_ports: Vec<u16> = doc.l4_tables.iter().map(|t| t.port).collect();
+        let mut l4_roots = HashMap::new();
         let mut slots = Vec::with_capacity(workers);
         for _ in 0..workers.max(1) {
-            let mut vm = plugin
-                .start(&rules_json, Arc::clone(&known))
-                .map_err(|e| e.to_string())?;
-            print_logs(&mut vm);
+            let (vm, roots) = start_instance(plugin, &rules_json, &known, &l4_ports)?;
+            l4_roots = roots;
             slots.push(Slot {
                 vm: Mutex::new(Some(vm)),
                 failed_at: Mutex::new(None),
@@ -268,7 +279,7 @@ impl Proxy {
             sources,
             clusters,
             slots,
-            l4,
+            l4_roots,
             next_slot: AtomicUsize::new(0),
         })
     }
@@ -304,6 +315,29 @@ impl Proxy {
             spawn_ticker(Arc::clone(self), Arc::clone(&generation), i);
         }
     }
+}
+
+/// One filter instance: the HTTP filter's plugin, then one plugin per connection-level
+/// listener port (root id `meshroute_tcp_<port>`) in the same VM, as Envoy runs a worker's
+/// plugins in one VM. Returns it with the root context of each port's plugin.
+fn start_instance(
+    plugin: &Plugin,
+    rules_json: &[u8],
+    known: &Arc<ClusterCheck>,
+    l4_ports: &[u16],
+) -> Result<(Vm, HashMap<u16, u32>), String> {
+    let mut vm = plugin
+        .start(rules_json, Arc::clone(known))
+        .map_err(|e| e.to_string())?;
+    let mut roots = HashMap::with_capacity(l4_ports.len());
+    for &port in l4_ports {
+        let root = vm
+            .add_root(&ir::l4_root_id(port), rules_json)
+            .map_err(|e| format!("connection filter for port {port}: {e}"))?;
+        roots.insert(port, root);
+    }
+    print_logs(&mut vm);
+    Ok((vm, roots))
 }
 
 fn print_logs(vm: &mut Vm) {
@@ -1145,8 +1179,11 @@ fn check_failed(
         let since = slot.failed_at.lock().ok().and_then(|g| *g);
         if since.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             let known = cluster_check(&generation.clusters);
-            match proxy.plugin.start(&generation.rules_json, known) {
-                Ok(vm) => {
+            let mut ports: Vec<u16> = generation.l4_roots.keys().copied().collect();
+            // Roots are started in table order, as at first, so their ids stay the same.
+            ports.sort_by_key(|p| generation.l4_roots[p]);
+            match start_instance(&proxy.plugin, &generation.rules_json, &known, &ports) {
+                Ok((vm, _)) => {
                     if let Ok(mut g) = slot.vm.lock() {
                         *g = Some(vm);
                     }
@@ -1264,24 +1301,9 @@ async fn forward(
         .iter()
         .find(|(k, _)| k == ir::ENDPOINT_HEADER)
         .map(|(_, v)| v.clone());
-    let endpoint = match cluster.discovery {
-        Discovery::Static => {
-            let e = endpoint_header.ok_or(HostReply::NO_HEALTHY)?;
-            // Only endpoints of the chosen cluster: a forged header never reaches elsewhere.
-            if !cluster.endpoints.contains(&e) {
-                return Err(HostReply::NO_HEALTHY);
-            }
-            e
-        }
-        Discovery::Dns => {
-            if cluster.endpoints.is_empty() {
-                return Err(HostReply::NO_HEALTHY);
-            }
-            let i = cluster.next.fetch_add(1, Ordering::Relaxed) % cluster.endpoints.len();
-            cluster.endpoints[i].clone()
-        }
-        Discovery::OriginalDst => endpoint_header.ok_or(HostReply::NO_HEALTHY)?,
-    };
+    let endpoint = cluster
+        .endpoint(endpoint_header)
+        .ok_or(HostReply::NO_HEALTHY)?;
     let number =
         |headers: &mut Headers, name: &str| take(headers, name).and_then(|v| v.parse::<u64>().ok());
     let timeout = number(&mut headers, "x-envoy-upstream-rq-timeout-ms")
