@@ -73,6 +73,8 @@ pub struct Options<'a> {
     pub binds: &'a [Bind],
     pub admin: Option<&'a Bind>,
     pub failure_policy: FailurePolicy,
+    /// Directory of `credentialName` secrets (`<dir>/<name>/tls.crt|tls.key|ca.crt`).
+    pub credentials: Option<&'a Path>,
 }
 
 /// Builds the bootstrap. Errors name what cannot be expressed.
@@ -151,7 +153,11 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
             }
         }
     }
-    let mut clusters: Vec<Value> = doc.clusters.iter().map(cluster).collect();
+    let mut clusters: Vec<Value> = doc
+        .clusters
+        .iter()
+        .map(|c| cluster(c, opts.credentials))
+        .collect::<Result<_, _>>()?;
     // TCP proxies need a configured cluster; the filter's filter state replaces it, and a
     // connection nothing routes is closed before it would be used.
     clusters.push(json!({
@@ -298,21 +304,17 @@ fn gateway_listener(
         let mut chain = json!({"filters": filters});
         if terminate {
             let Some(tls) = &server.tls else { continue };
-            let (Some(cert), Some(key)) = (&tls.server_certificate, &tls.private_key) else {
-                return Err(format!(
-                    "gateway port {} is not served by this bootstrap: credentialName needs Istio's secret delivery; give serverCertificate and privateKey files",
-                    l.port
-                ));
-            };
+            let files = crate::credentials::server_files(tls, opts.credentials)
+                .map_err(|e| format!("gateway port {}: {e}", l.port))?;
             let mut common = json!({
                 "tls_certificates": [{
-                    "certificate_chain": {"filename": cert},
-                    "private_key": {"filename": key},
+                    "certificate_chain": {"filename": files.cert},
+                    "private_key": {"filename": files.key},
                 }],
                 "alpn_protocols": if server.serves_http() { json!(["h2", "http/1.1"]) } else { json!([]) },
             });
             if tls.mode != "SIMPLE" {
-                if let Some(ca) = &tls.ca_certificates {
+                if let Some(ca) = &files.client_ca {
                     common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
                 }
             }
@@ -491,7 +493,7 @@ fn limit(n: u32) -> u64 {
     }
 }
 
-fn cluster(c: &Cluster) -> Value {
+fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, String> {
     let pool = &c.connection_pool;
     let mut out = json!({
         "name": c.name,
@@ -544,7 +546,8 @@ fn cluster(c: &Cluster) -> Value {
         }
     });
     if let Some(tls) = &c.tls {
-        out["transport_socket"] = upstream_tls(tls);
+        out["transport_socket"] =
+            upstream_tls(tls, credentials).map_err(|e| format!("cluster {}: tls: {e}", c.name))?;
         if tls.sni.is_none() {
             // Istio: without `sni`, the SNI is the request's Host.
             out["typed_extension_protocol_options"]
@@ -552,23 +555,23 @@ fn cluster(c: &Cluster) -> Value {
                 ["upstream_http_protocol_options"] = json!({"auto_sni": true});
         }
     }
-    out
+    Ok(out)
 }
 
 /// DestinationRule `tls` (SIMPLE, MUTUAL): originate TLS, verify the server against the CA
 /// (the system's when none is given) and the `subjectAltNames`, present a client certificate
 /// for MUTUAL.
-fn upstream_tls(tls: &ClientTls) -> Value {
+fn upstream_tls(tls: &ClientTls, credentials: Option<&Path>) -> Result<Value, String> {
+    let files = crate::credentials::client_files(tls, credentials)?;
     let mut common = json!({});
-    if let (Some(cert), Some(key)) = (&tls.client_certificate, &tls.private_key) {
+    if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
         common["tls_certificates"] =
             json!([{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]);
     }
     if !tls.insecure_skip_verify {
-        let ca = tls
-            .ca_certificates
-            .clone()
-            .unwrap_or_else(|| SYSTEM_CA_BUNDLE.to_owned());
+        let ca = files
+            .ca
+            .unwrap_or_else(|| std::path::PathBuf::from(SYSTEM_CA_BUNDLE));
         let mut validation = json!({"trusted_ca": {"filename": ca}});
         if !tls.subject_alt_names.is_empty() {
             validation["match_typed_subject_alt_names"] = tls
@@ -586,7 +589,7 @@ fn upstream_tls(tls: &ClientTls) -> Value {
     if let Some(sni) = &tls.sni {
         ctx["sni"] = json!(sni);
     }
-    json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
+    Ok(json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx}))
 }
 
 /// Where Debian-family systems keep the trusted roots (Istio's default for SIMPLE without

@@ -2,6 +2,7 @@
 //! configuration generators for other hosts (`envoy_config`).
 
 pub mod abi;
+pub mod credentials;
 pub mod envoy_config;
 pub mod explain;
 pub mod runtime;

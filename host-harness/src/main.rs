@@ -67,7 +67,8 @@ struct HostArgs {
     /// Filter instances (one per worker, as Envoy).
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Directory of TLS secrets for Gateway `credentialName`: `<dir>/<name>/tls.crt|tls.key`.
+    /// Directory of TLS secrets for `credentialName` (Gateway servers and DestinationRule
+    /// `tls`): `<dir>/<name>/tls.crt|tls.key|ca.crt`.
     #[arg(long)]
     credentials_dir: Option<PathBuf>,
     /// Access log: `off`, `stdout` or a file to append to.
@@ -257,6 +258,10 @@ enum Command {
         /// What Envoy does when the filter fails (Istio WasmPlugin failStrategy).
         #[arg(long, value_enum, default_value = "fail-closed")]
         failure_policy: envoy_config::FailurePolicy,
+        /// Directory of TLS secrets for `credentialName`:
+        /// `<dir>/<name>/tls.crt|tls.key|ca.crt` (paths as Envoy will see them).
+        #[arg(long)]
+        credentials_dir: Option<PathBuf>,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
@@ -651,6 +656,7 @@ fn main() -> ExitCode {
             listen,
             admin,
             failure_policy,
+            credentials_dir,
             output,
         } => {
             let doc = match compile_rules(&files, identity) {
@@ -662,6 +668,7 @@ fn main() -> ExitCode {
                 binds: &listen,
                 admin: admin.as_ref(),
                 failure_policy,
+                credentials: credentials_dir.as_deref(),
             };
             match envoy_config::bootstrap(&doc, &opts) {
                 Ok((bootstrap, warnings)) => {

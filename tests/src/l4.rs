@@ -60,6 +60,18 @@ impl TestCa {
         self.dir.join("ca.crt")
     }
 
+    /// `issued` as an Istio `credentialName` secret: `<dir>/creds/<name>/tls.crt`, `tls.key`
+    /// and this CA as `ca.crt`. Returns the credentials directory.
+    pub fn credential(&self, name: &str, issued: &Issued) -> PathBuf {
+        let creds = self.dir.join("creds");
+        let dir = creds.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), &issued.key_pem).unwrap();
+        std::fs::write(dir.join("ca.crt"), &self.cert_pem).unwrap();
+        creds
+    }
+
     /// A leaf certificate for `names` (DNS SANs), saved as `<file>.crt` / `<file>.key`.
     pub fn issue(&self, file: &str, names: &[&str]) -> Issued {
         let params = rcgen::CertificateParams::new(
@@ -112,14 +124,34 @@ impl EchoServer {
     /// TLS with `cert`: reads one HTTP/1.1 request head (or any bytes up to a blank line)
     /// and answers `200` with the name as body and `x-upstream`, keeping the connection.
     pub fn tls(name: &str, cert: &Issued) -> Self {
+        Self::tls_verifying(name, cert, None)
+    }
+
+    /// As [`EchoServer::tls`], requiring a client certificate issued by `client_ca_pem`
+    /// when given.
+    pub fn tls_verifying(name: &str, cert: &Issued, client_ca_pem: Option<&str>) -> Self {
         let chain = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
         let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
             .unwrap();
+        let builder = match client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder.with_single_cert(chain, key).unwrap();
         Self::start(name, Some(Arc::new(config)))
     }
 

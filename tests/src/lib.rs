@@ -539,11 +539,30 @@ impl Envoy {
 
     /// Envoy running `wasm` (any proxy-wasm module) with `doc` as its configuration.
     pub fn start_module(wasm: &Path, doc: &RulesDocument, failure_policy: FailurePolicy) -> Self {
+        Self::start_full(wasm, doc, failure_policy, None)
+    }
+
+    /// Envoy with the filter and `doc`, `credentialName` secrets read from `credentials`.
+    pub fn start_with_credentials(doc: &RulesDocument, credentials: &Path) -> Self {
+        Self::start_full(
+            &wasm_path(),
+            doc,
+            FailurePolicy::FailClosed,
+            Some(credentials),
+        )
+    }
+
+    fn start_full(
+        wasm: &Path,
+        doc: &RulesDocument,
+        failure_policy: FailurePolicy,
+        credentials: Option<&Path>,
+    ) -> Self {
         // A free port can be taken by another process between choosing it and Envoy binding
         // it: then try again with new ports.
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start_module(wasm, doc, failure_policy) {
+            match Self::try_start_module(wasm, doc, failure_policy, credentials) {
                 Ok(envoy) => return envoy,
                 Err(e) if e.contains("Address already in use") => last = e,
                 Err(e) => panic!("{e}"),
@@ -556,6 +575,7 @@ impl Envoy {
         wasm: &Path,
         doc: &RulesDocument,
         failure_policy: FailurePolicy,
+        credentials: Option<&Path>,
     ) -> Result<Self, String> {
         let dir = Self::workdir();
         let (port, admin) = (free_port(), free_port());
@@ -585,6 +605,7 @@ impl Envoy {
                 binds: &binds,
                 admin: Some(&admin_bind),
                 failure_policy,
+                credentials,
             },
         )
         .expect("bootstrap");
@@ -848,6 +869,19 @@ impl Harness {
         )
     }
 
+    /// The harness with `credentialName` secrets read from `credentials`.
+    pub fn start_with_credentials(doc: &RulesDocument, credentials: &Path) -> Self {
+        Self::start_full(
+            Arc::new(plugin().fresh_copy()),
+            doc,
+            meshroute_harness::runtime::FailPolicy::FailClosed,
+            2,
+            meshroute_harness::runtime::Limits::default(),
+            Some(credentials.to_path_buf()),
+        )
+        .expect("harness")
+    }
+
     /// As [`Harness::start_plugin`], with listener limits.
     pub fn start_limited(
         plugin: Arc<meshroute_harness::vm::Plugin>,
@@ -856,13 +890,31 @@ impl Harness {
         workers: usize,
         limits: meshroute_harness::runtime::Limits,
     ) -> Result<Self, String> {
+        Self::start_full(plugin, doc, fail_policy, workers, limits, None)
+    }
+
+    fn start_full(
+        plugin: Arc<meshroute_harness::vm::Plugin>,
+        doc: &RulesDocument,
+        fail_policy: meshroute_harness::runtime::FailPolicy,
+        workers: usize,
+        limits: meshroute_harness::runtime::Limits,
+        credentials: Option<PathBuf>,
+    ) -> Result<Self, String> {
         use meshroute_harness::runtime::{admin, serve, ListenerSpec, Proxy};
         let (port, admin_port) = (free_port(), free_port());
         let server_port = match doc.proxy.kind {
             ProxyKind::Sidecar => 0,
             ProxyKind::Gateway => doc.listeners.first().map_or(80, |l| l.port),
         };
-        let proxy = Proxy::new(plugin, fail_policy, workers, doc.clone(), Vec::new())?;
+        let proxy = Proxy::new(
+            plugin,
+            fail_policy,
+            workers,
+            doc.clone(),
+            Vec::new(),
+            credentials.clone(),
+        )?;
         let extra_ports = extra_listener_ports(doc);
         let mut extra_specs = Vec::new();
         for (&server_port, &port) in &extra_ports {
@@ -871,7 +923,11 @@ impl Harness {
                 ProxyKind::Gateway => {
                     if let Some(l) = doc.listeners.iter().find(|l| l.port == server_port) {
                         extra_specs.push(meshroute_harness::runtime::launch::gateway_listener(
-                            doc, l, address, None, limits,
+                            doc,
+                            l,
+                            address,
+                            credentials.as_deref(),
+                            limits,
                         )?);
                     }
                 }
@@ -902,7 +958,11 @@ impl Harness {
                 let spec = match doc.listeners.first() {
                     Some(l) if kind == ProxyKind::Gateway => {
                         match meshroute_harness::runtime::launch::gateway_listener(
-                            &doc, l, address, None, limits,
+                            &doc,
+                            l,
+                            address,
+                            credentials.as_deref(),
+                            limits,
                         ) {
                             Ok(spec) => spec,
                             Err(e) => {

@@ -758,7 +758,106 @@ spec:
     );
 }
 
+/// istio.io "Secure Gateways" with `credentialName`: the secret (here a directory laid out
+/// as one) holds the server certificate, key and the client CA (`ca.crt`) for MUTUAL.
+fn mutual_gateway_from_credential_name(host: Host) {
+    let ca = TestCa::new("credential-gw");
+    let server = ca.issue("httpbin", &["httpbin.example.com"]);
+    let client_cert = ca.issue("client", &["client.example.com"]);
+    let creds = ca.credential("httpbin-credential", &server);
+    let up = Upstream::start("httpbin");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: mygateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    tls: {{mode: MUTUAL, credentialName: httpbin-credential}}
+    hosts: [httpbin.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin, namespace: default}}
+spec:
+  hosts: [httpbin.example.com]
+  gateways: [istio-system/mygateway]
+  http:
+  - route: [{{destination: {{host: httpbin, port: {{number: 8000}}}}}}]
+",
+        service("httpbin", "http", 8000, &[("v1", up.port)]),
+    );
+    let doc = gateway(yaml);
+    let (port, _proxy): (u16, Box<dyn Running>) = match host {
+        Host::Envoy => {
+            let e = Envoy::start_with_credentials(&doc, &creds);
+            (e.port, Box::new(e))
+        }
+        Host::Harness => {
+            let h = Harness::start_with_credentials(&doc, &creds);
+            (h.port, Box::new(h))
+        }
+    };
+    let with = TlsClient::new(&ca.cert_pem, Some(&client_cert))
+        .get(port, "httpbin.example.com", "/headers")
+        .unwrap();
+    assert!(with.starts_with("HTTP/1.1 200"), "{with}");
+    assert!(TlsClient::new(&ca.cert_pem, None)
+        .get(port, "httpbin.example.com", "/headers")
+        .is_err());
+    assert_eq!(up.count(), 1);
+}
+
+/// DestinationRule MUTUAL origination with `credentialName`: the client certificate from
+/// the secret is presented to an upstream that requires one (istio-semantics TL1, TL2).
+fn mutual_origination_from_credential_name(host: Host) {
+    let ca = TestCa::new("credential-origination");
+    let server = ca.issue("external", &["mtls.external.test"]);
+    let client_cert = ca.issue("client", &["client.mesh.test"]);
+    let creds = ca.credential("client-credential", &client_cert);
+    let external = EchoServer::tls_verifying("external", &server, Some(&ca.cert_pem));
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: default}}
+spec:
+  hosts: [mtls.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: external, namespace: default}}
+spec:
+  host: mtls.external.test
+  trafficPolicy:
+    tls: {{mode: MUTUAL, credentialName: client-credential, sni: mtls.external.test}}
+",
+        external.port
+    );
+    let doc = rules(
+        &[("l4.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let r = match host {
+        Host::Envoy => {
+            Envoy::start_with_credentials(&doc, &creds).send(&get("mtls.external.test", "/"))
+        }
+        Host::Harness => {
+            Harness::start_with_credentials(&doc, &creds).send(&get("mtls.external.test", "/"))
+        }
+    };
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "external");
+}
+
 on_both_hosts!(
+    mutual_gateway_from_credential_name,
+    mutual_origination_from_credential_name,
     tcp_idle_timeout_closes_quiet_connections,
     tcp_route_originates_tls,
     passthrough_port_survives_broken_client_hellos,

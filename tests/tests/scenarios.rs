@@ -482,6 +482,7 @@ fn envoy_invalid_rules_are_rejected_with_the_reason_in_the_log() {
             binds: &[bind(port)],
             admin: Some(&bind(admin)),
             failure_policy: meshroute_harness::envoy_config::FailurePolicy::FailClosed,
+            credentials: None,
         },
     )
     .unwrap();

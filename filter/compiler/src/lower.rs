@@ -1229,6 +1229,7 @@ impl<'a> Lowering<'a> {
                     client_certificate: t.client_certificate.clone(),
                     private_key: t.private_key.clone(),
                     insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+                    credential_name: t.credential_name.clone(),
                 }),
             source: Some(svc.source.clone()),
         }

@@ -719,6 +719,9 @@ pub struct ClientTls {
     pub private_key: Option<String>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub insecure_skip_verify: bool,
+    /// A secret holding the client certificate, key and CA (`tls.crt`, `tls.key`, `ca.crt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
 }
 
 impl Cluster {

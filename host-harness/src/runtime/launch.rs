@@ -212,6 +212,7 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
         opts.workers,
         doc,
         opts.files.clone(),
+        opts.credentials.clone(),
     )?;
     proxy.start_tickers();
     let sink: Option<Box<dyn std::io::Write + Send>> = match opts.access_log.as_str() {

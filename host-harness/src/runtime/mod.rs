@@ -145,6 +145,8 @@ struct Slot {
 /// The running proxy.
 pub struct Proxy {
     pub plugin: Arc<Plugin>,
+    /// Directory of `credentialName` secrets, for reloads.
+    credentials: Option<PathBuf>,
     pub kind: ProxyKind,
     pub fail_policy: FailPolicy,
     pub workers: usize,
@@ -157,7 +159,10 @@ pub struct Proxy {
     client: upstream::Client,
 }
 
-fn cluster_table(doc: &RulesDocument) -> Result<HashMap<String, ClusterInfo>, String> {
+fn cluster_table(
+    doc: &RulesDocument,
+    credentials: Option<&std::path::Path>,
+) -> Result<HashMap<String, ClusterInfo>, String> {
     let mut clusters: HashMap<String, ClusterInfo> =
         doc.clusters
             .iter()
@@ -165,7 +170,7 @@ fn cluster_table(doc: &RulesDocument) -> Result<HashMap<String, ClusterInfo>, St
                 let tls = c
                     .tls
                     .as_ref()
-                    .map(tls::origination)
+                    .map(|t| tls::origination(t, credentials))
                     .transpose()
                     .map_err(|e| format!("cluster {}: tls: {e}", c.name))?;
                 let endpoints = c
@@ -227,16 +232,19 @@ fn cluster_check(clusters: &HashMap<String, ClusterInfo>) -> Arc<ClusterCheck> {
 }
 
 impl Proxy {
+    /// `credentials` is the directory of `credentialName` secrets (`--credentials-dir`).
     pub fn new(
         plugin: Arc<Plugin>,
         fail_policy: FailPolicy,
         workers: usize,
         doc: RulesDocument,
         sources: Vec<PathBuf>,
+        credentials: Option<PathBuf>,
     ) -> Result<Arc<Self>, String> {
         let kind = doc.proxy.kind;
-        let generation = Self::generation(&plugin, workers, doc, sources)?;
+        let generation = Self::generation(&plugin, workers, doc, sources, credentials.as_deref())?;
         Ok(Arc::new(Self {
+            credentials,
             plugin,
             kind,
             fail_policy,
@@ -255,10 +263,11 @@ impl Proxy {
         workers: usize,
         doc: RulesDocument,
         sources: Vec<PathBuf>,
+        credentials: Option<&std::path::Path>,
     ) -> Result<Generation, String> {
         let rules_json =
             serde_json::to_vec(&doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
-        let clusters = cluster_table(&doc)?;
+        let clusters = cluster_table(&doc, credentials)?;
         let known = cluster_check(&clusters);
         let l4_ports: Vec<u16> = doc.l4_tables.iter().map(|t| t.port).collect();
         let mut l4_roots = HashMap::new();
@@ -297,7 +306,13 @@ impl Proxy {
         doc: RulesDocument,
         sources: Vec<PathBuf>,
     ) -> Result<(), String> {
-        let generation = Arc::new(Self::generation(&self.plugin, self.workers, doc, sources)?);
+        let generation = Arc::new(Self::generation(
+            &self.plugin,
+            self.workers,
+            doc,
+            sources,
+            self.credentials.as_deref(),
+        )?);
         for i in 0..generation.slots.len() {
             spawn_ticker(Arc::clone(self), Arc::clone(&generation), i);
         }

@@ -77,12 +77,12 @@ pub fn server_config(
             "SIMPLE" => {}
             "MUTUAL" | "OPTIONAL_MUTUAL" => {
                 let optional = tls.mode == "OPTIONAL_MUTUAL";
-                let ca = tls.ca_certificates.as_ref().map(PathBuf::from).or_else(|| {
-                    let name = tls.credential_name.as_ref()?;
-                    Some(credentials?.join(name).join("ca.crt"))
-                });
-                let Some(ca) = ca else {
-                    return Err(format!("{} TLS needs caCertificates (or a credentialName with ca.crt)", tls.mode));
+                let Some(ca) = crate::credentials::server_files(tls, credentials)?.client_ca
+                else {
+                    return Err(format!(
+                        "{} TLS needs caCertificates (or a credentialName with ca.crt)",
+                        tls.mode
+                    ));
                 };
                 match &client_ca {
                     Some((c, o)) if *c != ca || *o != optional => {
@@ -104,24 +104,8 @@ pub fn server_config(
             }
         }
         any_tls = true;
-        let (cert, key): (PathBuf, PathBuf) =
-            match (
-                &tls.credential_name,
-                &tls.server_certificate,
-                &tls.private_key,
-            ) {
-                (Some(name), _, _) => {
-                    let dir = credentials
-                        .ok_or_else(|| format!("credentialName {name:?} needs --credentials-dir"))?
-                        .join(name);
-                    (dir.join("tls.crt"), dir.join("tls.key"))
-                }
-                (None, Some(c), Some(k)) => (PathBuf::from(c), PathBuf::from(k)),
-                _ => return Err(
-                    "a SIMPLE TLS server needs serverCertificate and privateKey, or credentialName"
-                        .into(),
-                ),
-            };
+        let files = crate::credentials::server_files(tls, credentials)?;
+        let (cert, key) = (files.cert, files.key);
         let key = load_key(&cert, &key)?;
         for host in &server.hosts {
             let host = host
@@ -206,7 +190,8 @@ pub struct Origination {
 }
 
 /// The client configuration for a DestinationRule `tls` block.
-pub fn origination(tls: &ClientTls) -> Result<Origination, String> {
+pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origination, String> {
+    let files = crate::credentials::client_files(tls, credentials)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -214,12 +199,15 @@ pub fn origination(tls: &ClientTls) -> Result<Origination, String> {
     let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
         Arc::new(AcceptAny(provider))
     } else {
-        let ca = tls.ca_certificates.as_deref().unwrap_or(SYSTEM_CA_BUNDLE);
-        let roots = root_store(Path::new(ca))?;
+        let ca = files
+            .ca
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
+        let roots = root_store(&ca)?;
         let inner =
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| format!("{ca}: {e}"))?;
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
         Arc::new(SanVerifier {
             inner,
             subject_alt_names: tls.subject_alt_names.clone(),
@@ -228,16 +216,18 @@ pub fn origination(tls: &ClientTls) -> Result<Origination, String> {
     let builder = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let config = match (&tls.client_certificate, &tls.private_key) {
+    let config = match (&files.cert, &files.key) {
         (Some(cert), Some(key)) => {
+            let shown = cert.display();
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("{cert}: {e}"))?
+                .map_err(|e| format!("{shown}: {e}"))?
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("{cert}: {e}"))?;
-            let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+                .map_err(|e| format!("{shown}: {e}"))?;
+            let der =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
             builder
                 .with_client_auth_cert(chain, der)
-                .map_err(|e| format!("{cert}: {e}"))?
+                .map_err(|e| format!("{shown}: {e}"))?
         }
         _ => builder.with_no_client_auth(),
     };
