@@ -855,7 +855,46 @@ spec:
     assert_eq!(r.text(), "external");
 }
 
+/// `insecureSkipVerify: true`: TLS is originated to an upstream whose certificate no
+/// configured CA vouches for (istio-semantics TL2).
+fn tls_origination_can_skip_verification(host: Host) {
+    let unknown_ca = TestCa::new("unknown");
+    let cert = unknown_ca.issue("legacy", &["legacy.external.test"]);
+    let legacy = EchoServer::tls("legacy", &cert);
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy, namespace: default}}
+spec:
+  hosts: [legacy.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: legacy, namespace: default}}
+spec:
+  host: legacy.external.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, insecureSkipVerify: true}}
+",
+        legacy.port
+    );
+    let doc = rules(
+        &[("l4.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(host, &doc);
+    let r = proxy.send(&get("legacy.external.test", "/"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "legacy");
+}
+
 on_both_hosts!(
+    tls_origination_can_skip_verification,
     mutual_gateway_from_credential_name,
     mutual_origination_from_credential_name,
     tcp_idle_timeout_closes_quiet_connections,
