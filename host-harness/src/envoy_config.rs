@@ -295,8 +295,10 @@ fn gateway_listener(
         };
         let terminate = server.terminates_tls();
         any_tls |= terminate || server.passes_tls_through();
-        // A chain without TLS and without names is the plain one; only the first counts.
-        let key = (names.clone(), terminate || server.passes_tls_through());
+        // Chains differ by their match: TLS chains by server names, while every plain server
+        // shares the one chain without a match (the first one stands).
+        let tls = terminate || server.passes_tls_through();
+        let key = (if tls { names.clone() } else { Vec::new() }, tls);
         if seen.contains(&key) {
             continue;
         }
