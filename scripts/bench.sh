@@ -1,6 +1,9 @@
 #!/bin/sh
 # Side-by-side proxy benchmark: the same upstream reached directly, through plain Envoy,
-# through Envoy with the filter, and through `meshroute run` with the filter. Each proxy runs
+# through Envoy with the filter, and through `meshroute run` with the filter; then the same
+# HTTP/1.1 traffic carried as opaque TCP (a Gateway TCP server and a `tcp` route: the filter
+# decides each connection and sees every chunk) through plain Envoy's tcp_proxy, Envoy's
+# tcp_proxy behind the filter, and `meshroute run`. Each proxy runs
 # with one worker pinned to core 0; wrk, oha and the upstream share core 1. Every target gets
 # REPS runs of DURATION seconds at a fixed number of connections (medians reported), then one
 # run at a fixed 1000 requests/s for the added latency per hop.
@@ -15,6 +18,7 @@ command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -
   || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1; }
 
 up=18901; plain=18902; filtered=18903; harness=18904
+tcp_plain=18905; tcp_filtered=18906; tcp_harness=$((harness - 80 + 31400))
 setsid taskset -c 1 "$mr" hello --listen 127.0.0.1:$up --name v1 </dev/null >"$work/upstream.log" 2>&1 &
 pids="$pids $!"
 
@@ -34,7 +38,9 @@ kind: Gateway
 metadata: {name: bench, namespace: istio-system}
 spec:
   selector: {istio: ingressgateway}
-  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}
+  - {port: {number: 31400, name: tcp, protocol: TCP}, hosts: ["*"]}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -45,6 +51,8 @@ spec:
   http:
   - match: [{uri: {prefix: /}}]
     route: [{destination: {host: hello.default.svc.cluster.local}}]
+  tcp:
+  - route: [{destination: {host: hello.default.svc.cluster.local, port: {number: 8080}}}]
 EOF
 
 cat >"$work/plain.yaml" <<EOF
@@ -64,6 +72,15 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  - name: plain_tcp
+    address: {socket_address: {address: 127.0.0.1, port_value: $tcp_plain}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: plain_tcp
+          cluster: hello
   clusters:
   - name: hello
     type: STATIC
@@ -73,7 +90,7 @@ static_resources:
 EOF
 
 "$mr" envoy-config -f "$work/bench.yaml" --for gateway --namespace istio-system --wasm "$wasm" \
-  --listen 80=127.0.0.1:$filtered --admin 127.0.0.1:18993 -o "$work/filtered.json" 2>/dev/null
+  --listen 80=127.0.0.1:$filtered --listen 31400=127.0.0.1:$tcp_filtered --admin 127.0.0.1:18993 -o "$work/filtered.json" 2>/dev/null
 # Same footing as plain Envoy: no access log (the harness runs with --access-log off too).
 python3 - "$work/filtered.json" <<'EOF'
 import json, sys
@@ -96,7 +113,7 @@ start plain "$envoy" -c "$work/plain.yaml" --concurrency 1 --disable-hot-restart
 start filtered "$envoy" -c "$work/filtered.json" --concurrency 1 --disable-hot-restart --log-level warn
 MESHROUTE_WASM=$wasm start harness "$mr" run -f "$work/bench.yaml" --for gateway --namespace istio-system \
   --workers 1 --port-offset $((harness - 80)) --admin 127.0.0.1:18994 --access-log off --wasm "$wasm"
-for port in $up $plain $filtered $harness; do
+for port in $up $plain $filtered $harness $tcp_plain $tcp_filtered $tcp_harness; do
   for i in $(seq 1 600); do
     curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
     sleep 0.1
@@ -108,7 +125,8 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 : >"$work/results.tsv"
 for rep in $(seq 1 "$reps"); do
-  for target in direct:$up:0 plain:$plain:$pid_plain filtered:$filtered:$pid_filtered harness:$harness:$pid_harness; do
+  for target in direct:$up:0 plain:$plain:$pid_plain filtered:$filtered:$pid_filtered harness:$harness:$pid_harness \
+      tcp_plain:$tcp_plain:$pid_plain tcp_filtered:$tcp_filtered:$pid_filtered tcp_harness:$tcp_harness:$pid_harness; do
     name=${target%%:*}; rest=${target#*:}; port=${rest%%:*}; pid=${rest#*:}
     taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null  # warm-up
     before=0; [ "$pid" = 0 ] || before=$(ticks "$pid")
@@ -142,7 +160,9 @@ python3 - "$work/results.tsv" <<'EOF'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
 names = {"direct": "direct to upstream", "plain": "Envoy, plain route",
-         "filtered": "Envoy + meshroute filter", "harness": "meshroute run + filter"}
+         "filtered": "Envoy + meshroute filter", "harness": "meshroute run + filter",
+         "tcp_plain": "TCP: Envoy tcp_proxy, plain", "tcp_filtered": "TCP: Envoy tcp_proxy + filter",
+         "tcp_harness": "TCP: meshroute run + filter"}
 print("| target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | proxy RSS MiB |")
 print("|---|---:|---:|---:|---:|---:|")
 med = {}
@@ -157,6 +177,8 @@ print()
 print(f"harness / Envoy+filter requests/s: {med['harness']['rps'] / med['filtered']['rps']:.2f}x")
 print(f"harness / plain Envoy requests/s: {med['harness']['rps'] / med['plain']['rps']:.2f}x")
 print(f"Envoy+filter / plain Envoy CPU per request: {med['filtered']['cpu'] / med['plain']['cpu']:.2f}x")
+print(f"TCP: harness / Envoy tcp_proxy+filter requests/s: {med['tcp_harness']['rps'] / med['tcp_filtered']['rps']:.2f}x")
+print(f"TCP: Envoy+filter / plain tcp_proxy CPU per request: {med['tcp_filtered']['cpu'] / med['tcp_plain']['cpu']:.2f}x")
 EOF
 
 echo
