@@ -816,6 +816,18 @@ pub fn start(host: Host, doc: &RulesDocument) -> Box<dyn Running + Sync> {
     }
 }
 
+/// Starts `doc` on `host` with `credentialName` secrets read from `credentials`.
+pub fn start_with_credentials(
+    host: Host,
+    doc: &RulesDocument,
+    credentials: &Path,
+) -> Box<dyn Running + Sync> {
+    match host {
+        Host::Envoy => Box::new(Envoy::start_with_credentials(doc, credentials)),
+        Host::Harness => Box::new(Harness::start_with_credentials(doc, credentials)),
+    }
+}
+
 /// The filter compiled once per test binary (and cached on disk across runs).
 pub fn plugin() -> Arc<meshroute_harness::vm::Plugin> {
     static PLUGIN: std::sync::OnceLock<Arc<meshroute_harness::vm::Plugin>> =

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
 use meshroute_tests::l4::{path_text, tcp_exchange, EchoServer, TestCa, TlsClient};
-use meshroute_tests::{get, on_both_hosts, rules, start, Envoy, Harness, Host, Running, Upstream};
+use meshroute_tests::{
+    get, on_both_hosts, rules, start, start_with_credentials, Envoy, Harness, Host, Running,
+    Upstream,
+};
 
 /// A Kubernetes Service with one WorkloadEntry per upstream (`version: <name>`).
 fn service(name: &str, port_name: &str, port: u16, upstreams: &[(&str, u16)]) -> String {
@@ -43,6 +46,31 @@ spec:
   tcp:
   - route: [{destination: {host: db, port: {number: 5432}}}]
 ";
+
+/// An external `host` (ServiceEntry, HTTP on port 80, endpoint 127.0.0.1:`port`) and a
+/// DestinationRule originating TLS to it with the `tls` block given as a flow mapping.
+fn external_with_tls(host: &str, port: u16, tls: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: default}}
+spec:
+  hosts: [{host}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: external, namespace: default}}
+spec:
+  host: {host}
+  trafficPolicy:
+    tls: {tls}
+"
+    )
+}
 
 fn gateway(doc_yaml: String) -> meshroute_core::ir::RulesDocument {
     rules(
@@ -789,16 +817,8 @@ spec:
         service("httpbin", "http", 8000, &[("v1", up.port)]),
     );
     let doc = gateway(yaml);
-    let (port, _proxy): (u16, Box<dyn Running>) = match host {
-        Host::Envoy => {
-            let e = Envoy::start_with_credentials(&doc, &creds);
-            (e.port, Box::new(e))
-        }
-        Host::Harness => {
-            let h = Harness::start_with_credentials(&doc, &creds);
-            (h.port, Box::new(h))
-        }
-    };
+    let proxy = start_with_credentials(host, &doc, &creds);
+    let port = proxy.port();
     let with = TlsClient::new(&ca.cert_pem, Some(&client_cert))
         .get(port, "httpbin.example.com", "/headers")
         .unwrap();
@@ -817,40 +837,17 @@ fn mutual_origination_from_credential_name(host: Host) {
     let client_cert = ca.issue("client", &["client.mesh.test"]);
     let creds = ca.credential("client-credential", &client_cert);
     let external = EchoServer::tls_verifying("external", &server, Some(&ca.cert_pem));
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: external, namespace: default}}
-spec:
-  hosts: [mtls.external.test]
-  location: MESH_EXTERNAL
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: external, namespace: default}}
-spec:
-  host: mtls.external.test
-  trafficPolicy:
-    tls: {{mode: MUTUAL, credentialName: client-credential, sni: mtls.external.test}}
-",
-        external.port
+    let yaml = external_with_tls(
+        "mtls.external.test",
+        external.port,
+        "{mode: MUTUAL, credentialName: client-credential, sni: mtls.external.test}",
     );
     let doc = rules(
         &[("l4.yaml", yaml)],
         ProxyKind::Sidecar,
         OutboundPolicy::AllowAny,
     );
-    let r = match host {
-        Host::Envoy => {
-            Envoy::start_with_credentials(&doc, &creds).send(&get("mtls.external.test", "/"))
-        }
-        Host::Harness => {
-            Harness::start_with_credentials(&doc, &creds).send(&get("mtls.external.test", "/"))
-        }
-    };
+    let r = start_with_credentials(host, &doc, &creds).send(&get("mtls.external.test", "/"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "external");
 }
@@ -861,26 +858,10 @@ fn tls_origination_can_skip_verification(host: Host) {
     let unknown_ca = TestCa::new("unknown");
     let cert = unknown_ca.issue("legacy", &["legacy.external.test"]);
     let legacy = EchoServer::tls("legacy", &cert);
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: legacy, namespace: default}}
-spec:
-  hosts: [legacy.external.test]
-  location: MESH_EXTERNAL
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: legacy, namespace: default}}
-spec:
-  host: legacy.external.test
-  trafficPolicy:
-    tls: {{mode: SIMPLE, insecureSkipVerify: true}}
-",
-        legacy.port
+    let yaml = external_with_tls(
+        "legacy.external.test",
+        legacy.port,
+        "{mode: SIMPLE, insecureSkipVerify: true}",
     );
     let doc = rules(
         &[("l4.yaml", yaml)],

@@ -21,6 +21,28 @@ struct Selectors<'a> {
     source_namespace: Option<&'a str>,
 }
 
+impl<'a> From<&'a api::L4MatchAttributes> for Selectors<'a> {
+    fn from(m: &'a api::L4MatchAttributes) -> Self {
+        Self {
+            port: m.port,
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_deref(),
+        }
+    }
+}
+
+impl<'a> From<&'a api::TlsMatchAttributes> for Selectors<'a> {
+    fn from(m: &'a api::TlsMatchAttributes) -> Self {
+        Self {
+            port: m.port,
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_deref(),
+        }
+    }
+}
+
 /// What a gateway server routes at the connection level.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ServerRouting {
@@ -112,19 +134,7 @@ impl Lowering<'_> {
             let kept: Vec<&api::L4MatchAttributes> = r
                 .matches
                 .iter()
-                .filter(|m| {
-                    self.selectors_apply(
-                        &Selectors {
-                            port: m.port,
-                            gateways: &m.gateways,
-                            source_labels: &m.source_labels,
-                            source_namespace: m.source_namespace.as_deref(),
-                        },
-                        &vs.namespace,
-                        port,
-                        gateway,
-                    )
-                })
+                .filter(|m| self.selectors_apply(&(*m).into(), &vs.namespace, port, gateway))
                 .collect();
             if !r.matches.is_empty() && kept.is_empty() {
                 continue;
@@ -170,18 +180,7 @@ impl Lowering<'_> {
         for (i, r) in vs.spec.tls.iter().enumerate() {
             let mut matches = Vec::new();
             for m in &r.matches {
-                let applies = self.selectors_apply(
-                    &Selectors {
-                        port: m.port,
-                        gateways: &m.gateways,
-                        source_labels: &m.source_labels,
-                        source_namespace: m.source_namespace.as_deref(),
-                    },
-                    &vs.namespace,
-                    port,
-                    gateway,
-                );
-                if !applies {
+                if !self.selectors_apply(&m.into(), &vs.namespace, port, gateway) {
                     continue;
                 }
                 let mut sni: Vec<String> = Vec::new();
