@@ -4,26 +4,21 @@
 use std::rc::Rc;
 
 use log::{debug, info, warn};
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, StreamContext};
-use proxy_wasm::types::{Action, PeerType};
+use proxy_wasm::types::Action;
 
+use meshroute_core::contract::{TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TCP_IDLE_TIMEOUT_STATE};
 use meshroute_core::engine::{ConnectionOutcome, ConnectionView, Engine, SplitMix64, Ticket};
 
+use crate::host::{text_property, Host};
 use crate::shared::SharedEndpointState;
 
-/// Filter state naming the cluster of a connection (Envoy's `tcp_proxy` reads it).
-pub const CLUSTER_STATE: &str = "envoy.tcp_proxy.cluster";
-/// Filter state naming the endpoint, `IP:PORT` (Envoy's ORIGINAL_DST cluster reads it).
-pub const ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_dst_address";
-/// Filter state overriding the TCP proxy's idle timeout, milliseconds (0: none).
-pub const IDLE_TIMEOUT_STATE: &str = "envoy.tcp_proxy.per_connection_idle_timeout_ms";
-/// The host function that sets them (Envoy's name and argument message).
+/// The host function that sets filter state (Envoy's name and argument message).
 const SET_FILTER_STATE: &str = "set_envoy_filter_state";
 
-pub struct FilterStream {
+pub struct FilterStream<H> {
     pub(crate) context_id: u32,
     pub(crate) port: u16,
+    pub(crate) host: H,
     pub(crate) engine: Option<Rc<Engine>>,
     pub(crate) seed: u64,
     pub(crate) ticket: Option<Ticket>,
@@ -52,10 +47,10 @@ pub fn filter_state_arguments(path: &str, value: &str) -> Vec<u8> {
     out
 }
 
-fn set_filter_state(path: &str, value: &str) -> bool {
+fn set_filter_state(host: &impl Host, path: &str, value: &str) -> bool {
     let args = filter_state_arguments(path, value);
-    match hostcalls::call_foreign_function(SET_FILTER_STATE, Some(&args)) {
-        Ok(_) => true,
+    match host.call_foreign(SET_FILTER_STATE, &args) {
+        Ok(()) => true,
         Err(status) => {
             warn!("{SET_FILTER_STATE}({path}) failed: {status:?}");
             false
@@ -63,35 +58,28 @@ fn set_filter_state(path: &str, value: &str) -> bool {
     }
 }
 
-fn text_property(path: Vec<&str>) -> String {
-    match hostcalls::get_property(path) {
-        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-        _ => String::new(),
-    }
-}
-
-impl FilterStream {
+impl<H: Host> FilterStream<H> {
     fn release(&mut self) {
         if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
             engine.release(t);
         }
     }
-}
 
-impl Context for FilterStream {}
-
-impl StreamContext for FilterStream {
-    fn on_new_connection(&mut self) -> Action {
+    /// Decides the connection and names its cluster (and endpoint) as filter state; a
+    /// connection nothing routes is closed.
+    pub fn on_new_connection(&mut self) -> Action {
         let Some(engine) = self.engine.clone() else {
             warn!("connection {}: no rules loaded; closing", self.context_id);
-            let _ = hostcalls::close_downstream();
+            let _ = self.host.close_downstream();
             return Action::Pause;
         };
-        let sni = text_property(vec!["connection", "requested_server_name"]).to_ascii_lowercase();
-        let destination = text_property(vec!["destination", "address"]);
+        let host = &self.host;
+        let sni =
+            text_property(host, &["connection", "requested_server_name"]).to_ascii_lowercase();
+        let destination = text_property(host, &["destination", "address"]);
         let source = engine
             .uses_source_ip()
-            .then(|| text_property(vec!["source", "address"]));
+            .then(|| text_property(host, &["source", "address"]));
         let source_ip = source
             .as_deref()
             .map(|s| meshroute_core::engine::split_host_port(s).0);
@@ -102,7 +90,8 @@ impl StreamContext for FilterStream {
             source_ip,
         };
         let state = SharedEndpointState {
-            now_ms: crate::glue::now_ms(),
+            host,
+            now_ms: host.now_ms(),
         };
         let mut rng = SplitMix64(self.seed);
         match engine.decide_connection(&view, &mut rng, &state) {
@@ -119,17 +108,18 @@ impl StreamContext for FilterStream {
                     endpoint.as_deref().unwrap_or("")
                 );
                 self.ticket = ticket;
-                let named = set_filter_state(CLUSTER_STATE, &cluster)
+                let named = set_filter_state(host, TCP_CLUSTER_STATE, &cluster)
                     && endpoint
                         .as_deref()
-                        .is_none_or(|e| set_filter_state(ENDPOINT_STATE, e))
-                    && idle_timeout_ms
-                        .is_none_or(|ms| set_filter_state(IDLE_TIMEOUT_STATE, &ms.to_string()));
+                        .is_none_or(|e| set_filter_state(host, TCP_ENDPOINT_STATE, e))
+                    && idle_timeout_ms.is_none_or(|ms| {
+                        set_filter_state(host, TCP_IDLE_TIMEOUT_STATE, &ms.to_string())
+                    });
                 if named {
                     return Action::Continue;
                 }
                 self.release();
-                let _ = hostcalls::close_downstream();
+                let _ = self.host.close_downstream();
                 Action::Pause
             }
             ConnectionOutcome::Close { reason } => {
@@ -137,21 +127,14 @@ impl StreamContext for FilterStream {
                     "connection {} on port {} (sni {sni:?}) closed: {reason}",
                     self.context_id, self.port
                 );
-                let _ = hostcalls::close_downstream();
+                let _ = self.host.close_downstream();
                 Action::Pause
             }
         }
     }
 
-    fn on_downstream_close(&mut self, _: PeerType) {
-        self.release();
-    }
-
-    fn on_upstream_close(&mut self, _: PeerType) {
-        self.release();
-    }
-
-    fn on_log(&mut self) {
+    /// Either side closed, or the connection is logged: the endpoint is free again.
+    pub fn on_close(&mut self) {
         self.release();
     }
 }

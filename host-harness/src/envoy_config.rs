@@ -7,10 +7,11 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use meshroute_core::ir::{
-    l4_root_id, ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, CLUSTER_HEADER,
-    CONTROL_HEADERS, ENDPOINT_HEADER, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+use meshroute_core::contract::{
+    l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER, HTTP_ROOT_ID,
+    LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
 };
+use meshroute_core::ir::{ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument};
 
 /// Envoy's wasm failure policy (Istio WasmPlugin `failStrategy`).
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -161,7 +162,7 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
     // TCP proxies need a configured cluster; the filter's filter state replaces it, and a
     // connection nothing routes is closed before it would be used.
     clusters.push(json!({
-        "name": "BlackHoleCluster",
+        "name": BLACKHOLE_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "10s",
     }));
@@ -205,8 +206,8 @@ fn wasm_filter(rules: &str, module_file: &str, failure_policy: &str) -> Value {
     json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {
-            "name": "meshroute",
-            "root_id": "meshroute",
+            "name": HTTP_ROOT_ID,
+            "root_id": HTTP_ROOT_ID,
             "failure_policy": failure_policy,
             "configuration": {
                 "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -391,7 +392,7 @@ fn connection_filters(
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                 "stat_prefix": name,
-                "cluster": "BlackHoleCluster",
+                "cluster": BLACKHOLE_CLUSTER,
                 "access_log": [{
                     "name": "envoy.access_loggers.stdout",
                     "typed_config": {
@@ -648,7 +649,7 @@ pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, S
         "patch": {
             "operation": "INSERT_BEFORE",
             "value": {
-                "name": "meshroute",
+                "name": HTTP_ROOT_ID,
                 "typed_config": wasm_filter(&rules, t.module, "FAIL_CLOSED"),
             },
         },
@@ -721,7 +722,7 @@ fn http_wasm_plugin(config: &Value, t: &IstioTarget<'_>) -> Value {
         "spec": {
             "selector": {"matchLabels": t.selector},
             "url": t.module,
-            "pluginName": "meshroute",
+            "pluginName": HTTP_ROOT_ID,
             "phase": "UNSPECIFIED_PHASE",
             "failStrategy": "FAIL_CLOSE",
             "pluginConfig": config,

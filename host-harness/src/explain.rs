@@ -222,11 +222,7 @@ pub fn explain(doc: &RulesDocument, probe: &Probe) -> Result<(String, Value), St
                 .map_or(String::new(), |e| format!(" endpoint {e}"))
         ),
         Outcome::Reply(r) => {
-            let flag = if r.flag.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", r.flag)
-            };
+            let flag = r.flag.map_or(String::new(), |f| format!(" {}", f.code()));
             let loc = r
                 .headers
                 .iter()
@@ -494,8 +490,10 @@ pub fn simulate(
         let d = engine.decide(&view, &mut rng);
         let mut key = match &d.outcome {
             Outcome::Forward(f) => format!("forward {}", f.cluster),
-            Outcome::Reply(r) if r.flag.is_empty() => format!("reply {}", r.status),
-            Outcome::Reply(r) => format!("reply {} {}", r.status, r.flag),
+            Outcome::Reply(r) => match r.flag {
+                None => format!("reply {}", r.status),
+                Some(f) => format!("reply {} {}", r.status, f.code()),
+            },
         };
         if d.delay_ms.is_some() {
             key.push_str(" (delayed)");

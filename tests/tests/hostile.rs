@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use meshroute_core::contract::{CLUSTER_HEADER, ENDPOINT_HEADER};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
 use meshroute_tests::{get, registry, rules, start, Host, Upstream};
 
@@ -161,10 +162,10 @@ fn forged_headers_steer_nothing_when_the_filter_is_bypassed(host: Host) {
         let r = proxy.send(
             &get("web:8000", "/")
                 .header(
-                    "x-meshroute-cluster",
+                    CLUSTER_HEADER,
                     "outbound|8000||web.default.svc.cluster.local",
                 )
-                .header("x-envoy-original-dst-host", &forbidden)
+                .header(ENDPOINT_HEADER, &forbidden)
                 .header("x-envoy-fault-abort-request", "418"),
         );
         assert_eq!(r.status, 503, "{r:?}");

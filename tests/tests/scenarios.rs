@@ -6,6 +6,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use meshroute_core::contract::{CLUSTER_HEADER, ENDPOINT_HEADER, LISTENER_PORT_HEADER};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
 use meshroute_tests::{get, registry, rules, start, subsets, Host, Running, Upstream};
 
@@ -375,11 +376,11 @@ fn client_control_headers_never_steer_or_leak(host: Host) {
         let r = w.envoy.send(
             &get(HOST, "/")
                 .header(
-                    "x-meshroute-cluster",
+                    CLUSTER_HEADER,
                     "outbound|8000|v2|web.default.svc.cluster.local",
                 )
-                .header("x-envoy-original-dst-host", &v2_endpoint)
-                .header("x-meshroute-listener-port", "1")
+                .header(ENDPOINT_HEADER, &v2_endpoint)
+                .header(LISTENER_PORT_HEADER, "1")
                 .header("x-envoy-fault-abort-request", "418")
                 .header("x-envoy-upstream-rq-timeout-ms", "1"),
         );
@@ -387,8 +388,8 @@ fn client_control_headers_never_steer_or_leak(host: Host) {
     }
     assert_eq!(w.v2.count(), 0);
     for req in w.v1.received() {
-        assert_eq!(req.header("x-meshroute-cluster"), None);
-        assert_eq!(req.header("x-meshroute-listener-port"), None);
+        assert_eq!(req.header(CLUSTER_HEADER), None);
+        assert_eq!(req.header(LISTENER_PORT_HEADER), None);
         assert_eq!(req.header("x-envoy-fault-abort-request"), None);
     }
 }

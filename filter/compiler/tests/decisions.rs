@@ -174,7 +174,7 @@ impl<'a> Req<'a> {
         match d.outcome {
             Outcome::Reply(r) => {
                 seen.status = Some(r.status);
-                seen.flag = r.flag.into();
+                seen.flag = r.flag.map_or("", |f| f.code()).into();
                 seen.body = String::from_utf8_lossy(&r.body).into();
                 seen.reply_headers = r.headers;
             }

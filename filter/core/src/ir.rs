@@ -11,39 +11,6 @@ use serde::{Deserialize, Serialize};
 /// Wire version of the rules document.
 pub const VERSION: u32 = 1;
 
-/// Header through which the filter names the upstream cluster (host contract).
-pub const CLUSTER_HEADER: &str = "x-meshroute-cluster";
-/// Header through which the filter names the exact endpoint (Envoy ORIGINAL_DST contract).
-pub const ENDPOINT_HEADER: &str = "x-envoy-original-dst-host";
-/// Server port a gateway request arrived on, set by the host's first (trusted) header stage.
-pub const LISTENER_PORT_HEADER: &str = "x-meshroute-listener-port";
-/// Cluster used for ALLOW_ANY traffic to hosts outside the registry.
-pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
-
-/// Headers that only the filter may set. Hosts strip client copies before the filter runs.
-pub const CONTROL_HEADERS: &[&str] = &[
-    CLUSTER_HEADER,
-    ENDPOINT_HEADER,
-    LISTENER_PORT_HEADER,
-    "x-envoy-upstream-rq-timeout-ms",
-    "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-max-retries",
-    "x-envoy-retry-on",
-    "x-envoy-retry-grpc-on",
-    "x-envoy-retriable-status-codes",
-    "x-envoy-retriable-header-names",
-    "x-envoy-hedge-on-per-try-timeout",
-    "x-envoy-fault-abort-request",
-    "x-envoy-fault-abort-grpc-request",
-    "x-envoy-fault-abort-request-percentage",
-    "x-envoy-fault-delay-request",
-    "x-envoy-fault-delay-request-percentage",
-    "x-envoy-fault-throughput-response",
-    "x-envoy-fault-throughput-response-percentage",
-    "x-envoy-upstream-alt-stat-name",
-    "x-meshroute-attempt",
-];
-
 /// The whole document, for one proxy.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -739,16 +706,6 @@ impl LocalityLb {
 }
 
 /// Builds the Istio cluster name `outbound|port|subset|host`.
-/// Root id of the filter's connection-level (network filter) plugin for listener `port`.
-/// The root id tells the module which kind of context to create; the port selects the
-/// [`L4Table`], whatever port the host actually listens on.
-pub fn l4_root_id(port: u16) -> String {
-    format!("{L4_ROOT_PREFIX}{port}")
-}
-
-/// Prefix of [`l4_root_id`].
-pub const L4_ROOT_PREFIX: &str = "meshroute_tcp_";
-
 pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }

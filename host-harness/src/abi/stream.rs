@@ -120,7 +120,9 @@ fn http_call(
     }
     match (c.data().known_clusters)(&cluster) {
         None => return status::BAD_ARGUMENT,
-        Some(true) if !has(meshroute_core::ir::ENDPOINT_HEADER) => return status::INTERNAL_FAILURE,
+        Some(true) if !has(meshroute_core::contract::ENDPOINT_HEADER) => {
+            return status::INTERNAL_FAILURE
+        }
         Some(_) => {}
     }
     let state = c.data_mut();

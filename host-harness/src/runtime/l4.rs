@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use meshroute_core::contract::{TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TCP_IDLE_TIMEOUT_STATE};
+
 use super::{ClusterInfo, Generation, ListenerSpec, Proxy};
 use crate::abi;
 use crate::vm::Action;
@@ -114,10 +116,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     }
 }
 
-/// Filter state the filter sets (Envoy's well-known keys).
-const CLUSTER_STATE: &str = "envoy.tcp_proxy.cluster";
-const ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_dst_address";
-const IDLE_TIMEOUT_STATE: &str = "envoy.tcp_proxy.per_connection_idle_timeout_ms";
 /// Envoy's TCP proxy closes a connection idle this long unless told otherwise (Istio's
 /// `tcp.idleTimeout` default is the same hour).
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -217,13 +215,13 @@ fn target<'g>(
     state: &[(String, String)],
 ) -> Result<(String, &'g ClusterInfo), String> {
     let get = |k: &str| state.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let name = get(CLUSTER_STATE).ok_or("the filter named no cluster")?;
+    let name = get(TCP_CLUSTER_STATE).ok_or("the filter named no cluster")?;
     let cluster = generation
         .clusters
         .get(&name)
         .ok_or_else(|| format!("cluster {name} does not exist"))?;
     let endpoint = cluster
-        .endpoint(get(ENDPOINT_STATE))
+        .endpoint(get(TCP_ENDPOINT_STATE))
         .ok_or_else(|| format!("no endpoint of {name} to connect to"))?;
     Ok((endpoint, cluster))
 }
@@ -349,7 +347,7 @@ pub(super) async fn serve_connection(
     let started = std::time::Instant::now();
     let cluster_name = state
         .iter()
-        .find(|(k, _)| k == CLUSTER_STATE)
+        .find(|(k, _)| k == TCP_CLUSTER_STATE)
         .map_or_else(String::new, |(_, v)| v.clone());
     let log = |flags: &str, endpoint: &str, received: u64, sent: u64| {
         if !cluster_name.is_empty() {
@@ -425,7 +423,7 @@ pub(super) async fn serve_connection(
     proxy.stats.tcp_opened(&cluster_name);
     let idle = match state
         .iter()
-        .find(|(k, _)| k == IDLE_TIMEOUT_STATE)
+        .find(|(k, _)| k == TCP_IDLE_TIMEOUT_STATE)
         .and_then(|(_, v)| v.parse::<u64>().ok())
     {
         None => Some(DEFAULT_IDLE_TIMEOUT),

@@ -28,10 +28,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
-use meshroute_core::engine::{backoff_ms, RetryOn, Rng as _, SplitMix64};
-use meshroute_core::ir::{
-    self, Discovery, ProxyKind, RulesDocument, CONTROL_HEADERS, LISTENER_PORT_HEADER,
+use meshroute_core::contract::{
+    self, RouterReply, ATTEMPT_COUNT_HEADER, CLUSTER_HEADER, DEFAULT_BACKOFF_BASE_MS,
+    EXPECTED_TIMEOUT_HEADER, INTERNAL_HEADER, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+    TIMEOUT_HEADER, UPSTREAM_SERVICE_TIME_HEADER,
 };
+use meshroute_core::engine::{backoff_ms, RetryOn, Rng as _, SplitMix64};
+use meshroute_core::ir::{Discovery, ProxyKind, RulesDocument};
 
 use crate::abi::{self, ClusterCheck, Headers, LocalReply, Phase};
 use crate::vm::{Action, Plugin, Vm};
@@ -206,7 +209,7 @@ fn cluster_table(
             })
             .collect::<Result<_, String>>()?;
     clusters.insert(
-        ir::PASSTHROUGH_CLUSTER.to_owned(),
+        PASSTHROUGH_CLUSTER.to_owned(),
         ClusterInfo {
             discovery: Discovery::OriginalDst,
             endpoints: Vec::new(),
@@ -347,7 +350,7 @@ fn start_instance(
     let mut roots = HashMap::with_capacity(l4_ports.len());
     for &port in l4_ports {
         let root = vm
-            .add_root(&ir::l4_root_id(port), rules_json)
+            .add_root(&contract::l4_root_id(port), rules_json)
             .map_err(|e| format!("connection filter for port {port}: {e}"))?;
         roots.insert(port, root);
     }
@@ -490,11 +493,11 @@ async fn side_call(
     call: &abi::PendingCall,
 ) -> abi::CallResponse {
     let mut headers = call.headers.clone();
-    headers.push((ir::CLUSTER_HEADER.to_owned(), call.cluster.clone()));
-    headers.push(("x-envoy-internal".into(), "true".into()));
+    headers.push((CLUSTER_HEADER.to_owned(), call.cluster.clone()));
+    headers.push((INTERNAL_HEADER.into(), "true".into()));
     let timeout = call.timeout.map(|t| t.as_millis().to_string());
     if let Some(t) = &timeout {
-        headers.push(("x-envoy-upstream-rq-timeout-ms".into(), t.clone()));
+        headers.push((TIMEOUT_HEADER.into(), t.clone()));
     }
     let body = body::RequestBody::Buffered(Bytes::from(call.body.clone()));
     match forward(proxy, generation, headers, body, false).await {
@@ -510,10 +513,10 @@ async fn side_call(
         }
         Err(reply) => abi::CallResponse {
             headers: vec![
-                (":status".into(), reply.status.to_string()),
+                (":status".into(), reply.status().to_string()),
                 ("content-type".into(), "text/plain".into()),
             ],
-            body: reply.body.as_bytes().to_vec(),
+            body: reply.body().as_bytes().to_vec(),
         },
     }
 }
@@ -761,7 +764,7 @@ async fn handle(
     ];
     for (k, v) in &parts.headers {
         let name = k.as_str();
-        if HOP_BY_HOP.contains(&name) || CONTROL_HEADERS.contains(&name) {
+        if HOP_BY_HOP.contains(&name) || contract::is_control_header(name) {
             continue;
         }
         headers.push((
@@ -888,10 +891,7 @@ async fn run_request(
     if proxy.fail_policy == FailPolicy::FailOpen && instance_failed(generation, index) {
         return match forward(proxy, generation, headers, body, true).await {
             Ok(r) => Ok((r, String::new())),
-            Err(reply) => {
-                let flag = reply.flag;
-                Err((reply.into_local(), String::new(), flag))
-            }
+            Err(reply) => Err((router_local(reply), String::new(), reply.flag().code())),
         };
     }
     if let Some(reply) = check_failed(proxy, generation, index) {
@@ -958,7 +958,7 @@ async fn run_request(
     };
     let cluster = upstream_headers
         .iter()
-        .find(|(k, _)| k == ir::CLUSTER_HEADER)
+        .find(|(k, _)| k == CLUSTER_HEADER)
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     let upstream_start = Instant::now();
@@ -967,22 +967,22 @@ async fn run_request(
         Err(reply) => {
             // As in Envoy, the router's own answer passes through the filter's response
             // callback, which sees it with its response flags.
-            let flag = reply.flag;
-            let mut headers: Headers = vec![(":status".into(), reply.status.to_string())];
-            if !reply.body.is_empty() {
+            let flag = reply.flag().code();
+            let mut headers: Headers = vec![(":status".into(), reply.status().to_string())];
+            if !reply.body().is_empty() {
                 headers.push(("content-type".into(), "text/plain".into()));
             }
             let seen = ResponseSeen {
                 headers,
-                status: reply.status,
-                flags: flag_bits(flag),
-                details: reply.details,
+                status: reply.status(),
+                flags: reply.flag().bit(),
+                details: reply.details(),
             };
             let final_headers = match response_phase(proxy, generation, index, id, seen).await {
                 Ok(h) => h,
                 Err(replaced) => return Err((replaced, cluster, "")),
             };
-            let mut local = reply.into_local();
+            let mut local = router_local(reply);
             for (k, v) in final_headers.unwrap_or_default() {
                 match k.as_str() {
                     ":status" => local.status = v.parse().unwrap_or(local.status),
@@ -1001,7 +1001,7 @@ async fn run_request(
             .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()) || k == "content-length"),
     );
     response_headers.push((
-        "x-envoy-upstream-service-time".into(),
+        UPSTREAM_SERVICE_TIME_HEADER.into(),
         upstream_start.elapsed().as_millis().to_string(),
     ));
     let seen = ResponseSeen {
@@ -1218,80 +1218,8 @@ fn check_failed(
     Some(local(503, ""))
 }
 
-/// A reply the host makes itself while executing the contract (Envoy's router replies).
-pub struct HostReply {
-    pub status: u16,
-    pub body: &'static str,
-    pub flag: &'static str,
-    /// Envoy's `response.code_details` for the same situation.
-    pub details: &'static str,
-}
-
-/// Envoy's legacy bit for a response flag, as `response.flags` encodes it.
-fn flag_bits(flag: &str) -> u64 {
-    match flag {
-        "UH" => 0x2,
-        "UT" => 0x4,
-        "LR" => 0x8,
-        "UR" => 0x10,
-        "UF" => 0x20,
-        "UC" => 0x40,
-        "UO" => 0x80,
-        "NR" => 0x100,
-        "NC" => 0x100_0000,
-        _ => 0,
-    }
-}
-
-impl HostReply {
-    const NO_CLUSTER: Self = Self {
-        status: 503,
-        body: "",
-        flag: "NC",
-        details: "cluster_not_found",
-    };
-    const NO_HEALTHY: Self = Self {
-        status: 503,
-        body: "no healthy upstream",
-        flag: "UH",
-        details: "no_healthy_upstream",
-    };
-    const TIMEOUT: Self = Self {
-        status: 504,
-        body: "upstream request timeout",
-        flag: "UT",
-        details: "response_timeout",
-    };
-    const CONNECT_FAILURE: Self = Self {
-        status: 503,
-        body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-        flag: "UF",
-        details: "upstream_reset_before_response_started{remote_connection_failure}",
-    };
-    /// TLS origination failed; the detailed reason (which name, which certificate) goes to
-    /// the log, the body names the kind of failure as Envoy's does.
-    const TLS_VERIFY_FAILURE: Self = Self {
-        status: 503,
-        body: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: CERTIFICATE_VERIFY_FAILED",
-        flag: "UF",
-        details: "upstream_reset_before_response_started{remote_connection_failure|TLS_error:CERTIFICATE_VERIFY_FAILED}",
-    };
-    const TLS_FAILURE: Self = Self {
-        status: 503,
-        body: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: handshake failure",
-        flag: "UF",
-        details: "upstream_reset_before_response_started{remote_connection_failure|TLS_error}",
-    };
-    const RESET: Self = Self {
-        status: 503,
-        body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-        flag: "UC",
-        details: "upstream_reset_before_response_started{connection_termination}",
-    };
-
-    fn into_local(self) -> LocalReply {
-        local(self.status, self.body)
-    }
+fn router_local(r: RouterReply) -> LocalReply {
+    local(r.status(), r.body())
 }
 
 /// Executes the host contract: cluster header, endpoint header, timeout and retry headers.
@@ -1302,56 +1230,38 @@ async fn forward(
     mut headers: Headers,
     mut body: body::RequestBody,
     count_attempts: bool,
-) -> Result<Response<Body>, HostReply> {
-    let take = |headers: &mut Headers, name: &str| -> Option<String> {
-        let i = headers.iter().position(|(k, _)| k == name)?;
-        Some(headers.remove(i).1)
-    };
-    let cluster_name = take(&mut headers, ir::CLUSTER_HEADER).ok_or(HostReply::NO_CLUSTER)?;
+) -> Result<Response<Body>, RouterReply> {
+    let directive = contract::decode(&mut headers)?;
     let cluster = generation
         .clusters
-        .get(&cluster_name)
-        .ok_or(HostReply::NO_CLUSTER)?;
-    let endpoint_header = headers
-        .iter()
-        .find(|(k, _)| k == ir::ENDPOINT_HEADER)
-        .map(|(_, v)| v.clone());
+        .get(&directive.cluster)
+        .ok_or(RouterReply::NoCluster)?;
     let endpoint = cluster
-        .endpoint(endpoint_header)
-        .ok_or(HostReply::NO_HEALTHY)?;
-    let number =
-        |headers: &mut Headers, name: &str| take(headers, name).and_then(|v| v.parse::<u64>().ok());
-    let timeout = number(&mut headers, "x-envoy-upstream-rq-timeout-ms")
-        .filter(|t| *t > 0)
-        .map(Duration::from_millis);
-    let per_try = number(&mut headers, "x-envoy-upstream-rq-per-try-timeout-ms")
-        .filter(|t| *t > 0)
-        .map(Duration::from_millis);
-    let retry_on = take(&mut headers, "x-envoy-retry-on").unwrap_or_default();
-    let max_retries = number(&mut headers, "x-envoy-max-retries")
-        .unwrap_or(if retry_on.is_empty() { 0 } else { 1 });
-    let retriable_codes: Vec<u16> = take(&mut headers, "x-envoy-retriable-status-codes")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|c| c.trim().parse().ok())
-        .collect();
-    // Upstreams never see how the proxy was steered.
-    headers.retain(|(k, _)| !(k.starts_with("x-envoy-") && CONTROL_HEADERS.contains(&k.as_str())));
+        .endpoint(directive.endpoint)
+        .ok_or(RouterReply::NoHealthyUpstream)?;
+    let timeout = directive.timeout_ms.map(Duration::from_millis);
+    let per_try = directive.per_try_timeout_ms.map(Duration::from_millis);
+    let (max_retries, policy) = match &directive.retry {
+        Some(r) => (
+            u64::from(r.num_retries),
+            RetryOn::parse(
+                r.retry_on.iter().map(String::as_str),
+                &r.retriable_status_codes,
+            ),
+        ),
+        None => (0, RetryOn::default()),
+    };
     if let Some(t) = per_try.or(timeout) {
-        headers.push((
-            "x-envoy-expected-rq-timeout-ms".into(),
-            t.as_millis().to_string(),
-        ));
+        headers.push((EXPECTED_TIMEOUT_HEADER.into(), t.as_millis().to_string()));
     }
     let deadline = timeout.map(|t| Instant::now() + t);
-    let policy = RetryOn::parse(retry_on.split(','), &retriable_codes);
     let mut rng = SplitMix64(random_seed());
     let mut attempt = 0;
     loop {
         if count_attempts {
             // Istio turns on Envoy's include_request_attempt_count.
-            headers.retain(|(k, _)| k != "x-envoy-attempt-count");
-            headers.push(("x-envoy-attempt-count".into(), (attempt + 1).to_string()));
+            headers.retain(|(k, _)| k != ATTEMPT_COUNT_HEADER);
+            headers.push((ATTEMPT_COUNT_HEADER.into(), (attempt + 1).to_string()));
         }
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let attempt_timeout = match (per_try, remaining) {
@@ -1368,7 +1278,7 @@ async fn forward(
                     Some(t) => match tokio::time::timeout(t, wait).await {
                         Ok(p) => p.ok(),
                         // Still queued when the time is up: Envoy's 504.
-                        Err(_) => return Err(HostReply::TIMEOUT),
+                        Err(_) => return Err(RouterReply::Timeout),
                     },
                 }
             }
@@ -1397,21 +1307,25 @@ async fn forward(
         // A streamed body was consumed by the first attempt and cannot be resent.
         if retriable && attempt < max_retries && !out_of_time && body.replayable() {
             attempt += 1;
-            let wait = backoff_ms(25, u32::try_from(attempt).unwrap_or(u32::MAX), &mut rng);
+            let wait = backoff_ms(
+                DEFAULT_BACKOFF_BASE_MS,
+                u32::try_from(attempt).unwrap_or(u32::MAX),
+                &mut rng,
+            );
             tokio::time::sleep(Duration::from_millis(wait)).await;
             continue;
         }
         return match result {
             upstream::Attempt::Response(r) => Ok(r),
-            upstream::Attempt::Timeout => Err(HostReply::TIMEOUT),
-            upstream::Attempt::ConnectFailure => Err(HostReply::CONNECT_FAILURE),
+            upstream::Attempt::Timeout => Err(RouterReply::Timeout),
+            upstream::Attempt::ConnectFailure => Err(RouterReply::ConnectFailure),
             upstream::Attempt::TlsFailure(reason)
                 if reason.contains("CERTIFICATE_VERIFY_FAILED") =>
             {
-                Err(HostReply::TLS_VERIFY_FAILURE)
+                Err(RouterReply::TlsVerifyFailure)
             }
-            upstream::Attempt::TlsFailure(_) => Err(HostReply::TLS_FAILURE),
-            upstream::Attempt::Reset => Err(HostReply::RESET),
+            upstream::Attempt::TlsFailure(_) => Err(RouterReply::TlsFailure),
+            upstream::Attempt::Reset => Err(RouterReply::Reset),
         };
     }
 }

@@ -363,7 +363,7 @@ impl HttpContext for Probe {
                     (":authority", "side.example"),
                 ];
                 if let Some(e) = endpoint.as_deref() {
-                    headers.push(("x-envoy-original-dst-host", e));
+                    headers.push((meshroute_core::contract::ENDPOINT_HEADER, e));
                 }
                 match self.dispatch_http_call(
                     &cluster,

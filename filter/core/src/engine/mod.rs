@@ -20,6 +20,7 @@ use std::fmt;
 use base64::Engine as _;
 use regex::Regex;
 
+use crate::contract::{ResponseFlag, RouterReply, PASSTHROUGH_CLUSTER};
 use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy, RulesDocument};
 
 use balance::ClusterRt;
@@ -28,7 +29,7 @@ pub use l4::{Cidr, ConnectionOutcome, ConnectionView};
 pub use matcher::Condition;
 use matcher::{CompiledMatch, Matcher};
 pub use request::{split_host_port, split_query, RequestView};
-pub use retry::{backoff_ms, AttemptEnd, RetryOn};
+pub use retry::{backoff_ms, call_end, first_try_end, Answer, AttemptEnd, RetryOn, RetryRun};
 
 /// Source of randomness; the guest seeds it, tests script it.
 pub trait Rng {
@@ -213,14 +214,14 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// Answer as gRPC (HTTP 200, `grpc-status`) instead of `status`.
     pub grpc_status: Option<u32>,
-    /// Envoy response flag (`NR`, `NC`, `UH`, `FI`, ...), empty when none applies.
-    pub flag: &'static str,
+    /// Envoy response flag (`NR`, `NC`, `UH`, `FI`, ...), when one applies.
+    pub flag: Option<ResponseFlag>,
     /// Envoy `response.code_details`.
     pub details: &'static str,
 }
 
 impl Reply {
-    fn empty(status: u16, flag: &'static str, details: &'static str) -> Self {
+    fn empty(status: u16, flag: Option<ResponseFlag>, details: &'static str) -> Self {
         Self {
             status,
             headers: Vec::new(),
@@ -231,25 +232,32 @@ impl Reply {
         }
     }
 
-    fn text(status: u16, body: &str, flag: &'static str, details: &'static str) -> Self {
+    fn text(status: u16, body: &str, flag: Option<ResponseFlag>, details: &'static str) -> Self {
         Self {
             headers: vec![("content-type".into(), "text/plain".into())],
             body: body.as_bytes().to_vec(),
             ..Self::empty(status, flag, details)
         }
     }
-    /// A circuit breaker's rejection, as Envoy's router answers it.
-    pub fn overflow() -> Self {
-        let mut reply = Self::text(
-            503,
-            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-            "UO",
-            "upstream_reset_before_response_started{overflow}",
+
+    /// The reply Envoy's router would make in the same situation.
+    pub fn router(r: RouterReply) -> Self {
+        let mut reply = if r.body().is_empty() {
+            Self::empty(r.status(), Some(r.flag()), r.details())
+        } else {
+            Self::text(r.status(), r.body(), Some(r.flag()), r.details())
+        };
+        reply.headers.extend(
+            r.headers()
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
         reply
-            .headers
-            .push(("x-envoy-overloaded".into(), "true".into()));
-        reply
+    }
+
+    /// A circuit breaker's rejection, as Envoy's router answers it.
+    pub fn overflow() -> Self {
+        Self::router(RouterReply::Overflow)
     }
 }
 
@@ -456,7 +464,7 @@ impl Engine {
         };
         if vhost.require_tls && !is_https(req) {
             let location = format!("https://{}{}", req.authority, req.path);
-            let mut reply = Reply::empty(301, "", "direct_response");
+            let mut reply = Reply::empty(301, None, "direct_response");
             reply.headers.push(("location".into(), location));
             return Decision {
                 vhost: Some(&vhost.name),
@@ -470,14 +478,18 @@ impl Engine {
                 vhost: Some(&vhost.name),
                 route: None,
                 delay_ms: None,
-                outcome: Outcome::Reply(Reply::empty(404, "NR", "route_not_found")),
+                outcome: Outcome::Reply(Reply::empty(
+                    404,
+                    Some(ResponseFlag::NoRouteFound),
+                    "route_not_found",
+                )),
             };
         };
         let mut decision = Decision {
             vhost: Some(&vhost.name),
             route: Some(&route.name),
             delay_ms: None,
-            outcome: Outcome::Reply(Reply::empty(500, "", "")),
+            outcome: Outcome::Reply(Reply::empty(500, None, "")),
         };
         decision.outcome =
             self.route_outcome(route, matched, req, rng, state, &mut decision.delay_ms);
@@ -513,7 +525,7 @@ impl Engine {
         }
         match &route.action {
             ActionRt::Direct { status, body } => {
-                let mut reply = Reply::empty(*status, "", "direct_response");
+                let mut reply = Reply::empty(*status, None, "direct_response");
                 if !body.is_empty() {
                     reply
                         .headers
@@ -536,16 +548,11 @@ impl Engine {
                 let dest = pick_destination(destinations, *total_weight, rng);
                 let cluster = dest.target.name(req.port);
                 let Some(&cluster_at) = self.cluster_index.get(cluster.as_ref()) else {
-                    return Outcome::Reply(Reply::empty(503, "NC", "cluster_not_found"));
+                    return Outcome::Reply(Reply::router(RouterReply::NoCluster));
                 };
                 let c = &self.clusters[cluster_at];
                 let Ok(picked) = self.pick(c, req, rng, state) else {
-                    return Outcome::Reply(Reply::text(
-                        503,
-                        "no healthy upstream",
-                        "UH",
-                        "no_healthy_upstream",
-                    ));
+                    return Outcome::Reply(Reply::router(RouterReply::NoHealthyUpstream));
                 };
                 let mut response_edits = dest.response_edits.clone();
                 let (mut endpoint, mut ticket) = (None, None);
@@ -784,9 +791,13 @@ impl Engine {
     /// No virtual host: Istio's catch-all (sidecar) or 404 (gateway).
     fn unknown_host<'e>(&'e self, req: &RequestView<'_>) -> Decision<'e> {
         let outcome = match (self.kind, self.outbound) {
-            (ProxyKind::Gateway, _) => Outcome::Reply(Reply::empty(404, "NR", "route_not_found")),
+            (ProxyKind::Gateway, _) => Outcome::Reply(Reply::empty(
+                404,
+                Some(ResponseFlag::NoRouteFound),
+                "route_not_found",
+            )),
             (ProxyKind::Sidecar, OutboundPolicy::RegistryOnly) => {
-                Outcome::Reply(Reply::empty(502, "", "direct_response"))
+                Outcome::Reply(Reply::empty(502, None, "direct_response"))
             }
             (ProxyKind::Sidecar, OutboundPolicy::AllowAny) => {
                 let (host, port) = split_host_port(req.authority);
@@ -797,7 +808,7 @@ impl Engine {
                     format!("{host}:{port}")
                 };
                 Outcome::Forward(Forward {
-                    cluster: Cow::Borrowed(ir::PASSTHROUGH_CLUSTER),
+                    cluster: Cow::Borrowed(PASSTHROUGH_CLUSTER),
                     endpoint: Some(endpoint),
                     path: None,
                     authority: None,
@@ -1137,7 +1148,7 @@ impl CorsRt {
         if req.method != "OPTIONS" || req.header("access-control-request-method").is_none() {
             return None;
         }
-        let mut reply = Reply::empty(200, "", "cors_response");
+        let mut reply = Reply::empty(200, None, "cors_response");
         if !self.allows(origin) {
             return self.ignore_unmatched_preflights.then_some(reply);
         }

@@ -1,5 +1,6 @@
 //! Local replies built from route actions: redirects, fault aborts, header edits on replies.
 
+use crate::contract::ResponseFlag;
 use crate::ir::{FaultAbort, Redirect, RedirectPort};
 
 use super::matcher::CompiledMatch;
@@ -37,7 +38,7 @@ pub(crate) fn redirect(
         s @ (301 | 302 | 303 | 307 | 308) => s,
         _ => 301,
     };
-    let mut reply = Reply::empty(status, "", "direct_response");
+    let mut reply = Reply::empty(status, None, "direct_response");
     reply.headers.push((
         "location".into(),
         format!("{scheme}://{host}{port}{new_path}"),
@@ -86,13 +87,13 @@ pub(crate) fn fault_abort(abort: &FaultAbort) -> Reply {
             headers: vec![("content-type".into(), "application/grpc".into())],
             body: Vec::new(),
             grpc_status: Some(code),
-            flag: "FI",
+            flag: Some(ResponseFlag::FaultInjected),
             details: "fault_filter_abort",
         },
         (None, status) => Reply::text(
             status.unwrap_or(503),
             "fault filter abort",
-            "FI",
+            Some(ResponseFlag::FaultInjected),
             "fault_filter_abort",
         ),
     }
