@@ -34,8 +34,7 @@ pub fn load_rules(bytes: &[u8]) -> Result<Engine, String> {
             "plugin configuration is empty: expected a meshroute rules document (JSON)".into(),
         );
     }
-    let doc: RulesDocument =
-        serde_json::from_slice(bytes).map_err(|e| format!("rules document is not valid: {e}"))?;
+    let doc = RulesDocument::from_json(bytes).map_err(|e| e.to_string())?;
     Engine::new(doc).map_err(|e| format!("rules document rejected: {e}"))
 }
 

@@ -31,7 +31,7 @@ fn secret_dir(credentials: Option<&Path>, name: &str) -> Result<PathBuf, String>
 
 /// The files of a terminating Gateway server.
 pub fn server_files(tls: &ServerTls, credentials: Option<&Path>) -> Result<ServerFiles, String> {
-    let mutual = tls.mode != "SIMPLE";
+    let mutual = tls.mode.verifies_clients();
     if let Some(name) = &tls.credential_name {
         let dir = secret_dir(credentials, name)?;
         let ca = tls
@@ -84,7 +84,7 @@ mod tests {
     #[test]
     fn credential_names_point_into_the_credentials_directory() {
         let tls = ServerTls {
-            mode: "MUTUAL".into(),
+            mode: meshroute_core::ir::ServerTlsMode::Mutual,
             credential_name: Some("gw-cert".into()),
             ..Default::default()
         };
@@ -98,7 +98,7 @@ mod tests {
         let e = server_files(&tls, None).unwrap_err();
         assert!(e.contains("--credentials-dir"), "{e}");
         let simple = ServerTls {
-            mode: "SIMPLE".into(),
+            mode: meshroute_core::ir::ServerTlsMode::Simple,
             ..Default::default()
         };
         assert!(server_files(&simple, None)

@@ -11,7 +11,9 @@ use meshroute_core::contract::{
     l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER, HTTP_ROOT_ID,
     LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
 };
-use meshroute_core::ir::{ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument};
+use meshroute_core::ir::{
+    ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode,
+};
 
 /// Envoy's wasm failure policy (Istio WasmPlugin `failStrategy`).
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -316,7 +318,7 @@ fn gateway_listener(
                 }],
                 "alpn_protocols": if server.serves_http() { json!(["h2", "http/1.1"]) } else { json!([]) },
             });
-            if tls.mode != "SIMPLE" {
+            if tls.mode.verifies_clients() {
                 if let Some(ca) = &files.client_ca {
                     common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
                 }
@@ -325,7 +327,7 @@ fn gateway_listener(
                 "name": "envoy.transport_sockets.tls",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "require_client_certificate": tls.mode == "MUTUAL",
+                    "require_client_certificate": tls.mode == ServerTlsMode::Mutual,
                     "common_tls_context": common,
                 },
             });

@@ -68,7 +68,7 @@ fn compile_writes_the_rules_document_for_the_identity() {
     ]);
     assert_eq!(code, 0, "{err}");
     let doc: serde_json::Value = serde_json::from_str(&out).expect("json on stdout");
-    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["version"], meshroute_core::ir::VERSION);
     assert_eq!(doc["proxy"]["kind"], "sidecar");
     let text = out.as_str();
     assert!(text.contains("outbound|9080|v2|reviews.default.svc.cluster.local"));

@@ -270,7 +270,11 @@ impl<'a> Lowering<'a> {
         const WHY: &str = "ISTIO_MUTUAL is not supported: it needs the mesh certificates istiod issues, which meshroute does not have; use MUTUAL with clientCertificate, privateKey and caCertificates files";
         let used: BTreeSet<&str> = clusters
             .iter()
-            .filter(|c| c.tls.as_ref().is_some_and(|t| t.mode == "ISTIO_MUTUAL"))
+            .filter(|c| {
+                c.tls
+                    .as_ref()
+                    .is_some_and(|t| t.mode == ir::ClientTlsMode::IstioMutual)
+            })
             .map(|c| c.service.as_str())
             .collect();
         if used.is_empty() {
@@ -575,18 +579,29 @@ impl<'a> Lowering<'a> {
                     .unwrap_or_default();
                 let listener = listeners.entry(port).or_insert_with(|| ir::Listener {
                     port,
-                    protocol: protocol.clone(),
                     servers: Vec::new(),
                 });
+                // The TLS mode of an HTTPS or TLS server defaults to PASSTHROUGH (Istio's
+                // ServerTLSSettings); plain HTTP servers only redirect.
+                let tls_server = matches!(protocol.as_str(), "HTTPS" | "TLS");
+                let mode = server
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.mode.as_deref().or(tls_server.then_some("PASSTHROUGH")));
+                let routing = server_routing(&protocol, mode);
                 listener.servers.push(ir::ListenerServer {
                     hosts: server.hosts.clone(),
-                    protocol: protocol.clone(),
+                    routing,
                     tls: server
                         .tls
                         .as_ref()
-                        .filter(|t| t.mode.is_some())
+                        .filter(|_| routing.terminates_tls())
                         .map(|t| ir::ServerTls {
-                            mode: t.mode.clone().unwrap_or_default(),
+                            mode: match t.mode.as_deref() {
+                                Some("MUTUAL") => ir::ServerTlsMode::Mutual,
+                                Some("OPTIONAL_MUTUAL") => ir::ServerTlsMode::OptionalMutual,
+                                _ => ir::ServerTlsMode::Simple,
+                            },
                             server_certificate: t.server_certificate.clone(),
                             private_key: t.private_key.clone(),
                             ca_certificates: t.ca_certificates.clone(),
@@ -607,20 +622,12 @@ impl<'a> Lowering<'a> {
                     ));
                     continue;
                 }
-                let terminated_http =
-                    matches!(protocol.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
-                        || (protocol == "HTTPS"
-                            && server
-                                .tls
-                                .as_ref()
-                                .and_then(|t| t.mode.as_deref())
-                                .is_some_and(|m| m != "PASSTHROUGH" && m != "AUTO_PASSTHROUGH"));
-                if !terminated_http {
+                if !routing.serves_http() {
                     let table = l4_tables.entry(port).or_insert_with(|| ir::L4Table {
                         port,
                         ..Default::default()
                     });
-                    self.gateway_l4(gw, server_index, port, &vss, table);
+                    self.gateway_l4(gw, server_index, routing, port, &vss, table);
                     continue;
                 }
                 let require_tls = protocol == "HTTP"
@@ -1162,7 +1169,7 @@ impl<'a> Lowering<'a> {
             subset: subset.to_string(),
             discovery,
             endpoints,
-            protocol: port.protocol.clone(),
+            protocol: ir::Protocol::parse(&port.protocol).unwrap_or_default(),
             connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref()))
                 .unwrap_or(self.mesh.connect_timeout_ms),
             lb: load_balancer(policy.load_balancer.as_ref()),
@@ -1220,9 +1227,17 @@ impl<'a> Lowering<'a> {
             tls: policy
                 .tls
                 .as_ref()
-                .filter(|t| t.mode.as_deref().is_some_and(|m| m != "DISABLE"))
-                .map(|t| ir::ClientTls {
-                    mode: t.mode.clone().unwrap_or_default(),
+                .and_then(|t| {
+                    let mode = match t.mode.as_deref()? {
+                        "SIMPLE" => ir::ClientTlsMode::Simple,
+                        "MUTUAL" => ir::ClientTlsMode::Mutual,
+                        "ISTIO_MUTUAL" => ir::ClientTlsMode::IstioMutual,
+                        _ => return None,
+                    };
+                    Some((t, mode))
+                })
+                .map(|(t, mode)| ir::ClientTls {
+                    mode,
                     sni: t.sni.clone(),
                     subject_alt_names: t.subject_alt_names.clone(),
                     ca_certificates: t.ca_certificates.clone(),
@@ -1475,6 +1490,24 @@ fn load_balancer(lb: Option<&api::LoadBalancerSettings>) -> ir::LoadBalancer {
         consistent_hash,
         warmup_ms,
         locality,
+    }
+}
+
+/// How a Gateway server is served, from its protocol (upper case) and TLS mode: the one
+/// place the rules document's [`ir::ServerRouting`] is decided.
+pub(crate) fn server_routing(protocol: &str, tls_mode: Option<&str>) -> ir::ServerRouting {
+    use ir::ServerRouting as R;
+    let http = matches!(
+        protocol,
+        "" | "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB"
+    );
+    match tls_mode {
+        Some("PASSTHROUGH") => R::Passthrough,
+        Some("AUTO_PASSTHROUGH") => R::AutoPassthrough,
+        Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") if http => R::TerminatedHttp,
+        Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") => R::TerminatedTcp,
+        _ if http => R::Http,
+        _ => R::Tcp,
     }
 }
 

@@ -220,6 +220,50 @@ spec:
 }
 
 #[test]
+fn a_tls_server_without_a_mode_passes_through_as_istio_defaults() {
+    // ServerTLSSettings.mode defaults to PASSTHROUGH.
+    for protocol in ["TLS", "HTTPS"] {
+        let yaml = format!(
+            "{GW}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: tls, protocol: {protocol}}}
+    hosts: ['a.example.com']
+    tls: {{}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: v, namespace: default}}
+spec:
+  hosts: ['a.example.com']
+  gateways: [istio-system/gw]
+  tls:
+  - match: [{{sniHosts: ['a.example.com']}}]
+    route: [{{destination: {{host: backend}}}}]
+"
+        );
+        let out = compiled(&yaml, ProxyKind::Gateway);
+        assert!(!out.has_errors(), "{:?}", out.diagnostics);
+        let doc = out.document.unwrap();
+        let server = &doc.listeners[0].servers[0];
+        assert_eq!(
+            server.routing,
+            meshroute_core::ir::ServerRouting::Passthrough
+        );
+        assert!(server.tls.is_none(), "nothing to terminate");
+        let e = Engine::new(doc).unwrap();
+        assert_eq!(
+            route(&e, 443, "a.example.com", "", 1),
+            "outbound|8443||backend.default.svc.cluster.local 10.0.0.5:8443",
+            "{protocol}"
+        );
+    }
+}
+
+#[test]
 fn auto_passthrough_takes_the_cluster_from_the_sni() {
     let yaml = format!(
         "{GW}apiVersion: networking.istio.io/v1

@@ -18,7 +18,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use meshroute_core::ir::{ClientTls, ListenerServer};
+use meshroute_core::ir::{ClientTls, ListenerServer, ServerTlsMode};
 
 /// Certificates by server host: exact names, `*.suffix` wildcards, then `*`.
 #[derive(Debug, Default)]
@@ -72,35 +72,26 @@ pub fn server_config(
     // One client CA per listener: rustls verifies client certificates per configuration.
     let mut client_ca: Option<(PathBuf, bool)> = None;
     for server in servers {
+        // Only terminating servers carry TLS settings; the others are routed on their SNI
+        // by the connection-level filter.
         let Some(tls) = &server.tls else { continue };
-        match tls.mode.as_str() {
-            "SIMPLE" => {}
-            "MUTUAL" | "OPTIONAL_MUTUAL" => {
-                let optional = tls.mode == "OPTIONAL_MUTUAL";
-                let Some(ca) = crate::credentials::server_files(tls, credentials)?.client_ca
-                else {
-                    return Err(format!(
-                        "{} TLS needs caCertificates (or a credentialName with ca.crt)",
-                        tls.mode
-                    ));
-                };
-                match &client_ca {
-                    Some((c, o)) if *c != ca || *o != optional => {
-                        return Err(format!(
-                            "servers on one port verify clients differently ({} and {}): meshroute run needs one client CA per port",
-                            c.display(),
-                            ca.display()
-                        ))
-                    }
-                    _ => client_ca = Some((ca, optional)),
-                }
-            }
-            // Not terminated: routed on SNI by the connection-level filter.
-            "PASSTHROUGH" | "AUTO_PASSTHROUGH" => continue,
-            other => {
+        if tls.mode.verifies_clients() {
+            let optional = tls.mode == ServerTlsMode::OptionalMutual;
+            let Some(ca) = crate::credentials::server_files(tls, credentials)?.client_ca else {
                 return Err(format!(
-                    "TLS mode {other} is not supported by meshroute run (SIMPLE, MUTUAL, OPTIONAL_MUTUAL and PASSTHROUGH are)"
-                ))
+                    "{} TLS needs caCertificates (or a credentialName with ca.crt)",
+                    tls.mode
+                ));
+            };
+            match &client_ca {
+                Some((c, o)) if *c != ca || *o != optional => {
+                    return Err(format!(
+                        "servers on one port verify clients differently ({} and {}): meshroute run needs one client CA per port",
+                        c.display(),
+                        ca.display()
+                    ))
+                }
+                _ => client_ca = Some((ca, optional)),
             }
         }
         any_tls = true;

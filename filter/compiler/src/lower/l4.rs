@@ -43,17 +43,6 @@ impl<'a> From<&'a api::TlsMatchAttributes> for Selectors<'a> {
     }
 }
 
-/// What a gateway server routes at the connection level.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ServerRouting {
-    /// `tcp` routes (TCP servers, and TLS servers that terminate).
-    Tcp,
-    /// `tls` routes on the ClientHello SNI (PASSTHROUGH).
-    Sni,
-    /// The SNI names the cluster.
-    Auto,
-}
-
 /// Whether a service port carries TLS that the proxy routes on SNI without terminating.
 fn is_tls_port(protocol: &str) -> bool {
     matches!(protocol, "TLS" | "HTTPS")
@@ -302,36 +291,28 @@ impl Lowering<'_> {
     }
 
     /// Gateway: the table of one TCP/TLS server port, from the VirtualServices bound to the
-    /// server. `None` when the server routes HTTP.
+    /// server: `tls` routes on the SNI for PASSTHROUGH servers, `tcp` routes for TCP servers
+    /// and TLS servers that terminate.
     pub(super) fn gateway_l4(
         &mut self,
         gw: &Resource<api::Gateway>,
         server_index: usize,
+        routing: ir::ServerRouting,
         port: u16,
         vss: &[&Resource<api::VirtualService>],
         table: &mut ir::L4Table,
     ) {
         let server = &gw.spec.servers[server_index];
-        let protocol = server
-            .port
-            .as_ref()
-            .map(|p| p.protocol.to_ascii_uppercase())
-            .unwrap_or_default();
-        let mode = server
-            .tls
-            .as_ref()
-            .and_then(|t| t.mode.as_deref())
-            .unwrap_or("");
-        let routing = match (protocol.as_str(), mode) {
-            ("TLS" | "HTTPS", "PASSTHROUGH") => ServerRouting::Sni,
-            ("TLS" | "HTTPS", "AUTO_PASSTHROUGH") => ServerRouting::Auto,
-            ("TLS", _) => ServerRouting::Tcp,
-            ("HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB", _) => return,
-            _ => ServerRouting::Tcp,
-        };
-        if routing == ServerRouting::Auto {
-            table.auto_passthrough = true;
-            return;
+        match routing {
+            ir::ServerRouting::Http | ir::ServerRouting::TerminatedHttp => return,
+            ir::ServerRouting::AutoPassthrough => {
+                // The SNI names the cluster.
+                table.auto_passthrough = true;
+                return;
+            }
+            ir::ServerRouting::Passthrough
+            | ir::ServerRouting::TerminatedTcp
+            | ir::ServerRouting::Tcp => {}
         }
         let gw_name = format!("{}/{}", gw.namespace, gw.name);
         // Server hosts without their namespace part, with the namespace filter kept aside.
@@ -371,9 +352,10 @@ impl Lowering<'_> {
             if allowed.is_empty() {
                 continue;
             }
-            let routes = match routing {
-                ServerRouting::Sni => self.tls_routes(vs, port, Some(&gw_name), Some(&allowed)),
-                _ => self.tcp_routes(vs, port, Some(&gw_name), &ir::L4Match::default()),
+            let routes = if routing == ir::ServerRouting::Passthrough {
+                self.tls_routes(vs, port, Some(&gw_name), Some(&allowed))
+            } else {
+                self.tcp_routes(vs, port, Some(&gw_name), &ir::L4Match::default())
             };
             table.routes.extend(routes);
         }

@@ -1,0 +1,143 @@
+//! Gateway listeners: the servers on each port and how each one's traffic is served.
+
+use serde::{Deserialize, Serialize};
+
+/// A gateway listener: one per Gateway server port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ListenerServer>,
+}
+
+/// One Gateway server on a listener, with what a host needs to terminate TLS.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerServer {
+    pub hosts: Vec<String>,
+    /// How the server's traffic is served, decided by the compiler from the server's
+    /// protocol and TLS mode (servers of several kinds may share a port).
+    pub routing: ServerRouting,
+    /// Certificates, for the servers that terminate TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+}
+
+/// How a Gateway server's connections are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerRouting {
+    /// Plain HTTP (HTTP, HTTP2, GRPC, GRPC-WEB).
+    #[default]
+    Http,
+    /// TLS terminated, HTTP inside (HTTPS with SIMPLE, MUTUAL or OPTIONAL_MUTUAL).
+    TerminatedHttp,
+    /// TLS terminated, TCP inside (TLS with SIMPLE, MUTUAL or OPTIONAL_MUTUAL).
+    TerminatedTcp,
+    /// TLS passed through, routed on its SNI by `tls` routes (PASSTHROUGH).
+    Passthrough,
+    /// TLS passed through; the SNI names the cluster (AUTO_PASSTHROUGH).
+    AutoPassthrough,
+    /// Plain TCP (TCP, MONGO, ...).
+    Tcp,
+}
+
+impl ServerRouting {
+    /// The proxy terminates TLS for this server.
+    pub fn terminates_tls(self) -> bool {
+        matches!(self, Self::TerminatedHttp | Self::TerminatedTcp)
+    }
+
+    /// TLS passes through, routed on its SNI.
+    pub fn passes_tls_through(self) -> bool {
+        matches!(self, Self::Passthrough | Self::AutoPassthrough)
+    }
+
+    /// What reaches the filter is HTTP (plain, or after termination).
+    pub fn serves_http(self) -> bool {
+        matches!(self, Self::Http | Self::TerminatedHttp)
+    }
+}
+
+impl ListenerServer {
+    pub fn terminates_tls(&self) -> bool {
+        self.routing.terminates_tls()
+    }
+
+    pub fn passes_tls_through(&self) -> bool {
+        self.routing.passes_tls_through()
+    }
+
+    pub fn serves_http(&self) -> bool {
+        self.routing.serves_http()
+    }
+
+    /// The hosts as SNI patterns: lower case, without the namespace part; empty when the
+    /// server takes any name (`*`).
+    pub fn sni_names(&self) -> Vec<String> {
+        let names: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                h.rsplit_once('/')
+                    .map_or(h.as_str(), |(_, d)| d)
+                    .to_ascii_lowercase()
+            })
+            .collect();
+        if names.iter().any(|n| n == "*") {
+            Vec::new()
+        } else {
+            names
+        }
+    }
+}
+
+/// Which client certificates a TLS-terminating server asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServerTlsMode {
+    /// None (SIMPLE).
+    #[default]
+    Simple,
+    /// One the CA signed, required (MUTUAL).
+    Mutual,
+    /// One the CA signed, if the client offers one (OPTIONAL_MUTUAL).
+    OptionalMutual,
+}
+
+impl ServerTlsMode {
+    /// Istio's name of the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Simple => "SIMPLE",
+            Self::Mutual => "MUTUAL",
+            Self::OptionalMutual => "OPTIONAL_MUTUAL",
+        }
+    }
+
+    /// A client certificate is verified when offered.
+    pub fn verifies_clients(self) -> bool {
+        self != Self::Simple
+    }
+}
+
+impl std::fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub mode: ServerTlsMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+}
