@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -64,11 +64,9 @@ impl Fake {
         let mut config = Config::default();
         let diags = config.add_text("t.yaml", yaml);
         assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
-        let proxy = ProxyOptions {
-            kind,
-            namespace: "default".into(),
-            labels: BTreeMap::new(),
-            locality: String::new(),
+        let proxy = match kind {
+            ProxyKind::Gateway => ProxyOptions::gateway("default"),
+            ProxyKind::Sidecar => ProxyOptions::sidecar("default"),
         };
         let out = compile(&config, &proxy, &MeshOptions::default());
         assert!(!out.has_errors(), "{:?}", out.diagnostics);

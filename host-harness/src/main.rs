@@ -457,7 +457,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            diags.extend(meshroute_compiler::validate::validate(&config));
+            diags.extend(meshroute_compiler::validate::validate(&config).diagnostics);
             meshroute_compiler::diag::sort(&mut diags);
             print_diags(&diags);
             let errors = diags.iter().filter(|d| d.is_error()).count();

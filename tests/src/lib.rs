@@ -484,19 +484,9 @@ pub fn rules(
         let diags = config.add_text(name, text);
         assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
     }
-    let proxy = ProxyOptions {
-        kind,
-        namespace: if kind == ProxyKind::Gateway {
-            "istio-system".into()
-        } else {
-            "default".into()
-        },
-        labels: if kind == ProxyKind::Gateway {
-            BTreeMap::from([("istio".into(), "ingressgateway".into())])
-        } else {
-            BTreeMap::new()
-        },
-        locality: String::new(),
+    let proxy = match kind {
+        ProxyKind::Gateway => ProxyOptions::gateway("istio-system"),
+        ProxyKind::Sidecar => ProxyOptions::sidecar("default"),
     };
     let mesh = MeshOptions {
         outbound_traffic_policy: outbound,

@@ -8,6 +8,43 @@ use serde::Deserialize;
 
 pub type Labels = BTreeMap<String, String>;
 
+/// A duration as written (`10s`, `1.5s`, `250ms`), parsed once when the configuration is
+/// read: validation reports a value that does not parse, lowering reads the parsed one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Duration {
+    pub text: String,
+    nanos: Result<u128, String>,
+}
+
+impl Duration {
+    pub fn new(text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            nanos: crate::duration::parse_nanos(text),
+        }
+    }
+
+    /// Nanoseconds, or why the text is not a duration.
+    pub fn nanos(&self) -> Result<u128, &str> {
+        self.nanos.as_ref().copied().map_err(String::as_str)
+    }
+
+    /// Whole milliseconds, as the rules document stores durations (`None`: not a duration,
+    /// which validation has already reported).
+    pub fn ms(&self) -> Option<u64> {
+        self.nanos
+            .as_ref()
+            .ok()
+            .and_then(|ns| u64::try_from(ns / 1_000_000).ok())
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|text| Self::new(&text))
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
@@ -57,7 +94,7 @@ pub struct HttpRoute {
     pub direct_response: Option<HttpDirectResponse>,
     pub delegate: Option<Delegate>,
     pub rewrite: Option<HttpRewrite>,
-    pub timeout: Option<String>,
+    pub timeout: Option<Duration>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFaultInjection>,
     pub mirror: Option<Destination>,
@@ -204,11 +241,11 @@ pub struct RegexRewrite {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRetry {
     pub attempts: Option<i64>,
-    pub per_try_timeout: Option<String>,
+    pub per_try_timeout: Option<Duration>,
     pub retry_on: Option<String>,
     pub retry_remote_localities: Option<bool>,
     pub retry_ignore_previous_hosts: Option<bool>,
-    pub backoff: Option<String>,
+    pub backoff: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -221,8 +258,8 @@ pub struct HttpFaultInjection {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
-    pub fixed_delay: Option<String>,
-    pub exponential_delay: Option<String>,
+    pub fixed_delay: Option<Duration>,
+    pub exponential_delay: Option<Duration>,
     pub percentage: Option<Percent>,
     /// Deprecated integer percentage.
     pub percent: Option<i64>,
@@ -265,7 +302,7 @@ pub struct CorsPolicy {
     pub allow_headers: Vec<String>,
     #[serde(default)]
     pub expose_headers: Vec<String>,
-    pub max_age: Option<String>,
+    pub max_age: Option<Duration>,
     pub allow_credentials: Option<bool>,
     pub unmatched_preflights: Option<String>,
 }
@@ -386,14 +423,14 @@ pub struct LoadBalancerSettings {
     pub simple: Option<String>,
     pub consistent_hash: Option<ConsistentHashLb>,
     pub locality_lb_setting: Option<LocalityLbSetting>,
-    pub warmup_duration_secs: Option<String>,
+    pub warmup_duration_secs: Option<Duration>,
     pub warmup: Option<WarmupConfiguration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WarmupConfiguration {
-    pub duration: Option<String>,
+    pub duration: Option<Duration>,
     pub minimum_percent: Option<Percent>,
     pub aggression: Option<f64>,
 }
@@ -417,7 +454,7 @@ pub struct HttpCookie {
     #[serde(default)]
     pub name: String,
     pub path: Option<String>,
-    pub ttl: Option<String>,
+    pub ttl: Option<Duration>,
     #[serde(default)]
     pub attributes: Vec<serde_json::Value>,
 }
@@ -475,18 +512,18 @@ pub struct ConnectionPoolSettings {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSettings {
     pub max_connections: Option<i64>,
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<Duration>,
     pub tcp_keepalive: Option<TcpKeepalive>,
-    pub max_connection_duration: Option<String>,
-    pub idle_timeout: Option<String>,
+    pub max_connection_duration: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpKeepalive {
     pub probes: Option<i64>,
-    pub time: Option<String>,
-    pub interval: Option<String>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -496,7 +533,7 @@ pub struct HttpSettings {
     pub http2_max_requests: Option<i64>,
     pub max_requests_per_connection: Option<i64>,
     pub max_retries: Option<i64>,
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<Duration>,
     pub h2_upgrade_policy: Option<String>,
     pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<i64>,
@@ -510,8 +547,8 @@ pub struct OutlierDetection {
     pub consecutive_gateway_errors: Option<i64>,
     #[serde(rename = "consecutive5xxErrors")]
     pub consecutive_5xx_errors: Option<i64>,
-    pub interval: Option<String>,
-    pub base_ejection_time: Option<String>,
+    pub interval: Option<Duration>,
+    pub base_ejection_time: Option<Duration>,
     pub max_ejection_percent: Option<i64>,
     pub min_health_percent: Option<i64>,
     /// Deprecated.

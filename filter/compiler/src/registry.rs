@@ -143,7 +143,8 @@ fn entry_endpoint(we: &api::WorkloadEntry) -> ServiceEndpoint {
     }
 }
 
-fn selects(selector: &api::Labels, labels: &api::Labels) -> bool {
+/// Whether every label of `selector` is among `labels` (an empty selector selects all).
+pub(crate) fn selects(selector: &api::Labels, labels: &api::Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 

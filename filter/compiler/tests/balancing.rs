@@ -13,7 +13,6 @@ use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::engine::{
     AttemptResult, EndpointState, Engine, Forward, Outcome, RequestView, SplitMix64, Ticket,
 };
-use meshroute_core::ir::ProxyKind;
 
 /// Service `web` (port 80) with the given WorkloadEntries (`spec` flow mappings, `app: web`
 /// among their labels) and DestinationRule `trafficPolicy`, compiled for a sidecar with
@@ -34,10 +33,9 @@ fn web_engine(workloads: &[String], policy: &str, locality: &str) -> Engine {
     let load = c.add_text("t.yaml", &yaml);
     assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
     let proxy = ProxyOptions {
-        kind: ProxyKind::Sidecar,
-        namespace: "default".into(),
         labels: BTreeMap::from([("network".to_string(), "n1".to_string())]),
         locality: locality.into(),
+        ..ProxyOptions::sidecar("default")
     };
     let out = compile(&c, &proxy, &MeshOptions::default());
     assert!(!out.has_errors(), "{:?}", out.diagnostics);

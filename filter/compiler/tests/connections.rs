@@ -6,8 +6,6 @@
     reason = "test helpers outside #[test] functions"
 )]
 
-use std::collections::BTreeMap;
-
 use meshroute_compiler::{compile, Compiled, Config, MeshOptions, ProxyOptions};
 use meshroute_core::engine::{
     ConnectionOutcome, ConnectionView, Engine, NoEndpointState, SplitMix64,
@@ -18,20 +16,9 @@ fn compiled(yaml: &str, kind: ProxyKind) -> Compiled {
     let mut c = Config::default();
     let load = c.add_text("t.yaml", yaml);
     assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
-    let proxy = ProxyOptions {
-        kind,
-        namespace: if kind == ProxyKind::Gateway {
-            "istio-system"
-        } else {
-            "default"
-        }
-        .into(),
-        labels: if kind == ProxyKind::Gateway {
-            BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())])
-        } else {
-            BTreeMap::new()
-        },
-        locality: String::new(),
+    let proxy = match kind {
+        ProxyKind::Gateway => ProxyOptions::gateway("istio-system"),
+        ProxyKind::Sidecar => ProxyOptions::sidecar("default"),
     };
     compile(&c, &proxy, &MeshOptions::default())
 }

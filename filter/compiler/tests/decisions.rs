@@ -6,11 +6,9 @@
     reason = "test helpers outside #[test] functions"
 )]
 
-use std::collections::BTreeMap;
-
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::engine::{EditOp, Engine, Outcome, RequestView, SplitMix64};
-use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+use meshroute_core::ir::OutboundPolicy;
 
 const REGISTRY: &str = "
 apiVersion: v1
@@ -71,12 +69,7 @@ fn engine_with(yaml: &str, outbound: OutboundPolicy) -> Engine {
     let mut c = Config::default();
     let load = c.add_text("t.yaml", &format!("{REGISTRY}{yaml}"));
     assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
-    let proxy = ProxyOptions {
-        kind: ProxyKind::Sidecar,
-        namespace: "default".into(),
-        labels: BTreeMap::new(),
-        locality: String::new(),
-    };
+    let proxy = ProxyOptions::sidecar("default");
     let mesh = MeshOptions {
         outbound_traffic_policy: outbound,
         ..MeshOptions::default()

@@ -5,10 +5,8 @@
     reason = "test helpers outside #[test] functions"
 )]
 
-use std::collections::BTreeMap;
-
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
-use meshroute_core::ir::{self, Action, ProxyKind, RulesDocument};
+use meshroute_core::ir::{self, Action, RulesDocument};
 
 fn build(yaml: &str, proxy: ProxyOptions) -> (RulesDocument, Vec<String>) {
     let mut c = Config::default();
@@ -23,21 +21,11 @@ fn build(yaml: &str, proxy: ProxyOptions) -> (RulesDocument, Vec<String>) {
 }
 
 fn sidecar(ns: &str) -> ProxyOptions {
-    ProxyOptions {
-        kind: ProxyKind::Sidecar,
-        namespace: ns.into(),
-        labels: BTreeMap::new(),
-        locality: String::new(),
-    }
+    ProxyOptions::sidecar(ns)
 }
 
 fn gateway() -> ProxyOptions {
-    ProxyOptions {
-        kind: ProxyKind::Gateway,
-        namespace: "istio-system".into(),
-        labels: BTreeMap::from([("istio".into(), "ingressgateway".into())]),
-        locality: String::new(),
-    }
+    ProxyOptions::gateway("istio-system")
 }
 
 fn svc(name: &str, ns: &str, port: u16) -> String {

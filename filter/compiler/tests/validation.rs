@@ -10,7 +10,7 @@ use meshroute_compiler::{validate::validate, Config, Diagnostic};
 fn diags(yaml: &str) -> Vec<Diagnostic> {
     let mut c = Config::default();
     let mut d = c.add_text("t.yaml", yaml);
-    d.extend(validate(&c));
+    d.extend(validate(&c).diagnostics);
     d
 }
 
@@ -283,7 +283,7 @@ fn json_input_is_accepted() {
     let d = c.add_text("t.json", r#"{"apiVersion":"networking.istio.io/v1","kind":"VirtualService","metadata":{"name":"x"},"spec":{"hosts":["a"],"http":[{"route":[{"destination":{"host":"a"}}]}]}}"#);
     assert!(d.is_empty(), "{d:?}");
     assert_eq!(c.virtual_services.len(), 1);
-    assert!(validate(&c).is_empty());
+    assert!(validate(&c).diagnostics.is_empty());
 }
 
 #[cfg_attr(not(target_arch = "wasm32"), test)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
+use meshroute_compiler::{MeshOptions, ProxyOptions};
 use meshroute_core::ir::{L4Table, Listener, ListenerServer, ProxyKind, RulesDocument};
 
 use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
@@ -38,21 +38,15 @@ pub fn compile(
     proxy: &ProxyOptions,
     mesh: &MeshOptions,
 ) -> Result<(RulesDocument, Vec<String>), String> {
-    let mut config = Config::default();
-    let mut diags: Vec<Diagnostic> = Vec::new();
-    for f in files {
-        if !f.exists() {
-            return Err(format!("{}: no such file or directory", f.display()));
-        }
-        diags.extend(config.add_path(f));
-    }
-    let compiled = meshroute_compiler::compile(&config, proxy, mesh);
-    diags.extend(compiled.diagnostics);
-    meshroute_compiler::diag::sort(&mut diags);
-    let text: Vec<String> = diags.iter().map(ToString::to_string).collect();
+    let compiled = meshroute_compiler::compile_files(files, proxy, mesh)?;
+    let text: Vec<String> = compiled
+        .diagnostics
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     match compiled.document {
-        Some(doc) if !diags.iter().any(Diagnostic::is_error) => Ok((doc, text)),
-        _ => Err(text.join("\n")),
+        Some(doc) => Ok((doc, text)),
+        None => Err(text.join("\n")),
     }
 }
 

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 
 use meshroute_core::ir;
 
-use super::{resolve_gateway_name, selects, visible, Lowering};
+use super::Lowering;
 use crate::api;
 use crate::hosts;
 use crate::load::Resource;
 use crate::registry::Service;
+use crate::resolve::{resolve_gateway_name, selects, visible};
 use crate::source::FieldPath;
 
 /// Install-time selectors of an L4 match, shared by `tcp` and `tls` matches.

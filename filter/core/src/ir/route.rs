@@ -78,6 +78,25 @@ pub struct RouteMatch {
     pub port: Option<u16>,
 }
 
+impl RouteMatch {
+    /// Whether the match takes every request: no condition beyond a `/` prefix (or `.*`).
+    pub fn is_catch_all(&self) -> bool {
+        let uri_all = match &self.uri {
+            None => true,
+            Some(StringMatch::Prefix(p)) => p == "/",
+            Some(StringMatch::Regex(r)) => r == ".*" || r == "*",
+            _ => false,
+        };
+        uri_all
+            && self.headers.is_empty()
+            && self.query_params.is_empty()
+            && self.scheme.is_none()
+            && self.method.is_none()
+            && self.authority.is_none()
+            && self.port.is_none()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StringMatch {

@@ -1,0 +1,65 @@
+//! Who a rules document is compiled for, and the mesh-wide settings that shape it.
+
+use std::collections::BTreeMap;
+
+use meshroute_core::ir::{self, ProxyKind};
+
+/// Who the document is compiled for.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub kind: ProxyKind,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// `region/zone/subzone` (empty: unknown; locality balancing then has no effect).
+    pub locality: String,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            kind: ProxyKind::Sidecar,
+            namespace: "default".into(),
+            labels: BTreeMap::new(),
+            locality: String::new(),
+        }
+    }
+}
+
+/// Mesh-wide settings (MeshConfig) that change the outcome.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub outbound_traffic_policy: ir::OutboundPolicy,
+    pub root_namespace: String,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self {
+            outbound_traffic_policy: ir::OutboundPolicy::AllowAny,
+            root_namespace: "istio-system".into(),
+            connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ProxyOptions {
+    /// A sidecar in `namespace`, without workload labels.
+    pub fn sidecar(namespace: &str) -> Self {
+        Self {
+            kind: ProxyKind::Sidecar,
+            namespace: namespace.into(),
+            ..Self::default()
+        }
+    }
+
+    /// A gateway in `namespace` with Istio's default ingress labels (`istio=ingressgateway`).
+    pub fn gateway(namespace: &str) -> Self {
+        Self {
+            kind: ProxyKind::Gateway,
+            namespace: namespace.into(),
+            labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+            locality: String::new(),
+        }
+    }
+}

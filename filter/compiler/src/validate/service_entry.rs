@@ -1,0 +1,204 @@
+//! ServiceEntry and WorkloadEntry.
+
+use std::collections::BTreeSet;
+
+use super::virtual_service::cidr;
+use super::{SERVICE_PROTOCOLS, V};
+use crate::api;
+use crate::diag::Diagnostic;
+use crate::hosts;
+use crate::load::Resource;
+use crate::source::FieldPath;
+
+pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagnostic>) {
+    let mut v = V::new(r, out);
+    let se = &r.spec;
+    let spec = FieldPath::root().key("spec");
+    let resolution = se.resolution.as_deref().unwrap_or("NONE");
+    if !matches!(
+        resolution,
+        "NONE" | "STATIC" | "DNS" | "DNS_ROUND_ROBIN" | "DYNAMIC_DNS"
+    ) {
+        v.err(&spec.key("resolution"), format!("unknown resolution {resolution:?}: expected NONE, STATIC, DNS, DNS_ROUND_ROBIN or DYNAMIC_DNS"));
+    }
+    if let Some(l) = &se.location {
+        if l != "MESH_EXTERNAL" && l != "MESH_INTERNAL" {
+            v.err(
+                &spec.key("location"),
+                format!("unknown location {l:?}: expected MESH_EXTERNAL or MESH_INTERNAL"),
+            );
+        }
+    }
+    if se.hosts.is_empty() {
+        v.err(
+            &spec.key("hosts"),
+            "service entry must have at least one host",
+        );
+    }
+    for (i, h) in se.hosts.iter().enumerate() {
+        let hp = spec.key("hosts").idx(i);
+        if h == "*" {
+            v.err(&hp, "invalid host *");
+            continue;
+        }
+        match hosts::validate_wildcard_domain(h) {
+            Ok(()) => {}
+            Err(e) if h.contains('*') && !h.starts_with("*.") && resolution != "DYNAMIC_DNS" => {
+                v.warn(&hp, e)
+            }
+            Err(e) => v.err(&hp, e),
+        }
+        if resolution == "DNS" && se.endpoints.is_empty() && hosts::is_wildcard(h) {
+            v.err(&hp, format!("hosts must be FQDN if no endpoints are provided for resolution mode DNS: {h:?}"));
+        }
+    }
+    for (i, a) in se.addresses.iter().enumerate() {
+        cidr(&mut v, &spec.key("addresses").idx(i), a);
+        if a.contains('/') && !matches!(resolution, "NONE" | "STATIC") {
+            v.err(
+                &spec.key("addresses").idx(i),
+                "CIDR addresses are allowed only for NONE/STATIC resolution types",
+            );
+        }
+    }
+    if se.ports.is_empty() && resolution != "NONE" {
+        v.err(
+            &spec.key("ports"),
+            "service entry must have at least one port",
+        );
+    }
+    let mut numbers = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    let mut port_names = BTreeSet::new();
+    let mut has_tcp = false;
+    for (i, p) in se.ports.iter().enumerate() {
+        let pp = spec.key("ports").idx(i);
+        v.port_number(&pp.key("number"), p.number, true);
+        v.port_number(&pp.key("targetPort"), p.target_port, false);
+        if let Some(n) = p.number {
+            if !numbers.insert(n) {
+                v.err(
+                    &pp.key("number"),
+                    format!("service entry port {n} already defined"),
+                );
+            }
+        }
+        if p.name.is_empty() {
+            v.err(&pp.key("name"), "port name must be set");
+        } else {
+            if !hosts::is_dns1123_label(&p.name) {
+                v.err(
+                    &pp.key("name"),
+                    format!("invalid port name {:?}: must be a DNS-1123 label", p.name),
+                );
+            }
+            if !names.insert(p.name.as_str()) {
+                v.err(
+                    &pp.key("name"),
+                    format!("service entry port name {:?} already defined", p.name),
+                );
+            }
+            port_names.insert(p.name.clone());
+        }
+        let proto = p.protocol.to_ascii_uppercase();
+        if !proto.is_empty() && !SERVICE_PROTOCOLS.contains(&proto.as_str()) {
+            v.err(
+                &pp.key("protocol"),
+                format!("unrecognized protocol {:?}", p.protocol),
+            );
+        }
+        if matches!(proto.as_str(), "TCP" | "MONGO" | "REDIS" | "MYSQL") {
+            has_tcp = true;
+        }
+    }
+    if has_tcp && se.hosts.len() > 1 && resolution != "NONE" && se.addresses.is_empty() {
+        v.err(
+            &spec.key("hosts"),
+            "multiple hosts provided with non-HTTP, non-TLS ports",
+        );
+    }
+    if se.workload_selector.is_some() && !se.endpoints.is_empty() {
+        v.err(
+            &spec.key("workloadSelector"),
+            "only one of WorkloadSelector or Endpoints is allowed in Service Entry",
+        );
+    }
+    if let Some(ws) = &se.workload_selector {
+        v.labels(&spec.key("workloadSelector").key("labels"), &ws.labels);
+    }
+    match resolution {
+        "NONE" if !se.endpoints.is_empty() => v.err(
+            &spec.key("endpoints"),
+            "no endpoints should be provided for resolution type none",
+        ),
+        "STATIC" if se.endpoints.is_empty() && se.workload_selector.is_none() => v.err(
+            &spec.key("endpoints"),
+            "endpoints must be provided for resolution type static",
+        ),
+        "DNS_ROUND_ROBIN" if se.endpoints.len() > 1 => v.err(
+            &spec.key("endpoints"),
+            "there must only be 0 or 1 endpoint for resolution type DNS_ROUND_ROBIN",
+        ),
+        "DYNAMIC_DNS" if !se.endpoints.is_empty() || !se.addresses.is_empty() => v.err(
+            &spec,
+            "DYNAMIC_DNS resolution allows neither endpoints nor addresses",
+        ),
+        _ => {}
+    }
+    for (i, e) in se.endpoints.iter().enumerate() {
+        let ep = spec.key("endpoints").idx(i);
+        workload_entry(&mut v, e, &ep, Some(&port_names), resolution == "STATIC");
+    }
+    v.export_to(&spec.key("exportTo"), &se.export_to, true);
+}
+
+pub(super) fn workload_entry(
+    v: &mut V<'_>,
+    e: &api::WorkloadEntry,
+    p: &FieldPath,
+    port_names: Option<&BTreeSet<String>>,
+    require_ip: bool,
+) {
+    if e.address.is_empty() {
+        if port_names.is_none() {
+            v.err(&p.key("address"), "address must be set");
+        }
+    } else if let Some(uds) = e.address.strip_prefix("unix://") {
+        if uds.is_empty() {
+            v.err(
+                &p.key("address"),
+                "unix domain socket path must not be empty",
+            );
+        }
+    } else if require_ip && !hosts::is_ip(&e.address) {
+        v.err(
+            &p.key("address"),
+            format!("endpoint address {:?} is not a valid IP address", e.address),
+        );
+    } else if !hosts::is_ip(&e.address) {
+        if let Err(err) = hosts::validate_fqdn(&e.address) {
+            v.err(&p.key("address"), err);
+        }
+    }
+    for (name, port) in &e.ports {
+        let pp = p.key("ports").key(name);
+        if let Some(names) = port_names {
+            if !names.contains(name) {
+                v.err(
+                    &pp,
+                    format!("endpoint port {name:?} is not defined by the service entry"),
+                );
+            }
+        }
+        v.port_number(&pp, Some(*port), true);
+    }
+    v.labels(&p.key("labels"), &e.labels);
+    if let Some(w) = e.weight {
+        if w < 0 || w > i64::from(u32::MAX) {
+            v.err(
+                &p.key("weight"),
+                format!("weight {w} must be a non-negative 32-bit integer"),
+            );
+        }
+    }
+}
