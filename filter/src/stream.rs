@@ -6,14 +6,14 @@ use std::rc::Rc;
 use log::{debug, info, warn};
 use proxy_wasm::types::Action;
 
-use meshroute_core::contract::{TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TCP_IDLE_TIMEOUT_STATE};
+use meshroute_core::contract::{
+    filter_state_arguments, SET_FILTER_STATE_FUNCTION, TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE,
+    TCP_IDLE_TIMEOUT_STATE,
+};
 use meshroute_core::engine::{ConnectionOutcome, ConnectionView, Engine, SplitMix64, Ticket};
 
 use crate::host::{text_property, Host};
 use crate::shared::SharedEndpointState;
-
-/// The host function that sets filter state (Envoy's name and argument message).
-const SET_FILTER_STATE: &str = "set_envoy_filter_state";
 
 pub struct FilterStream<H> {
     pub(crate) context_id: u32,
@@ -24,35 +24,12 @@ pub struct FilterStream<H> {
     pub(crate) ticket: Option<Ticket>,
 }
 
-/// `SetEnvoyFilterStateArguments { path = 1; value = 2; }` in protobuf wire form; the life
-/// span (field 3) stays at its default, the filter chain, which is the connection here.
-pub fn filter_state_arguments(path: &str, value: &str) -> Vec<u8> {
-    fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
-        out.push(tag);
-        let mut n = bytes.len();
-        loop {
-            let low = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(low);
-                break;
-            }
-            out.push(low | 0x80);
-        }
-        out.extend_from_slice(bytes);
-    }
-    let mut out = Vec::with_capacity(path.len() + value.len() + 6);
-    field(&mut out, 0x0a, path.as_bytes());
-    field(&mut out, 0x12, value.as_bytes());
-    out
-}
-
 fn set_filter_state(host: &impl Host, path: &str, value: &str) -> bool {
     let args = filter_state_arguments(path, value);
-    match host.call_foreign(SET_FILTER_STATE, &args) {
+    match host.call_foreign(SET_FILTER_STATE_FUNCTION, &args) {
         Ok(()) => true,
         Err(status) => {
-            warn!("{SET_FILTER_STATE}({path}) failed: {status:?}");
+            warn!("{SET_FILTER_STATE_FUNCTION}({path}) failed: {status:?}");
             false
         }
     }
@@ -136,23 +113,5 @@ impl<H: Host> FilterStream<H> {
     /// Either side closed, or the connection is logged: the endpoint is free again.
     pub fn on_close(&mut self) {
         self.release();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filter_state_arguments_are_protobuf_strings() {
-        assert_eq!(
-            filter_state_arguments("a", "bc"),
-            [0x0a, 1, b'a', 0x12, 2, b'b', b'c']
-        );
-        let long = "x".repeat(200);
-        let out = filter_state_arguments(&long, "");
-        // 200 = 0xc8 → varint c8 01
-        assert_eq!(&out[..3], &[0x0a, 0xc8, 0x01]);
-        assert_eq!(out.len(), 3 + 200 + 2);
     }
 }

@@ -11,13 +11,12 @@ use proxy_wasm::types::{Action, Status};
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::contract::{
-    ResponseFlag, RouterReply, ATTEMPT_COUNT_HEADER, CLUSTER_HEADER, ENDPOINT_HEADER,
-    OVERLOADED_HEADER, TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TIMEOUT_HEADER,
+    filter_state_arguments, ResponseFlag, RouterReply, ATTEMPT_COUNT_HEADER, CLUSTER_HEADER,
+    ENDPOINT_HEADER, OVERLOADED_HEADER, TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TIMEOUT_HEADER,
 };
 use meshroute_core::ir::ProxyKind;
 
 use crate::host::Host;
-use crate::stream::filter_state_arguments;
 use crate::FilterRoot;
 
 type Pairs = Vec<(String, String)>;

@@ -5,7 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
-use meshroute_core::ir::{ClientTls, ServerTls};
+use meshroute_core::ir::{ClientTls, ServerTls, ServerTlsMode};
+
+/// Why a TLS setting names no usable files.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("credentialName {0:?} needs --credentials-dir")]
+    NoDirectory(String),
+    #[error("a {0} TLS server needs serverCertificate and privateKey, or credentialName")]
+    NoCertificate(ServerTlsMode),
+}
 
 /// A Gateway server's certificate, key and (MUTUAL) client CA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,14 +32,17 @@ pub struct ClientFiles {
     pub ca: Option<PathBuf>,
 }
 
-fn secret_dir(credentials: Option<&Path>, name: &str) -> Result<PathBuf, String> {
+fn secret_dir(credentials: Option<&Path>, name: &str) -> Result<PathBuf, CredentialError> {
     credentials
         .map(|d| d.join(name))
-        .ok_or_else(|| format!("credentialName {name:?} needs --credentials-dir"))
+        .ok_or_else(|| CredentialError::NoDirectory(name.to_owned()))
 }
 
 /// The files of a terminating Gateway server.
-pub fn server_files(tls: &ServerTls, credentials: Option<&Path>) -> Result<ServerFiles, String> {
+pub fn server_files(
+    tls: &ServerTls,
+    credentials: Option<&Path>,
+) -> Result<ServerFiles, CredentialError> {
     let mutual = tls.mode.verifies_clients();
     if let Some(name) = &tls.credential_name {
         let dir = secret_dir(credentials, name)?;
@@ -51,16 +63,16 @@ pub fn server_files(tls: &ServerTls, credentials: Option<&Path>) -> Result<Serve
             key: PathBuf::from(k),
             client_ca: tls.ca_certificates.as_ref().map(PathBuf::from),
         }),
-        _ => Err(format!(
-            "a {} TLS server needs serverCertificate and privateKey, or credentialName",
-            tls.mode
-        )),
+        _ => Err(CredentialError::NoCertificate(tls.mode)),
     }
 }
 
 /// The files of a DestinationRule `tls` block; a `credentialName` secret supplies the client
 /// certificate and key, and its `ca.crt` when it has one.
-pub fn client_files(tls: &ClientTls, credentials: Option<&Path>) -> Result<ClientFiles, String> {
+pub fn client_files(
+    tls: &ClientTls,
+    credentials: Option<&Path>,
+) -> Result<ClientFiles, CredentialError> {
     if let Some(name) = &tls.credential_name {
         let dir = secret_dir(credentials, name)?;
         let ca = dir.join("ca.crt");
@@ -84,7 +96,7 @@ mod tests {
     #[test]
     fn credential_names_point_into_the_credentials_directory() {
         let tls = ServerTls {
-            mode: meshroute_core::ir::ServerTlsMode::Mutual,
+            mode: ServerTlsMode::Mutual,
             credential_name: Some("gw-cert".into()),
             ..Default::default()
         };
@@ -96,13 +108,14 @@ mod tests {
             Some(Path::new("/creds/gw-cert/ca.crt"))
         );
         let e = server_files(&tls, None).unwrap_err();
-        assert!(e.contains("--credentials-dir"), "{e}");
+        assert!(e.to_string().contains("--credentials-dir"), "{e}");
         let simple = ServerTls {
-            mode: meshroute_core::ir::ServerTlsMode::Simple,
+            mode: ServerTlsMode::Simple,
             ..Default::default()
         };
         assert!(server_files(&simple, None)
             .unwrap_err()
+            .to_string()
             .contains("serverCertificate"));
     }
 }

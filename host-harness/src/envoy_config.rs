@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::credentials::CredentialError;
+
 use meshroute_core::contract::{
     l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER, HTTP_ROOT_ID,
     LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
@@ -14,6 +16,32 @@ use meshroute_core::contract::{
 use meshroute_core::ir::{
     ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode,
 };
+
+/// Why configuration for Envoy or Istio cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot serialize rules: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("{path}: {source}")]
+    Wasm {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("wasm path {0} is not UTF-8")]
+    NotUtf8(String),
+    #[error("--listen is required for a sidecar (the outbound proxy address)")]
+    NoListen,
+    /// No Gateway server could be written; the reasons of each.
+    #[error("the gateway has no server to listen for{}", .0.iter().map(|w| format!("; {w}")).collect::<String>())]
+    NoServer(Vec<String>),
+    #[error("gateway port {port}: {source}")]
+    GatewayTls { port: u16, source: CredentialError },
+    #[error("cluster {cluster}: tls: {source}")]
+    ClusterTls {
+        cluster: String,
+        source: CredentialError,
+    },
+}
 
 /// Envoy's wasm failure policy (Istio WasmPlugin `failStrategy`).
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -82,26 +110,29 @@ pub struct Options<'a> {
 
 /// Builds the bootstrap. Errors name what cannot be expressed.
 /// Returns the bootstrap and warnings about what it leaves out.
-pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<String>), String> {
-    let rules = serde_json::to_string(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+pub fn bootstrap(
+    doc: &RulesDocument,
+    opts: &Options<'_>,
+) -> Result<(Value, Vec<String>), ConfigError> {
+    let rules = serde_json::to_string(doc)?;
     // Envoy resolves relative paths against its own working directory, not ours. Absolute
     // paths are kept as given: they may name the file inside a container or pod.
     let wasm_path = if opts.wasm.is_absolute() {
         opts.wasm.to_path_buf()
     } else {
-        std::fs::canonicalize(opts.wasm).map_err(|e| format!("{}: {e}", opts.wasm.display()))?
+        std::fs::canonicalize(opts.wasm).map_err(|source| ConfigError::Wasm {
+            path: opts.wasm.display().to_string(),
+            source,
+        })?
     };
     let wasm = wasm_path
         .to_str()
-        .ok_or_else(|| format!("wasm path {} is not UTF-8", wasm_path.display()))?;
+        .ok_or_else(|| ConfigError::NotUtf8(wasm_path.display().to_string()))?;
     let mut listeners = Vec::new();
     let mut warnings = Vec::new();
     match doc.proxy.kind {
         ProxyKind::Sidecar => {
-            let bind = opts
-                .binds
-                .first()
-                .ok_or("--listen is required for a sidecar (the outbound proxy address)")?;
+            let bind = opts.binds.first().ok_or(ConfigError::NoListen)?;
             listeners.push(listener(
                 ProxyKind::Sidecar,
                 "outbound",
@@ -142,17 +173,11 @@ pub fn bootstrap(doc: &RulesDocument, opts: &Options<'_>) -> Result<(Value, Vec<
                     .unwrap_or_else(|| server_bind(opts.binds, l.port));
                 match gateway_listener(doc, l, &bind, &rules, wasm, opts) {
                     Ok(v) => listeners.push(v),
-                    Err(w) => warnings.push(w),
+                    Err(w) => warnings.push(w.to_string()),
                 }
             }
             if listeners.is_empty() {
-                return Err(format!(
-                    "the gateway has no server to listen for{}",
-                    warnings
-                        .iter()
-                        .map(|w| format!("; {w}"))
-                        .collect::<String>()
-                ));
+                return Err(ConfigError::NoServer(warnings));
             }
         }
     }
@@ -269,7 +294,7 @@ fn gateway_listener(
     rules: &str,
     wasm: &str,
     opts: &Options<'_>,
-) -> Result<Value, String> {
+) -> Result<Value, ConfigError> {
     let name = format!("gateway_{}", l.port);
     let l4 = doc.l4_tables.iter().find(|t| t.port == l.port);
     let connection = || connection_filters(&name, l.port, rules, wasm, opts);
@@ -309,8 +334,13 @@ fn gateway_listener(
         let mut chain = json!({"filters": filters});
         if terminate {
             let Some(tls) = &server.tls else { continue };
-            let files = crate::credentials::server_files(tls, opts.credentials)
-                .map_err(|e| format!("gateway port {}: {e}", l.port))?;
+            let files =
+                crate::credentials::server_files(tls, opts.credentials).map_err(|source| {
+                    ConfigError::GatewayTls {
+                        port: l.port,
+                        source,
+                    }
+                })?;
             let mut common = json!({
                 "tls_certificates": [{
                     "certificate_chain": {"filename": files.cert},
@@ -498,7 +528,7 @@ fn limit(n: u32) -> u64 {
     }
 }
 
-fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, String> {
+fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, ConfigError> {
     let pool = &c.connection_pool;
     let mut out = json!({
         "name": c.name,
@@ -552,7 +582,10 @@ fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, String> {
     });
     if let Some(tls) = &c.tls {
         out["transport_socket"] =
-            upstream_tls(tls, credentials).map_err(|e| format!("cluster {}: tls: {e}", c.name))?;
+            upstream_tls(tls, credentials).map_err(|source| ConfigError::ClusterTls {
+                cluster: c.name.clone(),
+                source,
+            })?;
         if tls.sni.is_none() {
             // Istio: without `sni`, the SNI is the request's Host.
             out["typed_extension_protocol_options"]
@@ -566,7 +599,7 @@ fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, String> {
 /// DestinationRule `tls` (SIMPLE, MUTUAL): originate TLS, verify the server against the CA
 /// (the system's when none is given) and the `subjectAltNames`, present a client certificate
 /// for MUTUAL.
-fn upstream_tls(tls: &ClientTls, credentials: Option<&Path>) -> Result<Value, String> {
+fn upstream_tls(tls: &ClientTls, credentials: Option<&Path>) -> Result<Value, CredentialError> {
     let files = crate::credentials::client_files(tls, credentials)?;
     let mut common = json!({});
     if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
@@ -633,8 +666,8 @@ pub struct IstioTarget<'a> {
 
 /// An EnvoyFilter inserting the filter before the router, rules as a StringValue (what
 /// WasmPlugin would deliver), the module from a local file in the proxy container.
-pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, String> {
-    let rules = serde_json::to_string(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, ConfigError> {
+    let rules = serde_json::to_string(doc)?;
     let context = match doc.proxy.kind {
         ProxyKind::Sidecar => "SIDECAR_OUTBOUND",
         ProxyKind::Gateway => "GATEWAY",
@@ -690,8 +723,8 @@ pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, S
 /// A WasmPlugin: istiod turns `pluginConfig` into the JSON text the filter reads. With
 /// connection-level routes, a `List` that adds one NETWORK plugin per TCP/TLS port, its
 /// `pluginName` (the root id) naming the port.
-pub fn wasm_plugin(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, String> {
-    let config = serde_json::to_value(doc).map_err(|e| format!("cannot serialize rules: {e}"))?;
+pub fn wasm_plugin(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, ConfigError> {
+    let config = serde_json::to_value(doc)?;
     let http = http_wasm_plugin(&config, t);
     if doc.l4_tables.is_empty() {
         return Ok(http);

@@ -1,9 +1,8 @@
-//! The `meshroute` host: the embedded proxy-wasm runtime (`abi`, `vm`, `runtime`) and
-//! configuration generators for other hosts (`envoy_config`).
+//! The `meshroute` host: `meshroute run` (`runtime`, on the proxy-wasm host of
+//! `meshroute-wasm-host`), `explain`, and configuration generators for other hosts
+//! (`envoy_config`).
 
-pub mod abi;
 pub mod credentials;
 pub mod envoy_config;
 pub mod explain;
 pub mod runtime;
-pub mod vm;

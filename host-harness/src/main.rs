@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use meshroute_compiler::{Config, Diagnostic, MeshOptions, ProxyOptions};
+use meshroute_compiler::{Diagnostic, MeshOptions, ProxyOptions};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
 
 use meshroute_harness::envoy_config;
@@ -102,24 +102,23 @@ fn cache_dir() -> Option<PathBuf> {
     Some(exe.parent()?.join("../wasmtime-cache"))
 }
 
-fn run_proxy(opts: meshroute_harness::runtime::launch::RunOptions, demo: bool) -> ExitCode {
+fn run_proxy(
+    opts: meshroute_harness::runtime::launch::RunOptions,
+    demo: bool,
+) -> Result<ExitCode, CliError> {
     let workers = opts.workers.max(1);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+        .map_err(|e| CliError::Io(format!("async runtime: {e}")))?;
     let result = runtime.block_on(async move {
         if demo {
             for (port, version) in [(18081, "v1"), (18082, "v2")] {
                 let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-                meshroute_harness::runtime::demo::hello_upstream(addr, version).await?;
+                meshroute_harness::runtime::demo::hello_upstream(addr, version)
+                    .await
+                    .map_err(CliError::Failed)?;
             }
         }
         let admin = opts.admin;
@@ -140,42 +139,32 @@ fn run_proxy(opts: meshroute_harness::runtime::launch::RunOptions, demo: bool) -
             }
         })
         .await
+        .map_err(|e| CliError::Failed(e.to_string()))
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-    }
+    result?;
+    Ok(ExitCode::SUCCESS)
 }
 
-fn proxy_options(identity: &Identity) -> Result<(ProxyOptions, MeshOptions), String> {
-    let labels = match identity.labels.as_deref().map(parse_labels) {
-        Some(l) => l?,
-        None => match identity.kind {
-            For::Gateway => BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
-            For::Sidecar => BTreeMap::new(),
-        },
-    };
-    Ok((
-        ProxyOptions {
-            kind: match identity.kind {
-                For::Sidecar => ProxyKind::Sidecar,
-                For::Gateway => ProxyKind::Gateway,
-            },
-            namespace: identity.namespace.clone(),
-            labels,
-            locality: identity.locality.clone(),
-        },
-        MeshOptions {
-            outbound_traffic_policy: match identity.outbound {
+impl Identity {
+    /// Who the rules are for, and the mesh settings given on the command line.
+    fn options(&self) -> Result<(ProxyOptions, MeshOptions), CliError> {
+        let mut proxy = match self.kind {
+            For::Sidecar => ProxyOptions::sidecar(&self.namespace),
+            For::Gateway => ProxyOptions::gateway(&self.namespace),
+        };
+        if let Some(labels) = &self.labels {
+            proxy.labels = parse_labels(labels)?;
+        }
+        proxy.locality.clone_from(&self.locality);
+        let mesh = MeshOptions {
+            outbound_traffic_policy: match self.outbound {
                 Outbound::AllowAny => OutboundPolicy::AllowAny,
                 Outbound::RegistryOnly => OutboundPolicy::RegistryOnly,
             },
             ..MeshOptions::default()
-        },
-    ))
+        };
+        Ok((proxy, mesh))
+    }
 }
 
 fn run_options(
@@ -342,28 +331,42 @@ enum Command {
     },
 }
 
-fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+/// Why a command failed, and the exit status that says so: 1 for configuration that does
+/// not validate or a proxy that stopped, 2 for usage and I/O errors.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(String),
+    /// The diagnostics are already printed.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Usage(_) | Self::Io(_) => ExitCode::from(2),
+            Self::Invalid(_) | Self::Failed(_) => ExitCode::from(1),
+        }
+    }
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, CliError> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| match p.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => {
                 Ok((k.trim().to_string(), v.trim().to_string()))
             }
-            _ => Err(format!("invalid label {p:?}: expected key=value")),
+            _ => Err(CliError::Usage(format!(
+                "invalid label {p:?}: expected key=value"
+            ))),
         })
         .collect()
-}
-
-fn load(files: &[PathBuf]) -> Result<(Config, Vec<Diagnostic>), String> {
-    let mut config = Config::default();
-    let mut diags = Vec::new();
-    for f in files {
-        if !f.exists() {
-            return Err(format!("{}: no such file or directory", f.display()));
-        }
-        diags.extend(config.add_path(f));
-    }
-    Ok((config, diags))
 }
 
 fn print_diags(diags: &[Diagnostic]) {
@@ -374,130 +377,206 @@ fn print_diags(diags: &[Diagnostic]) {
 }
 
 /// Loads, validates and lowers; diagnostics go to stderr.
-fn compile_rules(files: &[PathBuf], identity: Identity) -> Result<RulesDocument, ExitCode> {
-    let labels = match identity.labels.as_deref().map(parse_labels) {
-        Some(Ok(l)) => l,
-        Some(Err(e)) => {
-            eprintln!("error: {e}");
-            return Err(ExitCode::from(2));
-        }
-        None => match identity.kind {
-            For::Gateway => BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
-            For::Sidecar => BTreeMap::new(),
-        },
-    };
-    let proxy = ProxyOptions {
-        kind: match identity.kind {
-            For::Sidecar => ProxyKind::Sidecar,
-            For::Gateway => ProxyKind::Gateway,
-        },
-        namespace: identity.namespace,
-        labels,
-        locality: identity.locality,
-    };
-    let mesh = MeshOptions {
-        outbound_traffic_policy: match identity.outbound {
-            Outbound::AllowAny => OutboundPolicy::AllowAny,
-            Outbound::RegistryOnly => OutboundPolicy::RegistryOnly,
-        },
-        ..MeshOptions::default()
-    };
-    let (config, mut diags) = load(files).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(2)
-    })?;
-    let compiled = meshroute_compiler::compile(&config, &proxy, &mesh);
-    diags.extend(compiled.diagnostics);
-    meshroute_compiler::diag::sort(&mut diags);
-    print_diags(&diags);
-    match compiled.document {
-        Some(d) if !diags.iter().any(Diagnostic::is_error) => Ok(d),
-        _ => Err(ExitCode::from(1)),
-    }
+fn compile_rules(files: &[PathBuf], identity: &Identity) -> Result<RulesDocument, CliError> {
+    let (proxy, mesh) = identity.options()?;
+    let compiled = meshroute_compiler::compile_files(files, &proxy, &mesh).map_err(CliError::Io)?;
+    print_diags(&compiled.diagnostics);
+    // The diagnostics say it all; nothing is added to them.
+    compiled
+        .document
+        .ok_or_else(|| CliError::Invalid(String::new()))
 }
 
 /// Rules and the request to decide, for `explain` and `simulate`.
 fn compile_probe(
     files: &[PathBuf],
-    identity: Identity,
+    identity: &Identity,
     method: &str,
     url: &str,
     headers: &[String],
-) -> Result<(RulesDocument, meshroute_harness::explain::Probe), ExitCode> {
-    let probe = meshroute_harness::explain::Probe::parse(method, url, headers).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(2)
-    })?;
+) -> Result<(RulesDocument, meshroute_harness::explain::Probe), CliError> {
+    let probe =
+        meshroute_harness::explain::Probe::parse(method, url, headers).map_err(CliError::Usage)?;
     Ok((compile_rules(files, identity)?, probe))
 }
 
-fn write_output(output: Option<&Path>, text: &str) -> ExitCode {
-    let written = match output {
+fn write_output(output: Option<&Path>, text: &str) -> Result<ExitCode, CliError> {
+    match output {
         Some(path) => std::fs::write(path, format!("{text}\n"))
-            .map_err(|e| format!("{}: {e}", path.display())),
-        None => writeln!(std::io::stdout().lock(), "{text}").map_err(|e| e.to_string()),
-    };
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
+            .map_err(|e| CliError::Io(format!("{}: {e}", path.display()))),
+        None => {
+            writeln!(std::io::stdout().lock(), "{text}").map_err(|e| CliError::Io(e.to_string()))
         }
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, CliError> {
+    serde_json::to_string_pretty(value).map_err(|e| CliError::Io(format!("cannot serialize: {e}")))
+}
+
+fn validate(files: &[PathBuf]) -> Result<ExitCode, CliError> {
+    let (config, mut diags) = meshroute_compiler::load_files(files).map_err(CliError::Io)?;
+    diags.extend(meshroute_compiler::validate::validate(&config).diagnostics);
+    meshroute_compiler::diag::sort(&mut diags);
+    print_diags(&diags);
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    let warnings = diags.len() - errors;
+    if errors > 0 {
+        return Err(CliError::Invalid(format!(
+            "{errors} error(s), {warnings} warning(s)"
+        )));
+    }
+    eprintln!("valid ({warnings} warning(s))");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compile(
+    files: &[PathBuf],
+    identity: &Identity,
+    output: Option<&Path>,
+) -> Result<ExitCode, CliError> {
+    let doc = compile_rules(files, identity)?;
+    write_output(output, &to_json(&doc)?)
+}
+
+fn explain(
+    files: &[PathBuf],
+    identity: &Identity,
+    headers: &[String],
+    output: &str,
+    method: &str,
+    url: &str,
+) -> Result<ExitCode, CliError> {
+    let (doc, probe) = compile_probe(files, identity, method, url, headers)?;
+    let (text, json) =
+        meshroute_harness::explain::explain(&doc, &probe).map_err(CliError::Usage)?;
+    if output == "json" {
+        write_output(None, &to_json(&json)?)
+    } else {
+        write_output(None, text.trim_end())
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { files } => {
-            let (config, mut diags) = match load(&files) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            diags.extend(meshroute_compiler::validate::validate(&config).diagnostics);
-            meshroute_compiler::diag::sort(&mut diags);
-            print_diags(&diags);
-            let errors = diags.iter().filter(|d| d.is_error()).count();
-            let warnings = diags.len() - errors;
-            if errors > 0 {
-                eprintln!("{errors} error(s), {warnings} warning(s)");
-                ExitCode::from(1)
-            } else {
-                eprintln!("valid ({warnings} warning(s))");
-                ExitCode::SUCCESS
-            }
-        }
+fn simulate(
+    files: &[PathBuf],
+    identity: &Identity,
+    headers: &[String],
+    (n, seed): (u64, u64),
+    method: &str,
+    url: &str,
+) -> Result<ExitCode, CliError> {
+    let (doc, probe) = compile_probe(files, identity, method, url, headers)?;
+    let counts =
+        meshroute_harness::explain::simulate(&doc, &probe, n, seed).map_err(CliError::Usage)?;
+    let mut rows: Vec<_> = counts.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let what = if meshroute_harness::explain::is_connection(&probe) {
+        "connections"
+    } else {
+        "requests"
+    };
+    let mut text = format!("{n} {what}\n");
+    for (outcome, count) in rows {
+        let pct = count as f64 * 100.0 / n.max(1) as f64;
+        text.push_str(&format!("{count:>8} {pct:6.2}%  {outcome}\n"));
+    }
+    write_output(None, text.trim_end())
+}
+
+fn hello(listen: std::net::SocketAddr, name: String) -> Result<ExitCode, CliError> {
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("async runtime: {e}")))?;
+    rt.block_on(async {
+        meshroute_harness::runtime::demo::hello_upstream(listen, name).await?;
+        eprintln!("meshroute: hello upstream {name} on {listen}");
+        std::future::pending::<()>().await;
+        Ok::<(), String>(())
+    })
+    .map_err(CliError::Failed)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(mut host: HostArgs) -> Result<ExitCode, CliError> {
+    let dir = std::env::temp_dir().join(format!("meshroute-demo-{}", std::process::id()));
+    let files = meshroute_harness::runtime::demo::demo_files(&dir).map_err(CliError::Io)?;
+    eprintln!(
+        "meshroute: demo configuration in {} (edit it: changes reload)",
+        dir.display()
+    );
+    if host.port_offset == 0 {
+        host.port_offset = 8000;
+    }
+    run_proxy(
+        run_options(
+            files,
+            ProxyOptions::gateway("istio-system"),
+            MeshOptions::default(),
+            host,
+        ),
+        true,
+    )
+}
+
+fn istio_manifest(
+    files: &[PathBuf],
+    identity: &Identity,
+    manifest: ManifestKind,
+    target: (&str, &str, Option<&str>),
+    output: Option<&Path>,
+) -> Result<ExitCode, CliError> {
+    let (name, module, selector) = target;
+    let selector = selector.map(parse_labels).transpose()?;
+    let doc = compile_rules(files, identity)?;
+    let selector = selector.unwrap_or_else(|| doc.proxy.labels.clone());
+    let target = envoy_config::IstioTarget {
+        name,
+        namespace: &doc.proxy.namespace,
+        module,
+        selector: &selector,
+    };
+    let manifest = match manifest {
+        ManifestKind::WasmPlugin => envoy_config::wasm_plugin(&doc, &target),
+        ManifestKind::EnvoyFilter => envoy_config::envoy_filter(&doc, &target),
+    }
+    .map_err(|e| CliError::Io(e.to_string()))?;
+    write_output(output, &to_json(&manifest)?)
+}
+
+fn envoy_bootstrap(
+    files: &[PathBuf],
+    identity: &Identity,
+    opts: &envoy_config::Options<'_>,
+    output: Option<&Path>,
+) -> Result<ExitCode, CliError> {
+    let doc = compile_rules(files, identity)?;
+    let (bootstrap, warnings) =
+        envoy_config::bootstrap(&doc, opts).map_err(|e| CliError::Failed(e.to_string()))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    write_output(output, &to_json(&bootstrap)?)
+}
+
+fn dispatch(command: Command) -> Result<ExitCode, CliError> {
+    match command {
+        Command::Validate { files } => validate(&files),
         Command::Compile {
             files,
             identity,
             output,
-        } => {
-            let doc = match compile_rules(&files, identity) {
-                Ok(doc) => doc,
-                Err(code) => return code,
-            };
-            match serde_json::to_string_pretty(&doc) {
-                Ok(json) => write_output(output.as_deref(), &json),
-                Err(e) => {
-                    eprintln!("error: cannot serialize rules: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        } => compile(&files, &identity, output.as_deref()),
         Command::Run {
             files,
             identity,
             host,
-        } => match proxy_options(&identity) {
-            Ok((proxy, mesh)) => run_proxy(run_options(files, proxy, mesh, host), false),
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        } => {
+            let (proxy, mesh) = identity.options()?;
+            run_proxy(run_options(files, proxy, mesh, host), false)
+        }
         Command::Explain {
             files,
             identity,
@@ -505,24 +584,7 @@ fn main() -> ExitCode {
             output,
             method,
             url,
-        } => {
-            let (doc, probe) = match compile_probe(&files, identity, &method, &url, &headers) {
-                Ok(v) => v,
-                Err(code) => return code,
-            };
-            let result = meshroute_harness::explain::explain(&doc, &probe);
-            match result {
-                Ok((_, json)) if output == "json" => write_output(
-                    None,
-                    &serde_json::to_string_pretty(&json).unwrap_or_default(),
-                ),
-                Ok((text, _)) => write_output(None, text.trim_end()),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        } => explain(&files, &identity, &headers, &output, &method, &url),
         Command::Simulate {
             files,
             identity,
@@ -531,83 +593,9 @@ fn main() -> ExitCode {
             seed,
             method,
             url,
-        } => {
-            let (doc, probe) = match compile_probe(&files, identity, &method, &url, &headers) {
-                Ok(v) => v,
-                Err(code) => return code,
-            };
-            let result = meshroute_harness::explain::simulate(&doc, &probe, n, seed);
-            match result {
-                Ok(counts) => {
-                    let mut rows: Vec<_> = counts.into_iter().collect();
-                    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-                    let what = if meshroute_harness::explain::is_connection(&probe) {
-                        "connections"
-                    } else {
-                        "requests"
-                    };
-                    let mut text = format!("{n} {what}\n");
-                    for (outcome, count) in rows {
-                        let pct = count as f64 * 100.0 / n.max(1) as f64;
-                        text.push_str(&format!("{count:>8} {pct:6.2}%  {outcome}\n"));
-                    }
-                    write_output(None, text.trim_end())
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Command::Hello { listen, name } => {
-            let name: &'static str = Box::leak(name.into_boxed_str());
-            let served = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-                .and_then(|rt| {
-                    rt.block_on(async {
-                        meshroute_harness::runtime::demo::hello_upstream(listen, name).await?;
-                        eprintln!("meshroute: hello upstream {name} on {listen}");
-                        std::future::pending::<()>().await;
-                        Ok::<(), String>(())
-                    })
-                });
-            match served {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Demo { mut host } => {
-            let dir = std::env::temp_dir().join(format!("meshroute-demo-{}", std::process::id()));
-            let files = match meshroute_harness::runtime::demo::demo_files(&dir) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            eprintln!(
-                "meshroute: demo configuration in {} (edit it: changes reload)",
-                dir.display()
-            );
-            let proxy = ProxyOptions {
-                kind: ProxyKind::Gateway,
-                namespace: "istio-system".into(),
-                labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
-                locality: String::new(),
-            };
-            if host.port_offset == 0 {
-                host.port_offset = 8000;
-            }
-            run_proxy(
-                run_options(files, proxy, MeshOptions::default(), host),
-                true,
-            )
-        }
+        } => simulate(&files, &identity, &headers, (n, seed), &method, &url),
+        Command::Hello { listen, name } => hello(listen, name),
+        Command::Demo { host } => demo(host),
         Command::IstioManifest {
             files,
             identity,
@@ -616,39 +604,13 @@ fn main() -> ExitCode {
             name,
             selector,
             output,
-        } => {
-            let selector = match selector.as_deref().map(parse_labels) {
-                Some(Ok(s)) => Some(s),
-                Some(Err(e)) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-                None => None,
-            };
-            let doc = match compile_rules(&files, identity) {
-                Ok(doc) => doc,
-                Err(code) => return code,
-            };
-            let selector = selector.unwrap_or_else(|| doc.proxy.labels.clone());
-            let target = envoy_config::IstioTarget {
-                name: &name,
-                namespace: &doc.proxy.namespace,
-                module: &module,
-                selector: &selector,
-            };
-            let manifest = match manifest {
-                ManifestKind::WasmPlugin => envoy_config::wasm_plugin(&doc, &target),
-                ManifestKind::EnvoyFilter => envoy_config::envoy_filter(&doc, &target),
-            };
-            match manifest.and_then(|m| serde_json::to_string_pretty(&m).map_err(|e| e.to_string()))
-            {
-                Ok(text) => write_output(output.as_deref(), &text),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        } => istio_manifest(
+            &files,
+            &identity,
+            manifest,
+            (&name, &module, selector.as_deref()),
+            output.as_deref(),
+        ),
         Command::EnvoyConfig {
             files,
             identity,
@@ -658,36 +620,34 @@ fn main() -> ExitCode {
             failure_policy,
             credentials_dir,
             output,
-        } => {
-            let doc = match compile_rules(&files, identity) {
-                Ok(doc) => doc,
-                Err(code) => return code,
-            };
-            let opts = envoy_config::Options {
+        } => envoy_bootstrap(
+            &files,
+            &identity,
+            &envoy_config::Options {
                 wasm: &wasm,
                 binds: &listen,
                 admin: admin.as_ref(),
                 failure_policy,
                 credentials: credentials_dir.as_deref(),
-            };
-            match envoy_config::bootstrap(&doc, &opts) {
-                Ok((bootstrap, warnings)) => {
-                    for w in warnings {
-                        eprintln!("warning: {w}");
-                    }
-                    match serde_json::to_string_pretty(&bootstrap) {
-                        Ok(text) => write_output(output.as_deref(), &text),
-                        Err(e) => {
-                            eprintln!("error: {e}");
-                            ExitCode::from(2)
-                        }
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
+            },
+            output.as_deref(),
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(code) => code,
+        // Invalid configuration was reported diagnostic by diagnostic; the count closes it.
+        Err(e @ CliError::Invalid(_)) => {
+            if !e.to_string().is_empty() {
+                eprintln!("{e}");
             }
+            e.exit_code()
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
         }
     }
 }

@@ -819,13 +819,13 @@ pub fn start_with_credentials(
 }
 
 /// The filter compiled once per test binary (and cached on disk across runs).
-pub fn plugin() -> Arc<meshroute_harness::vm::Plugin> {
-    static PLUGIN: std::sync::OnceLock<Arc<meshroute_harness::vm::Plugin>> =
+pub fn plugin() -> Arc<meshroute_wasm_host::vm::Plugin> {
+    static PLUGIN: std::sync::OnceLock<Arc<meshroute_wasm_host::vm::Plugin>> =
         std::sync::OnceLock::new();
     Arc::clone(PLUGIN.get_or_init(|| {
         let cache = target_dir().join("wasmtime-cache");
         Arc::new(
-            meshroute_harness::vm::Plugin::load(&wasm_path(), Some(&cache)).expect("load filter"),
+            meshroute_wasm_host::vm::Plugin::load(&wasm_path(), Some(&cache)).expect("load filter"),
         )
     }))
 }
@@ -857,7 +857,7 @@ impl Harness {
 
     /// The harness running `plugin` with `doc`, `workers` instances and a fail policy.
     pub fn start_plugin(
-        plugin: Arc<meshroute_harness::vm::Plugin>,
+        plugin: Arc<meshroute_wasm_host::vm::Plugin>,
         doc: &RulesDocument,
         fail_policy: meshroute_harness::runtime::FailPolicy,
         workers: usize,
@@ -886,7 +886,7 @@ impl Harness {
 
     /// As [`Harness::start_plugin`], with listener limits.
     pub fn start_limited(
-        plugin: Arc<meshroute_harness::vm::Plugin>,
+        plugin: Arc<meshroute_wasm_host::vm::Plugin>,
         doc: &RulesDocument,
         fail_policy: meshroute_harness::runtime::FailPolicy,
         workers: usize,
@@ -896,14 +896,14 @@ impl Harness {
     }
 
     fn start_full(
-        plugin: Arc<meshroute_harness::vm::Plugin>,
+        plugin: Arc<meshroute_wasm_host::vm::Plugin>,
         doc: &RulesDocument,
         fail_policy: meshroute_harness::runtime::FailPolicy,
         workers: usize,
         limits: meshroute_harness::runtime::Limits,
         credentials: Option<PathBuf>,
     ) -> Result<Self, String> {
-        use meshroute_harness::runtime::{admin, serve, ListenerSpec, Proxy};
+        use meshroute_harness::runtime::{admin, bind, serve, ListenerSpec, Proxy};
         let (port, admin_port) = (free_port(), free_port());
         let server_port = match doc.proxy.kind {
             ProxyKind::Sidecar => 0,
@@ -916,7 +916,8 @@ impl Harness {
             doc.clone(),
             Vec::new(),
             credentials.clone(),
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let extra_ports = extra_listener_ports(doc);
         let mut extra_specs = Vec::new();
         for (&server_port, &port) in &extra_ports {
@@ -924,13 +925,16 @@ impl Harness {
             match doc.proxy.kind {
                 ProxyKind::Gateway => {
                     if let Some(l) = doc.listeners.iter().find(|l| l.port == server_port) {
-                        extra_specs.push(meshroute_harness::runtime::launch::gateway_listener(
-                            doc,
-                            l,
-                            address,
-                            credentials.as_deref(),
-                            limits,
-                        )?);
+                        extra_specs.push(
+                            meshroute_harness::runtime::launch::gateway_listener(
+                                doc,
+                                l,
+                                address,
+                                credentials.as_deref(),
+                                limits,
+                            )
+                            .map_err(|e| e.to_string())?,
+                        );
                     }
                 }
                 ProxyKind::Sidecar => {
@@ -981,11 +985,16 @@ impl Harness {
                         limits,
                     },
                 };
-                tokio::spawn(serve(Arc::clone(&proxy), spec));
-                for spec in extra_specs {
-                    tokio::spawn(serve(Arc::clone(&proxy), spec));
+                for spec in std::iter::once(spec).chain(extra_specs) {
+                    match bind(spec.address).await {
+                        Ok(l) => drop(tokio::spawn(serve(Arc::clone(&proxy), spec, l))),
+                        Err(e) => eprintln!("harness listener: {e}"),
+                    }
                 }
-                tokio::spawn(admin::serve(proxy, ([127, 0, 0, 1], admin_port).into()));
+                match bind(([127, 0, 0, 1], admin_port).into()).await {
+                    Ok(l) => drop(tokio::spawn(admin::serve(proxy, l))),
+                    Err(e) => eprintln!("harness admin: {e}"),
+                }
                 let _ = rx.await;
             });
             rt.shutdown_background();

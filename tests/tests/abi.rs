@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
 use meshroute_harness::envoy_config::FailurePolicy;
 use meshroute_harness::runtime::FailPolicy;
-use meshroute_harness::vm::Plugin;
 use meshroute_tests::{get, guest_wasm_path, registry, rules, Envoy, Harness, Running, Upstream};
+use meshroute_wasm_host::vm::Plugin;
 use serde_json::Value;
 
 fn guest() -> Arc<Plugin> {
@@ -223,7 +223,13 @@ fn a_module_rejecting_its_configuration_is_not_started() {
     let up = Upstream::start("web");
     let _ = up;
     let err = guest()
-        .start(b"reject", Arc::new(|_: &str| None))
+        .start(
+            "meshroute",
+            b"reject",
+            Arc::new(|_: &str, _: &[(String, String)]| {
+                meshroute_wasm_host::abi::CallTarget::UnknownCluster
+            }),
+        )
         .err()
         .expect("rejected");
     assert!(
@@ -281,4 +287,63 @@ fn side_call_callbacks_and_body_edits() {
             .body(b"original body"),
     );
     assert_eq!(r.text(), r#"{"after":"replaced","size":13}"#, "{r:?}");
+}
+
+/// A trap in a connection's close callback fails the instance like any other trap: it is
+/// counted, and the next connection through that instance is refused (fail closed).
+#[test]
+fn a_trap_when_a_connection_closes_is_recorded() {
+    let echo = meshroute_tests::l4::EchoServer::tcp("db");
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: [db.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 5432, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {}}}}}]
+",
+        echo.port
+    );
+    let doc = rules(
+        &[("db.yaml", yaml)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let harness = Harness::start_plugin(
+        Arc::new(guest().fresh_copy()),
+        &doc,
+        FailPolicy::FailClosed,
+        1,
+    )
+    .expect("harness");
+    let port = harness.port_for(5432);
+    assert_eq!(
+        meshroute_tests::l4::tcp_exchange(port, "hello"),
+        Ok("db:hello".to_string())
+    );
+    let failures = || {
+        get("admin", "/stats/prometheus")
+            .send(harness.admin_port())
+            .text()
+            .lines()
+            .find_map(|l| l.strip_prefix("meshroute_wasm_failures_total "))
+            .map(str::to_owned)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures().as_deref() != Some("1") {
+        assert!(
+            Instant::now() < deadline,
+            "trap not recorded: {:?}",
+            failures()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ne!(
+        meshroute_tests::l4::tcp_exchange(port, "again"),
+        Ok("db:again".to_string()),
+        "a failed instance routes nothing"
+    );
 }

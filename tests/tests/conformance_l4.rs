@@ -365,7 +365,14 @@ spec:
         Host::Envoy => {
             let envoy = Envoy::start(&doc);
             refused(&envoy.send(&get("secure.external.test", "/")));
-            let log = envoy.log_text();
+            // Envoy writes its access log asynchronously: wait for the line, bounded.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut log = envoy.log_text();
+            while !log.contains("CERTIFICATE_VERIFY_FAILED") && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                log = envoy.log_text();
+            }
             assert!(log.contains("CERTIFICATE_VERIFY_FAILED"), "{log}");
         }
         Host::Harness => {

@@ -142,7 +142,7 @@ fn forged_headers_steer_nothing_when_the_filter_is_bypassed(host: Host) {
         )),
         Host::Harness => {
             let plugin = Arc::new(
-                meshroute_harness::vm::Plugin::load(&meshroute_tests::guest_wasm_path(), None)
+                meshroute_wasm_host::vm::Plugin::load(&meshroute_tests::guest_wasm_path(), None)
                     .unwrap(),
             );
             Box::new(

@@ -94,6 +94,32 @@ pub const TCP_ENDPOINT_STATE: &str = "envoy.network.transport_socket.original_ds
 /// Filter state with the TCP proxy's idle timeout for this connection (ms).
 pub const TCP_IDLE_TIMEOUT_STATE: &str = "envoy.tcp_proxy.per_connection_idle_timeout_ms";
 
+/// The host function (Envoy's foreign function) a network filter sets filter state with.
+pub const SET_FILTER_STATE_FUNCTION: &str = "set_envoy_filter_state";
+
+/// `SetEnvoyFilterStateArguments { path = 1; value = 2; }` in protobuf wire form; the life
+/// span (field 3) stays at its default, the filter chain, which is the connection here.
+pub fn filter_state_arguments(path: &str, value: &str) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+        out.push(tag);
+        let mut n = bytes.len();
+        loop {
+            let low = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(low);
+                break;
+            }
+            out.push(low | 0x80);
+        }
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(path.len() + value.len() + 6);
+    field(&mut out, 0x0a, path.as_bytes());
+    field(&mut out, 0x12, value.as_bytes());
+    out
+}
+
 /// Envoy's default retry back-off base (ms); the ceiling is [`BACKOFF_MAX_FACTOR`] × base.
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
 pub const BACKOFF_MAX_FACTOR: u64 = 10;
@@ -482,6 +508,20 @@ mod tests {
             RouterReply::recognise(200, b"upstream request timeout"),
             None
         );
+    }
+
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    fn filter_state_arguments_are_protobuf_strings() {
+        assert_eq!(
+            filter_state_arguments("a", "bc"),
+            [0x0a, 1, b'a', 0x12, 2, b'b', b'c']
+        );
+        let long = "x".repeat(200);
+        let out = filter_state_arguments(&long, "");
+        // 200 = 0xc8 → varint c8 01
+        assert_eq!(&out[..3], &[0x0a, 0xc8, 0x01]);
+        assert_eq!(out.len(), 3 + 200 + 2);
     }
 
     #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -309,10 +308,8 @@ fn outlier_health(
     cluster_health(c, stored.as_ref().map(|(v, _)| v.as_slice()), now)
 }
 
-pub async fn serve(proxy: Arc<Proxy>, address: SocketAddr) -> Result<(), String> {
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|e| format!("admin listen on {address}: {e}"))?;
+/// Serves the admin interface on a bound listener until the process ends.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -17,9 +17,13 @@ use tokio::net::TcpStream;
 
 use meshroute_core::contract::{TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TCP_IDLE_TIMEOUT_STATE};
 
-use super::{ClusterInfo, Generation, ListenerSpec, Proxy};
-use crate::abi;
-use crate::vm::Action;
+use super::generation::{check_failed, with_vm, ClusterInfo, Generation};
+use super::http::serve_http;
+use super::{ListenerSpec, Proxy};
+use meshroute_wasm_host::abi;
+use meshroute_wasm_host::vm::{Action, VmError};
+
+use super::access_log::TcpEntry;
 
 /// How a listener's connections reach the filter.
 #[derive(Clone, Debug, Default)]
@@ -312,7 +316,7 @@ pub(super) async fn serve_connection(
                 .to_ascii_lowercase();
             // A terminating HTTPS server on the port: its requests go to the HTTP filter.
             if tls_choice(&routing, &sni) == Some(Some(true)) {
-                super::serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
+                serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
                 return;
             }
             (Box::new(tls), sni, Vec::new())
@@ -325,10 +329,10 @@ pub(super) async fn serve_connection(
     };
     let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
     // A failed instance (reloaded first under the reload policy) routes nothing: closed.
-    if super::check_failed(&proxy, &generation, index).is_some() {
+    if check_failed(&proxy, &generation, index).is_some() {
         return;
     }
-    let opened = super::with_vm(&proxy, &generation, index, |vm| {
+    let opened = with_vm(&proxy, &generation, index, |vm| {
         let mut s = abi::Stream::new(Vec::new());
         s.source = peer.to_string();
         s.destination = local.map(|a| a.to_string()).unwrap_or_default();
@@ -337,7 +341,7 @@ pub(super) async fn serve_connection(
         s.requested_server_name = sni.clone();
         let id = vm.open_stream_in(root, s)?;
         let action = vm.on_new_connection(id)?;
-        let s = vm.stream_mut(id).ok_or("connection context vanished")?;
+        let s = vm.stream_mut(id).ok_or(VmError::NoContext(id))?;
         let close = s.close_connection || action == Action::Pause;
         Ok((id, close, std::mem::take(&mut s.filter_state)))
     });
@@ -353,34 +357,23 @@ pub(super) async fn serve_connection(
         if !cluster_name.is_empty() {
             proxy.stats.tcp_closed(&cluster_name, flags, received, sent);
         }
-        if let Ok(mut sink) = proxy.access_log.lock() {
-            if let Some(out) = sink.as_mut() {
-                let line = format!(
-                    "[{}] TCP {} {} {} {} {} {}ms \"{}\"\n",
-                    super::httpdate(std::time::SystemTime::now()),
-                    if cluster_name.is_empty() {
-                        "-"
-                    } else {
-                        &cluster_name
-                    },
-                    if endpoint.is_empty() { "-" } else { endpoint },
-                    if flags.is_empty() { "-" } else { flags },
-                    received,
-                    sent,
-                    started.elapsed().as_millis(),
-                    sni,
-                );
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.flush();
-            }
-        }
+        proxy.access_log.tcp(&TcpEntry {
+            cluster: &cluster_name,
+            endpoint,
+            flags,
+            received,
+            sent,
+            duration: started.elapsed(),
+            sni: &sni,
+        });
     };
+    // Both close events run, and a trap in either fails the instance as any other does.
     let finish = |remote_down: bool| {
-        super::with_vm(&proxy, &generation, index, |vm| {
-            let _ = vm.on_connection_close(id, true, remote_down);
-            let _ = vm.on_connection_close(id, false, !remote_down);
+        with_vm(&proxy, &generation, index, |vm| {
+            let downstream = vm.on_connection_close(id, true, remote_down);
+            let upstream = vm.on_connection_close(id, false, !remote_down);
             vm.close_stream(id);
-            Ok(())
+            downstream.and(upstream)
         });
     };
     if close {
@@ -452,15 +445,15 @@ async fn relay(
     let (mut ur, mut uw) = tokio::io::split(up);
     // The filter sees each chunk and may rewrite it; `None` means close now.
     let through = |downstream: bool, data: Vec<u8>, eos: bool| -> Option<Vec<u8>> {
-        super::with_vm(proxy, generation, index, |vm| {
-            let s = vm.stream_mut(id).ok_or("connection context vanished")?;
+        with_vm(proxy, generation, index, |vm| {
+            let s = vm.stream_mut(id).ok_or(VmError::NoContext(id))?;
             if downstream {
                 s.downstream_data = data;
             } else {
                 s.upstream_data = data;
             }
             vm.on_data(id, downstream, eos)?;
-            let s = vm.stream_mut(id).ok_or("connection context vanished")?;
+            let s = vm.stream_mut(id).ok_or(VmError::NoContext(id))?;
             Ok((!s.close_connection).then(|| {
                 std::mem::take(if downstream {
                     &mut s.downstream_data

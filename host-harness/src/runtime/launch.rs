@@ -9,7 +9,7 @@ use meshroute_compiler::{MeshOptions, ProxyOptions};
 use meshroute_core::ir::{L4Table, Listener, ListenerServer, ProxyKind, RulesDocument};
 
 use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
-use crate::vm::Plugin;
+use meshroute_wasm_host::vm::Plugin;
 
 /// Everything `meshroute run` needs.
 pub struct RunOptions {
@@ -37,8 +37,9 @@ pub fn compile(
     files: &[PathBuf],
     proxy: &ProxyOptions,
     mesh: &MeshOptions,
-) -> Result<(RulesDocument, Vec<String>), String> {
-    let compiled = meshroute_compiler::compile_files(files, proxy, mesh)?;
+) -> Result<(RulesDocument, Vec<String>), super::Error> {
+    let compiled =
+        meshroute_compiler::compile_files(files, proxy, mesh).map_err(super::Error::Compile)?;
     let text: Vec<String> = compiled
         .diagnostics
         .iter()
@@ -46,7 +47,7 @@ pub fn compile(
         .collect();
     match compiled.document {
         Some(doc) => Ok((doc, text)),
-        None => Err(text.join("\n")),
+        None => Err(super::Error::Compile(text.join("\n"))),
     }
 }
 
@@ -58,7 +59,7 @@ pub fn listeners(
     port_offset: u16,
     credentials: Option<&Path>,
     limits: super::Limits,
-) -> Result<Vec<ListenerSpec>, String> {
+) -> Result<Vec<ListenerSpec>, super::Error> {
     match doc.proxy.kind {
         ProxyKind::Sidecar => {
             let mut out = vec![ListenerSpec {
@@ -71,9 +72,13 @@ pub fn listeners(
             // TCP and TLS service ports: a listener each (shifted by the offset), as Istio's
             // per-port outbound listeners.
             for t in &doc.l4_tables {
-                let port = t.port.checked_add(port_offset).ok_or_else(|| {
-                    format!("port {} + offset {port_offset} exceeds 65535", t.port)
-                })?;
+                let port = t
+                    .port
+                    .checked_add(port_offset)
+                    .ok_or(super::Error::PortRange {
+                        port: t.port,
+                        offset: port_offset,
+                    })?;
                 out.push(sidecar_connection_listener(
                     t,
                     SocketAddr::new(listen.ip(), port),
@@ -86,9 +91,13 @@ pub fn listeners(
             let ip: IpAddr = listen.ip();
             let mut out = Vec::new();
             for l in &doc.listeners {
-                let port = l.port.checked_add(port_offset).ok_or_else(|| {
-                    format!("port {} + offset {port_offset} exceeds 65535", l.port)
-                })?;
+                let port = l
+                    .port
+                    .checked_add(port_offset)
+                    .ok_or(super::Error::PortRange {
+                        port: l.port,
+                        offset: port_offset,
+                    })?;
                 out.push(gateway_listener(
                     doc,
                     l,
@@ -98,7 +107,7 @@ pub fn listeners(
                 )?);
             }
             if out.is_empty() {
-                return Err("no Gateway server selects this proxy".into());
+                return Err(super::Error::NoServer);
             }
             Ok(out)
         }
@@ -134,10 +143,14 @@ pub fn gateway_listener(
     address: SocketAddr,
     credentials: Option<&Path>,
     limits: super::Limits,
-) -> Result<ListenerSpec, String> {
+) -> Result<ListenerSpec, super::Error> {
     let l4 = doc.l4_tables.iter().any(|t| t.port == l.port);
-    let tls = super::tls::server_config(&l.servers, credentials, !l4)
-        .map_err(|e| format!("gateway port {}: {e}", l.port))?;
+    let tls = super::tls::server_config(&l.servers, credentials, !l4).map_err(|source| {
+        super::Error::GatewayTls {
+            port: l.port,
+            source,
+        }
+    })?;
     let connections = l4.then(|| super::l4::ConnectionRouting {
         // The SNI is read from the ClientHello when some server passes TLS through.
         peek_sni: l.servers.iter().any(ListenerServer::passes_tls_through),
@@ -186,13 +199,15 @@ fn newest_change(files: &[PathBuf]) -> Option<SystemTime> {
 }
 
 /// Runs until the process is stopped. `ready` receives the bound listeners.
-pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Result<(), String> {
+pub async fn run(
+    opts: RunOptions,
+    ready: impl FnOnce(&[ListenerSpec]),
+) -> Result<(), super::Error> {
     let (doc, warnings) = compile(&opts.files, &opts.proxy, &opts.mesh)?;
     for w in warnings {
         eprintln!("{w}");
     }
-    let plugin =
-        Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref()).map_err(|e| e.to_string())?);
+    let plugin = Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref())?);
     let specs = listeners(
         &doc,
         opts.listen,
@@ -209,31 +224,32 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
         opts.credentials.clone(),
     )?;
     proxy.start_tickers();
-    let sink: Option<Box<dyn std::io::Write + Send>> = match opts.access_log.as_str() {
-        "off" => None,
-        "stdout" => Some(Box::new(std::io::stdout())),
-        file => Some(Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(file)
-                .map_err(|e| format!("access log {file}: {e}"))?,
-        )),
-    };
-    if let Ok(mut slot) = proxy.access_log.lock() {
-        *slot = sink;
-    }
+    let log = super::access_log::AccessLog::open(&opts.access_log).map_err(|source| {
+        super::Error::AccessLog {
+            path: opts.access_log.clone(),
+            source,
+        }
+    })?;
+    proxy.access_log.replace(log);
+    // Every listener is bound, once, before readiness is announced.
     let mut tasks = Vec::new();
     for spec in &specs {
-        // Bind before announcing readiness.
-        let listener = tokio::net::TcpListener::bind(spec.address)
-            .await
-            .map_err(|e| format!("listen on {}: {e}", spec.address))?;
-        drop(listener);
-        tasks.push(tokio::spawn(serve(Arc::clone(&proxy), spec.clone())));
+        let listener = super::bind(spec.address).await?;
+        tasks.push(tokio::spawn(serve(
+            Arc::clone(&proxy),
+            spec.clone(),
+            listener,
+        )));
     }
     if let Some(admin_addr) = opts.admin {
-        tasks.push(tokio::spawn(admin::serve(Arc::clone(&proxy), admin_addr)));
+        let listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .map_err(|source| super::Error::Listen {
+                what: "admin ",
+                address: admin_addr,
+                source,
+            })?;
+        tasks.push(tokio::spawn(admin::serve(Arc::clone(&proxy), listener)));
     }
     ready(&specs);
     // Hot reload: poll the files; a failed compile keeps the running rules.
@@ -242,10 +258,8 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
         tokio::time::sleep(opts.reload_interval).await;
         if let Some(t) = tasks.iter().position(tokio::task::JoinHandle::is_finished) {
             let task = tasks.remove(t);
-            return match task.await {
-                Ok(Err(e)) => Err(e),
-                _ => Err("a listener stopped".into()),
-            };
+            drop(task);
+            return Err(super::Error::ListenerStopped);
         }
         let now = newest_change(&opts.files);
         if now == seen {
@@ -254,7 +268,7 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
         seen = now;
         let result = compile(&opts.files, &opts.proxy, &opts.mesh).and_then(|(doc, _)| {
             if doc.proxy.kind != proxy.kind {
-                return Err("the proxy kind cannot change on reload".into());
+                return Err(super::Error::KindChanged);
             }
             proxy.reload(doc, opts.files.clone())
         });
@@ -276,7 +290,7 @@ pub async fn run(opts: RunOptions, ready: impl FnOnce(&[ListenerSpec])) -> Resul
                     .config_reload_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Ok(mut slot) = proxy.reload_error.lock() {
-                    *slot = Some(e);
+                    *slot = Some(e.to_string());
                 }
             }
         }

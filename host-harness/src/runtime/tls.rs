@@ -20,6 +20,31 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use meshroute_core::ir::{ClientTls, ListenerServer, ServerTlsMode};
 
+use crate::credentials::CredentialError;
+
+/// Why a listener's or a cluster's TLS cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// A certificate, key or CA file that cannot be used.
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{0} TLS needs caCertificates (or a credentialName with ca.crt)")]
+    NoClientCa(ServerTlsMode),
+    #[error("servers on one port verify clients differently ({0} and {1}): meshroute run needs one client CA per port")]
+    ClientCaConflict(String, String),
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn file_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> TlsError + '_ {
+    move |e| TlsError::File {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
 /// Certificates by server host: exact names, `*.suffix` wildcards, then `*`.
 #[derive(Debug, Default)]
 struct SniResolver {
@@ -45,17 +70,17 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-fn load_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+fn load_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .map_err(|e| file_error(cert)(&e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(|e| file_error(cert)(&e))?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate in the file", cert.display()));
+        return Err(file_error(cert)(&"no certificate in the file"));
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key)(&e))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
+        .map_err(|e| file_error(key)(&format!("unsupported private key: {e}")))?;
     Ok(Arc::new(CertifiedKey::new(chain, signing)))
 }
 
@@ -66,7 +91,7 @@ pub fn server_config(
     servers: &[ListenerServer],
     credentials: Option<&Path>,
     alpn_http: bool,
-) -> Result<Option<Arc<ServerConfig>>, String> {
+) -> Result<Option<Arc<ServerConfig>>, TlsError> {
     let mut resolver = SniResolver::default();
     let mut any_tls = false;
     // One client CA per listener: rustls verifies client certificates per configuration.
@@ -78,17 +103,13 @@ pub fn server_config(
         if tls.mode.verifies_clients() {
             let optional = tls.mode == ServerTlsMode::OptionalMutual;
             let Some(ca) = crate::credentials::server_files(tls, credentials)?.client_ca else {
-                return Err(format!(
-                    "{} TLS needs caCertificates (or a credentialName with ca.crt)",
-                    tls.mode
-                ));
+                return Err(TlsError::NoClientCa(tls.mode));
             };
             match &client_ca {
                 Some((c, o)) if *c != ca || *o != optional => {
-                    return Err(format!(
-                        "servers on one port verify clients differently ({} and {}): meshroute run needs one client CA per port",
-                        c.display(),
-                        ca.display()
+                    return Err(TlsError::ClientCaConflict(
+                        c.display().to_string(),
+                        ca.display().to_string(),
                     ))
                 }
                 _ => client_ca = Some((ca, optional)),
@@ -126,8 +147,7 @@ pub fn server_config(
         .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some((ca, optional)) => {
@@ -141,11 +161,7 @@ pub fn server_config(
             } else {
                 verifier
             };
-            builder.with_client_cert_verifier(
-                verifier
-                    .build()
-                    .map_err(|e| format!("{}: {e}", ca.display()))?,
-            )
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| file_error(&ca)(&e))?)
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
@@ -156,15 +172,15 @@ pub fn server_config(
 }
 
 /// Trusted roots from a PEM bundle.
-fn root_store(ca: &Path) -> Result<rustls::RootCertStore, String> {
+fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-        .map_err(|e| format!("{}: {e}", ca.display()))?
+        .map_err(|e| file_error(ca)(&e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", ca.display()))?;
+        .map_err(|e| file_error(ca)(&e))?;
     let (added, _) = roots.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(format!("{}: no CA certificate in the file", ca.display()));
+        return Err(file_error(ca)(&"no CA certificate in the file"));
     }
     Ok(roots)
 }
@@ -181,12 +197,11 @@ pub struct Origination {
 }
 
 /// The client configuration for a DestinationRule `tls` block.
-pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origination, String> {
+pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origination, TlsError> {
     let files = crate::credentials::client_files(tls, credentials)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .with_safe_default_protocol_versions()?;
     let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
         Arc::new(AcceptAny(provider))
     } else {
@@ -198,7 +213,7 @@ pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origin
         let inner =
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
+                .map_err(|e| file_error(&ca)(&e))?;
         Arc::new(SanVerifier {
             inner,
             subject_alt_names: tls.subject_alt_names.clone(),
@@ -209,16 +224,14 @@ pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origin
         .with_custom_certificate_verifier(verifier);
     let config = match (&files.cert, &files.key) {
         (Some(cert), Some(key)) => {
-            let shown = cert.display();
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("{shown}: {e}"))?
+                .map_err(|e| file_error(cert)(&e))?
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("{shown}: {e}"))?;
-            let der =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+                .map_err(|e| file_error(cert)(&e))?;
+            let der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key)(&e))?;
             builder
                 .with_client_auth_cert(chain, der)
-                .map_err(|e| format!("{shown}: {e}"))?
+                .map_err(|e| file_error(cert)(&e))?
         }
         _ => builder.with_no_client_auth(),
     };

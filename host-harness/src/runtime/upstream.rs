@@ -14,7 +14,7 @@ use meshroute_core::engine::AttemptEnd;
 
 use super::tls::Origination;
 use super::Body;
-use crate::abi::Headers;
+use meshroute_wasm_host::abi::Headers;
 
 type Pool = hyper_util::client::legacy::Client<HttpConnector, Body>;
 

@@ -3,14 +3,23 @@
 //! `x-guest: panic` (trap), `x-guest: loop` (never returns), `x-guest: alloc` (allocates
 //! without bound), `x-guest: pause` (pauses until a tick resumes it), `x-guest: call`
 //! (side call to the cluster named in `x-guest-cluster`, reported when it answers).
+//!
+//! Started as a connection-level plugin (root id `meshroute_tcp_<port>`), it sends each
+//! connection to the first endpoint of the first cluster of its configuration (a rules
+//! document) and traps when the client closes a connection that carried data.
 #![cfg(target_arch = "wasm32")]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType, Status};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, PeerType, Status};
+
+use meshroute_core::contract::{
+    filter_state_arguments, L4_ROOT_PREFIX, SET_FILTER_STATE_FUNCTION, TCP_CLUSTER_STATE,
+    TCP_ENDPOINT_STATE,
+};
 use serde_json::{json, Value};
 
 /// A host call's outcome: status code and, when it returned bytes, their length and text.
@@ -33,14 +42,45 @@ fn code(r: Result<(), Status>) -> u32 {
     }
 }
 
-struct Root;
+#[derive(Default)]
+struct Root {
+    /// A connection-level plugin: where its connections go (cluster, `ip:port`).
+    connections: Option<(String, String)>,
+}
 
 impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        let root_id = self
+            .get_property(vec!["plugin_root_id"])
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if root_id.starts_with(L4_ROOT_PREFIX) {
+            let rules: Value = serde_json::from_slice(&config).unwrap_or_default();
+            let cluster = &rules["clusters"][0];
+            let endpoint = &cluster["endpoints"][0];
+            self.connections = Some((
+                cluster["name"].as_str().unwrap_or_default().to_owned(),
+                format!(
+                    "{}:{}",
+                    endpoint["address"].as_str().unwrap_or_default(),
+                    endpoint["port"]
+                ),
+            ));
+        }
         // A configuration of "reject" is refused, like an invalid rules document.
-        self.get_plugin_configuration().as_deref() != Some(b"reject".as_slice())
+        config != b"reject"
+    }
+
+    fn create_stream_context(&self, _: u32) -> Option<Box<dyn StreamContext>> {
+        let (cluster, endpoint) = self.connections.clone()?;
+        Some(Box::new(Connection {
+            cluster,
+            endpoint,
+            carried_data: false,
+        }))
     }
 
     fn on_tick(&mut self) {
@@ -60,7 +100,45 @@ impl RootContext for Root {
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Some(if self.connections.is_some() {
+            ContextType::StreamContext
+        } else {
+            ContextType::HttpContext
+        })
+    }
+}
+
+/// A connection sent where the configuration says, that traps when the client closes it
+/// after sending data (a bare connect, as a readiness probe makes, does not).
+struct Connection {
+    cluster: String,
+    endpoint: String,
+    carried_data: bool,
+}
+
+impl Context for Connection {}
+
+impl StreamContext for Connection {
+    fn on_new_connection(&mut self) -> Action {
+        for (key, value) in [
+            (TCP_CLUSTER_STATE, &self.cluster),
+            (TCP_ENDPOINT_STATE, &self.endpoint),
+        ] {
+            let args = filter_state_arguments(key, value);
+            let _ = hostcalls::call_foreign_function(SET_FILTER_STATE_FUNCTION, Some(&args));
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, size: usize, _: bool) -> Action {
+        self.carried_data |= size > 0;
+        Action::Continue
+    }
+
+    fn on_downstream_close(&mut self, _: PeerType) {
+        if self.carried_data {
+            panic!("asked to panic when the connection closes");
+        }
     }
 }
 
@@ -400,5 +478,5 @@ thread_local! {
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}

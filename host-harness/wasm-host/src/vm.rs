@@ -2,9 +2,10 @@
 //! callback bounded in CPU (epoch deadline) and memory (store limits). A trap marks the
 //! instance failed; the runtime then applies the fail policy.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, TypedFunc};
@@ -18,72 +19,107 @@ const CALLBACK_BUDGET_TICKS: u64 = 100;
 /// Linear memory cap per instance.
 pub const MEMORY_LIMIT: usize = 256 << 20;
 
-/// The compiled filter, ready to instantiate.
+/// The compiled module, ready to instantiate.
 pub struct Plugin {
     engine: Engine,
     pre: InstancePre<HostState>,
     pub shared: Arc<SharedData>,
+    /// What did not work out but did not stop loading (the compiled-module cache).
+    pub warnings: Vec<String>,
 }
 
-/// Why loading or starting the filter failed.
-#[derive(Debug)]
-pub struct VmError(pub String);
+/// Why loading or running the module failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}: missing or unknown Proxy-Wasm ABI version (expected 0.2.0 or 0.2.1)")]
+    Abi(String),
+    /// A wasmtime step (engine, compiling, linking, instantiating) failed.
+    #[error("{step}: {reason}")]
+    Wasm { step: &'static str, reason: String },
+    /// A callback trapped or ran past its CPU budget; the instance is failed.
+    #[error("the filter trapped: {0}")]
+    Trap(String),
+    /// The host has no context of this id (the stream is gone).
+    #[error("context {0} is gone")]
+    NoContext(u32),
+    /// The instance failed earlier; it runs nothing more.
+    #[error("the filter failed earlier")]
+    Failed,
+    /// The module refused to start (`proxy_on_vm_start` or `proxy_on_configure` returned
+    /// false), with the last lines it logged.
+    #[error("{0}")]
+    Refused(String),
+}
 
-impl std::fmt::Display for VmError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+fn err(step: &'static str) -> impl Fn(wasmtime::Error) -> VmError {
+    move |e| VmError::Wasm {
+        step,
+        reason: format!("{e:#}"),
     }
 }
 
-fn err(context: &str) -> impl Fn(wasmtime::Error) -> VmError + '_ {
-    move |e| VmError(format!("{context}: {e:#}"))
-}
-
-fn engine(cache_dir: Option<&Path>) -> Result<Engine, VmError> {
-    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let mut config = Config::new();
-            config.epoch_interruption(true);
-            if let Some(dir) = cache_dir {
-                let mut cache = wasmtime::CacheConfig::new();
-                cache.with_directory(dir);
-                match wasmtime::Cache::new(cache) {
-                    Ok(c) => {
-                        config.cache(Some(c));
-                    }
-                    Err(e) => eprintln!("meshroute: compiled-module cache disabled: {e}"),
-                }
+/// One engine per compiled-module cache directory, shared by every plugin of the process
+/// (and so one epoch ticker per engine).
+fn engine(cache_dir: Option<&Path>) -> Result<(Engine, Option<String>), VmError> {
+    type Engines = Mutex<HashMap<Option<PathBuf>, Engine>>;
+    static ENGINES: OnceLock<Engines> = OnceLock::new();
+    let engines = ENGINES.get_or_init(Engines::default);
+    let mut engines = engines.lock().unwrap_or_else(PoisonError::into_inner);
+    let key = cache_dir.map(Path::to_path_buf);
+    if let Some(engine) = engines.get(&key) {
+        return Ok((engine.clone(), None));
+    }
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    let mut warning = None;
+    if let Some(dir) = cache_dir {
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(dir);
+        match wasmtime::Cache::new(cache) {
+            Ok(c) => {
+                config.cache(Some(c));
             }
-            let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e:#}"))?;
-            let ticker = engine.clone();
-            std::thread::Builder::new()
-                .name("meshroute-epoch".into())
-                .spawn(move || loop {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticker.increment_epoch();
-                })
-                .map_err(|e| format!("epoch thread: {e}"))?;
-            Ok(engine)
+            Err(e) => warning = Some(format!("compiled-module cache disabled: {e}")),
+        }
+    }
+    let engine = Engine::new(&config).map_err(err("wasm engine"))?;
+    let ticker = engine.weak();
+    std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match ticker.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
         })
-        .clone()
-        .map_err(VmError)
+        .map_err(|e| VmError::Wasm {
+            step: "epoch thread",
+            reason: e.to_string(),
+        })?;
+    engines.insert(key, engine.clone());
+    Ok((engine, warning))
 }
 
 impl Plugin {
     /// Compiles (or loads from the cache) and links the module.
     pub fn load(wasm: &Path, cache_dir: Option<&Path>) -> Result<Self, VmError> {
-        let engine = engine(cache_dir)?;
-        let bytes = std::fs::read(wasm).map_err(|e| VmError(format!("{}: {e}", wasm.display())))?;
+        let (engine, warning) = engine(cache_dir)?;
+        let bytes = std::fs::read(wasm).map_err(|source| VmError::Read {
+            path: wasm.display().to_string(),
+            source,
+        })?;
         let module = Module::new(&engine, &bytes).map_err(err("compiling the filter"))?;
         let abi_marker = module.exports().any(|e| {
             e.name() == "proxy_abi_version_0_2_1" || e.name() == "proxy_abi_version_0_2_0"
         });
         if !abi_marker {
-            return Err(VmError(format!(
-                "{}: missing or unknown Proxy-Wasm ABI version (expected 0.2.0 or 0.2.1)",
-                wasm.display()
-            )));
+            return Err(VmError::Abi(wasm.display().to_string()));
         }
         let mut linker = Linker::new(&engine);
         abi::link(&mut linker).map_err(err("linking host functions"))?;
@@ -96,6 +132,7 @@ impl Plugin {
             engine,
             pre,
             shared: Arc::new(SharedData::default()),
+            warnings: warning.into_iter().collect(),
         })
     }
 
@@ -106,17 +143,20 @@ impl Plugin {
             engine: self.engine.clone(),
             pre: self.pre.clone(),
             shared: Arc::new(SharedData::default()),
+            warnings: Vec::new(),
         }
     }
 
-    /// A started instance with its root context configured with `configuration`.
+    /// A started instance whose root context, named `root_id` (`plugin_root_id`), is
+    /// configured with `configuration`.
     pub fn start(
         &self,
+        root_id: &str,
         configuration: &[u8],
         known_clusters: Arc<ClusterCheck>,
     ) -> Result<Vm, VmError> {
         let state = HostState::new(
-            "meshroute",
+            root_id,
             configuration.to_vec(),
             Arc::clone(&self.shared),
             known_clusters,
@@ -144,24 +184,24 @@ impl Plugin {
         let size = configuration.len() as i32;
         let exports = Arc::clone(&vm.exports);
         if let Some(f) = exports.on_context_create.as_ref() {
-            vm.call(0, |s| f.call(s, (root, 0))).map_err(VmError)?;
+            vm.call(0, |s| f.call(s, (root, 0)))?;
         }
         let exports = Arc::clone(&vm.exports);
         if let Some(f) = exports.on_vm_start.as_ref() {
-            if vm.call(0, |s| f.call(s, (root, 0))).map_err(VmError)? == 0 {
-                return Err(VmError(format!(
+            if vm.call(0, |s| f.call(s, (root, 0)))? == 0 {
+                return Err(VmError::Refused(format!(
                     "proxy_on_vm_start returned false{}",
                     vm.log_tail()
                 )));
             }
         }
         let configured = match Arc::clone(&vm.exports).on_configure.as_ref() {
-            Some(f) => vm.call(0, |s| f.call(s, (root, size))).map_err(VmError)? != 0,
+            Some(f) => vm.call(0, |s| f.call(s, (root, size)))? != 0,
             None => true,
         };
         vm.store.data_mut().plugin_configuration = None;
         if !configured {
-            return Err(VmError(format!(
+            return Err(VmError::Refused(format!(
                 "the filter rejected its configuration{}",
                 vm.log_tail()
             )));
@@ -249,9 +289,9 @@ impl Vm {
         &mut self,
         context: u32,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, String> {
+    ) -> Result<R, VmError> {
         if self.failed.load(Ordering::Relaxed) {
-            return Err("the filter failed earlier".into());
+            return Err(VmError::Failed);
         }
         {
             let s = self.store.data_mut();
@@ -270,7 +310,7 @@ impl Vm {
                 Some(t) => t.to_string(),
                 None => format!("{e:#}"),
             };
-            format!("the filter trapped: {trap}{}", self.log_tail())
+            VmError::Trap(format!("{trap}{}", self.log_tail()))
         })
     }
 
@@ -315,31 +355,22 @@ impl Vm {
         let size = configuration.len() as i32;
         let exports = Arc::clone(&self.exports);
         if let Some(f) = exports.on_context_create.as_ref() {
-            self.call(id, |s| f.call(s, (id as i32, 0)))
-                .map_err(VmError)?;
+            self.call(id, |s| f.call(s, (id as i32, 0)))?;
         }
         if let Some(f) = exports.on_vm_start.as_ref() {
-            if self
-                .call(id, |s| f.call(s, (id as i32, 0)))
-                .map_err(VmError)?
-                == 0
-            {
-                return Err(VmError(format!(
+            if self.call(id, |s| f.call(s, (id as i32, 0)))? == 0 {
+                return Err(VmError::Refused(format!(
                     "proxy_on_vm_start returned false for {root_id}"
                 )));
             }
         }
         let configured = match exports.on_configure.as_ref() {
-            Some(f) => {
-                self.call(id, |s| f.call(s, (id as i32, size)))
-                    .map_err(VmError)?
-                    != 0
-            }
+            Some(f) => self.call(id, |s| f.call(s, (id as i32, size)))? != 0,
             None => true,
         };
         self.store.data_mut().plugin_configuration = None;
         if !configured {
-            return Err(VmError(format!(
+            return Err(VmError::Refused(format!(
                 "the filter rejected its configuration as {root_id}{}",
                 self.log_tail()
             )));
@@ -348,7 +379,7 @@ impl Vm {
     }
 
     /// Creates a stream context under root context `root` (a connection of that plugin).
-    pub fn open_stream_in(&mut self, root: u32, mut stream: abi::Stream) -> Result<u32, String> {
+    pub fn open_stream_in(&mut self, root: u32, mut stream: abi::Stream) -> Result<u32, VmError> {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(2);
         stream.root = root;
@@ -361,7 +392,7 @@ impl Vm {
     }
 
     /// Creates a stream context (ids are per instance, as in Envoy).
-    pub fn open_stream(&mut self, stream: abi::Stream) -> Result<u32, String> {
+    pub fn open_stream(&mut self, stream: abi::Stream) -> Result<u32, VmError> {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(2);
         self.store.data_mut().streams.insert(id, stream);
@@ -381,7 +412,7 @@ impl Vm {
         }
     }
 
-    pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
+    pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.stream_len(id, |s| s.request_headers.len());
         let exports = Arc::clone(&self.exports);
         match exports.on_request_headers.as_ref() {
@@ -392,7 +423,7 @@ impl Vm {
         }
     }
 
-    pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
+    pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.stream_len(id, |s| s.request_body.len());
         let exports = Arc::clone(&self.exports);
         match exports.on_request_body.as_ref() {
@@ -403,7 +434,7 @@ impl Vm {
         }
     }
 
-    pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, String> {
+    pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.stream_len(id, |s| s.response_headers.len());
         let exports = Arc::clone(&self.exports);
         match exports.on_response_headers.as_ref() {
@@ -415,7 +446,7 @@ impl Vm {
     }
 
     /// A new connection (network filter context `id`).
-    pub fn on_new_connection(&mut self, id: u32) -> Result<Action, String> {
+    pub fn on_new_connection(&mut self, id: u32) -> Result<Action, VmError> {
         let exports = Arc::clone(&self.exports);
         match exports.on_new_connection.as_ref() {
             Some(f) => self.call(id, |s| f.call(s, id as i32)).map(Self::action),
@@ -430,7 +461,7 @@ impl Vm {
         id: u32,
         downstream: bool,
         end_of_stream: bool,
-    ) -> Result<Action, String> {
+    ) -> Result<Action, VmError> {
         let n = self.stream_len(id, |s| {
             if downstream {
                 s.downstream_data.len()
@@ -458,7 +489,7 @@ impl Vm {
         id: u32,
         downstream: bool,
         remote: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), VmError> {
         let exports = Arc::clone(&self.exports);
         let f = if downstream {
             exports.on_downstream_connection_close.as_ref()
@@ -472,7 +503,7 @@ impl Vm {
         }
     }
 
-    pub fn on_tick(&mut self) -> Result<(), String> {
+    pub fn on_tick(&mut self) -> Result<(), VmError> {
         let root = self.root();
         let exports = Arc::clone(&self.exports);
         match exports.on_tick.as_ref() {
@@ -485,7 +516,7 @@ impl Vm {
         &mut self,
         token: u32,
         response: abi::CallResponse,
-    ) -> Result<(), String> {
+    ) -> Result<(), VmError> {
         let root = self.root();
         let (nh, nb) = (response.headers.len() as i32, response.body.len() as i32);
         self.store.data_mut().call_response = Some(response);
@@ -530,5 +561,79 @@ impl Vm {
 
     pub fn stream_mut(&mut self, id: u32) -> Option<&mut abi::Stream> {
         self.store.data_mut().streams.get_mut(&id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    /// The smallest module a proxy-wasm host accepts: one export, the ABI marker.
+    const MINIMAL: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+        0x03, 0x02, 0x01, 0x00, // one function of that type
+        0x07, 0x1b, 0x01, 0x17, b'p', b'r', b'o', b'x', b'y', b'_', b'a', b'b', b'i', b'_', b'v',
+        b'e', b'r', b's', b'i', b'o', b'n', b'_', b'0', b'_', b'2', b'_', b'1', 0x00, 0x00, 0x0a,
+        0x04, 0x01, 0x02, 0x00, 0x0b, // its body: end
+    ];
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wasm-host-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn files_under(dir: &Path) -> usize {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        files_under(&p)
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+    }
+
+    #[test]
+    fn every_caller_gets_its_own_compiled_module_cache() {
+        let dir = scratch("cache");
+        let wasm = dir.join("m.wasm");
+        std::fs::write(&wasm, MINIMAL).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let first = Plugin::load(&wasm, Some(&a)).unwrap();
+        let second = Plugin::load(&wasm, Some(&b)).unwrap();
+        assert!(first.warnings.is_empty() && second.warnings.is_empty());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while files_under(&a) == 0 || files_under(&b) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cache a: {} files, cache b: {} files",
+                files_under(&a),
+                files_under(&b)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_module_without_the_abi_marker_is_refused() {
+        let dir = scratch("abi");
+        let wasm = dir.join("m.wasm");
+        let mut bytes = MINIMAL.to_vec();
+        // Rename the export: `proxy_abi_version_0_2_1` → `proxy_abi_version_0_2_9`.
+        let at = bytes.len() - 9;
+        bytes[at] = b'9';
+        std::fs::write(&wasm, &bytes).unwrap();
+        assert!(matches!(Plugin::load(&wasm, None), Err(VmError::Abi(_))));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -52,9 +52,20 @@ pub mod buffer {
 
 pub type Headers = Vec<(String, String)>;
 
-/// Whether a side call may target a cluster: `None` unknown, `Some(true)` when the call must
-/// name its endpoint (`x-envoy-original-dst-host`), as for Envoy's ORIGINAL_DST clusters.
-pub type ClusterCheck = dyn Fn(&str) -> Option<bool> + Send + Sync;
+/// Whether a side call (`proxy_http_call`) can go where it asks, decided by the embedder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallTarget {
+    /// The call is accepted.
+    Ok,
+    /// No such cluster: the call fails at once with BAD_ARGUMENT, as in Envoy.
+    UnknownCluster,
+    /// The cluster has no host to send this call to: INTERNAL_FAILURE, as Envoy answers for
+    /// an ORIGINAL_DST cluster without its endpoint header.
+    NoHost,
+}
+
+/// The embedder's verdict on a side call to a cluster with these headers.
+pub type ClusterCheck = dyn Fn(&str, &[(String, String)]) -> CallTarget + Send + Sync;
 
 /// Where a stream is; decides which maps the guest may touch (as Envoy does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -370,8 +381,10 @@ pub fn parse_pairs(bytes: &[u8]) -> Option<Headers> {
     (at == bytes.len()).then_some(out)
 }
 
-/// `(path, query)` of a request path.
+/// `(path, query)` of a request path, as Envoy's `request.url_path` and `request.query`
+/// properties give them: a fragment is not part of either (Envoy strips it).
 pub fn split_query_value(path: &str) -> (&str, &str) {
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
     path.split_once('?').unwrap_or((path, ""))
 }
 
@@ -389,6 +402,13 @@ mod tests {
         assert_eq!(parse_pairs(&bytes), Some(pairs));
         assert_eq!(parse_pairs(&bytes[..bytes.len() - 1]), None);
         assert_eq!(parse_pairs(&[]), Some(vec![]));
+    }
+
+    #[test]
+    fn query_and_path_leave_the_fragment_out() {
+        assert_eq!(split_query_value("/a?b=1#f"), ("/a", "b=1"));
+        assert_eq!(split_query_value("/a#f?x"), ("/a", ""));
+        assert_eq!(split_query_value("/a"), ("/a", ""));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use wasmtime::{Caller, Linker};
 
 use super::memory::{read, read_string, write_u32};
-use super::{parse_pairs, status, HostState, LocalReply, PendingCall, Phase};
+use super::{parse_pairs, status, CallTarget, HostState, LocalReply, PendingCall, Phase};
 
 fn continue_stream(mut c: Caller<'_, HostState>, kind: i32) -> i32 {
     match kind {
@@ -118,12 +118,10 @@ fn http_call(
     if !(has(":authority") && has(":path") && has(":method")) {
         return status::BAD_ARGUMENT;
     }
-    match (c.data().known_clusters)(&cluster) {
-        None => return status::BAD_ARGUMENT,
-        Some(true) if !has(meshroute_core::contract::ENDPOINT_HEADER) => {
-            return status::INTERNAL_FAILURE
-        }
-        Some(_) => {}
+    match (c.data().known_clusters)(&cluster, &headers) {
+        CallTarget::UnknownCluster => return status::BAD_ARGUMENT,
+        CallTarget::NoHost => return status::INTERNAL_FAILURE,
+        CallTarget::Ok => {}
     }
     let state = c.data_mut();
     // Tokens are unique per instance and never 0.

@@ -1,0 +1,610 @@
+//! Serving HTTP: each request through the filter's callbacks, forwarded as the filter
+//! decided, and the response through the filter again.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use meshroute_core::contract::{
+    self, CLUSTER_HEADER, LISTENER_PORT_HEADER, UPSTREAM_SERVICE_TIME_HEADER,
+};
+use meshroute_core::engine::{Rng as _, SplitMix64};
+use meshroute_core::ir::ProxyKind;
+
+use meshroute_wasm_host::abi::{self, Headers, LocalReply, Phase};
+use meshroute_wasm_host::vm::Action;
+
+use super::access_log::HttpEntry;
+use super::generation::Generation;
+use super::generation::{
+    check_failed, has_reply, instance_failed, is_resumed, stream_fact, take_reply, with_vm,
+};
+use super::router::{forward, router_local};
+use super::{
+    body, deadline, full, l4, local, Body, FailPolicy, Limits, ListenerSpec, Proxy, BODY_BUFFER,
+};
+
+pub(super) fn header_pairs(map: &http::HeaderMap) -> Headers {
+    map.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+pub(super) const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+pub(super) fn random_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:016x}-{n:08x}",
+        random_seed() ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    )
+}
+
+/// A seed from the clock and a counter (ids and retry jitter need no cryptographic quality).
+pub(super) fn random_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    SplitMix64(t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
+}
+
+/// Binds a listener's address, before it is announced ready.
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, super::Error> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| super::Error::Listen {
+            what: "",
+            address,
+            source,
+        })
+}
+
+/// Serves one bound listener until the process ends.
+pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec, listener: TcpListener) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(spec.limits.max_connections));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("meshroute: accept on {}: {e}", spec.address);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Over the connection limit: close at once, the listener stays responsive.
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            drop(stream);
+            proxy.stats.connection_overflow();
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        let spec = spec.clone();
+        let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
+        if spec.connections.is_some() {
+            tokio::spawn(async move {
+                let _permit = permit;
+                l4::serve_connection(proxy, spec, stream, peer, connection_id).await;
+            });
+            continue;
+        }
+        tokio::spawn(async move {
+            let _permit = permit;
+            let local = stream.local_addr().ok();
+            match &spec.tls {
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                    // A failed handshake only closes this connection.
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
+                    }
+                }
+                None => serve_http(proxy, spec, stream, peer, local, connection_id, false).await,
+            }
+        });
+    }
+}
+
+/// Serves HTTP on one accepted (and, for `https`, decrypted) connection.
+pub(super) async fn serve_http<I>(
+    proxy: Arc<Proxy>,
+    spec: ListenerSpec,
+    io: I,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    connection_id: u64,
+    https: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = listener_builder(spec.limits);
+    let io = deadline::HeaderDeadline::new(io, spec.limits.header_timeout);
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let spec = spec.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                handle(proxy, spec, peer, local, connection_id, https, req).await,
+            )
+        }
+    });
+    let _ = builder.serve_connection(TokioIo::new(io), service).await;
+}
+
+/// Downstream limits, with Envoy's defaults: 60 KiB of request headers and 100 header fields
+/// (over either: 431), a deadline for the request headers of a new request (slow clients),
+/// and at most 1024 concurrent HTTP/2 streams per connection.
+pub(super) fn listener_builder(
+    limits: Limits,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_buf_size(60 * 1024)
+        .max_headers(100)
+        // The first request's deadline is enforced (with a 408) by `HeaderDeadline`; this
+        // one, a little later, bounds the requests that follow on a kept-alive connection.
+        .header_read_timeout(limits.header_timeout + Duration::from_secs(1));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .max_header_list_size(60 * 1024);
+    builder
+}
+
+pub(super) fn reply_response(kind: ProxyKind, reply: LocalReply) -> Response<Body> {
+    let mut builder = Response::builder();
+    let (status, body) = match reply.grpc_status {
+        Some(code) => {
+            builder = builder
+                .header("content-type", "application/grpc")
+                .header("grpc-status", code.to_string())
+                .header(
+                    "grpc-message",
+                    String::from_utf8_lossy(&reply.body).into_owned(),
+                );
+            (200, Vec::new())
+        }
+        None => (reply.status, reply.body),
+    };
+    let has_type = reply.headers.iter().any(|(k, _)| k == "content-type");
+    if !body.is_empty() && !has_type && reply.grpc_status.is_none() {
+        builder = builder.header("content-type", "text/plain");
+    }
+    for (k, v) in &reply.headers {
+        if !k.starts_with(':') {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+    }
+    builder = builder.header("server", server_name(kind));
+    builder
+        .status(status)
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full(Vec::new())))
+}
+
+pub(super) fn server_name(kind: ProxyKind) -> &'static str {
+    match kind {
+        ProxyKind::Sidecar => "envoy",
+        ProxyKind::Gateway => "istio-envoy",
+    }
+}
+
+/// One downstream request through the filter and upstream.
+pub(super) async fn handle(
+    proxy: Arc<Proxy>,
+    spec: ListenerSpec,
+    peer: SocketAddr,
+    local_addr: Option<SocketAddr>,
+    connection_id: u64,
+    https: bool,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let generation = proxy.current();
+    let scheme = if https { "https" } else { "http" };
+    let (parts, body) = req.into_parts();
+    // Absolute-form URIs (explicit proxy) carry the authority; otherwise the Host header.
+    // An absolute-form URI whose host disagrees with Host is ambiguous: refuse it rather
+    // than pick one (request smuggling past host-based rules).
+    if let (Some(uri_authority), Some(host)) = (
+        parts.uri.authority(),
+        parts.headers.get("host").and_then(|h| h.to_str().ok()),
+    ) {
+        if parts.version < http::Version::HTTP_2
+            && !uri_authority.as_str().eq_ignore_ascii_case(host)
+        {
+            return reply_response(proxy.kind, local(400, "Bad Request"));
+        }
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let method = parts.method.as_str().to_owned();
+    let mut headers: Headers = vec![
+        (":authority".into(), authority.clone()),
+        (":path".into(), path.clone()),
+        (":method".into(), parts.method.as_str().to_owned()),
+        (":scheme".into(), scheme.into()),
+    ];
+    for (k, v) in &parts.headers {
+        let name = k.as_str();
+        if HOP_BY_HOP.contains(&name) || contract::is_control_header(name) {
+            continue;
+        }
+        headers.push((
+            name.to_owned(),
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        ));
+    }
+    let request_id = match headers.iter().find(|(k, _)| k == "x-request-id") {
+        Some((_, v)) => v.clone(),
+        None => {
+            let id = random_id();
+            headers.push(("x-request-id".into(), id.clone()));
+            id
+        }
+    };
+    if proxy.kind == ProxyKind::Gateway {
+        // Gateways are the edge (Envoy's use_remote_address): append the client's address.
+        let ip = peer.ip().to_string();
+        match headers.iter_mut().find(|(k, _)| k == "x-forwarded-for") {
+            Some((_, v)) => {
+                v.push_str(", ");
+                v.push_str(&ip);
+            }
+            None => headers.push(("x-forwarded-for".into(), ip)),
+        }
+    }
+    headers.retain(|(k, _)| k != "x-forwarded-proto");
+    headers.push(("x-forwarded-proto".into(), scheme.into()));
+    let server_port = if spec.server_port == 0 {
+        spec.address.port()
+    } else {
+        spec.server_port
+    };
+    headers.push((LISTENER_PORT_HEADER.to_owned(), server_port.to_string()));
+
+    let Ok(body) = body::read_prefix(body, BODY_BUFFER).await else {
+        return reply_response(proxy.kind, local(400, "Bad Request"));
+    };
+
+    let outcome = run_request(
+        &proxy,
+        &generation,
+        headers,
+        body,
+        peer,
+        local_addr,
+        connection_id,
+    )
+    .await;
+    let (response, cluster, flags) = match outcome {
+        Ok((resp, cluster)) => (resp, cluster, ""),
+        Err((reply, cluster, flags)) => (reply_response(proxy.kind, reply), cluster, flags),
+    };
+    proxy.stats.record(
+        &cluster,
+        response.status().as_u16(),
+        flags,
+        started.elapsed(),
+    );
+    proxy.access_log.http(&HttpEntry {
+        method: &method,
+        path: &path,
+        https,
+        status: response.status().as_u16(),
+        flags,
+        cluster: &cluster,
+        request_id: &request_id,
+        duration: started.elapsed(),
+        authority: &authority,
+    });
+    response
+}
+
+pub(super) type Outcome = Result<(Response<Body>, String), (LocalReply, String, &'static str)>;
+
+pub(super) async fn run_request(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    headers: Headers,
+    body: body::RequestBody,
+    peer: SocketAddr,
+    local_addr: Option<SocketAddr>,
+    connection_id: u64,
+) -> Outcome {
+    let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
+    let slot = &generation.slots[index];
+    if proxy.fail_policy == FailPolicy::FailOpen && instance_failed(generation, index) {
+        return match forward(proxy, generation, headers, body, true).await {
+            Ok(r) => Ok((r, String::new())),
+            Err(reply) => Err((router_local(reply), String::new(), reply.flag().code())),
+        };
+    }
+    if let Some(reply) = check_failed(proxy, generation, index) {
+        return Err((reply, String::new(), "UH"));
+    }
+    let mut stream = abi::Stream::new(headers);
+    // The filter sees buffered bodies; a streamed body never passes through guest memory.
+    let end_of_stream = body.is_empty();
+    let buffered = body.buffered().map(|b| b.to_vec());
+    stream.request_body = buffered.clone().unwrap_or_default();
+    stream.source = peer.to_string();
+    if let Some(l) = local_addr {
+        stream.destination = l.to_string();
+        stream.destination_port = l.port();
+    }
+    stream.connection_id = connection_id;
+    let (tx, rx) = oneshot::channel();
+    let started = with_vm(proxy, generation, index, |vm| {
+        let id = vm.open_stream(stream)?;
+        let action = vm.on_request_headers(id, end_of_stream)?;
+        Ok((id, action))
+    });
+    let Some((id, action)) = started else {
+        return Err((local(503, ""), String::new(), "UH"));
+    };
+    let _close = CloseOnDrop {
+        proxy,
+        generation,
+        index,
+        id,
+    };
+    let mut paused = action == Action::Pause && !has_reply(generation, index, id);
+    if paused {
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.insert(id, tx);
+        }
+        // Re-check: the tick may have resumed the stream before the waiter was registered.
+        paused = !(is_resumed(generation, index, id) || has_reply(generation, index, id));
+        if paused {
+            let _ = rx.await;
+        }
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.remove(&id);
+        }
+    }
+    if let Some(reply) = take_reply(generation, index, id) {
+        return Err((reply, String::new(), ""));
+    }
+    if buffered.as_ref().is_some_and(|b| !b.is_empty()) {
+        with_vm(proxy, generation, index, |vm| vm.on_request_body(id, true));
+        if let Some(reply) = take_reply(generation, index, id) {
+            return Err((reply, String::new(), ""));
+        }
+    }
+    let upstream_headers = {
+        let Ok(mut guard) = slot.vm.lock() else {
+            return Err((local(503, ""), String::new(), "UH"));
+        };
+        let Some(s) = guard.as_mut().and_then(|vm| vm.stream_mut(id)) else {
+            return Err((local(503, ""), String::new(), "UH"));
+        };
+        s.phase = Phase::Upstream;
+        std::mem::take(&mut s.request_headers)
+    };
+    let cluster = upstream_headers
+        .iter()
+        .find(|(k, _)| k == CLUSTER_HEADER)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let upstream_start = Instant::now();
+    let response = match forward(proxy, generation, upstream_headers, body, true).await {
+        Ok(r) => r,
+        Err(reply) => {
+            // As in Envoy, the router's own answer passes through the filter's response
+            // callback, which sees it with its response flags.
+            let flag = reply.flag().code();
+            let mut headers: Headers = vec![(":status".into(), reply.status().to_string())];
+            if !reply.body().is_empty() {
+                headers.push(("content-type".into(), "text/plain".into()));
+            }
+            let seen = ResponseSeen {
+                headers,
+                status: reply.status(),
+                flags: reply.flag().bit(),
+                details: reply.details(),
+            };
+            let final_headers = match response_phase(proxy, generation, index, id, seen).await {
+                Ok(h) => h,
+                Err(replaced) => return Err((replaced, cluster, "")),
+            };
+            let mut local = router_local(reply);
+            for (k, v) in final_headers.unwrap_or_default() {
+                match k.as_str() {
+                    ":status" => local.status = v.parse().unwrap_or(local.status),
+                    k if k.starts_with(':') => {}
+                    _ => local.headers.push((k, v)),
+                }
+            }
+            return Err((local, cluster, flag));
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    let mut response_headers: Headers = vec![(":status".into(), parts.status.as_u16().to_string())];
+    response_headers.extend(
+        header_pairs(&parts.headers)
+            .into_iter()
+            .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()) || k == "content-length"),
+    );
+    response_headers.push((
+        UPSTREAM_SERVICE_TIME_HEADER.into(),
+        upstream_start.elapsed().as_millis().to_string(),
+    ));
+    let seen = ResponseSeen {
+        headers: response_headers,
+        status: parts.status.as_u16(),
+        flags: 0,
+        details: "",
+    };
+    let final_headers = match response_phase(proxy, generation, index, id, seen).await {
+        Ok(h) => h,
+        Err(reply) => return Err((reply, cluster, "")),
+    };
+    let Some(final_headers) = final_headers else {
+        return Err((local(503, ""), cluster, "UH"));
+    };
+    parts.headers.clear();
+    for (k, v) in &final_headers {
+        if k == ":status" {
+            if let Some(s) = v
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| http::StatusCode::from_u16(c).ok())
+            {
+                parts.status = s;
+            }
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            parts.headers.append(name, value);
+        }
+    }
+    parts.headers.insert(
+        "server",
+        http::HeaderValue::from_static(server_name(proxy.kind)),
+    );
+    Ok((Response::from_parts(parts, body.boxed()), cluster))
+}
+
+/// A response as the filter's response callback sees it.
+pub(super) struct ResponseSeen {
+    headers: Headers,
+    status: u16,
+    flags: u64,
+    details: &'static str,
+}
+
+/// Runs the filter's response-headers callback; when it pauses (to retry elsewhere), waits
+/// until it resumes the response or answers in its place. `Ok` carries the headers to send
+/// (`None` when the instance is gone), `Err` the filter's replacement.
+pub(super) async fn response_phase(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+    id: u32,
+    seen: ResponseSeen,
+) -> Result<Option<Headers>, LocalReply> {
+    let slot = &generation.slots[index];
+    // One lock for the callback and, unless it paused, the headers it left.
+    let outcome = with_vm(proxy, generation, index, |vm| {
+        if let Some(s) = vm.stream_mut(id) {
+            s.phase = Phase::Response;
+            s.response_headers = seen.headers;
+            s.response_code = Some(seen.status);
+            s.response_flags = seen.flags;
+            s.response_details = seen.details;
+        }
+        let action = vm.on_response_headers(id, false)?;
+        let done = |s: &abi::Stream| s.response_resumed || s.local_reply.is_some();
+        Ok(match vm.stream_mut(id) {
+            Some(s) if s.local_reply.is_some() => (action, None),
+            Some(s) if action != Action::Pause || done(s) => {
+                (action, Some(std::mem::take(&mut s.response_headers)))
+            }
+            _ => (action, None),
+        })
+    });
+    let (action, headers) = match outcome {
+        Some(o) => o,
+        None => (Action::Continue, None),
+    };
+    if headers.is_some() {
+        return Ok(headers);
+    }
+    let waiting = |generation: &Generation| {
+        !stream_fact(generation, index, id, true, |s| {
+            s.response_resumed || s.local_reply.is_some()
+        })
+    };
+    if action == Action::Pause && waiting(generation) {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.insert(id, tx);
+        }
+        // Re-check: the answer may have come before the waiter was registered.
+        if waiting(generation) {
+            let _ = rx.await;
+        }
+        if let Ok(mut w) = slot.waiters.lock() {
+            w.remove(&id);
+        }
+    }
+    if let Some(reply) = take_reply(generation, index, id) {
+        return Err(reply);
+    }
+    let Ok(mut guard) = slot.vm.lock() else {
+        return Ok(None);
+    };
+    Ok(guard
+        .as_mut()
+        .and_then(|vm| vm.stream_mut(id))
+        .map(|s| std::mem::take(&mut s.response_headers)))
+}
+
+/// Runs the end-of-stream callbacks when the request is finished or abandoned.
+pub(super) struct CloseOnDrop<'a> {
+    proxy: &'a Arc<Proxy>,
+    generation: &'a Arc<Generation>,
+    index: usize,
+    id: u32,
+}
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        let id = self.id;
+        with_vm(self.proxy, self.generation, self.index, |vm| {
+            vm.close_stream(id);
+            Ok(())
+        });
+        if let Ok(mut w) = self.generation.slots[self.index].waiters.lock() {
+            w.remove(&id);
+        }
+    }
+}
