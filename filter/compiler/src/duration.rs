@@ -59,9 +59,9 @@ pub fn parse_ms(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn go_syntax() {
         assert_eq!(parse_ms("10s"), Ok(10_000));
         assert_eq!(parse_ms("1.5s"), Ok(1_500));
@@ -72,8 +72,7 @@ mod tests {
         assert_eq!(parse_nanos("1us"), Ok(1_000));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn rejects_garbage() {
         assert!(parse_ms("10").is_err());
         assert!(parse_ms("ten seconds").is_err());

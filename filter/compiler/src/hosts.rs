@@ -127,9 +127,9 @@ pub fn specificity_cmp(a: &str, b: &str) -> Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn wildcard_rules() {
         assert!(validate_wildcard_domain("*").is_ok());
         assert!(validate_wildcard_domain("*.foo.com").is_ok());
@@ -139,8 +139,7 @@ mod tests {
         assert!(validate_wildcard_domain("-bad.com").is_err());
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn wildcard_matching() {
         assert!(matches("*.foo.com", "a.foo.com"));
         assert!(matches("*.foo.com", "a.b.foo.com"));
@@ -149,8 +148,7 @@ mod tests {
         assert!(matches("Foo.COM", "foo.com"));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn subsets_and_specificity() {
         assert!(subset_of("*.bar.foo.com", "*.foo.com"));
         assert!(!subset_of("*.foo.com", "*.bar.foo.com"));
@@ -165,8 +163,7 @@ mod tests {
         assert_eq!(v, vec!["a.b.com", "*.b.com", "*.com", "*"]);
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn short_names() {
         assert_eq!(
             resolve_short_name("reviews", "default"),

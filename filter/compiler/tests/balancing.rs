@@ -8,6 +8,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use wasm_bindgen_test::wasm_bindgen_test;
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::engine::{
@@ -139,8 +140,7 @@ fn counts(
     out
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn round_robin_cycles_and_random_spreads_evenly() {
     let state = FakeShared::default();
     let rr = counts(
@@ -163,8 +163,7 @@ fn round_robin_cycles_and_random_spreads_evenly() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn least_request_avoids_the_busy_endpoint() {
     // No loadBalancer: LEAST_REQUEST is Istio's default.
     let engine = engine(2, "{connectionPool: {http: {http2MaxRequests: 100}}}");
@@ -194,8 +193,7 @@ fn least_request_avoids_the_busy_endpoint() {
     assert!((1_800..=2_200).contains(&busy), "{c:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn consistent_hash_moves_only_the_keys_of_a_removed_endpoint() {
     let policy = "{loadBalancer: {consistentHash: {httpHeaderName: x-user}}}";
     let (four, three) = (engine(4, policy), engine(3, policy));
@@ -234,8 +232,7 @@ fn consistent_hash_moves_only_the_keys_of_a_removed_endpoint() {
     assert!((400..=600).contains(&on_removed), "{per_endpoint:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn hashing_on_source_ip_and_query_parameter() {
     let state = FakeShared::default();
     let by_ip = counts(
@@ -281,8 +278,7 @@ fn hashing_on_source_ip_and_query_parameter() {
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn cookie_hash_generates_a_cookie_only_with_a_ttl() {
     let state = FakeShared::default();
     let h = Headers::new(&[]);
@@ -317,8 +313,7 @@ fn cookie_hash_generates_a_cookie_only_with_a_ttl() {
     assert!(f3.response_edits.iter().all(|e| e.name != "set-cookie"));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn ejected_endpoints_are_skipped_by_every_policy_until_their_time_is_up() {
     for lb in ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"] {
         let engine = engine(
@@ -360,8 +355,7 @@ fn ejected_endpoints_are_skipped_by_every_policy_until_their_time_is_up() {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn hash_policies_also_skip_ejected_endpoints() {
     let engine = engine(
         3,
@@ -384,8 +378,7 @@ fn hash_policies_also_skip_ejected_endpoints() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn panic_mode_ignores_ejections_below_min_health_percent() {
     let policy = |min: u32| {
         format!("{{loadBalancer: {{simple: ROUND_ROBIN}}, outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 100, minHealthPercent: {min}}}}}")
@@ -406,8 +399,7 @@ fn panic_mode_ignores_ejections_below_min_health_percent() {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn circuit_breaker_limits_follow_the_connection_pool() {
     let state = FakeShared::default();
     let h = Headers::new(&[]);
@@ -557,8 +549,7 @@ fn eject(engine: &Engine, state: &FakeShared, address: &str) {
 const FAIL_ONCE: &str =
     "outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}";
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn locality_failover_prefers_the_nearest_healthy_endpoints() {
     let endpoints = [
         ("us-east/zone1/sub1", "n1"),
@@ -582,8 +573,7 @@ fn locality_failover_prefers_the_nearest_healthy_endpoints() {
     assert_eq!(only(counts(&engine, &state, &[], 200)), ["10.0.2.3:8080"]);
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn locality_failover_needs_outlier_detection_and_can_be_disabled() {
     let endpoints = [("us-east/zone1/sub1", "n1"), ("eu-west/zone1/sub1", "n1")];
     let state = FakeShared::default();
@@ -596,8 +586,7 @@ fn locality_failover_needs_outlier_detection_and_can_be_disabled() {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn a_level_keeps_its_traffic_while_enough_of_it_is_healthy() {
     let mut endpoints = vec![("us-east/zone1/sub1", "n1"); 4];
     endpoints.push(("eu-west/zone1/sub1", "n1"));
@@ -621,8 +610,7 @@ fn a_level_keeps_its_traffic_while_enough_of_it_is_healthy() {
     assert!((1_000..=1_400).contains(&far), "{c:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn failover_goes_to_the_named_region_first() {
     let endpoints = [
         ("us-east/zone1/sub1", "n1"),
@@ -643,8 +631,7 @@ fn failover_goes_to_the_named_region_first() {
     assert_eq!(c.keys().collect::<Vec<_>>(), ["10.0.2.3:8080"], "{c:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn failover_priority_ranks_endpoints_by_matching_labels() {
     let endpoints = [("us-east/zone1/sub1", "n2"), ("eu-west/zone9/sub1", "n1")];
     let engine = engine_at(
@@ -657,8 +644,7 @@ fn failover_priority_ranks_endpoints_by_matching_labels() {
     assert_eq!(c.keys().collect::<Vec<_>>(), ["10.0.2.2:8080"], "{c:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn distribute_sends_each_locality_its_weight() {
     let endpoints = [
         ("us-east/zone1/sub1", "n1"),

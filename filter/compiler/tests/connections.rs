@@ -11,6 +11,7 @@ use meshroute_core::engine::{
     ConnectionOutcome, ConnectionView, Engine, NoEndpointState, SplitMix64,
 };
 use meshroute_core::ir::ProxyKind;
+use wasm_bindgen_test::wasm_bindgen_test;
 
 fn compiled(yaml: &str, kind: ProxyKind) -> Compiled {
     let mut c = Config::default();
@@ -66,7 +67,7 @@ spec:
 ---
 ";
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn sidecar_tcp_ports_route_by_destination_address_then_by_port() {
     let e = engine(DB, ProxyKind::Sidecar);
     assert_eq!(
@@ -82,7 +83,7 @@ fn sidecar_tcp_ports_route_by_destination_address_then_by_port() {
     assert!(route(&e, 6000, "", "10.9.3.4:6000", 1).starts_with("closed"));
 }
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn tcp_routes_split_by_weight_and_match_destination_subnets() {
     let yaml = format!(
         "{DB}apiVersion: networking.istio.io/v1
@@ -113,7 +114,7 @@ spec:
     assert!((690..=810).contains(&a), "75 % to a, got {a} of 1000");
 }
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn tls_ports_route_on_sni_and_tls_routes_replace_the_default() {
     let yaml = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -167,7 +168,7 @@ spec: {address: 10.0.0.5, labels: {app: backend}}
 ---
 ";
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn passthrough_servers_narrow_sni_hosts_to_the_server_hosts() {
     let yaml = format!(
         "{GW}apiVersion: networking.istio.io/v1
@@ -206,7 +207,7 @@ spec:
     assert!(route(&e, 443, "b.example.com", "", 1).starts_with("closed"));
 }
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn a_tls_server_without_a_mode_passes_through_as_istio_defaults() {
     // ServerTLSSettings.mode defaults to PASSTHROUGH.
     for protocol in ["TLS", "HTTPS"] {
@@ -250,7 +251,7 @@ spec:
     }
 }
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn auto_passthrough_takes_the_cluster_from_the_sni() {
     let yaml = format!(
         "{GW}apiVersion: networking.istio.io/v1
@@ -276,7 +277,7 @@ spec:
     assert!(route(&e, 15443, "backend.default.svc.cluster.local", "", 1).starts_with("closed"));
 }
 
-#[test]
+#[wasm_bindgen_test(unsupported = test)]
 fn istio_mutual_is_reported_as_unsupported_where_it_is_written() {
     let yaml = format!(
         "{GW}apiVersion: networking.istio.io/v1

@@ -9,6 +9,7 @@
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::engine::{EditOp, Engine, Outcome, RequestView, SplitMix64};
 use meshroute_core::ir::OutboundPolicy;
+use wasm_bindgen_test::wasm_bindgen_test;
 
 const REGISTRY: &str = "
 apiVersion: v1
@@ -206,8 +207,7 @@ spec:
     - destination: {host: reviews, subset: v3}
 ";
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn header_match_routes_jason_to_v2_and_everyone_else_to_v3() {
     let e = engine(JASON);
     let jason = get("reviews:9080", "/reviews/1")
@@ -233,8 +233,7 @@ fn header_match_routes_jason_to_v2_and_everyone_else_to_v3() {
     assert!(upper.cluster.contains("|v3|"));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn host_lookup_uses_aliases_ignores_case_and_port() {
     let e = engine(JASON);
     for authority in [
@@ -252,8 +251,7 @@ fn host_lookup_uses_aliases_ignores_case_and_port() {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn unknown_hosts_pass_through_or_get_502_by_outbound_policy() {
     let allow = engine(JASON);
     let seen = get("10.1.2.3:8080", "/x").once(&allow);
@@ -268,8 +266,7 @@ fn unknown_hosts_pass_through_or_get_502_by_outbound_policy() {
     assert!(seen.cluster.contains("|v3|"));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn no_matching_route_is_404_nr() {
     let e = engine(
         "
@@ -290,8 +287,7 @@ spec:
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn missing_subset_is_503_nc_and_empty_subset_is_503_uh() {
     let e = engine(
         "
@@ -320,8 +316,7 @@ spec:
     assert_eq!(no_endpoints.body, "no healthy upstream");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn uri_matches_follow_istio() {
     let e = engine(
         "
@@ -358,8 +353,7 @@ spec:
     assert!(to("/other").contains("ratings"));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn method_authority_headers_query_and_port_matches() {
     let e = engine(
         "
@@ -421,8 +415,7 @@ spec:
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn without_headers_treats_missing_as_empty() {
     let e = engine(
         "
@@ -450,8 +443,7 @@ spec:
         .contains("|v2|"));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn weighted_split_follows_relative_weights() {
     let e = engine(
         "
@@ -480,8 +472,7 @@ spec:
     assert!((8_800..=9_200).contains(&counts[0]), "{counts:?}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn redirects_keep_query_and_follow_port_rules() {
     let e = engine(
         "
@@ -549,8 +540,7 @@ spec:
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn direct_response_status_body_and_headers() {
     let e = engine(
         "
@@ -578,8 +568,7 @@ spec:
     assert_eq!((n.status, n.body.as_str()), (Some(204), ""));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn rewrites_replace_prefix_whole_path_or_regex() {
     let e = engine(
         r"
@@ -628,8 +617,7 @@ spec:
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn header_operations_keep_istio_order_and_authority_precedence() {
     let e = engine(
         "
@@ -689,8 +677,7 @@ spec:
     assert_eq!(d.authority.as_deref(), Some("dest.host"));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn cors_preflight_is_answered_and_actual_responses_get_headers() {
     let e = engine(
         "
@@ -757,8 +744,7 @@ spec:
         .all(|(_, n, _)| !n.starts_with("access-control")));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn faults_fire_at_their_percentage() {
     let e = engine(
         "
@@ -808,8 +794,7 @@ spec:
     assert!((850..=1150).contains(&aborted), "{aborted} of 4000 aborted");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn mirrors_sample_per_target_and_timeouts_carry_over() {
     let e = engine(
         "
@@ -839,8 +824,7 @@ spec:
     assert!((850..=1150).contains(&v3), "{v3}");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn rejects_unknown_document_version() {
     let mut doc = meshroute_core::ir::RulesDocument {
         version: 99,

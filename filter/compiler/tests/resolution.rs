@@ -7,6 +7,7 @@
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::ir::{self, Action, RulesDocument};
+use wasm_bindgen_test::wasm_bindgen_test;
 
 fn build(yaml: &str, proxy: ProxyOptions) -> (RulesDocument, Vec<String>) {
     let mut c = Config::default();
@@ -52,8 +53,7 @@ fn first_dest(vh: &ir::VirtualHost, route: usize) -> &ir::Destination {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn short_names_expand_in_the_rules_namespace_and_aliases_follow_the_client() {
     let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: ratings}}\n", svc("reviews", "a", 9080), svc("ratings", "a", 9080));
     let (doc, _) = build(&y, sidecar("a"));
@@ -73,8 +73,7 @@ fn short_names_expand_in_the_rules_namespace_and_aliases_follow_the_client() {
     assert!(vhost(&doc, 9080, "reviews.a.svc.cluster.local").is_some());
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn export_to_dot_hides_rules_from_other_namespaces() {
     let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  exportTo: ['.']\n  http:\n  - route:\n    - destination: {{host: reviews}}\n    timeout: 3s\n", svc("reviews", "a", 9080));
     let (doc, _) = build(&y, sidecar("a"));
@@ -90,8 +89,7 @@ fn export_to_dot_hides_rules_from_other_namespaces() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
     let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: a}}\nspec:\n  egress:\n  - hosts: ['./*']\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n", svc("mine", "a", 80), svc("other", "b", 80));
     let (doc, _) = build(&y, sidecar("a"));
@@ -110,8 +108,7 @@ fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
     assert_eq!(doc.outbound_traffic_policy, ir::OutboundPolicy::AllowAny);
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn sidecar_uses_the_oldest_virtual_service_for_a_host() {
     let vs = |name: &str, ts: &str, subset: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: a, creationTimestamp: '{ts}'}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: {subset}}}\n---\n")
@@ -129,8 +126,7 @@ fn sidecar_uses_the_oldest_virtual_service_for_a_host() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn exact_virtual_service_beats_wildcard_for_a_service() {
     let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: wild, namespace: a, creationTimestamp: '2020-01-01T00:00:00Z'}}\nspec:\n  hosts: ['*.a.svc.cluster.local']\n  http:\n  - route:\n    - destination: {{host: reviews, subset: wild}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: exact, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: exact}}\n", svc("reviews", "a", 9080));
     let (doc, _) = build(&y, sidecar("a"));
@@ -140,8 +136,7 @@ fn exact_virtual_service_beats_wildcard_for_a_service() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn gateway_merges_virtual_services_and_moves_catch_alls_last() {
     let gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*/*.example.com']\n---\n";
     let vs = |name: &str, ts: &str, routes: &str| {
@@ -168,8 +163,7 @@ fn gateway_merges_virtual_services_and_moves_catch_alls_last() {
     assert!(vhost(&doc, 80, "a.example.com").is_some_and(|v| v.routes.len() == 1));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn gateway_server_namespace_filter_and_https_redirect() {
     let y = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['team-a/*']\n    tls: {httpsRedirect: true}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: team-a}\nspec:\n  hosts: [a.example.com]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {host: a.example.com}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b, namespace: team-b}\nspec:\n  hosts: [b.example.com]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {host: b.example.com}\n";
     let (doc, _) = build(y, gateway());
@@ -181,8 +175,7 @@ fn gateway_server_namespace_filter_and_https_redirect() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn destination_rule_lookup_prefers_the_client_namespace() {
     let dr = |ns: &str, lb: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: {ns}}}\nspec:\n  host: reviews.svc-ns.svc.cluster.local\n  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}\n---\n")
@@ -206,8 +199,7 @@ fn destination_rule_lookup_prefers_the_client_namespace() {
     assert_eq!(lb("elsewhere"), ir::LbPolicy::Random);
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn port_level_settings_replace_without_inheriting_and_subsets_select_endpoints() {
     let y = format!(
         "{}{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: a}}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: 7, connectTimeout: 2s}}}}\n    loadBalancer: {{simple: RANDOM}}\n    portLevelSettings:\n    - port: {{number: 9080}}\n      loadBalancer: {{simple: ROUND_ROBIN}}\n  subsets:\n  - name: v2\n    labels: {{version: v2}}\n    trafficPolicy: {{connectionPool: {{http: {{http2MaxRequests: 3}}}}}}\n",
@@ -243,8 +235,7 @@ fn port_level_settings_replace_without_inheriting_and_subsets_select_endpoints()
     assert_eq!(v2.connection_pool.http2_max_requests, 3);
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn missing_subset_is_a_warning_and_no_cluster() {
     let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v9}}\n", svc("reviews", "a", 9080));
     let (doc, warnings) = build(&y, sidecar("a"));
@@ -257,8 +248,7 @@ fn missing_subset_is_a_warning_and_no_cluster() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn weights_and_retry_defaults() {
     let y = format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: a}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /z}}}}]\n    route:\n    - destination: {{host: reviews, subset: a}}\n      weight: 0\n    - destination: {{host: reviews, subset: b}}\n      weight: 30\n    retries: {{attempts: 0}}\n  - route:\n    - destination: {{host: reviews}}\n      weight: 5\n    retries: {{attempts: 3, perTryTimeout: 2s, retryOn: '5xx,503'}}\n", svc("reviews", "a", 9080));
     let (doc, _) = build(&y, sidecar("a"));
@@ -284,8 +274,7 @@ fn weights_and_retry_defaults() {
         .contains(&"retriable-status-codes".to_string()));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn delegate_routes_replace_the_root_route_and_inherit() {
     let y = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: root, namespace: a}\nspec:\n  hosts: [shop.example.com]\n  http:\n  - match: [{uri: {prefix: /api}}]\n    timeout: 4s\n    delegate: {name: api, namespace: b}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api, namespace: b}\nspec:\n  http:\n  - match: [{uri: {prefix: /api/v1}}]\n    route:\n    - destination: {host: v1}\n  - match: [{uri: {prefix: /other}}]\n    route:\n    - destination: {host: other}\n";
     let (doc, warnings) = build(y, sidecar("a"));
@@ -310,8 +299,7 @@ fn delegate_routes_replace_the_root_route_and_inherit() {
         .any(|w| w.contains("conflicts with the root")));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn registry_from_service_entries_and_unknown_vs_hosts() {
     let y = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e, namespace: a}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: http-tls, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: a}\nspec:\n  hosts: [db.internal]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 10.1.1.1, labels: {v: a}, weight: 3}, {address: 10.1.1.2, ports: {http: 8080}}]\n";
     let (doc, _) = build(y, sidecar("a"));
@@ -339,8 +327,7 @@ fn registry_from_service_entries_and_unknown_vs_hosts() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn every_document_round_trips_through_json() {
     let y = include_str!("../../../examples/bookinfo/registry.yaml");
     let (doc, _) = build(y, sidecar("default"));

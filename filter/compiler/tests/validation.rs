@@ -6,6 +6,7 @@
 )]
 
 use meshroute_compiler::{validate::validate, Config, Diagnostic};
+use wasm_bindgen_test::wasm_bindgen_test;
 
 fn diags(yaml: &str) -> Vec<Diagnostic> {
     let mut c = Config::default();
@@ -34,15 +35,13 @@ fn assert_error(yaml: &str, path: &str, needle: &str) {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn valid_virtual_service_has_no_errors() {
     let y = vs("  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 75\n    - destination: {host: reviews, subset: v2}\n      weight: 25\n");
     assert!(errors(&y).is_empty(), "{:?}", errors(&y));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn virtual_service_rules() {
     let cases: &[(&str, &str, &str)] = &[
         ("  hosts: ['*']\n  http:\n  - route:\n    - destination: {host: a}\n", "spec.hosts[0]", "wildcard host * is not allowed"),
@@ -86,8 +85,7 @@ fn virtual_service_rules() {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn weights_not_summing_to_100_only_warn() {
     let y = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: 60\n    - destination: {host: b}\n      weight: 60\n");
     let d = diags(&y);
@@ -95,8 +93,7 @@ fn weights_not_summing_to_100_only_warn() {
     assert!(d.iter().any(|d| d.message.contains("!= 100")));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn unreachable_route_after_catch_all_warns() {
     let y = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n  - match: [{uri: {prefix: /x}}]\n    route:\n    - destination: {host: b}\n");
     let d = diags(&y);
@@ -109,8 +106,7 @@ fn dr(spec: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n{spec}")
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn destination_rule_rules() {
     let cases: &[(&str, &str, &str)] = &[
         ("  trafficPolicy: {}\n", "spec.host", "host is required"),
@@ -137,8 +133,7 @@ fn destination_rule_rules() {
     }
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn gateway_service_entry_and_sidecar_rules() {
     let gw = |spec: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: g\nspec:\n{spec}")
@@ -216,8 +211,7 @@ fn gateway_service_entry_and_sidecar_rules() {
     assert_error(&sc("  {}\n"), "spec", "empty configuration");
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn errors_carry_file_line_column() {
     let y = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: -1\n    - destination: {host: b}\n      weight: 5\n");
     let d = diags(&y)
@@ -231,15 +225,13 @@ fn errors_carry_file_line_column() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn all_errors_are_collected() {
     let y = vs("  hosts: ['*']\n  http:\n  - route:\n    - destination: {host: a}\n    timeout: nope\n    fault: {}\n");
     assert!(errors(&y).len() >= 3, "{:#?}", errors(&y));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn loading_problems_are_reported_with_positions() {
     // Wrong type: the position of the value and the field path.
     let d = diags(&vs(
@@ -276,8 +268,7 @@ fn loading_problems_are_reported_with_positions() {
     assert_eq!(c.services.len(), 1);
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn json_input_is_accepted() {
     let mut c = Config::default();
     let d = c.add_text("t.json", r#"{"apiVersion":"networking.istio.io/v1","kind":"VirtualService","metadata":{"name":"x"},"spec":{"hosts":["a"],"http":[{"route":[{"destination":{"host":"a"}}]}]}}"#);
@@ -286,8 +277,7 @@ fn json_input_is_accepted() {
     assert!(validate(&c).diagnostics.is_empty());
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn ten_megabytes_of_junk_is_an_error_not_a_panic() {
     let junk: String = (0..10 * 1024 * 1024)
         .map(|i| [b'{', b'[', b'x', b':', b'\n', b'"', b'-', b' '][i % 8] as char)
@@ -297,8 +287,7 @@ fn ten_megabytes_of_junk_is_an_error_not_a_panic() {
     assert!(d.iter().any(Diagnostic::is_error));
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn duplicate_objects_are_errors() {
     let one = vs("  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a}\n");
     let e = errors(&format!("{one}---\n{one}"));
@@ -309,8 +298,7 @@ fn duplicate_objects_are_errors() {
     );
 }
 
-#[cfg_attr(not(target_arch = "wasm32"), test)]
-#[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+#[wasm_bindgen_test(unsupported = test)]
 fn thousands_of_documents_load() {
     let text: String = (0..3000)
         .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n"))

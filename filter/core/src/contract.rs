@@ -421,13 +421,13 @@ pub fn decode(headers: &mut Vec<(String, String)>) -> Result<Forward, RouterRepl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
     fn owned(pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
         pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn decode_reads_back_what_encode_wrote() {
         let cases = [
             Forward {
@@ -464,8 +464,7 @@ mod tests {
         }
     }
 
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn decode_follows_envoys_router_defaults() {
         let mut headers = owned(vec![
             (CLUSTER_HEADER, "c".into()),
@@ -480,8 +479,7 @@ mod tests {
         assert_eq!(decode(&mut Vec::new()), Err(RouterReply::NoCluster));
     }
 
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn router_replies_are_recognised_by_their_bodies() {
         for r in [
             RouterReply::NoHealthyUpstream,
@@ -510,8 +508,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn filter_state_arguments_are_protobuf_strings() {
         assert_eq!(
             filter_state_arguments("a", "bc"),
@@ -524,8 +521,7 @@ mod tests {
         assert_eq!(out.len(), 3 + 200 + 2);
     }
 
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn response_flags_have_distinct_codes_and_bits() {
         for a in ResponseFlag::ALL {
             assert_eq!(ResponseFlag::from_code(a.code()), Some(a));

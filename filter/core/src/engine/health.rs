@@ -224,6 +224,7 @@ fn le_u64(b: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
     fn cfg() -> OutlierDetection {
         OutlierDetection {
@@ -235,8 +236,7 @@ mod tests {
         }
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn ejects_after_consecutive_5xx_and_returns_after_the_base_time() {
         let cfg = cfg();
         let mut r = OutlierRecord::decode(None, 7, 2);
@@ -249,8 +249,7 @@ mod tests {
         assert!(!r.is_ejected(1, &cfg, 300));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn a_success_resets_the_count() {
         let cfg = cfg();
         let mut r = OutlierRecord::decode(None, 7, 1);
@@ -260,8 +259,7 @@ mod tests {
         assert!(r.observe(0, AttemptResult::Status(500), &cfg, 1));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn gateway_errors_count_separately_and_500_is_not_one() {
         let cfg = OutlierDetection {
             consecutive_5xx: Some(0),
@@ -276,8 +274,7 @@ mod tests {
         assert!(r.observe(0, AttemptResult::LocalOrigin { timeout: false }, &cfg, 1));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn split_local_origin_errors_use_their_own_threshold() {
         let cfg = OutlierDetection {
             consecutive_local_origin_failures: Some(2),
@@ -294,8 +291,7 @@ mod tests {
         assert!(r.observe(0, fail, &cfg, 1));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn max_ejection_percent_caps_ejections_but_one_is_always_allowed() {
         let cfg = OutlierDetection {
             consecutive_5xx: Some(1),
@@ -315,8 +311,7 @@ mod tests {
         assert_eq!(r.ejected_count(&half, 1), 2);
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn repeated_ejections_last_longer_and_decay_while_healthy() {
         let cfg = OutlierDetection {
             consecutive_5xx: Some(1),
@@ -332,8 +327,7 @@ mod tests {
         assert_eq!(r.ejected_until(0, &cfg, 95_001), Some(125_001));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn ejection_time_is_capped_at_five_minutes() {
         let cfg = OutlierDetection {
             consecutive_5xx: Some(1),
@@ -351,8 +345,7 @@ mod tests {
         assert_eq!(now, 1 + 200_000 + 300_000 + 300_000);
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn records_round_trip_and_stale_ones_start_fresh() {
         let cfg = cfg();
         let mut r = OutlierRecord::decode(None, 7, 3);

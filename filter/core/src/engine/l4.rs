@@ -309,8 +309,9 @@ impl Engine {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
-    #[test]
+    #[wasm_bindgen_test(unsupported = test)]
     fn cidr_blocks_contain_their_addresses_only() {
         let c = Cidr::parse("10.1.0.0/16").unwrap();
         assert!(c.contains("10.1.200.3".parse().unwrap()));
@@ -329,7 +330,7 @@ mod tests {
         assert!(Cidr::parse("ten").is_none());
     }
 
-    #[test]
+    #[wasm_bindgen_test(unsupported = test)]
     fn sni_wildcards_need_a_label_before_the_suffix() {
         let p = SniPattern::new("*.Example.com");
         assert!(p.matches("a.example.com"));
@@ -339,7 +340,7 @@ mod tests {
         assert!(SniPattern::new("*").matches(""));
     }
 
-    #[test]
+    #[wasm_bindgen_test(unsupported = test)]
     fn auto_passthrough_sni_names_the_cluster() {
         assert_eq!(
             cluster_from_sni("outbound_.443_.v1_.db.prod.svc.cluster.local").as_deref(),

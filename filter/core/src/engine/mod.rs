@@ -12,6 +12,8 @@ mod matcher;
 mod request;
 mod respond;
 mod retry;
+#[cfg(test)]
+mod tests;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -146,9 +146,9 @@ fn hex(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn host_port_forms() {
         assert_eq!(split_host_port("a.b:8080"), ("a.b", Some(8080)));
         assert_eq!(split_host_port("a.b"), ("a.b", None));
@@ -157,8 +157,7 @@ mod tests {
         assert_eq!(split_host_port("::1"), ("::1", None));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn query_decoding() {
         let req = RequestView {
             method: "GET",

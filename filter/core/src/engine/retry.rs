@@ -338,6 +338,7 @@ pub fn call_end(answer: Option<&Answer>) -> AttemptEnd {
 mod tests {
     use super::*;
     use crate::engine::SplitMix64;
+    use wasm_bindgen_test::wasm_bindgen_test;
 
     fn response(status: u16) -> AttemptEnd {
         AttemptEnd::Response {
@@ -346,8 +347,7 @@ mod tests {
         }
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn conditions_follow_envoy() {
         let default = RetryOn::parse(
             "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -371,8 +371,7 @@ mod tests {
         assert!(!RetryOn::parse(["5xx"], &[]).retriable(response(404)));
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn backoff_is_jittered_doubling_and_capped() {
         let mut rng = SplitMix64(3);
         for retry in 1..12 {
@@ -386,8 +385,7 @@ mod tests {
         }
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn router_failures_are_told_apart_by_flags_and_bodies() {
         let bit = |r: RouterReply| r.flag().bit();
         assert_eq!(
@@ -433,8 +431,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(not(target_arch = "wasm32"), test)]
-    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+    #[wasm_bindgen_test(unsupported = test)]
     fn a_run_retries_within_its_budget_and_deadline() {
         let policy = RetryPolicy {
             num_retries: 2,

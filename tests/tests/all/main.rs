@@ -1,0 +1,22 @@
+//! Every integration test of the proxies, in one binary (as wasmtime's `tests/all`): real
+//! Envoy and `meshroute run` with the filter, against real upstreams. One binary links
+//! wasmtime, hyper and rustls once instead of once per file.
+//!
+//! - `abi`: the host ABI answers as Envoy does, and misbehaving modules are contained;
+//! - `conformance`, `conformance_l4`: the scenario suite on both hosts;
+//! - `hostile`: clients that try to steer, flood or stall the proxy;
+//! - `resilience`: retries, timeouts, circuit breaking and outlier detection;
+//! - `run`: the `meshroute` binary as a user runs it;
+//! - `scenarios`, `seeds`: the traffic-management scenarios and the seed documents'
+//!   examples.
+
+mod abi;
+mod conformance;
+mod conformance_l4;
+mod deviations;
+mod docs;
+mod hostile;
+mod resilience;
+mod run;
+mod scenarios;
+mod seeds;
