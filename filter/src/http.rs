@@ -198,7 +198,7 @@ impl<H: Host> FilterHttp<H> {
             pseudo(":path"),
         );
         let scheme = if scheme.is_empty() { "http" } else { scheme };
-        let port = engine.route_port(authority, scheme, listener_port.unwrap_or(80));
+        let port = engine.route_port(authority, scheme, listener_port);
         // `ip:port` as Envoy encodes `source.address`; hashing uses the IP.
         let source = if engine.uses_source_ip() {
             self.host()

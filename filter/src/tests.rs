@@ -12,7 +12,8 @@ use proxy_wasm::types::{Action, Status};
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::contract::{
     filter_state_arguments, ResponseFlag, RouterReply, ATTEMPT_COUNT_HEADER, CLUSTER_HEADER,
-    ENDPOINT_HEADER, OVERLOADED_HEADER, TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TIMEOUT_HEADER,
+    ENDPOINT_HEADER, MAX_RETRIES_HEADER, OVERLOADED_HEADER, RETRY_GRPC_ON_HEADER, RETRY_ON_HEADER,
+    TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TIMEOUT_HEADER,
 };
 use meshroute_core::ir::ProxyKind;
 
@@ -60,14 +61,18 @@ fn get<'a>(pairs: &'a Pairs, name: &str) -> Option<&'a str> {
 
 impl Fake {
     fn with_rules(yaml: &str, kind: ProxyKind) -> Self {
-        let mut config = Config::default();
-        let diags = config.add_text("t.yaml", yaml);
-        assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
         let proxy = match kind {
             ProxyKind::Gateway => ProxyOptions::gateway("default"),
             ProxyKind::Sidecar => ProxyOptions::sidecar("default"),
         };
-        let out = compile(&config, &proxy, &MeshOptions::default());
+        Self::with_rules_for(yaml, &proxy)
+    }
+
+    fn with_rules_for(yaml: &str, proxy: &ProxyOptions) -> Self {
+        let mut config = Config::default();
+        let diags = config.add_text("t.yaml", yaml);
+        assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
+        let out = compile(&config, proxy, &MeshOptions::default());
         assert!(!out.has_errors(), "{:?}", out.diagnostics);
         let fake = Self::default();
         fake.0.borrow_mut().config = serde_json::to_vec(&out.document.unwrap()).unwrap();
@@ -311,6 +316,55 @@ spec:
 }
 
 #[test]
+fn inside_istio_the_filter_names_the_cluster_and_the_router_retries() {
+    let fake = Fake::with_rules_for(
+        &format!(
+            "{WEB}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [web]
+  http:
+  - route: [{{destination: {{host: web}}}}]
+    retries: {{attempts: 3, retryOn: 'gateway-error,cancelled'}}
+"
+        ),
+        &ProxyOptions::sidecar("default").in_istio(),
+    );
+    // Istio's listener 0.0.0.0_8000: the route table is the connection's port, whatever
+    // port the Host names.
+    fake.state()
+        .properties
+        .insert("destination.port".into(), 8000u64.to_le_bytes().to_vec());
+    let root = fake.root();
+    let mut http = root.http_context(2);
+    fake.request("web:1234", "/", &[(MAX_RETRIES_HEADER, "9")]);
+    assert_eq!(http.on_request_headers(true), Action::Continue);
+    let request = fake.state().request.clone();
+    assert_eq!(
+        get(&request, CLUSTER_HEADER),
+        Some("outbound|8000||web.default.svc.cluster.local")
+    );
+    assert_eq!(
+        get(&request, ENDPOINT_HEADER),
+        None,
+        "Envoy picks the endpoint"
+    );
+    assert_eq!(get(&request, MAX_RETRIES_HEADER), Some("3"));
+    assert_eq!(get(&request, RETRY_ON_HEADER), Some("gateway-error"));
+    assert_eq!(get(&request, RETRY_GRPC_ON_HEADER), Some("cancelled"));
+    // A failed try is the router's to retry, not the filter's.
+    fake.respond(502, None);
+    assert_eq!(http.on_response_headers(), Action::Continue);
+    assert!(
+        fake.state().dispatched.is_empty(),
+        "no retry of the filter's own"
+    );
+    assert_eq!(fake.state().replies.len(), 0);
+}
+
+#[test]
 fn a_connect_failure_is_retried_on_the_other_endpoint_after_a_back_off() {
     let fake = web_with(
         r#"
@@ -478,13 +532,14 @@ spec: {address: 10.0.0.9, labels: {app: db}}
 fn rules_documents_are_refused_with_reasons() {
     use crate::load_rules;
     assert!(load_rules(b"  ").unwrap_err().contains("empty"));
-    let e = load_rules(b"{\"version\": 2, \"proxy\": 3}").unwrap_err();
+    let version = meshroute_core::ir::VERSION;
+    let e = load_rules(format!("{{\"version\": {version}, \"proxy\": 3}}").as_bytes()).unwrap_err();
     assert!(e.contains("line 1"), "{e}");
     // An older document is refused for its version, not for a field this one lacks.
     let e = load_rules(br#"{"version": 1, "proxy": {"kind": "sidecar", "namespace": "a"}, "listeners": [{"port": 80, "protocol": "HTTP"}]}"#)
         .unwrap_err();
     assert!(e.contains("version 1 is not supported"), "{e}");
-    assert!(
-        load_rules(br#"{"version": 2, "proxy": {"kind": "sidecar", "namespace": "a"}}"#).is_ok()
-    );
+    let current =
+        format!(r#"{{"version": {version}, "proxy": {{"kind": "sidecar", "namespace": "a"}}}}"#);
+    assert!(load_rules(current.as_bytes()).is_ok());
 }

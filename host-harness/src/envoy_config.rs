@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use crate::credentials::CredentialError;
 
 use meshroute_core::contract::{
-    l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER, HTTP_ROOT_ID,
-    LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+    l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER,
+    EXPLICIT_PROXY_PORT, HTTP_ROOT_ID, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
 };
 use meshroute_core::ir::{
     ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode,
@@ -137,7 +137,7 @@ pub fn bootstrap(
                 ProxyKind::Sidecar,
                 "outbound",
                 bind,
-                bind.port,
+                EXPLICIT_PROXY_PORT,
                 &rules,
                 wasm,
                 opts,
@@ -229,7 +229,7 @@ pub fn bootstrap(
 
 /// The wasm filter's typed config: the rules as a StringValue, as Istio's WasmPlugin
 /// delivers them.
-fn wasm_filter(rules: &str, module_file: &str, failure_policy: &str) -> Value {
+pub(crate) fn wasm_filter(rules: &str, module_file: &str, failure_policy: &str) -> Value {
     json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {
@@ -251,7 +251,12 @@ fn wasm_filter(rules: &str, module_file: &str, failure_policy: &str) -> Value {
 
 /// The filter as a network filter for listener `port`: the same module and rules, with the
 /// root id that makes it create connection contexts for that port's routes.
-fn network_wasm_filter(rules: &str, module_file: &str, failure_policy: &str, port: u16) -> Value {
+pub(crate) fn network_wasm_filter(
+    rules: &str,
+    module_file: &str,
+    failure_policy: &str,
+    port: u16,
+) -> Value {
     let mut v = wasm_filter(rules, module_file, failure_policy);
     v["@type"] = json!("type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm");
     v["config"]["root_id"] = json!(l4_root_id(port));
@@ -652,115 +657,4 @@ fn upstream_filters() -> Value {
             },
         },
     ])
-}
-
-/// Where the rules go in Istio: which proxies and which module.
-pub struct IstioTarget<'a> {
-    pub name: &'a str,
-    pub namespace: &'a str,
-    /// Module location: a file path in the proxy (EnvoyFilter) or an `oci://`, `https://` or
-    /// `file://` URL (WasmPlugin).
-    pub module: &'a str,
-    pub selector: &'a std::collections::BTreeMap<String, String>,
-}
-
-/// An EnvoyFilter inserting the filter before the router, rules as a StringValue (what
-/// WasmPlugin would deliver), the module from a local file in the proxy container.
-pub fn envoy_filter(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, ConfigError> {
-    let rules = serde_json::to_string(doc)?;
-    let context = match doc.proxy.kind {
-        ProxyKind::Sidecar => "SIDECAR_OUTBOUND",
-        ProxyKind::Gateway => "GATEWAY",
-    };
-    let mut patches = vec![json!({
-        "applyTo": "HTTP_FILTER",
-        "match": {
-            "context": context,
-            "listener": {"filterChain": {"filter": {
-                "name": "envoy.filters.network.http_connection_manager",
-                "subFilter": {"name": "envoy.filters.http.router"},
-            }}},
-        },
-        "patch": {
-            "operation": "INSERT_BEFORE",
-            "value": {
-                "name": HTTP_ROOT_ID,
-                "typed_config": wasm_filter(&rules, t.module, "FAIL_CLOSED"),
-            },
-        },
-    })];
-    // Connection-level routes: the filter as a network filter in front of each TCP proxy.
-    for table in &doc.l4_tables {
-        patches.push(json!({
-            "applyTo": "NETWORK_FILTER",
-            "match": {
-                "context": context,
-                "listener": {
-                    "portNumber": table.port,
-                    "filterChain": {"filter": {"name": "envoy.filters.network.tcp_proxy"}},
-                },
-            },
-            "patch": {
-                "operation": "INSERT_BEFORE",
-                "value": {
-                    "name": l4_root_id(table.port),
-                    "typed_config": network_wasm_filter(&rules, t.module, "FAIL_CLOSED", table.port),
-                },
-            },
-        }));
-    }
-    Ok(json!({
-        "apiVersion": "networking.istio.io/v1alpha3",
-        "kind": "EnvoyFilter",
-        "metadata": {"name": t.name, "namespace": t.namespace},
-        "spec": {
-            "workloadSelector": {"labels": t.selector},
-            "configPatches": patches,
-        },
-    }))
-}
-
-/// A WasmPlugin: istiod turns `pluginConfig` into the JSON text the filter reads. With
-/// connection-level routes, a `List` that adds one NETWORK plugin per TCP/TLS port, its
-/// `pluginName` (the root id) naming the port.
-pub fn wasm_plugin(doc: &RulesDocument, t: &IstioTarget<'_>) -> Result<Value, ConfigError> {
-    let config = serde_json::to_value(doc)?;
-    let http = http_wasm_plugin(&config, t);
-    if doc.l4_tables.is_empty() {
-        return Ok(http);
-    }
-    let mut items = vec![http];
-    for table in &doc.l4_tables {
-        items.push(json!({
-            "apiVersion": "extensions.istio.io/v1alpha1",
-            "kind": "WasmPlugin",
-            "metadata": {"name": format!("{}-tcp-{}", t.name, table.port), "namespace": t.namespace},
-            "spec": {
-                "selector": {"matchLabels": t.selector},
-                "url": t.module,
-                "pluginName": l4_root_id(table.port),
-                "type": "NETWORK",
-                "match": [{"ports": [{"number": table.port}]}],
-                "failStrategy": "FAIL_CLOSE",
-                "pluginConfig": config,
-            },
-        }));
-    }
-    Ok(json!({"apiVersion": "v1", "kind": "List", "items": items}))
-}
-
-fn http_wasm_plugin(config: &Value, t: &IstioTarget<'_>) -> Value {
-    json!({
-        "apiVersion": "extensions.istio.io/v1alpha1",
-        "kind": "WasmPlugin",
-        "metadata": {"name": t.name, "namespace": t.namespace},
-        "spec": {
-            "selector": {"matchLabels": t.selector},
-            "url": t.module,
-            "pluginName": HTTP_ROOT_ID,
-            "phase": "UNSPECIFIED_PHASE",
-            "failStrategy": "FAIL_CLOSE",
-            "pluginConfig": config,
-        },
-    })
 }

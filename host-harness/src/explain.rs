@@ -68,7 +68,7 @@ impl Probe {
             scheme: &self.scheme,
             authority: &self.authority,
             path: &self.path,
-            port: engine.route_port(&self.authority, &self.scheme, listener),
+            port: engine.route_port(&self.authority, &self.scheme, Some(listener)),
             headers,
             source_ip: Some("127.0.0.1"),
         }

@@ -5,4 +5,5 @@
 pub mod credentials;
 pub mod envoy_config;
 pub mod explain;
+pub mod istio;
 pub mod runtime;

@@ -10,6 +10,7 @@ use meshroute_compiler::{Diagnostic, MeshOptions, ProxyOptions};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
 
 use meshroute_harness::envoy_config;
+use meshroute_harness::istio::{self, ManifestKind, Packing};
 
 #[derive(Parser)]
 #[command(
@@ -199,12 +200,6 @@ fn run_options(
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ManifestKind {
-    WasmPlugin,
-    EnvoyFilter,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum Outbound {
     AllowAny,
     RegistryOnly,
@@ -306,8 +301,9 @@ enum Command {
         #[command(flatten)]
         host: HostArgs,
     },
-    /// Write an Istio manifest that loads the filter with the compiled rules into the
-    /// selected sidecars or gateways.
+    /// Write the Istio manifests that load the filter with the compiled rules into the
+    /// selected sidecars or gateways and make its decisions take effect there: the filter,
+    /// routes that follow it, and the DestinationRules for istiod (a `List`).
     IstioManifest {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -316,6 +312,9 @@ enum Command {
         /// Which manifest to write.
         #[arg(long = "kind", value_enum, default_value = "wasm-plugin")]
         manifest: ManifestKind,
+        /// When the rules travel zlib-compressed (`auto`: above 32 KiB).
+        #[arg(long, value_enum, default_value = "auto")]
+        packing: Packing,
         /// Module location: `oci://`/`https://`/`file://` URL (WasmPlugin) or a file path
         /// inside the proxy container (EnvoyFilter).
         #[arg(long)]
@@ -524,25 +523,35 @@ fn demo(mut host: HostArgs) -> Result<ExitCode, CliError> {
 fn istio_manifest(
     files: &[PathBuf],
     identity: &Identity,
-    manifest: ManifestKind,
+    (manifest, packing): (ManifestKind, Packing),
     target: (&str, &str, Option<&str>),
     output: Option<&Path>,
 ) -> Result<ExitCode, CliError> {
     let (name, module, selector) = target;
     let selector = selector.map(parse_labels).transpose()?;
-    let doc = compile_rules(files, identity)?;
+    let (proxy, mesh) = identity.options()?;
+    // Inside Istio the filter names istiod's clusters; istiod's EDS has the endpoints.
+    let proxy = proxy.in_istio();
+    let (config, mut diags) = meshroute_compiler::load_files(files).map_err(CliError::Io)?;
+    let compiled = meshroute_compiler::compile(&config, &proxy, &mesh);
+    diags.extend(compiled.diagnostics);
+    meshroute_compiler::diag::sort(&mut diags);
+    print_diags(&diags);
+    let doc = match compiled.document {
+        Some(doc) if !diags.iter().any(Diagnostic::is_error) => doc,
+        _ => return Err(CliError::Invalid(String::new())),
+    };
     let selector = selector.unwrap_or_else(|| doc.proxy.labels.clone());
-    let target = envoy_config::IstioTarget {
+    let target = istio::Target {
         name,
         namespace: &doc.proxy.namespace,
         module,
         selector: &selector,
+        packing,
     };
-    let manifest = match manifest {
-        ManifestKind::WasmPlugin => envoy_config::wasm_plugin(&doc, &target),
-        ManifestKind::EnvoyFilter => envoy_config::envoy_filter(&doc, &target),
-    }
-    .map_err(|e| CliError::Io(e.to_string()))?;
+    let rules = meshroute_compiler::istio::destination_rules(&config, &proxy);
+    let manifest =
+        istio::manifest(&doc, rules, manifest, &target).map_err(|e| CliError::Io(e.to_string()))?;
     write_output(output, &to_json(&manifest)?)
 }
 
@@ -600,6 +609,7 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
             files,
             identity,
             manifest,
+            packing,
             module,
             name,
             selector,
@@ -607,7 +617,7 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
         } => istio_manifest(
             &files,
             &identity,
-            manifest,
+            (manifest, packing),
             (&name, &module, selector.as_deref()),
             output.as_deref(),
         ),

@@ -251,7 +251,12 @@ impl Drop for EchoServer {
 
 /// Sends `payload` over TCP to 127.0.0.1:`port`, half-closes, and reads everything back.
 pub fn tcp_exchange(port: u16, payload: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp_exchange_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), payload)
+}
+
+/// As [`tcp_exchange`], to any loopback address.
+pub fn tcp_exchange_at(addr: std::net::SocketAddr, payload: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(payload.as_bytes()).map_err(|e| e.to_string())?;
     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
@@ -292,12 +297,26 @@ impl TlsClient {
     /// An HTTP/1.1 GET over TLS to 127.0.0.1:`port` with SNI and Host `sni`; the whole
     /// response text, or why the connection failed.
     pub fn get(&self, port: u16, sni: &str, path: &str) -> Result<String, String> {
+        self.get_at(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            sni,
+            path,
+        )
+    }
+
+    /// As [`TlsClient::get`], to any loopback address.
+    pub fn get_at(
+        &self,
+        addr: std::net::SocketAddr,
+        sni: &str,
+        path: &str,
+    ) -> Result<String, String> {
         let conn = rustls::ClientConnection::new(
             Arc::clone(&self.config),
             ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
-        let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         // One write, so the request travels in one TLS record.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod istio;
 pub mod l4;
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
@@ -407,14 +408,24 @@ impl<'a> Request<'a> {
 
     /// Sends over a fresh connection and reads the whole response.
     pub fn send(&self, port: u16) -> Response {
-        self.try_send(port)
-            .unwrap_or_else(|e| panic!("request to 127.0.0.1:{port} failed: {e}"))
+        self.send_to(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// As `send`, to any loopback address.
+    pub fn send_to(&self, addr: SocketAddr) -> Response {
+        self.try_send_to(addr)
+            .unwrap_or_else(|e| panic!("request to {addr} failed: {e}"))
     }
 
     /// As `send`, with connection errors returned instead of panicking.
     pub fn try_send(&self, port: u16) -> std::io::Result<Response> {
+        self.try_send_to(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// As `send_to`, with connection errors returned instead of panicking.
+    pub fn try_send_to(&self, addr: SocketAddr) -> std::io::Result<Response> {
         let start = Instant::now();
-        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        let mut conn = TcpStream::connect(addr)?;
         conn.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut req = format!(
             "{} {} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n",
@@ -615,7 +626,26 @@ impl Envoy {
         Self::try_spawn(config, dir, port, admin).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Starts Envoy on a prepared bootstrap file, ready once `listener` accepts connections.
+    pub fn spawn_at(config: &Path, dir: PathBuf, listener: SocketAddr, admin: u16) -> Self {
+        Self::try_spawn_at(config, dir, listener, admin).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A fresh directory for one Envoy's files (removed when it stops, kept on failure).
+    pub fn new_workdir() -> PathBuf {
+        Self::workdir()
+    }
+
     fn try_spawn(config: &Path, dir: PathBuf, port: u16, admin: u16) -> Result<Self, String> {
+        Self::try_spawn_at(config, dir, SocketAddr::from(([127, 0, 0, 1], port)), admin)
+    }
+
+    fn try_spawn_at(
+        config: &Path,
+        dir: PathBuf,
+        listener: SocketAddr,
+        admin: u16,
+    ) -> Result<Self, String> {
         let log = dir.join("envoy.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
@@ -639,13 +669,13 @@ impl Envoy {
             .expect("spawn envoy");
         let mut envoy = Self {
             child,
-            port,
+            port: listener.port(),
             extra_ports: BTreeMap::new(),
             admin,
             log,
             dir,
         };
-        envoy.wait_ready()?;
+        envoy.wait_ready(listener)?;
         Ok(envoy)
     }
 
@@ -659,7 +689,7 @@ impl Envoy {
         dir
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    fn wait_ready(&mut self, listener: SocketAddr) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -672,7 +702,7 @@ impl Envoy {
             let ready = get("admin", "/ready")
                 .try_send(self.admin)
                 .is_ok_and(|r| r.status == 200);
-            if ready && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if ready && TcpStream::connect(listener).is_ok() {
                 return Ok(());
             }
             thread::sleep(Duration::from_millis(100));

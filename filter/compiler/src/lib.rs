@@ -10,6 +10,7 @@ pub mod api;
 pub mod diag;
 pub mod duration;
 pub mod hosts;
+pub mod istio;
 pub mod load;
 pub mod lower;
 pub mod matches;

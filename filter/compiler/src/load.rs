@@ -70,6 +70,14 @@ impl<T> Resource<T> {
         }
     }
 
+    /// The object as it was written (JSON), for tools that hand it on.
+    pub fn object_json(&self) -> serde_json::Value {
+        self.origin
+            .doc
+            .at(&self.origin.base)
+            .map_or(serde_json::Value::Null, Node::to_json)
+    }
+
     /// Sort key for "oldest wins": creation timestamp (RFC 3339 sorts lexically), then load
     /// order, then name and namespace.
     pub fn age_key(&self) -> (String, usize, &str, &str) {

@@ -12,6 +12,9 @@ pub struct ProxyOptions {
     pub labels: BTreeMap<String, String>,
     /// `region/zone/subzone` (empty: unknown; locality balancing then has no effect).
     pub locality: String,
+    /// Who picks endpoints: the filter (meshroute's own hosts) or the proxy's own discovery
+    /// (inside Istio, istiod's EDS clusters).
+    pub endpoint_selection: ir::EndpointSelection,
 }
 
 impl Default for ProxyOptions {
@@ -21,6 +24,7 @@ impl Default for ProxyOptions {
             namespace: "default".into(),
             labels: BTreeMap::new(),
             locality: String::new(),
+            endpoint_selection: ir::EndpointSelection::Filter,
         }
     }
 }
@@ -53,13 +57,20 @@ impl ProxyOptions {
         }
     }
 
+    /// For a proxy inside Istio: istiod's clusters discover the endpoints and carry the
+    /// DestinationRule policies; the filter names clusters.
+    pub fn in_istio(mut self) -> Self {
+        self.endpoint_selection = ir::EndpointSelection::Host;
+        self
+    }
+
     /// A gateway in `namespace` with Istio's default ingress labels (`istio=ingressgateway`).
     pub fn gateway(namespace: &str) -> Self {
         Self {
             kind: ProxyKind::Gateway,
             namespace: namespace.into(),
             labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
-            locality: String::new(),
+            ..Self::default()
         }
     }
 }

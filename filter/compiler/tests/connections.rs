@@ -10,7 +10,7 @@ use meshroute_compiler::{compile, Compiled, Config, MeshOptions, ProxyOptions};
 use meshroute_core::engine::{
     ConnectionOutcome, ConnectionView, Engine, NoEndpointState, SplitMix64,
 };
-use meshroute_core::ir::ProxyKind;
+use meshroute_core::ir::{self, ProxyKind};
 use wasm_bindgen_test::wasm_bindgen_test;
 
 fn compiled(yaml: &str, kind: ProxyKind) -> Compiled {
@@ -237,10 +237,7 @@ spec:
         assert!(!out.has_errors(), "{:?}", out.diagnostics);
         let doc = out.document.unwrap();
         let server = &doc.listeners[0].servers[0];
-        assert_eq!(
-            server.routing,
-            meshroute_core::ir::ServerRouting::Passthrough
-        );
+        assert_eq!(server.routing, ir::ServerRouting::Passthrough);
         assert!(server.tls.is_none(), "nothing to terminate");
         let e = Engine::new(doc).unwrap();
         assert_eq!(
@@ -318,4 +315,48 @@ spec:
             .any(|d| d.contains("spec.servers[0].tls.mode") && d.contains("not supported")),
         "{text:?}"
     );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn inside_istio_the_mesh_mtls_is_istiods() {
+    let yaml = format!(
+        "{GW}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: backend, namespace: default}}
+spec:
+  host: backend
+  trafficPolicy:
+    tls: {{mode: ISTIO_MUTUAL}}
+    outlierDetection: {{consecutive5xxErrors: 1}}
+    connectionPool: {{tcp: {{maxConnections: 1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: ['*']
+    tls: {{mode: ISTIO_MUTUAL}}
+"
+    );
+    let mut c = Config::default();
+    assert!(c.add_text("t.yaml", &yaml).iter().all(|d| !d.is_error()));
+    for proxy in [
+        ProxyOptions::sidecar("default").in_istio(),
+        ProxyOptions::gateway("istio-system").in_istio(),
+    ] {
+        let out = compile(&c, &proxy, &MeshOptions::default());
+        assert!(!out.has_errors(), "{:?}", out.diagnostics);
+        let doc = out.document.unwrap();
+        assert_eq!(doc.proxy.endpoint_selection, ir::EndpointSelection::Host);
+        // istiod's clusters carry the endpoints, the certificates and the policies.
+        for cluster in &doc.clusters {
+            assert!(cluster.endpoints.is_empty(), "{}", cluster.name);
+            assert!(cluster.tls.is_none(), "{}", cluster.name);
+            assert!(cluster.outlier_detection.is_none(), "{}", cluster.name);
+            assert_eq!(cluster.connection_pool, ir::ConnectionPool::default());
+        }
+    }
 }

@@ -7,6 +7,7 @@
 )]
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
+use meshroute_core::contract::EXPLICIT_PROXY_PORT;
 use meshroute_core::engine::{EditOp, Engine, Outcome, RequestView, SplitMix64};
 use meshroute_core::ir::OutboundPolicy;
 use wasm_bindgen_test::wasm_bindgen_test;
@@ -151,7 +152,7 @@ impl<'a> Req<'a> {
             scheme: "http",
             authority: self.authority,
             path: self.path,
-            port: engine.route_port(self.authority, "http", 15001),
+            port: engine.route_port(self.authority, "http", Some(EXPLICIT_PROXY_PORT)),
             headers: &headers,
             source_ip: Some("10.9.9.9"),
         };

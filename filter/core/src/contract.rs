@@ -8,8 +8,14 @@
 pub const CLUSTER_HEADER: &str = "x-meshroute-cluster";
 /// Header through which the filter names the exact endpoint (Envoy ORIGINAL_DST clusters).
 pub const ENDPOINT_HEADER: &str = "x-envoy-original-dst-host";
-/// Server port a gateway request arrived on, set by the host's first (trusted) header stage.
+/// Port a request arrived on, set by the host's first (trusted) header stage: the Gateway
+/// server port, the service port a transparent sidecar captured, or [`EXPLICIT_PROXY_PORT`]
+/// for a sidecar used as an explicit HTTP proxy. Without it (inside Istio) the filter takes
+/// the connection's destination port.
 pub const LISTENER_PORT_HEADER: &str = "x-meshroute-listener-port";
+/// [`LISTENER_PORT_HEADER`] value of a sidecar used as an explicit HTTP proxy: the service
+/// port is the authority's.
+pub const EXPLICIT_PROXY_PORT: u16 = 0;
 
 /// Whole-request timeout (ms) the host's router enforces.
 pub const TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
@@ -20,6 +26,14 @@ pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 /// Envoy retry conditions, comma separated.
 pub const RETRY_ON_HEADER: &str = "x-envoy-retry-on";
 pub const RETRY_GRPC_ON_HEADER: &str = "x-envoy-retry-grpc-on";
+/// The retry conditions that go in [`RETRY_GRPC_ON_HEADER`] (Envoy's `x-envoy-retry-grpc-on`).
+pub const GRPC_RETRY_ON: &[&str] = &[
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
 /// Status codes `retriable-status-codes` retries, comma separated.
 pub const RETRIABLE_STATUS_CODES_HEADER: &str = "x-envoy-retriable-status-codes";
 /// What the upstream is told of the time it has (Envoy sets it on every forwarded request).
@@ -358,7 +372,18 @@ pub fn encode(f: &Forward) -> Vec<(&'static str, String)> {
     }
     if let Some(r) = &f.retry {
         out.push((MAX_RETRIES_HEADER, r.num_retries.to_string()));
-        out.push((RETRY_ON_HEADER, r.retry_on.join(",")));
+        // Envoy's router reads gRPC conditions from their own header only.
+        let (grpc, http): (Vec<&str>, Vec<&str>) = r
+            .retry_on
+            .iter()
+            .map(String::as_str)
+            .partition(|c| GRPC_RETRY_ON.contains(c));
+        if !http.is_empty() || grpc.is_empty() {
+            out.push((RETRY_ON_HEADER, http.join(",")));
+        }
+        if !grpc.is_empty() {
+            out.push((RETRY_GRPC_ON_HEADER, grpc.join(",")));
+        }
         if !r.retriable_status_codes.is_empty() {
             let codes: Vec<String> = r
                 .retriable_status_codes
@@ -391,7 +416,14 @@ pub fn decode(headers: &mut Vec<(String, String)>) -> Result<Forward, RouterRepl
     };
     let timeout_ms = millis(TIMEOUT_HEADER);
     let per_try_timeout_ms = millis(PER_TRY_TIMEOUT_HEADER);
-    let retry_on = take(RETRY_ON_HEADER);
+    let retry_on = match (take(RETRY_ON_HEADER), take(RETRY_GRPC_ON_HEADER)) {
+        (None, None) => None,
+        (http, grpc) => Some(format!(
+            "{},{}",
+            http.unwrap_or_default(),
+            grpc.unwrap_or_default()
+        )),
+    };
     let max_retries = take(MAX_RETRIES_HEADER).and_then(|v| v.trim().parse::<u32>().ok());
     let codes = take(RETRIABLE_STATUS_CODES_HEADER);
     headers.retain(|(k, _)| !is_control_header(k));
@@ -462,6 +494,53 @@ mod tests {
             assert_eq!(decode(&mut headers), Ok(f.clone()), "{f:?}");
             assert_eq!(headers, vec![("x-other".to_string(), "kept".to_string())]);
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn grpc_conditions_travel_in_their_own_header() {
+        let f = Forward {
+            cluster: "c".into(),
+            retry: Some(RouterRetry {
+                num_retries: 2,
+                retry_on: [
+                    "connect-failure",
+                    "unavailable",
+                    "cancelled",
+                    "retriable-status-codes",
+                ]
+                .map(String::from)
+                .to_vec(),
+                retriable_status_codes: vec![],
+            }),
+            ..Forward::default()
+        };
+        let mut headers = owned(encode(&f));
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            value(RETRY_ON_HEADER).as_deref(),
+            Some("connect-failure,retriable-status-codes")
+        );
+        assert_eq!(
+            value(RETRY_GRPC_ON_HEADER).as_deref(),
+            Some("unavailable,cancelled")
+        );
+        let back = decode(&mut headers).unwrap_or_default();
+        let mut on = back.retry.map(|r| r.retry_on).unwrap_or_default();
+        on.sort();
+        assert_eq!(
+            on,
+            [
+                "cancelled",
+                "connect-failure",
+                "retriable-status-codes",
+                "unavailable"
+            ]
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

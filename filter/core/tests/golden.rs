@@ -374,7 +374,11 @@ fn listeners() -> Vec<Listener> {
     }]
 }
 
-fn fixture(kind: ProxyKind, outbound: OutboundPolicy) -> RulesDocument {
+fn fixture(
+    kind: ProxyKind,
+    outbound: OutboundPolicy,
+    endpoint_selection: EndpointSelection,
+) -> RulesDocument {
     RulesDocument {
         version: VERSION,
         proxy: ProxyIdentity {
@@ -382,6 +386,7 @@ fn fixture(kind: ProxyKind, outbound: OutboundPolicy) -> RulesDocument {
             namespace: "default".into(),
             labels: BTreeMap::from([("app".into(), "web".into())]),
             locality: "r/z/s".into(),
+            endpoint_selection,
         },
         outbound_traffic_policy: outbound,
         route_tables: vec![RouteTable {
@@ -409,22 +414,37 @@ fn fixture(kind: ProxyKind, outbound: OutboundPolicy) -> RulesDocument {
                 source: source(),
             }],
         }],
+        port_aliases: vec![PortAlias {
+            listener: 8080,
+            table: 80,
+        }],
         warnings: vec!["t.yaml:1:1: warning: something".into()],
     }
 }
 
 fn documents() -> Vec<RulesDocument> {
-    let _ = |k: ProxyKind, o: OutboundPolicy| {
+    let _ = |k: ProxyKind, o: OutboundPolicy, e: EndpointSelection| {
         match k {
             ProxyKind::Sidecar | ProxyKind::Gateway => (),
         }
         match o {
             OutboundPolicy::AllowAny | OutboundPolicy::RegistryOnly => (),
         }
+        match e {
+            EndpointSelection::Filter | EndpointSelection::Host => (),
+        }
     };
     vec![
-        fixture(ProxyKind::Sidecar, OutboundPolicy::AllowAny),
-        fixture(ProxyKind::Gateway, OutboundPolicy::RegistryOnly),
+        fixture(
+            ProxyKind::Sidecar,
+            OutboundPolicy::AllowAny,
+            EndpointSelection::Filter,
+        ),
+        fixture(
+            ProxyKind::Gateway,
+            OutboundPolicy::RegistryOnly,
+            EndpointSelection::Host,
+        ),
     ]
 }
 

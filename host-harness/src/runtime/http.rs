@@ -300,12 +300,11 @@ pub(super) async fn handle(
     }
     headers.retain(|(k, _)| k != "x-forwarded-proto");
     headers.push(("x-forwarded-proto".into(), scheme.into()));
-    let server_port = if spec.server_port == 0 {
-        spec.address.port()
-    } else {
-        spec.server_port
-    };
-    headers.push((LISTENER_PORT_HEADER.to_owned(), server_port.to_string()));
+    // The route table's port: the server port, or (0) take it from the authority.
+    headers.push((
+        LISTENER_PORT_HEADER.to_owned(),
+        spec.server_port.to_string(),
+    ));
 
     let Ok(body) = body::read_prefix(body, BODY_BUFFER).await else {
         return reply_response(proxy.kind, local(400, "Bad Request"));

@@ -5,6 +5,7 @@
 //! - `abi`: the host ABI answers as Envoy does, and misbehaving modules are contained;
 //! - `conformance`, `conformance_l4`: the scenario suite on both hosts;
 //! - `hostile`: clients that try to steer, flood or stall the proxy;
+//! - `istio`: the filter inside the configuration istiod generates, loaded by the manifests;
 //! - `resilience`: retries, timeouts, circuit breaking and outlier detection;
 //! - `run`: the `meshroute` binary as a user runs it;
 //! - `scenarios`, `seeds`: the traffic-management scenarios and the seed documents'
@@ -16,6 +17,7 @@ mod conformance_l4;
 mod deviations;
 mod docs;
 mod hostile;
+mod istio;
 mod resilience;
 mod run;
 mod scenarios;

@@ -51,6 +51,25 @@ impl Lowering<'_> {
         labels: &api::Labels,
         policy: &Blocks,
     ) -> ir::Cluster {
+        if self.proxy.endpoint_selection == ir::EndpointSelection::Host {
+            // The host's cluster of this name has the endpoints and the policies; the filter
+            // only needs to know it exists, and its hash key (the route that takes the
+            // filter's decision carries it, as istiod's routes do).
+            let hashed = load_balancer(policy.load_balancer.as_ref()).consistent_hash;
+            return ir::Cluster {
+                lb: ir::LoadBalancer {
+                    consistent_hash: hashed,
+                    ..ir::LoadBalancer::default()
+                },
+                name: ir::cluster_name(port.number, subset, &svc.host),
+                service: svc.host.clone(),
+                port: port.number,
+                subset: subset.to_string(),
+                protocol: ir::Protocol::parse(&port.protocol).unwrap_or_default(),
+                connect_timeout_ms: self.mesh.connect_timeout_ms,
+                ..ir::Cluster::default()
+            };
+        }
         let endpoints: Vec<ir::Endpoint> = svc
             .endpoints
             .iter()

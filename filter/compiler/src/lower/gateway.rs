@@ -14,7 +14,44 @@ use crate::registry;
 use crate::resolve::{resolve_gateway_name, selects, visible};
 use crate::source::FieldPath;
 
+/// Istio's default ingress gateway Service: port 80 on container port 8080, 443 on 8443.
+const ISTIO_GATEWAY_TARGET_PORTS: [(u16, u16); 2] = [(80, 8080), (443, 8443)];
+
 impl Lowering<'_> {
+    /// The container ports the gateway listens on for its server ports, from the Kubernetes
+    /// Service that selects the gateway (`port` → `targetPort`), or Istio's default gateway
+    /// Service's when the configuration holds none.
+    pub(super) fn gateway_port_aliases(&self, listeners: &[ir::Listener]) -> Vec<ir::PortAlias> {
+        let service =
+            self.config.services.iter().find(|s| {
+                !s.spec.selector.is_empty() && selects(&s.spec.selector, &self.proxy.labels)
+            });
+        let targets: Vec<(u16, u16)> = match service {
+            Some(s) => s
+                .spec
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    let port = u16::try_from(p.port?).ok()?;
+                    // A named targetPort names a container port this configuration cannot see.
+                    let target = p
+                        .target_port
+                        .as_ref()
+                        .and_then(serde_json::Value::as_i64)
+                        .and_then(|t| u16::try_from(t).ok())?;
+                    Some((port, target))
+                })
+                .collect(),
+            None => ISTIO_GATEWAY_TARGET_PORTS.to_vec(),
+        };
+        let serves = |port: u16| listeners.iter().any(|l| l.port == port);
+        targets
+            .into_iter()
+            .filter(|&(port, target)| port != target && serves(port) && !serves(target))
+            .map(|(table, listener)| ir::PortAlias { listener, table })
+            .collect()
+    }
+
     pub(super) fn gateway_routes(
         &mut self,
     ) -> (Vec<ir::RouteTable>, Vec<ir::Listener>, Vec<ir::L4Table>) {
@@ -90,7 +127,9 @@ impl Lowering<'_> {
                             credential_name: t.credential_name.clone(),
                         }),
                 });
-                if server.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL") {
+                if server.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")
+                    && self.proxy.endpoint_selection == ir::EndpointSelection::Filter
+                {
                     let path = FieldPath::root()
                         .key("spec")
                         .key("servers")

@@ -76,7 +76,15 @@ pub fn lower(
         ProxyKind::Gateway => l.gateway_routes(),
     };
     let clusters = l.clusters();
-    l.reject_istio_mutual(&clusters);
+    // Inside Istio, istiod's clusters originate the mesh's mTLS.
+    if proxy.endpoint_selection == ir::EndpointSelection::Filter {
+        l.reject_istio_mutual(&clusters);
+    }
+    let port_aliases = if proxy.kind == ProxyKind::Gateway {
+        l.gateway_port_aliases(&listeners)
+    } else {
+        Vec::new()
+    };
     let cluster_names: BTreeSet<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
     let mut missing = Vec::new();
     for table in &route_tables {
@@ -138,12 +146,14 @@ pub fn lower(
             namespace: proxy.namespace.clone(),
             labels: proxy.labels.clone(),
             locality: proxy.locality.clone(),
+            endpoint_selection: proxy.endpoint_selection,
         },
         outbound_traffic_policy: outbound,
         route_tables,
         clusters,
         listeners,
         l4_tables,
+        port_aliases,
         warnings: l.diags.iter().map(ToString::to_string).collect(),
     };
     (doc, l.diags)

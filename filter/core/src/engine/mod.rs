@@ -22,7 +22,7 @@ use std::fmt;
 use base64::Engine as _;
 use regex::Regex;
 
-use crate::contract::{ResponseFlag, RouterReply, PASSTHROUGH_CLUSTER};
+use crate::contract::{ResponseFlag, RouterReply, EXPLICIT_PROXY_PORT, PASSTHROUGH_CLUSTER};
 use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy, RulesDocument};
 
 use balance::ClusterRt;
@@ -274,6 +274,10 @@ pub struct Engine {
     cluster_index: HashMap<String, usize>,
     /// Some cluster hashes on the client's address (hosts then supply `source_ip`).
     uses_source_ip: bool,
+    /// The host picks endpoints and applies cluster policies; the filter names clusters.
+    host_selects: bool,
+    /// Listener port → route-table port (a gateway Service's `targetPort`).
+    aliases: HashMap<u16, u16>,
 }
 
 #[derive(Debug, Default)]
@@ -425,6 +429,12 @@ impl Engine {
             clusters,
             cluster_index,
             uses_source_ip,
+            host_selects: doc.proxy.endpoint_selection == ir::EndpointSelection::Host,
+            aliases: doc
+                .port_aliases
+                .iter()
+                .map(|a| (a.listener, a.table))
+                .collect(),
         })
     }
 
@@ -437,15 +447,34 @@ impl Engine {
         self.kind
     }
 
-    /// The port that selects the route table: a sidecar used as an explicit proxy takes the
-    /// service port from the authority (80, or 443 for https, when absent); a gateway uses the
-    /// server port the request arrived on.
-    pub fn route_port(&self, authority: &str, scheme: &str, listener_port: u16) -> u16 {
-        match self.kind {
-            ProxyKind::Gateway => listener_port,
-            ProxyKind::Sidecar => split_host_port(authority)
+    /// The port that selects the route table, from the port the request arrived on
+    /// (`listener_port`, as the host's trusted stage or the connection tells it):
+    ///
+    /// - a gateway serves the table of that port, or of the server port it stands for (a
+    ///   Service's `targetPort`: Istio's gateway takes port 80 on 8080);
+    /// - a transparent sidecar serves the table of the captured service port, whatever port
+    ///   the Host names (Istio's listener `0.0.0.0_9080` → route `9080`);
+    /// - a sidecar used as an explicit proxy (listener port [`EXPLICIT_PROXY_PORT`], or no
+    ///   port known) takes the service port from the authority (80, or 443 for https).
+    pub fn route_port(&self, authority: &str, scheme: &str, listener_port: Option<u16>) -> u16 {
+        let from_authority = || {
+            split_host_port(authority)
                 .1
-                .unwrap_or(if scheme == "https" { 443 } else { 80 }),
+                .unwrap_or(if scheme == "https" { 443 } else { 80 })
+        };
+        match (self.kind, listener_port) {
+            (ProxyKind::Gateway, None) => 80,
+            (ProxyKind::Gateway, Some(p)) => self.table_port(p),
+            (ProxyKind::Sidecar, None | Some(EXPLICIT_PROXY_PORT)) => from_authority(),
+            (ProxyKind::Sidecar, Some(p)) => self.table_port(p),
+        }
+    }
+
+    /// The table a listener port serves: its own, or the one it is an alias of.
+    fn table_port(&self, listener_port: u16) -> u16 {
+        match self.aliases.get(&listener_port) {
+            Some(&table) if !self.tables.contains_key(&listener_port) => table,
+            _ => listener_port,
         }
     }
 
@@ -607,8 +636,9 @@ impl Engine {
                     retry_on: route.retry_on.as_ref(),
                     mirrors,
                     ticket,
-                    max_active: c.max_active,
-                    max_retries: c.max_retries,
+                    // The host's circuit breakers apply when it owns the clusters.
+                    max_active: c.max_active.filter(|_| !self.host_selects),
+                    max_retries: c.max_retries.filter(|_| !self.host_selects),
                 })
             }
         }
@@ -655,6 +685,10 @@ impl Engine {
         rng: &mut dyn Rng,
         state: &dyn EndpointState,
     ) -> Result<Option<balance::Picked>, ()> {
+        if self.host_selects {
+            // The host balances over the endpoints it discovers.
+            return Ok(None);
+        }
         self.pick_avoiding(c, req, rng, state, &[])
     }
 

@@ -7,6 +7,7 @@
 mod cluster;
 mod l4;
 mod listener;
+pub mod packed;
 mod route;
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ pub use route::*;
 
 /// Wire version of the rules document. The golden-document test (`tests/golden.rs`) fails
 /// when the wire shape changes, so that every change bumps it.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Why bytes are not a rules document this build can read.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub enum ReadError {
         found: u32,
     },
     Invalid(serde_json::Error),
+    /// A packed document (see [`packed`]) that does not unpack.
+    Packed(String),
 }
 
 impl std::fmt::Display for ReadError {
@@ -40,6 +43,7 @@ impl std::fmt::Display for ReadError {
                 "rules document version {found} is not supported (this filter reads version {VERSION})"
             ),
             Self::Invalid(e) => write!(f, "rules document is not valid: {e}"),
+            Self::Packed(e) => write!(f, "packed rules document: {e}"),
         }
     }
 }
@@ -49,7 +53,15 @@ impl std::error::Error for ReadError {}
 impl RulesDocument {
     /// Reads a document, checking its version before anything else: a document of another
     /// version is refused as such, not for the fields this version does not know.
+    /// A packed document (see [`packed`]) is unpacked first.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ReadError> {
+        if let Some(unpacked) = packed::unpack(bytes) {
+            return Self::from_plain_json(&unpacked?);
+        }
+        Self::from_plain_json(bytes)
+    }
+
+    fn from_plain_json(bytes: &[u8]) -> Result<Self, ReadError> {
         #[derive(Deserialize)]
         struct Versioned {
             version: u32,
@@ -83,8 +95,20 @@ pub struct RulesDocument {
     /// per listener port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub l4_tables: Vec<L4Table>,
+    /// Gateway ports a proxy listens on for a server port of another number (a Kubernetes
+    /// Service's `targetPort`: Istio's ingress gateway takes port 80 on 8080).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_aliases: Vec<PortAlias>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// Requests arriving on `listener` are served by the route table of `table`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortAlias {
+    pub listener: u16,
+    pub table: u16,
 }
 
 /// Who this document was compiled for.
@@ -98,6 +122,29 @@ pub struct ProxyIdentity {
     /// `region/zone/subzone` of the proxy, for locality-aware balancing; empty when unknown.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub locality: String,
+    /// Who picks endpoints and applies the clusters' policies.
+    #[serde(default, skip_serializing_if = "EndpointSelection::is_filter")]
+    pub endpoint_selection: EndpointSelection,
+}
+
+/// Who chooses the endpoint of a cluster, and so who applies its balancing, outlier
+/// detection, connection pool and TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointSelection {
+    /// The filter, from the endpoints the document lists (meshroute's own Envoy bootstrap
+    /// and `meshroute run`).
+    #[default]
+    Filter,
+    /// The host, from its own discovery (inside Istio: istiod's EDS clusters, configured by
+    /// istiod from the DestinationRules). The filter names clusters only.
+    Host,
+}
+
+impl EndpointSelection {
+    pub fn is_filter(&self) -> bool {
+        *self == Self::Filter
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
