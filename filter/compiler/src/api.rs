@@ -695,11 +695,23 @@ pub struct WorkloadEntry {
 pub struct Sidecar {
     pub workload_selector: Option<EntrySelector>,
     #[serde(default)]
-    pub ingress: Vec<serde_json::Value>,
+    pub ingress: Vec<IngressListener>,
     #[serde(default)]
     pub egress: Vec<EgressListener>,
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
     pub inbound_connection_pool: Option<ConnectionPoolSettings>,
+}
+
+/// A port the workload serves, and how its sidecar hands traffic to it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngressListener {
+    pub port: Option<SidecarPort>,
+    pub bind: Option<String>,
+    pub capture_mode: Option<String>,
+    pub default_endpoint: Option<String>,
+    pub tls: Option<ServerTlsSettings>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -134,6 +134,8 @@ impl Config {
     }
 
     /// Reads files and directories (recursively, `.yaml`, `.yml` and `.json`, sorted by name).
+    /// Entries named `..*` are skipped: a mounted ConfigMap keeps each file once at the top
+    /// (a link into `..data`) and again in `..data` and its timestamped directory.
     #[cfg(feature = "yaml")]
     pub fn add_path(&mut self, path: &std::path::Path) -> Vec<Diagnostic> {
         let io_error = |e: std::io::Error| Diagnostic {
@@ -152,6 +154,13 @@ impl Config {
             entries.sort();
             let mut diags = Vec::new();
             for entry in entries {
+                let hidden = entry
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(".."));
+                if hidden {
+                    continue;
+                }
                 let is_config = entry
                     .extension()
                     .and_then(|e| e.to_str())

@@ -107,7 +107,7 @@ fn port_u16(n: Option<i64>) -> Option<u16> {
     n.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0)
 }
 
-fn protocol_of(name: &str, declared: &str) -> String {
+pub(crate) fn protocol_of(name: &str, declared: &str) -> String {
     let declared = declared.to_ascii_uppercase();
     if !declared.is_empty() {
         return declared;

@@ -71,17 +71,17 @@ pub(crate) fn visible_services(
         .collect()
 }
 
-/// The Sidecar resource in force for a sidecar (workload selector first, then the
-/// namespace's, then the root namespace's), as its scope and outbound policy.
-pub(crate) fn sidecar_scope(
-    config: &Config,
+/// The Sidecar resource in force for a sidecar: the one selecting its workload first, then
+/// its namespace's, then the root namespace's (oldest first among equals).
+pub(crate) fn sidecar_for<'c>(
+    config: &'c Config,
     proxy: &ProxyOptions,
     mesh: &MeshOptions,
-) -> (Scope, Option<ir::OutboundPolicy>) {
+) -> Option<&'c Resource<api::Sidecar>> {
     let ns = &proxy.namespace;
     let mut sidecars: Vec<&Resource<api::Sidecar>> = config.sidecars.iter().collect();
     sidecars.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
-    let chosen = sidecars
+    sidecars
         .iter()
         .find(|s| {
             &s.namespace == ns
@@ -99,7 +99,18 @@ pub(crate) fn sidecar_scope(
             sidecars
                 .iter()
                 .find(|s| s.namespace == mesh.root_namespace && s.spec.workload_selector.is_none())
-        });
+        })
+        .copied()
+}
+
+/// The Sidecar resource in force for a sidecar, as its scope and outbound policy.
+pub(crate) fn sidecar_scope(
+    config: &Config,
+    proxy: &ProxyOptions,
+    mesh: &MeshOptions,
+) -> (Scope, Option<ir::OutboundPolicy>) {
+    let ns = &proxy.namespace;
+    let chosen = sidecar_for(config, proxy, mesh);
     let Some(sc) = chosen else {
         return (Scope::all(), None);
     };

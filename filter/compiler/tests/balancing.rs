@@ -103,6 +103,7 @@ impl Headers {
             port: 80,
             headers: &self.0,
             source_ip: Some("10.9.9.9"),
+            transparent: false,
         }
     }
 }
@@ -255,6 +256,7 @@ fn hashing_on_source_ip_and_query_parameter() {
         port: 80,
         headers: h,
         source_ip: None,
+        transparent: false,
     };
     let pick = |path: &'static str, rng: &mut SplitMix64| match e
         .decide_with(&view(path, &[]), rng, &state)

@@ -151,7 +151,16 @@ spec:
             .starts_with("outbound|443||api.example.com"),
         "the tls route wins over other.example.com's default"
     );
-    assert!(route(&e, 443, "unknown.example.org", "1.2.3.7:443", 1).starts_with("closed"));
+    // A name no route takes goes on to where the client sent it under ALLOW_ANY (Istio's
+    // PassthroughCluster), and is closed under REGISTRY_ONLY.
+    assert_eq!(
+        route(&e, 443, "unknown.example.org", "1.2.3.7:443", 1),
+        "PassthroughCluster 1.2.3.7:443"
+    );
+    let mut doc = compiled(yaml, ProxyKind::Sidecar).document.unwrap();
+    doc.outbound_traffic_policy = ir::OutboundPolicy::RegistryOnly;
+    let strict = Engine::new(doc).unwrap();
+    assert!(route(&strict, 443, "unknown.example.org", "1.2.3.7:443", 1).starts_with("closed"));
 }
 
 const GW: &str = "apiVersion: v1

@@ -155,6 +155,7 @@ impl<'a> Req<'a> {
             port: engine.route_port(self.authority, "http", Some(EXPLICIT_PROXY_PORT)),
             headers: &headers,
             source_ip: Some("10.9.9.9"),
+            transparent: false,
         };
         let d = engine.decide(&view, &mut SplitMix64(seed));
         let mut seen = Seen {

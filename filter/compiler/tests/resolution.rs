@@ -335,3 +335,59 @@ fn every_document_round_trips_through_json() {
     let back: RulesDocument = serde_json::from_str(&json).expect("parse");
     assert_eq!(back, doc);
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_sidecars_inbound_ports_come_from_the_services_that_select_it_or_its_ingress_listeners() {
+    let services = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080, targetPort: 8080}, {name: tcp-db, port: 5432}, {name: web, port: 80, appProtocol: http2}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\nspec:\n  selector: {app: ratings}\n  ports: [{name: http, port: 9081}]\n---\n";
+    let proxy = ProxyOptions {
+        labels: [("app".to_owned(), "reviews".to_owned())]
+            .into_iter()
+            .collect(),
+        ..sidecar("default")
+    };
+    let (doc, _) = build(services, proxy.clone());
+    let ports: Vec<(u16, ir::Protocol, &str)> = doc
+        .inbound
+        .iter()
+        .map(|p| (p.port, p.protocol, p.service.as_str()))
+        .collect();
+    let reviews = "reviews.default.svc.cluster.local";
+    assert_eq!(
+        ports,
+        vec![
+            (80, ir::Protocol::Http2, reviews),
+            (5432, ir::Protocol::Tcp, reviews),
+            (8080, ir::Protocol::Http, reviews),
+        ],
+        "the container ports (targetPort) of the selecting service only"
+    );
+    assert!(doc.inbound.iter().all(|p| p.endpoint.is_none()));
+
+    // A Sidecar's ingress listeners replace them, with the pod-wide pool under each port's.
+    let sidecar_yaml = format!("{services}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  workloadSelector: {{labels: {{app: reviews}}}}\n  inboundConnectionPool: {{tcp: {{maxConnections: 7}}, http: {{http2MaxRequests: 9}}}}\n  ingress:\n  - port: {{number: 9080, protocol: HTTP, name: http}}\n    defaultEndpoint: 127.0.0.1:8080\n  - port: {{number: 5432, protocol: TCP, name: db}}\n    connectionPool: {{tcp: {{maxConnections: 3}}}}\n");
+    let (doc, _) = build(&sidecar_yaml, proxy.clone());
+    assert_eq!(doc.inbound.len(), 2);
+    assert_eq!(doc.inbound[0].port, 9080);
+    assert_eq!(doc.inbound[0].endpoint.as_deref(), Some("127.0.0.1:8080"));
+    assert_eq!(
+        (doc.inbound[0].max_connections, doc.inbound[0].max_requests),
+        (7, 9)
+    );
+    assert_eq!(
+        (doc.inbound[1].max_connections, doc.inbound[1].max_requests),
+        (3, 0)
+    );
+
+    // Settings the inbound side does not apply are said, not dropped.
+    let ignored = sidecar_yaml.replace("maxConnections: 7}", "maxConnections: 7, idleTimeout: 5s}");
+    let (_, diags) = build(&ignored, proxy);
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("spec.inboundConnectionPool") && d.contains("tcp.idleTimeout")),
+        "{diags:?}"
+    );
+    // Gateways have no inbound side.
+    let (doc, _) = build(services, gateway());
+    assert!(doc.inbound.is_empty());
+}

@@ -209,6 +209,74 @@ fn gateway_service_entry_and_sidecar_rules() {
         "only with ALLOW_ANY",
     );
     assert_error(&sc("  {}\n"), "spec", "empty configuration");
+    // Ingress listeners, in istiod's words.
+    let ingress = |l: &str| sc(&format!("  ingress:\n  - {l}\n"));
+    assert_error(
+        &ingress("defaultEndpoint: 127.0.0.1:8080"),
+        "spec.ingress[0]",
+        "port is required for ingress listeners",
+    );
+    assert_error(
+        &ingress("port: {number: 9080, protocol: HTTP, name: http, targetPort: 8080}"),
+        "spec.ingress[0].port.targetPort",
+        "targetPort has no impact on Sidecars",
+    );
+    assert_error(
+        &ingress("port: {number: 9080, protocol: HTTPX, name: http}"),
+        "spec.ingress[0].port.protocol",
+        "unrecognized protocol",
+    );
+    assert_error(
+        &ingress("port: {number: 0, protocol: HTTP, name: http}"),
+        "spec.ingress[0].port.number",
+        "1..65535",
+    );
+    assert_error(
+        &ingress("port: {number: 9080, protocol: HTTP, name: http}\n    bind: not-an-ip"),
+        "spec.ingress[0].bind",
+        "not a valid IP",
+    );
+    assert_error(
+        &ingress(
+            "port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 10.0.0.1:8080",
+        ),
+        "spec.ingress[0].defaultEndpoint",
+        "defaultEndpoint must be of form 127.0.0.1:<port>",
+    );
+    assert_error(&ingress("port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: '127.0.0.1:http'"), "spec.ingress[0].defaultEndpoint", "is not a number");
+    assert_error(
+        &ingress(
+            "port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 'unix://'",
+        ),
+        "spec.ingress[0].defaultEndpoint",
+        "must not be empty",
+    );
+    assert_error(
+        &ingress("port: {number: 9080, protocol: HTTP, name: http}\n    capturMode: NONE"),
+        "spec.ingress[0]",
+        "capturMode",
+    );
+    assert_error(
+        &sc("  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n  - port: {number: 9080, protocol: TCP, name: tcp}\n"),
+        "spec.ingress[1].port",
+        "ports on IP bound listeners must be unique",
+    );
+    assert_error(
+        &ingress("port: {number: 443, protocol: HTTPS, name: https}\n    tls: {mode: SIMPLE}"),
+        "spec.ingress[0].tls",
+        "not supported by meshroute",
+    );
+    let valid = ingress("port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: '[::1]:8080'\n    connectionPool: {tcp: {maxConnections: 10}}");
+    assert!(errors(&valid).is_empty(), "{:?}", errors(&valid));
+    let http_pool_on_tcp = ingress("port: {number: 5432, protocol: TCP, name: db}\n    connectionPool: {http: {http2MaxRequests: 10}}");
+    assert!(
+        diags(&http_pool_on_tcp).iter().any(|d| !d.is_error()
+            && d.to_string()
+                .contains("spec.ingress[0].connectionPool.http")
+            && d.to_string().contains("only TCP settings will apply")),
+        "{:?}",
+        diags(&http_pool_on_tcp)
+    );
 }
 
 #[wasm_bindgen_test(unsupported = test)]

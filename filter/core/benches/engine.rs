@@ -115,6 +115,7 @@ fn decide_last_route(bencher: divan::Bencher<'_, '_>, services: usize) {
             port: 80,
             headers: &headers,
             source_ip: None,
+            transparent: false,
         };
         let d = engine.decide(divan::black_box(&view), &mut rng);
         if let Outcome::Forward(Forward {
@@ -141,6 +142,7 @@ fn decide_unknown_host(bencher: divan::Bencher<'_, '_>, services: usize) {
             port: 80,
             headers: &headers,
             source_ip: None,
+            transparent: false,
         };
         divan::black_box(engine.decide(&view, &mut rng).vhost);
     });

@@ -418,6 +418,14 @@ fn fixture(
             listener: 8080,
             table: 80,
         }],
+        inbound: vec![InboundPort {
+            port: 9080,
+            protocol: Protocol::Http,
+            endpoint: Some("127.0.0.1:9080".into()),
+            service: "reviews.default.svc.cluster.local".into(),
+            max_connections: 10,
+            max_requests: 20,
+        }],
         warnings: vec!["t.yaml:1:1: warning: something".into()],
     }
 }

@@ -30,8 +30,8 @@ struct Series {
     buckets: Vec<u64>,
 }
 
-/// destination service, subset, port, response code, response flags.
-type SeriesKey = (String, String, String, u16, String);
+/// reporter, destination service, subset, port, response code, response flags.
+type SeriesKey = (&'static str, String, String, String, u16, String);
 
 /// Request metrics keyed by (service, subset, port, code, flags).
 #[derive(Default)]
@@ -45,8 +45,8 @@ pub struct Stats {
     tcp: Mutex<BTreeMap<TcpKey, TcpSeries>>,
 }
 
-/// destination service, subset, port, response flags.
-type TcpKey = (String, String, String, String);
+/// reporter, destination service, subset, port, response flags.
+type TcpKey = (&'static str, String, String, String, String);
 
 #[derive(Default)]
 struct TcpSeries {
@@ -56,23 +56,47 @@ struct TcpSeries {
     sent: u64,
 }
 
-/// `outbound|port|subset|host` → (host, subset, port).
-fn cluster_parts(cluster: &str) -> (String, String, String) {
-    let mut parts = cluster.splitn(4, '|').skip(1);
+/// The labels a cluster's traffic is reported under: (reporter, host, subset, port).
+/// `outbound|PORT|SUBSET|HOST` is the client side's (`source`); a transparent sidecar's
+/// `inbound|PORT||SERVICE` (the service appended for metrics) and
+/// `InboundPassthroughCluster` are the server side's (`destination`); other clusters
+/// (`PassthroughCluster`, `BlackHoleCluster`) name themselves, as in Istio's metrics.
+fn cluster_parts(cluster: &str) -> (&'static str, String, String, String) {
+    if cluster == "InboundPassthroughCluster" {
+        return (
+            "destination",
+            cluster.to_owned(),
+            String::new(),
+            String::new(),
+        );
+    }
+    let Some((direction, rest)) = cluster.split_once('|') else {
+        return ("source", cluster.to_owned(), String::new(), String::new());
+    };
+    let mut parts = rest.splitn(3, '|');
     let (port, subset, host) = (
         parts.next().unwrap_or("").to_owned(),
         parts.next().unwrap_or("").to_owned(),
-        parts.next().unwrap_or("unknown").to_owned(),
+        parts
+            .next()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("unknown")
+            .to_owned(),
     );
-    (host, subset, port)
+    let reporter = if direction == "inbound" {
+        "destination"
+    } else {
+        "source"
+    };
+    (reporter, host, subset, port)
 }
 
 impl Stats {
     /// A proxied connection opened to `cluster`.
     pub fn tcp_opened(&self, cluster: &str) {
-        let (host, subset, port) = cluster_parts(cluster);
+        let (reporter, host, subset, port) = cluster_parts(cluster);
         if let Ok(mut t) = self.tcp.lock() {
-            t.entry((host, subset, port, "-".to_owned()))
+            t.entry((reporter, host, subset, port, "-".to_owned()))
                 .or_default()
                 .opened += 1;
         }
@@ -80,10 +104,12 @@ impl Stats {
 
     /// A connection to `cluster` ended: bytes received from the client and sent to it.
     pub fn tcp_closed(&self, cluster: &str, flags: &str, received: u64, sent: u64) {
-        let (host, subset, port) = cluster_parts(cluster);
+        let (reporter, host, subset, port) = cluster_parts(cluster);
         let flags = if flags.is_empty() { "-" } else { flags };
         if let Ok(mut t) = self.tcp.lock() {
-            let e = t.entry((host, subset, port, flags.to_owned())).or_default();
+            let e = t
+                .entry((reporter, host, subset, port, flags.to_owned()))
+                .or_default();
             e.closed += 1;
             e.received += received;
             e.sent += sent;
@@ -91,12 +117,12 @@ impl Stats {
     }
 
     pub fn record(&self, cluster: &str, code: u16, flags: &str, elapsed: Duration) {
-        let (host, subset, port) = cluster_parts(cluster);
+        let (reporter, host, subset, port) = cluster_parts(cluster);
         let flags = if flags.is_empty() { "-" } else { flags };
         let ms = elapsed.as_secs_f64() * 1000.0;
         if let Ok(mut s) = self.series.lock() {
             let e = s
-                .entry((host, subset, port, code, flags.to_owned()))
+                .entry((reporter, host, subset, port, code, flags.to_owned()))
                 .or_default();
             e.count += 1;
             e.sum_ms += ms;
@@ -123,16 +149,16 @@ impl Stats {
         self.vm_reloads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Istio's metrics as the client-side proxy reports them (`reporter="source"`): both a
-    /// sidecar's outbound traffic and a gateway's are reported that way.
+    /// Istio's standard metrics: a sidecar's outbound traffic and a gateway's as the client
+    /// side reports them (`reporter="source"`), a transparent sidecar's inbound traffic as
+    /// the server side does (`reporter="destination"`).
     fn prometheus(&self) -> String {
-        let reporter = "source";
         let mut out = String::new();
         let Ok(series) = self.series.lock() else {
             return out;
         };
         let _ = writeln!(out, "# TYPE istio_requests_total counter");
-        let label = |(host, subset, port, code, flags): &SeriesKey| {
+        let label = |(reporter, host, subset, port, code, flags): &SeriesKey| {
             let subset = if subset.is_empty() { "unknown" } else { subset };
             format!(
                 "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"http\",response_code=\"{code}\",response_flags=\"{flags}\"",
@@ -189,7 +215,7 @@ impl Stats {
         }
         drop(series);
         if let Ok(tcp) = self.tcp.lock() {
-            let label = |(host, subset, port, flags): &TcpKey| {
+            let label = |(reporter, host, subset, port, flags): &TcpKey| {
                 let subset = if subset.is_empty() { "unknown" } else { subset };
                 format!(
                     "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"tcp\",response_flags=\"{flags}\"",
@@ -223,7 +249,22 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
             .unwrap_or_else(|_| Response::new(full("")))
     };
     match req.uri().path() {
-        "/ready" => text(200, "text/plain", "LIVE\n".into()),
+        // Istio's agent answers `/healthz/ready` on its status port; Envoy's admin `/ready`.
+        "/ready" | "/healthz/ready" if proxy.is_ready() => text(200, "text/plain", "LIVE\n".into()),
+        "/ready" | "/healthz/ready" => text(
+            503,
+            "text/plain",
+            "not ready: starting or draining\n".into(),
+        ),
+        // Istio's agent: stop the proxy (a job's last container ends its sidecar this way).
+        "/quitquitquit" if req.method() == hyper::Method::POST => {
+            proxy.start_drain();
+            text(200, "text/plain", "OK\n".into())
+        }
+        "/drain_listeners" if req.method() == hyper::Method::POST => {
+            proxy.start_drain();
+            text(200, "text/plain", "OK\n".into())
+        }
         "/healthz" => text(200, "text/plain", "OK\n".into()),
         "/stats/prometheus" => {
             let mut out = proxy.stats.prometheus();
@@ -309,7 +350,42 @@ fn outlier_health(
 }
 
 /// Serves the admin interface on a bound listener until the process ends.
+/// Answers 503 to every request (`/ready` included) while the proxy starts, until `stop`;
+/// then hands the listener back so the admin interface proper takes it over.
+pub async fn serve_starting(
+    listener: TcpListener,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> TcpListener {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stop => return listener,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        tokio::spawn(async move {
+            let service = service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .status(503)
+                        .header("content-type", "text/plain")
+                        .body(full("not ready: starting\n"))
+                        .unwrap_or_else(|_| Response::new(full(""))),
+                )
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    serve_on(proxy, listener, false).await;
+}
+
+/// Serves the admin interface, or with `status_only` just readiness (`/healthz/ready`,
+/// `/ready`), for a status port that kubelets probe.
+pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, status_only: bool) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -317,7 +393,14 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let r = respond(&proxy, &req);
+                let r = if status_only && !matches!(req.uri().path(), "/healthz/ready" | "/ready") {
+                    Response::builder()
+                        .status(404)
+                        .body(full(""))
+                        .unwrap_or_else(|_| Response::new(full("")))
+                } else {
+                    respond(&proxy, &req)
+                };
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::BodyExt;
@@ -11,11 +11,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use meshroute_core::contract::{
-    self, CLUSTER_HEADER, LISTENER_PORT_HEADER, UPSTREAM_SERVICE_TIME_HEADER,
+    self, CLUSTER_HEADER, ENDPOINT_HEADER, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+    UPSTREAM_SERVICE_TIME_HEADER,
 };
 use meshroute_core::engine::{Rng as _, SplitMix64};
 use meshroute_core::ir::ProxyKind;
@@ -87,48 +88,105 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, super::Error> {
 
 /// Serves one bound listener until the process ends.
 pub async fn serve(proxy: Arc<Proxy>, spec: ListenerSpec, listener: TcpListener) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(spec.limits.max_connections));
+    serve_shared(proxy, Arc::new(RwLock::new(spec)), listener).await;
+}
+
+/// A listener's description, which a reload may replace while it serves.
+pub type SharedSpec = Arc<RwLock<ListenerSpec>>;
+
+/// Serves one bound listener, each connection with the description in force when it was
+/// accepted. A gateway's listeners stop accepting when the drain starts (connections already
+/// in the accept queue are still served); a sidecar's outbound listeners keep serving the
+/// application until the process exits, as Istio drains only the inbound side.
+pub async fn serve_shared(proxy: Arc<Proxy>, spec: SharedSpec, listener: TcpListener) {
+    let limits = read_spec(&spec).limits;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let drains = proxy.kind == ProxyKind::Gateway;
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = proxy.draining(), if drains => {
+                for (stream, peer) in accept_queue(listener) {
+                    accepted_connection(&proxy, &spec, &permits, stream, peer);
+                }
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("meshroute: accept on {}: {e}", spec.address);
+                eprintln!("meshroute: accept on {}: {e}", read_spec(&spec).address);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        // Over the connection limit: close at once, the listener stays responsive.
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            drop(stream);
-            proxy.stats.connection_overflow();
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
-        let spec = spec.clone();
-        let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
-        if spec.connections.is_some() {
-            tokio::spawn(async move {
-                let _permit = permit;
-                l4::serve_connection(proxy, spec, stream, peer, connection_id).await;
-            });
-            continue;
-        }
-        tokio::spawn(async move {
-            let _permit = permit;
-            let local = stream.local_addr().ok();
-            match &spec.tls {
-                Some(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
-                    // A failed handshake only closes this connection.
-                    if let Ok(tls) = acceptor.accept(stream).await {
-                        serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
-                    }
-                }
-                None => serve_http(proxy, spec, stream, peer, local, connection_id, false).await,
-            }
-        });
+        accepted_connection(&proxy, &spec, &permits, stream, peer);
     }
+}
+
+pub(super) fn read_spec(spec: &SharedSpec) -> ListenerSpec {
+    match spec.read() {
+        Ok(s) => s.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+/// The connections the kernel accepted for a listener that is closing, so that none of them
+/// is reset.
+pub(super) fn accept_queue(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    let mut out = Vec::new();
+    let Ok(std_listener) = listener.into_std() else {
+        return out;
+    };
+    let _ = std_listener.set_nonblocking(true);
+    while let Ok((stream, peer)) = std_listener.accept() {
+        let _ = stream.set_nonblocking(true);
+        if let Ok(s) = TcpStream::from_std(stream) {
+            out.push((s, peer));
+        }
+    }
+    out
+}
+
+fn accepted_connection(
+    proxy: &Arc<Proxy>,
+    spec: &SharedSpec,
+    permits: &Arc<tokio::sync::Semaphore>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    // Over the connection limit: close at once, the listener stays responsive.
+    let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
+        drop(stream);
+        proxy.stats.connection_overflow();
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let proxy = Arc::clone(proxy);
+    let spec = read_spec(spec);
+    let connection_id = proxy.connection_ids.fetch_add(1, Ordering::Relaxed);
+    let in_flight = proxy.in_flight();
+    if spec.connections.is_some() {
+        tokio::spawn(async move {
+            let _held = (permit, in_flight);
+            l4::serve_connection(proxy, spec, stream, peer, connection_id, Vec::new()).await;
+        });
+        return;
+    }
+    tokio::spawn(async move {
+        let _held = (permit, in_flight);
+        let local = stream.local_addr().ok();
+        match &spec.tls {
+            Some(config) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                // A failed handshake only closes this connection.
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    serve_http(proxy, spec, tls, peer, local, connection_id, true).await;
+                }
+            }
+            None => serve_http(proxy, spec, stream, peer, local, connection_id, false).await,
+        }
+    });
 }
 
 /// Serves HTTP on one accepted (and, for `https`, decrypted) connection.
@@ -145,6 +203,7 @@ pub(super) async fn serve_http<I>(
 {
     let builder = listener_builder(spec.limits);
     let io = deadline::HeaderDeadline::new(io, spec.limits.header_timeout);
+    let draining = proxy.draining();
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let spec = spec.clone();
@@ -154,8 +213,30 @@ pub(super) async fn serve_http<I>(
             )
         }
     });
-    let _ = builder.serve_connection(TokioIo::new(io), service).await;
+    graceful!(
+        builder.serve_connection(TokioIo::new(io), service),
+        draining
+    );
 }
+
+/// Serves a connection (a hyper server connection future); once the drain starts, the
+/// requests in progress are answered and the connection then closes (HTTP/1.1
+/// `Connection: close`, HTTP/2 GOAWAY).
+macro_rules! graceful {
+    ($connection:expr, $draining:expr) => {{
+        let connection = $connection;
+        let draining = $draining;
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            () = draining => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }};
+}
+pub(super) use graceful;
 
 /// Downstream limits, with Envoy's defaults: 60 KiB of request headers and 100 header fields
 /// (over either: 431), a deadline for the request headers of a new request (slow clients),
@@ -315,8 +396,7 @@ pub(super) async fn handle(
         &generation,
         headers,
         body,
-        peer,
-        local_addr,
+        (peer, local_addr, spec.original_destination),
         connection_id,
     )
     .await;
@@ -351,8 +431,7 @@ pub(super) async fn run_request(
     generation: &Arc<Generation>,
     headers: Headers,
     body: body::RequestBody,
-    peer: SocketAddr,
-    local_addr: Option<SocketAddr>,
+    (peer, local_addr, original): (SocketAddr, Option<SocketAddr>, Option<SocketAddr>),
     connection_id: u64,
 ) -> Outcome {
     let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
@@ -425,6 +504,17 @@ pub(super) async fn run_request(
         s.phase = Phase::Upstream;
         std::mem::take(&mut s.request_headers)
     };
+    let mut upstream_headers = upstream_headers;
+    // A captured request the filter passed through without naming an endpoint goes on to
+    // where the client sent it (Envoy's ORIGINAL_DST cluster).
+    if let Some(original) = original {
+        let passes = upstream_headers
+            .iter()
+            .any(|(k, v)| k == CLUSTER_HEADER && v == PASSTHROUGH_CLUSTER);
+        if passes && !upstream_headers.iter().any(|(k, _)| k == ENDPOINT_HEADER) {
+            upstream_headers.push((ENDPOINT_HEADER.to_owned(), original.to_string()));
+        }
+    }
     let cluster = upstream_headers
         .iter()
         .find(|(k, _)| k == CLUSTER_HEADER)

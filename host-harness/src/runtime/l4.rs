@@ -73,10 +73,16 @@ fn tls_choice(routing: &ConnectionRouting, sni: &str) -> Option<Option<bool>> {
 }
 
 /// A stream whose first bytes were already read: they are replayed before the rest.
-struct Replay<S> {
+pub(super) struct Replay<S> {
     head: Vec<u8>,
     at: usize,
     inner: S,
+}
+
+impl<S> Replay<S> {
+    pub(super) fn new(head: Vec<u8>, inner: S) -> Self {
+        Self { head, at: 0, inner }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
@@ -189,9 +195,9 @@ fn client_hello_sni(buf: &[u8]) -> Hello {
     }
 }
 
-/// Reads until the ClientHello's SNI is known; returns it with the bytes read.
-async fn peek_client_hello(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::with_capacity(1024);
+/// Reads until the ClientHello's SNI is known (after the bytes already read, `buf`); returns
+/// it with all the bytes read.
+async fn peek_client_hello(stream: &mut TcpStream, mut buf: Vec<u8>) -> Option<(String, Vec<u8>)> {
     let read = async {
         loop {
             match client_hello_sni(&buf) {
@@ -251,21 +257,25 @@ async fn connect(endpoint: &str, cluster: &ClusterInfo) -> Result<Box<dyn Io>, S
     }
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end. `head`: bytes already read from it (a
+/// transparent listener's protocol sniffing).
 pub(super) async fn serve_connection(
     proxy: Arc<Proxy>,
     spec: ListenerSpec,
     mut stream: TcpStream,
     peer: SocketAddr,
     connection_id: u64,
+    head: Vec<u8>,
 ) {
-    let local = stream.local_addr().ok();
+    // A captured connection's destination is where the client sent it.
+    let local = spec.original_destination.or(stream.local_addr().ok());
     let routing = spec.connections.clone().unwrap_or_default();
     // Passthrough ports read the ClientHello first: its SNI picks the server, which either
     // passes the bytes on untouched or terminates TLS here.
-    let (mut peeked, mut head) = (None, Vec::new());
+    let (mut peeked, mut head) = (None, head);
     if routing.peek_sni {
-        let Some((sni, bytes)) = peek_client_hello(&mut stream).await else {
+        let Some((sni, bytes)) = peek_client_hello(&mut stream, std::mem::take(&mut head)).await
+        else {
             return;
         };
         let choice = if bytes.first() == Some(&0x16) {
@@ -293,11 +303,7 @@ pub(super) async fn serve_connection(
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
             // A failed handshake (no or untrusted client certificate for MUTUAL) only closes
             // this connection.
-            let replay = Replay {
-                head,
-                at: 0,
-                inner: stream,
-            };
+            let replay = Replay::new(head, stream);
             let tls = match acceptor.accept(replay).await {
                 Ok(t) => t,
                 Err(e) => {

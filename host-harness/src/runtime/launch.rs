@@ -1,14 +1,16 @@
 //! Starting a proxy from Istio YAML, and reloading it when the files change.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use meshroute_compiler::{MeshOptions, ProxyOptions};
 use meshroute_core::ir::{L4Table, Listener, ListenerServer, ProxyKind, RulesDocument};
 
-use super::{admin, serve, FailPolicy, ListenerSpec, Proxy};
+use super::http::{serve_shared, SharedSpec};
+use super::{admin, FailPolicy, ListenerSpec, Proxy};
 use meshroute_wasm_host::vm::Plugin;
 
 /// Everything `meshroute run` needs.
@@ -30,6 +32,19 @@ pub struct RunOptions {
     /// `off`, `stdout` or a file to append to.
     pub access_log: String,
     pub limits: super::Limits,
+    /// Sidecar: serve transparently on the capture listeners instead of as an explicit proxy.
+    pub capture: Option<Capture>,
+    /// Readiness only (`/healthz/ready`, Istio's status port 15021).
+    pub status: Option<SocketAddr>,
+    /// How long in-flight requests and connections get once the drain starts.
+    pub drain: Duration,
+}
+
+/// The listeners a transparent sidecar's capture rules redirect to.
+#[derive(Clone, Copy, Debug)]
+pub struct Capture {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
 }
 
 /// Loads and compiles; diagnostics (errors and warnings) come back as text.
@@ -68,6 +83,7 @@ pub fn listeners(
                 tls: None,
                 connections: None,
                 limits,
+                original_destination: None,
             }];
             // TCP and TLS service ports: a listener each (shifted by the offset), as Istio's
             // per-port outbound listeners.
@@ -131,6 +147,7 @@ pub fn sidecar_connection_listener(
             ..Default::default()
         }),
         limits,
+        original_destination: None,
     }
 }
 
@@ -173,48 +190,157 @@ pub fn gateway_listener(
         tls,
         connections,
         limits,
+        original_destination: None,
     })
 }
 
-fn newest_change(files: &[PathBuf]) -> Option<SystemTime> {
-    fn walk(p: &Path, newest: &mut Option<SystemTime>) {
+/// What the configuration files are, to notice a change: each file's resolved path, time
+/// and size. A ConfigMap update swaps the `..data` link to a new directory, which changes
+/// every resolved path even when times and sizes do not.
+fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
         let Ok(meta) = std::fs::metadata(p) else {
             return;
         };
         if meta.is_dir() {
             if let Ok(entries) = std::fs::read_dir(p) {
                 for e in entries.flatten() {
-                    walk(&e.path(), newest);
+                    // `..data` and its timestamped directories: reached through the links.
+                    if !e.file_name().to_string_lossy().starts_with("..") {
+                        walk(&e.path(), out);
+                    }
                 }
             }
-        } else if let Ok(m) = meta.modified() {
-            *newest = Some(newest.map_or(m, |n| n.max(m)));
+        } else {
+            let resolved = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            out.push((resolved, meta.modified().ok(), meta.len()));
         }
     }
-    let mut newest = None;
+    let mut out = Vec::new();
     for f in files {
-        walk(f, &mut newest);
+        walk(f, &mut out);
     }
-    newest
+    out.sort();
+    out
 }
 
-/// Runs until the process is stopped. `ready` receives the bound listeners.
+/// The listeners serving the current rules, by address: opened and closed as reloaded rules
+/// add and remove ports, re-described in place when a port stays.
+struct Listeners {
+    running: HashMap<SocketAddr, (SharedSpec, tokio::task::JoinHandle<()>)>,
+}
+
+impl Listeners {
+    async fn open(proxy: &Arc<Proxy>, specs: &[ListenerSpec]) -> Result<Self, super::Error> {
+        let mut running = HashMap::new();
+        // Every listener is bound, once, before readiness is announced.
+        for spec in specs {
+            let listener = super::bind(spec.address).await?;
+            let shared: SharedSpec = Arc::new(RwLock::new(spec.clone()));
+            let task = tokio::spawn(serve_shared(
+                Arc::clone(proxy),
+                Arc::clone(&shared),
+                listener,
+            ));
+            running.insert(spec.address, (shared, task));
+        }
+        Ok(Self { running })
+    }
+
+    /// Brings the listeners to `specs`. A port that cannot be bound is reported and the rest
+    /// go on; the ports that stay are never closed.
+    async fn update(&mut self, proxy: &Arc<Proxy>, specs: Vec<ListenerSpec>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let wanted: std::collections::HashSet<SocketAddr> =
+            specs.iter().map(|s| s.address).collect();
+        self.running.retain(|address, (_, task)| {
+            let keep = wanted.contains(address);
+            if !keep {
+                // Connections already accepted run in their own tasks and finish.
+                task.abort();
+                eprintln!("meshroute: closed listener {address}");
+            }
+            keep
+        });
+        for spec in specs {
+            if let Some((shared, _)) = self.running.get(&spec.address) {
+                match shared.write() {
+                    Ok(mut s) => *s = spec,
+                    Err(poisoned) => *poisoned.into_inner() = spec,
+                }
+                continue;
+            }
+            match super::bind(spec.address).await {
+                Ok(listener) => {
+                    eprintln!(
+                        "meshroute: listening on {} (port {})",
+                        spec.address, spec.server_port
+                    );
+                    let address = spec.address;
+                    let shared: SharedSpec = Arc::new(RwLock::new(spec));
+                    let task = tokio::spawn(serve_shared(
+                        Arc::clone(proxy),
+                        Arc::clone(&shared),
+                        listener,
+                    ));
+                    self.running.insert(address, (shared, task));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        errors
+    }
+
+    fn stopped(&self) -> bool {
+        self.running.values().any(|(_, t)| t.is_finished())
+    }
+}
+
+/// Runs until the process is stopped: SIGTERM, SIGINT or `/quitquitquit` drain it (readiness
+/// fails at once; in-flight requests and connections get `opts.drain` to finish) and it then
+/// returns `Ok`. `ready` receives the bound listeners.
 pub async fn run(
     opts: RunOptions,
     ready: impl FnOnce(&[ListenerSpec]),
 ) -> Result<(), super::Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signal_error = |source| super::Error::Signal { source };
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    // The admin and status ports answer from the start: 503 until everything is live.
+    let mut starting = Vec::new();
+    for (address, status_only) in [(opts.admin, false), (opts.status, true)] {
+        let Some(address) = address else { continue };
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| super::Error::Listen {
+                what: "admin ",
+                address,
+                source,
+            })?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(admin::serve_starting(listener, stopped));
+        starting.push((stop, task, status_only));
+    }
     let (doc, warnings) = compile(&opts.files, &opts.proxy, &opts.mesh)?;
     for w in warnings {
         eprintln!("{w}");
     }
     let plugin = Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref())?);
-    let specs = listeners(
-        &doc,
-        opts.listen,
-        opts.port_offset,
-        opts.credentials.as_deref(),
-        opts.limits,
-    )?;
+    let capture = opts
+        .capture
+        .filter(|_| doc.proxy.kind == ProxyKind::Sidecar);
+    let specs = if capture.is_some() {
+        Vec::new()
+    } else {
+        listeners(
+            &doc,
+            opts.listen,
+            opts.port_offset,
+            opts.credentials.as_deref(),
+            opts.limits,
+        )?
+    };
     let proxy = Proxy::new(
         plugin,
         opts.fail_policy,
@@ -231,37 +357,51 @@ pub async fn run(
         }
     })?;
     proxy.access_log.replace(log);
-    // Every listener is bound, once, before readiness is announced.
+    let mut listeners_running = Listeners::open(&proxy, &specs).await?;
     let mut tasks = Vec::new();
-    for spec in &specs {
-        let listener = super::bind(spec.address).await?;
-        tasks.push(tokio::spawn(serve(
+    if let Some(c) = &capture {
+        let outbound = super::bind(c.outbound).await?;
+        let inbound = super::bind(c.inbound).await?;
+        tasks.push(tokio::spawn(super::capture::serve_outbound(
             Arc::clone(&proxy),
-            spec.clone(),
-            listener,
+            outbound,
+            opts.limits,
         )));
+        tasks.push(tokio::spawn(super::capture::serve_inbound(
+            Arc::clone(&proxy),
+            inbound,
+            opts.limits,
+        )));
+        eprintln!(
+            "meshroute: capturing outbound connections on {}, inbound on {}",
+            c.outbound, c.inbound
+        );
     }
-    if let Some(admin_addr) = opts.admin {
-        let listener = tokio::net::TcpListener::bind(admin_addr)
-            .await
-            .map_err(|source| super::Error::Listen {
-                what: "admin ",
-                address: admin_addr,
-                source,
-            })?;
-        tasks.push(tokio::spawn(admin::serve(Arc::clone(&proxy), listener)));
+    for (stop, task, status_only) in starting {
+        let _ = stop.send(());
+        if let Ok(listener) = task.await {
+            tasks.push(tokio::spawn(admin::serve_on(
+                Arc::clone(&proxy),
+                listener,
+                status_only,
+            )));
+        }
     }
+    proxy.set_ready();
     ready(&specs);
     // Hot reload: poll the files; a failed compile keeps the running rules.
-    let mut seen = newest_change(&opts.files);
+    let mut seen = fingerprint(&opts.files);
     loop {
-        tokio::time::sleep(opts.reload_interval).await;
-        if let Some(t) = tasks.iter().position(tokio::task::JoinHandle::is_finished) {
-            let task = tasks.remove(t);
-            drop(task);
+        tokio::select! {
+            () = tokio::time::sleep(opts.reload_interval) => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            () = proxy.draining() => break,
+        }
+        if listeners_running.stopped() || tasks.iter().any(tokio::task::JoinHandle::is_finished) {
             return Err(super::Error::ListenerStopped);
         }
-        let now = newest_change(&opts.files);
+        let now = fingerprint(&opts.files);
         if now == seen {
             continue;
         }
@@ -270,8 +410,31 @@ pub async fn run(
             if doc.proxy.kind != proxy.kind {
                 return Err(super::Error::KindChanged);
             }
-            proxy.reload(doc, opts.files.clone())
+            let specs = if capture.is_some() {
+                Vec::new()
+            } else {
+                listeners(
+                    &doc,
+                    opts.listen,
+                    opts.port_offset,
+                    opts.credentials.as_deref(),
+                    opts.limits,
+                )?
+            };
+            proxy.reload(doc, opts.files.clone())?;
+            Ok(specs)
         });
+        let result = match result {
+            Ok(specs) => {
+                let errors = listeners_running.update(&proxy, specs).await;
+                if errors.is_empty() {
+                    Ok(())
+                } else {
+                    Err(errors.join("\n"))
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
         match result {
             Ok(()) => {
                 eprintln!("meshroute: configuration reloaded");
@@ -290,9 +453,26 @@ pub async fn run(
                     .config_reload_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Ok(mut slot) = proxy.reload_error.lock() {
-                    *slot = Some(e.to_string());
+                    *slot = Some(e);
                 }
             }
         }
     }
+    proxy.start_drain();
+    eprintln!(
+        "meshroute: draining (up to {} ms for requests and connections in flight)",
+        opts.drain.as_millis()
+    );
+    let finished = tokio::select! {
+        f = proxy.drained(opts.drain) => f,
+        // A second signal: stop now.
+        _ = terminate.recv() => false,
+        _ = interrupt.recv() => false,
+    };
+    if finished {
+        eprintln!("meshroute: drained");
+    } else {
+        eprintln!("meshroute: drain period over; closing what is still open");
+    }
+    Ok(())
 }

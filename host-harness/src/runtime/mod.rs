@@ -13,6 +13,7 @@
 pub mod access_log;
 pub mod admin;
 mod body;
+pub mod capture;
 mod deadline;
 pub mod demo;
 mod generation;
@@ -26,7 +27,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -80,9 +81,11 @@ pub enum Error {
     ListenerStopped,
     #[error("the proxy kind cannot change on reload")]
     KindChanged,
+    #[error("cannot handle signals: {source}")]
+    Signal { source: std::io::Error },
 }
 use generation::{cluster_check, cluster_table, spawn_ticker, start_instance, Slot};
-pub use http::{bind, serve};
+pub use http::{bind, serve, serve_shared, SharedSpec};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -116,6 +119,9 @@ pub struct ListenerSpec {
     /// not served as HTTP.
     pub connections: Option<l4::ConnectionRouting>,
     pub limits: Limits,
+    /// Where the client sent the connection, for connections a transparent listener
+    /// captured: routing reads it, and the PassthroughCluster connects to it.
+    pub original_destination: Option<SocketAddr>,
 }
 
 /// Per-listener protection against hostile or broken clients.
@@ -151,6 +157,27 @@ pub struct Proxy {
     pub access_log: access_log::AccessLog,
     connection_ids: AtomicU64,
     client: upstream::Client,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// Start-up and shutdown as a pod sees them: `/ready` answers 200 only between the moment
+/// every listener and the rules are live and the start of the drain.
+pub struct Lifecycle {
+    ready: AtomicBool,
+    drain: tokio::sync::watch::Sender<bool>,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// One connection being served: the drain waits for these.
+pub struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Proxy {
@@ -177,7 +204,57 @@ impl Proxy {
             connection_ids: AtomicU64::new(1),
             access_log: access_log::AccessLog::default(),
             client: upstream::Client::new(),
+            lifecycle: Arc::new(Lifecycle {
+                ready: AtomicBool::new(false),
+                drain: tokio::sync::watch::channel(false).0,
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
         }))
+    }
+
+    /// Every listener is bound and the rules are loaded.
+    pub fn set_ready(&self) {
+        self.lifecycle.ready.store(true, Ordering::Release);
+    }
+
+    /// Live and not draining (`/ready`).
+    pub fn is_ready(&self) -> bool {
+        self.lifecycle.ready.load(Ordering::Acquire) && !*self.lifecycle.drain.borrow()
+    }
+
+    /// Starts the drain (SIGTERM, `/quitquitquit`): readiness fails, listeners that drain
+    /// stop accepting, HTTP connections close once their requests are answered.
+    pub fn start_drain(&self) {
+        self.lifecycle.drain.send_replace(true);
+    }
+
+    /// Resolves once the drain has started.
+    pub fn draining(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.lifecycle.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    /// Counts a connection as in flight until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(&self.lifecycle))
+    }
+
+    /// Waits until no connection is in flight, or `within` has passed; whether all ended.
+    pub async fn drained(&self, within: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.lifecycle.idle.notified();
+                if self.lifecycle.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.is_ok()
     }
 
     fn generation(

@@ -22,6 +22,8 @@ type Pool = hyper_util::client::legacy::Client<HttpConnector, Body>;
 /// connection per endpoint.
 pub struct Client {
     pools: Mutex<HashMap<Duration, Pool>>,
+    /// To the workload behind a transparent sidecar, from the inbound source address.
+    inbound: Pool,
     h2: Mutex<HashMap<String, hyper::client::conn::http2::SendRequest<Body>>>,
 }
 
@@ -37,7 +39,17 @@ pub enum Attempt {
 
 impl Client {
     pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        connector.set_nodelay(true);
+        connector.set_local_addresses(
+            super::capture::INBOUND_SOURCE,
+            std::net::Ipv6Addr::LOCALHOST,
+        );
         Self {
+            inbound: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(3600))
+                .build(connector),
             pools: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
         }
@@ -58,6 +70,37 @@ impl Client {
                 })
                 .clone(),
         )
+    }
+
+    /// One HTTP/1.1 request to the workload of a transparent sidecar's inbound port.
+    pub async fn send_inbound(&self, endpoint: &str, headers: &Headers, body: Body) -> Attempt {
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let path = match get(":path") {
+            "" => "/",
+            p => p,
+        };
+        let mut builder = hyper::Request::builder()
+            .method(get(":method"))
+            .uri(format!("http://{endpoint}{path}"))
+            .header("host", get(":authority"));
+        for (k, v) in headers {
+            if !k.starts_with(':') {
+                builder = builder.header(k.as_str(), v.as_str());
+            }
+        }
+        let Ok(request) = builder.body(body) else {
+            return Attempt::Reset;
+        };
+        match self.inbound.request(request).await {
+            Ok(resp) => Attempt::Response(resp.map(BodyExt::boxed)),
+            Err(e) if e.is_connect() => Attempt::ConnectFailure,
+            Err(_) => Attempt::Reset,
+        }
     }
 
     #[allow(clippy::too_many_arguments, reason = "one attempt's whole description")]

@@ -957,3 +957,36 @@ fn gateway_sni_routes_are_the_filters_on_istios_8443_listener() {
     }
     assert_eq!(v1.connections(), 0, "istiod's route to both pods ran");
 }
+
+/// Envoy ≥ 1.33 trusts no address as internal unless told (istiod tells it only with mesh
+/// networks), so a sidecar's HTTP connection manager strips an application's own
+/// `x-envoy-*` router headers (istio/istio#14923); the filter does the same.
+#[test]
+fn an_applications_router_headers_are_dropped_as_istios_sidecar_drops_them() {
+    let ratings = Upstream::start("ratings");
+    let pods = [("10.244.0.191", ratings.port)];
+    let slow = || {
+        get("ratings", "/?sleep_ms=800")
+            .header("x-envoy-upstream-rq-timeout-ms", "100")
+            .header("x-envoy-max-retries", "5")
+    };
+    let plain = Istiod::sidecar("services-only").start(&pods);
+    assert_eq!(
+        plain.send(9080, &slow()).status,
+        200,
+        "istiod's sidecar alone"
+    );
+    drop(plain);
+    for kind in KINDS {
+        let (_, list) = istio_manifest(
+            &rules_yaml(SCENARIO_VIRTUAL_SERVICES),
+            sidecar_proxy(),
+            kind,
+            Packing::Auto,
+        );
+        let proxy = Istiod::sidecar("services-only").apply(&list).start(&pods);
+        let r = proxy.send(9080, &slow());
+        assert_eq!(r.status, 200, "{kind:?}: {}", r.text());
+    }
+    assert_no_control_headers(&ratings.received());
+}

@@ -6,6 +6,7 @@
 //! - `conformance`, `conformance_l4`: the scenario suite on both hosts;
 //! - `hostile`: clients that try to steer, flood or stall the proxy;
 //! - `istio`: the filter inside the configuration istiod generates, loaded by the manifests;
+//! - `pods`: transparent sidecars in pods made of network namespaces and iptables rules;
 //! - `resilience`: retries, timeouts, circuit breaking and outlier detection;
 //! - `run`: the `meshroute` binary as a user runs it;
 //! - `scenarios`, `seeds`: the traffic-management scenarios and the seed documents'
@@ -18,6 +19,7 @@ mod deviations;
 mod docs;
 mod hostile;
 mod istio;
+mod pods;
 mod resilience;
 mod run;
 mod scenarios;

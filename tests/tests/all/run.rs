@@ -14,14 +14,7 @@ use std::time::{Duration, Instant};
 use meshroute_tests::{free_port, get, registry, subsets, wasm_path, Upstream};
 
 fn binary() -> PathBuf {
-    let p = std::env::var_os("MESHROUTE_BIN").map_or_else(
-        || meshroute_tests::repo_root().join("target/debug/meshroute"),
-        PathBuf::from,
-    );
-    let p = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or(p, |t| PathBuf::from(t).join("debug/meshroute"));
-    assert!(p.exists(), "{} is missing: run `make test`", p.display());
-    p
+    meshroute_tests::meshroute_binary()
 }
 
 /// A `meshroute` process, stopped by PID on drop.

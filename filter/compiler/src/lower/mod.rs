@@ -18,6 +18,7 @@ use crate::validate::Validated;
 mod cluster;
 mod gateway;
 pub(crate) mod http;
+mod inbound;
 mod l4;
 
 pub use http::default_retry_policy;
@@ -82,6 +83,11 @@ pub fn lower(
     }
     let port_aliases = if proxy.kind == ProxyKind::Gateway {
         l.gateway_port_aliases(&listeners)
+    } else {
+        Vec::new()
+    };
+    let inbound = if proxy.kind == ProxyKind::Sidecar {
+        l.sidecar_inbound()
     } else {
         Vec::new()
     };
@@ -154,6 +160,7 @@ pub fn lower(
         listeners,
         l4_tables,
         port_aliases,
+        inbound,
         warnings: l.diags.iter().map(ToString::to_string).collect(),
     };
     (doc, l.diags)

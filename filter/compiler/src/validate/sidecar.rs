@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 
 use super::destination_rule::connection_pool;
-use super::V;
+
+use super::{SERVICE_PROTOCOLS, V};
 use crate::api;
 use crate::diag::Diagnostic;
 use crate::hosts;
@@ -24,6 +25,7 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
     if let Some(ws) = &sc.workload_selector {
         v.labels(&spec.key("workloadSelector").key("labels"), &ws.labels);
     }
+    ingress(&mut v, &spec, sc);
     let mut ports = BTreeSet::new();
     let mut portless = 0;
     for (i, e) in sc.egress.iter().enumerate() {
@@ -109,5 +111,112 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
     }
     if let Some(cp) = &sc.inbound_connection_pool {
         connection_pool(&mut v, &spec.key("inboundConnectionPool"), cp);
+    }
+}
+
+/// `ingress` listeners, with istiod's checks and words.
+fn ingress(v: &mut V<'_>, spec: &FieldPath, sc: &api::Sidecar) {
+    let mut ports = BTreeSet::new();
+    for (i, l) in sc.ingress.iter().enumerate() {
+        let ip = spec.key("ingress").idx(i);
+        let Some(port) = &l.port else {
+            v.err(&ip, "sidecar: port is required for ingress listeners");
+            continue;
+        };
+        let pp = ip.key("port");
+        if port.target_port.is_some_and(|t| t > 0) {
+            v.err(
+                &pp.key("targetPort"),
+                "targetPort has no impact on Sidecars",
+            );
+        }
+        if !port.name.is_empty() && !hosts::is_dns1123_label(&port.name) {
+            v.err(
+                &pp.key("name"),
+                format!(
+                    "invalid port name {:?}: must be a DNS-1123 label",
+                    port.name
+                ),
+            );
+        }
+        let protocol = port.protocol.to_ascii_uppercase();
+        if !SERVICE_PROTOCOLS.contains(&protocol.as_str()) {
+            v.err(
+                &pp.key("protocol"),
+                format!("unrecognized protocol {:?}", port.protocol),
+            );
+        }
+        v.port_number(&pp.key("number"), port.number, true);
+        if let Some(bind) = &l.bind {
+            if bind.parse::<std::net::IpAddr>().is_err() {
+                v.err(&ip.key("bind"), format!("{bind} is not a valid IP"));
+            }
+        }
+        if let Some(n) = port.number {
+            if !ports.insert(n) {
+                v.err(&pp, "sidecar: ports on IP bound listeners must be unique");
+            }
+        }
+        if let Some(m) = &l.capture_mode {
+            if !matches!(m.as_str(), "DEFAULT" | "IPTABLES" | "NONE") {
+                v.err(&ip.key("captureMode"), format!("unknown captureMode {m:?}"));
+            }
+        }
+        if let Some(e) = &l.default_endpoint {
+            default_endpoint(v, &ip.key("defaultEndpoint"), e);
+        }
+        if l.tls.is_some() {
+            // The inbound side serves plain text; terminating TLS there is not built.
+            v.err(
+                &ip.key("tls"),
+                "sidecar: ingress tls is not supported by meshroute (the inbound listener does not terminate TLS)",
+            );
+        }
+        if let Some(cp) = &l.connection_pool {
+            connection_pool(v, &ip.key("connectionPool"), cp);
+            if cp.http.is_some() && !HTTP_PROTOCOLS.contains(&protocol.as_str()) {
+                v.warn(
+                    &ip.key("connectionPool").key("http"),
+                    format!(
+                        "sidecar: HTTP connection pool settings are configured for port {} ({:?}) but its protocol is not HTTP ({}); only TCP settings will apply",
+                        port.number.unwrap_or(0),
+                        port.name,
+                        port.protocol
+                    ),
+                );
+            }
+        }
+    }
+}
+
+const HTTP_PROTOCOLS: &[&str] = &["HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTP_PROXY"];
+
+/// `127.0.0.1:PORT`, `0.0.0.0:PORT`, `[::1]:PORT`, `[::]:PORT` or `unix://PATH`.
+fn default_endpoint(v: &mut V<'_>, path: &FieldPath, e: &str) {
+    if let Some(socket) = e.strip_prefix("unix://") {
+        if socket.is_empty() {
+            v.err(path, "unix address must not be empty");
+        } else if !socket.starts_with('/') && !socket.starts_with('@') {
+            v.err(path, format!("{socket} is not an absolute path to a file"));
+        }
+        return;
+    }
+    let Some((host, port)) = e.rsplit_once(':') else {
+        v.err(path, format!("address {e}: missing port in address"));
+        return;
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if !matches!(host, "" | "127.0.0.1" | "0.0.0.0" | "::1" | "::") {
+        v.err(path, "sidecar: defaultEndpoint must be of form 127.0.0.1:<port>,0.0.0.0:<port>,[::1]:port,[::]:port,unix://filepath or unset");
+    }
+    match port.parse::<i64>() {
+        Ok(n) => v.port_number(path, Some(n), true),
+        Err(e) => v.err(
+            path,
+            format!("sidecar: defaultEndpoint port ({port}) is not a number: {e}"),
+        ),
     }
 }

@@ -249,9 +249,7 @@ impl Engine {
                         .iter()
                         .any(|m| m.matches(conn.sni, destination_ip))
             }) else {
-                return ConnectionOutcome::Close {
-                    reason: "no route matches the connection",
-                };
+                return self.unrouted_connection(destination_ip, conn.destination);
             };
             let mut chosen = &route.destinations[0].0;
             if route.destinations.len() > 1 && route.total_weight > 0 {
@@ -280,6 +278,7 @@ impl Engine {
             port: conn.port,
             headers: &[],
             source_ip: conn.source_ip,
+            transparent: false,
         };
         match self.pick(c, &view, rng, state) {
             Err(()) => ConnectionOutcome::Close {
@@ -301,6 +300,35 @@ impl Engine {
                     idle_timeout_ms: c.tcp_idle_timeout_ms,
                 }
             }
+        }
+    }
+}
+
+impl Engine {
+    /// A connection no route takes: a sidecar under ALLOW_ANY passes it on to its original
+    /// destination (Istio's PassthroughCluster); otherwise it is closed (BlackHoleCluster).
+    /// A loopback destination is the proxy's own listener (an explicit one, or the capture
+    /// port itself), never an original destination: passing it on would loop.
+    fn unrouted_connection<'e>(
+        &self,
+        destination_ip: Option<IpAddr>,
+        destination: &str,
+    ) -> ConnectionOutcome<'e> {
+        let passes = self.kind == ir::ProxyKind::Sidecar
+            && self.outbound == ir::OutboundPolicy::AllowAny
+            && destination_ip.is_some_and(|ip| !ip.is_loopback());
+        if !passes {
+            return ConnectionOutcome::Close {
+                reason: "no route matches the connection",
+            };
+        }
+        ConnectionOutcome::Forward {
+            route: "allow_any",
+            cluster: Cow::Borrowed(crate::contract::PASSTHROUGH_CLUSTER),
+            // Inside Istio the PassthroughCluster reads the connection's own destination.
+            endpoint: (!self.host_selects).then(|| destination.to_owned()),
+            ticket: None,
+            idle_timeout_ms: None,
         }
     }
 }

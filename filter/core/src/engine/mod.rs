@@ -836,16 +836,20 @@ impl Engine {
                 Outcome::Reply(Reply::empty(502, None, "direct_response"))
             }
             (ProxyKind::Sidecar, OutboundPolicy::AllowAny) => {
-                let (host, port) = split_host_port(req.authority);
-                let port = port.unwrap_or(req.port);
-                let endpoint = if host.contains(':') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                };
+                // A captured connection goes on to where the client sent it, which the host
+                // knows (Envoy's ORIGINAL_DST); an explicit proxy's, to the authority.
+                let endpoint = (!self.host_selects && !req.transparent).then(|| {
+                    let (host, port) = split_host_port(req.authority);
+                    let port = port.unwrap_or(req.port);
+                    if host.contains(':') {
+                        format!("[{host}]:{port}")
+                    } else {
+                        format!("{host}:{port}")
+                    }
+                });
                 Outcome::Forward(Forward {
                     cluster: Cow::Borrowed(PASSTHROUGH_CLUSTER),
-                    endpoint: Some(endpoint),
+                    endpoint,
                     path: None,
                     authority: None,
                     request_edits: Vec::new(),

@@ -19,6 +19,10 @@ pub struct RequestView<'a> {
     pub headers: &'a [(String, String)],
     /// Downstream address (IP only), for `useSourceIp` hashing.
     pub source_ip: Option<&'a str>,
+    /// The connection was addressed to the destination itself (transparent capture, Istio's
+    /// per-port listeners) rather than to the proxy: traffic for unknown hosts goes on to
+    /// that original destination, which the host knows, instead of to the authority.
+    pub transparent: bool,
 }
 
 impl<'a> RequestView<'a> {
@@ -167,6 +171,7 @@ mod tests {
             port: 80,
             headers: &[],
             source_ip: None,
+            transparent: false,
         };
         assert_eq!(req.query_param("a").as_deref(), Some("1"));
         assert_eq!(req.query_param("b").as_deref(), Some(""));

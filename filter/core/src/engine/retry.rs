@@ -257,6 +257,7 @@ impl RetryRun {
             port: 0,
             headers: &self.headers,
             source_ip: None,
+            transparent: false,
         }
     }
 

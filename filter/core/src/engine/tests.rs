@@ -148,6 +148,7 @@ fn outcome(engine: &Engine, r: &Req<'_>, rng: &mut dyn Rng) -> String {
         port: 80,
         headers: &r.headers,
         source_ip: None,
+        transparent: false,
     };
     match engine.decide(&view, rng).outcome {
         Outcome::Forward(f) => {
@@ -214,6 +215,7 @@ fn hosts_match_exact_then_longest_wildcard_then_any() {
             port: 80,
             headers: &[],
             source_ip: None,
+            transparent: false,
         };
         let d = engine.decide(&view, &mut SplitMix64(1));
         assert_eq!(d.vhost, Some(expected), "{authority}");
@@ -289,6 +291,7 @@ fn the_first_matching_route_decides() {
             port: 80,
             headers: &r.headers,
             source_ip: None,
+            transparent: false,
         };
         assert_eq!(
             engine.decide(&view, &mut SplitMix64(1)).route,
@@ -443,6 +446,7 @@ fn faults_are_sampled_per_million() {
         port: 80,
         headers: &[],
         source_ip: None,
+        transparent: false,
     };
     // The delay draw comes first, then the abort draw.
     let d = engine.decide(&view, &mut Scripted(vec![at(1, 4), at(1, 20)]));
@@ -474,6 +478,96 @@ fn unknown_hosts_follow_the_proxy_and_its_outbound_policy() {
             outcome(&engine, &req("example.org:8080", "/"), &mut SplitMix64(1)),
             expected,
             "{kind:?} {outbound:?}"
+        );
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn unknown_hosts_of_captured_connections_go_to_their_original_destination() {
+    let mut d = doc(ProxyKind::Sidecar, OutboundPolicy::AllowAny, vec![]);
+    let engine = Engine::new(d.clone()).unwrap();
+    let view = |transparent| RequestView {
+        method: "GET",
+        scheme: "http",
+        authority: "example.org:8080",
+        path: "/",
+        port: 80,
+        headers: &[],
+        source_ip: None,
+        transparent,
+    };
+    let endpoint =
+        |e: &Engine, transparent| match e.decide(&view(transparent), &mut SplitMix64(1)).outcome {
+            Outcome::Forward(f) => (f.cluster.into_owned(), f.endpoint),
+            Outcome::Reply(r) => (format!("reply {}", r.status), None),
+        };
+    // Explicit proxy: the authority; captured: the host's original destination.
+    assert_eq!(
+        endpoint(&engine, false),
+        ("PassthroughCluster".into(), Some("example.org:8080".into()))
+    );
+    assert_eq!(endpoint(&engine, true), ("PassthroughCluster".into(), None));
+    // Inside Istio the PassthroughCluster is ORIGINAL_DST on the connection's destination.
+    d.proxy.endpoint_selection = EndpointSelection::Host;
+    let in_istio = Engine::new(d).unwrap();
+    assert_eq!(
+        endpoint(&in_istio, false),
+        ("PassthroughCluster".into(), None)
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn unrouted_connections_pass_through_under_allow_any_but_never_to_loopback() {
+    let table = L4Table {
+        port: 5432,
+        auto_passthrough: false,
+        routes: vec![L4Route {
+            name: "db".into(),
+            matches: vec![L4Match {
+                sni_hosts: vec![],
+                destination_subnets: vec!["10.9.0.0/16".into()],
+            }],
+            destinations: vec![dest("a.svc", "", 1)],
+            source: None,
+        }],
+    };
+    let decide = |kind, outbound, destination: &str| {
+        let mut d = doc(kind, outbound, vec![]);
+        d.l4_tables = vec![table.clone()];
+        let engine = Engine::new(d).unwrap();
+        let conn = ConnectionView {
+            port: 5432,
+            sni: "",
+            destination,
+            source_ip: None,
+        };
+        match engine.decide_connection(&conn, &mut SplitMix64(1), &NoEndpointState) {
+            ConnectionOutcome::Forward {
+                cluster, endpoint, ..
+            } => {
+                format!("{cluster} {}", endpoint.unwrap_or_default())
+            }
+            ConnectionOutcome::Close { reason } => format!("closed: {reason}"),
+        }
+    };
+    let (s, g) = (ProxyKind::Sidecar, ProxyKind::Gateway);
+    let (any, only) = (OutboundPolicy::AllowAny, OutboundPolicy::RegistryOnly);
+    assert!(decide(s, any, "10.9.0.7:5432").starts_with("outbound|80||a.svc"));
+    assert_eq!(
+        decide(s, any, "10.20.0.1:5432"),
+        "PassthroughCluster 10.20.0.1:5432"
+    );
+    for (kind, outbound, destination) in [
+        (s, only, "10.20.0.1:5432"),
+        (g, any, "10.20.0.1:5432"),
+        // An explicit listener's own address, or the capture port: passing it on would loop.
+        (s, any, "127.0.0.1:5432"),
+        (s, any, "[::1]:5432"),
+    ] {
+        assert_eq!(
+            decide(kind, outbound, destination),
+            "closed: no route matches the connection",
+            "{kind:?} {outbound:?} {destination}"
         );
     }
 }

@@ -141,3 +141,31 @@ pub struct ServerTls {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
 }
+
+/// A sidecar's inbound port: traffic captured on its way to the workload (Istio's
+/// `inbound|PORT||` clusters), from the Services that select the workload or from the
+/// Sidecar's `ingress` listeners.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundPort {
+    /// The workload's port (a Service's `targetPort`, an ingress listener's port).
+    pub port: u16,
+    /// HTTP-family ports are proxied request by request, the others as connections.
+    #[serde(default, skip_serializing_if = "super::Protocol::is_unspecified")]
+    pub protocol: super::Protocol,
+    /// Where the workload listens: `127.0.0.1:PORT`, `[::1]:PORT`, `0.0.0.0:PORT` (the
+    /// address the connection was sent to, with this port) or `unix://PATH`; `None`: the
+    /// connection's original destination, as Istio forwards since 1.10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The service the port belongs to (metrics' `destination_service`); empty when none
+    /// does.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    /// `connectionPool.tcp.maxConnections` (0: no limit).
+    #[serde(default, skip_serializing_if = "super::is_zero")]
+    pub max_connections: u32,
+    /// `connectionPool.http.http2MaxRequests`: requests at once (0: no limit).
+    #[serde(default, skip_serializing_if = "super::is_zero")]
+    pub max_requests: u32,
+}

@@ -99,6 +99,9 @@ pub struct RulesDocument {
     /// Service's `targetPort`: Istio's ingress gateway takes port 80 on 8080).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_aliases: Vec<PortAlias>,
+    /// A sidecar's inbound ports (what a transparent sidecar serves on its inbound side).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound: Vec<InboundPort>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -217,6 +220,11 @@ impl Protocol {
 
     pub fn is_unspecified(&self) -> bool {
         *self == Self::Unspecified
+    }
+
+    /// Served request by request (HTTP, HTTP2, GRPC, GRPC-WEB); unspecified ports are sniffed.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::Http2 | Self::Grpc | Self::GrpcWeb)
     }
 
     /// HTTP/2 to the endpoints (HTTP2, GRPC, GRPC-WEB).
