@@ -32,14 +32,39 @@ struct EgressHost {
     exclude: bool,
 }
 
-/// What a sidecar proxy imports.
+/// What a sidecar proxy imports: all its egress listeners' hosts together, and each
+/// listener's on its own port (`None`: the catch-all listener, for every other port).
 pub(crate) struct Scope {
     egress: Option<Vec<EgressHost>>,
+    listeners: Vec<(Option<u16>, Vec<EgressHost>)>,
 }
 
 impl Scope {
     pub(crate) fn all() -> Self {
-        Self { egress: None }
+        Self {
+            egress: None,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Whether `host` is served on `port`, as Istio's egress listeners narrow it: the
+    /// listener for that port decides, else the catch-all one; a port no listener covers
+    /// serves nothing (its traffic follows the outbound policy).
+    pub(crate) fn imports_on_port(&self, ns: &str, host: &str, port: u16) -> bool {
+        if self.egress.is_none() {
+            return true;
+        }
+        let listener = self
+            .listeners
+            .iter()
+            .find(|(p, _)| *p == Some(port))
+            .or_else(|| self.listeners.iter().find(|(p, _)| p.is_none()));
+        listener.is_some_and(|(_, hosts)| Self::imports(hosts, ns, host))
+    }
+
+    fn imports(egress: &[EgressHost], ns: &str, host: &str) -> bool {
+        let hit = |e: &EgressHost| Self::ns_ok(&e.namespace, ns) && hosts::intersects(&e.dns, host);
+        egress.iter().any(|e| !e.exclude && hit(e)) && !egress.iter().any(|e| e.exclude && hit(e))
     }
 
     fn ns_ok(filter: &str, ns: &str) -> bool {
@@ -47,11 +72,9 @@ impl Scope {
     }
 
     pub(crate) fn imports_host(&self, ns: &str, host: &str) -> bool {
-        let Some(egress) = &self.egress else {
-            return true;
-        };
-        let hit = |e: &EgressHost| Self::ns_ok(&e.namespace, ns) && hosts::intersects(&e.dns, host);
-        egress.iter().any(|e| !e.exclude && hit(e)) && !egress.iter().any(|e| e.exclude && hit(e))
+        self.egress
+            .as_ref()
+            .is_none_or(|egress| Self::imports(egress, ns, host))
     }
 }
 
@@ -126,7 +149,9 @@ pub(crate) fn sidecar_scope(
         return (Scope::all(), policy);
     }
     let mut egress = Vec::new();
+    let mut listeners = Vec::new();
     for e in &sc.spec.egress {
+        let first = egress.len();
         for h in &e.hosts {
             let Some((nsf, dns)) = h.split_once('/') else {
                 continue;
@@ -146,10 +171,25 @@ pub(crate) fn sidecar_scope(
                 exclude,
             });
         }
+        let port = e
+            .port
+            .as_ref()
+            .and_then(|p| p.number)
+            .and_then(|n| u16::try_from(n).ok());
+        let hosts = egress[first..]
+            .iter()
+            .map(|h| EgressHost {
+                namespace: h.namespace.clone(),
+                dns: h.dns.clone(),
+                exclude: h.exclude,
+            })
+            .collect();
+        listeners.push((port, hosts));
     }
     (
         Scope {
             egress: Some(egress),
+            listeners,
         },
         policy,
     )

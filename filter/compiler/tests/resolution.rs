@@ -391,3 +391,49 @@ fn a_sidecars_inbound_ports_come_from_the_services_that_select_it_or_its_ingress
     let (doc, _) = build(services, gateway());
     assert!(doc.inbound.is_empty());
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn an_egress_listener_with_a_port_narrows_what_that_port_serves() {
+    let mut yaml = String::new();
+    for (name, port) in [("reviews", 9080), ("ratings", 9080), ("details", 9090)] {
+        yaml.push_str(&svc(name, "default", port));
+    }
+    let with_egress = |egress: &str| {
+        format!("{yaml}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: default}}\nspec:\n  egress:\n{egress}")
+    };
+    let reviews = "reviews.default.svc.cluster.local";
+    let ratings = "ratings.default.svc.cluster.local";
+    let details = "details.default.svc.cluster.local";
+    // Port 9080 serves reviews only; the catch-all listener serves every other port.
+    let (doc, _) = build(
+        &with_egress(&format!("  - port: {{number: 9080, protocol: HTTP, name: http}}\n    hosts: [./{reviews}]\n  - hosts: ['./*']\n")),
+        sidecar("default"),
+    );
+    assert!(vhost(&doc, 9080, reviews).is_some());
+    assert!(
+        vhost(&doc, 9080, ratings).is_none(),
+        "ratings is not on the 9080 listener"
+    );
+    assert!(vhost(&doc, 9090, details).is_some());
+    // Without a catch-all, ports no listener covers serve nothing.
+    let (doc, _) = build(
+        &with_egress("  - port: {number: 9080, protocol: HTTP, name: http}\n    hosts: ['./*']\n"),
+        sidecar("default"),
+    );
+    assert!(vhost(&doc, 9080, ratings).is_some());
+    assert!(vhost(&doc, 9090, details).is_none());
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn listener_binding_fields_are_said_to_have_no_effect() {
+    let yaml = format!("{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: default}}\nspec:\n  ingress:\n  - port: {{number: 9080, protocol: HTTP, name: http}}\n    bind: 0.0.0.0\n  egress:\n  - port: {{number: 9080, protocol: HTTP, name: http}}\n    captureMode: NONE\n    hosts: ['./*']\n", svc("reviews", "default", 9080));
+    let (_, diags) = build(&yaml, sidecar("default"));
+    for path in ["spec.ingress[0].bind", "spec.egress[0].captureMode"] {
+        assert!(
+            diags
+                .iter()
+                .any(|d| d.contains(path) && d.contains("has no effect")),
+            "{path}: {diags:?}"
+        );
+    }
+}

@@ -75,7 +75,17 @@ impl Lowering<'_> {
                         .find(|(h, _)| hosts::matches(h, &svc.host))
                         .map(|(_, vi)| *vi)
                 });
-            for port in svc.ports.iter().filter(|p| p.is_http()) {
+            let served: Vec<_> = svc
+                .ports
+                .iter()
+                .filter(|p| {
+                    p.is_http()
+                        && self
+                            .scope
+                            .imports_on_port(&svc.namespace, &svc.host, p.number)
+                })
+                .collect();
+            for port in served {
                 let name = format!("{}:{}", svc.host, port.number);
                 let (routes, source) = match best_vs {
                     Some(vi) => {

@@ -12,6 +12,9 @@ use crate::source::FieldPath;
 impl Lowering<'_> {
     pub(super) fn sidecar_inbound(&mut self) -> Vec<ir::InboundPort> {
         let sidecar = sidecar_for(self.config, self.proxy, self.mesh);
+        if let Some(s) = sidecar {
+            self.warn_listener_binding(s);
+        }
         let pool = sidecar.and_then(|s| s.spec.inbound_connection_pool.as_ref());
         if let Some(s) = sidecar {
             if let Some(p) = pool {
@@ -94,6 +97,39 @@ impl Lowering<'_> {
         }
         ports.sort_by_key(|p| p.port);
         ports
+    }
+
+    /// `bind` and `captureMode` ask istiod for a listener of their own on an address; every
+    /// port of a meshroute sidecar is served by its capture (or explicit proxy) listener, so
+    /// they are said to have no effect.
+    fn warn_listener_binding(&mut self, r: &crate::load::Resource<api::Sidecar>) {
+        let spec = FieldPath::root().key("spec");
+        let mut unapplied = Vec::new();
+        for (i, l) in r.spec.ingress.iter().enumerate() {
+            let p = spec.key("ingress").idx(i);
+            if l.bind.is_some() {
+                unapplied.push(p.key("bind"));
+            }
+            if l.capture_mode.as_deref().is_some_and(|m| m != "DEFAULT") {
+                unapplied.push(p.key("captureMode"));
+            }
+        }
+        for (i, l) in r.spec.egress.iter().enumerate() {
+            let p = spec.key("egress").idx(i);
+            if l.bind.is_some() {
+                unapplied.push(p.key("bind"));
+            }
+            if l.capture_mode.as_deref().is_some_and(|m| m != "DEFAULT") {
+                unapplied.push(p.key("captureMode"));
+            }
+        }
+        for path in unapplied {
+            self.diags.push(r.diag(
+                crate::diag::Severity::Warning,
+                &path,
+                "has no effect in meshroute: every port is served on the sidecar's capture (or explicit proxy) listener",
+            ));
+        }
     }
 
     /// The inbound side applies a pool's `tcp.maxConnections` and `http.http2MaxRequests`;

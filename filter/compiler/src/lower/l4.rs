@@ -244,7 +244,17 @@ impl Lowering<'_> {
                     };
                     hosts::specificity_cmp(&spec(a), &spec(b))
                 });
-            for port in svc.ports.iter().filter(|p| !p.is_http()) {
+            let served: Vec<_> = svc
+                .ports
+                .iter()
+                .filter(|p| {
+                    !p.is_http()
+                        && self
+                            .scope
+                            .imports_on_port(&svc.namespace, &svc.host, p.number)
+                })
+                .collect();
+            for port in served {
                 let tls = is_tls_port(&port.protocol);
                 let identify = identify(svc, tls);
                 let mut routes = Vec::new();

@@ -34,6 +34,8 @@ struct Lowering<'a> {
     diags: Vec<Diagnostic>,
     /// Clusters referenced by routes, to warn about missing ones once.
     warned: BTreeSet<String>,
+    /// A sidecar's egress listeners, which narrow what each port serves.
+    scope: Scope,
 }
 
 /// Lowers a validated configuration for one proxy. Returns the document and the
@@ -52,6 +54,7 @@ pub fn lower(
         by_host: HashMap::new(),
         diags: Vec::new(),
         warned: BTreeSet::new(),
+        scope: Scope::all(),
     };
     let mut outbound = mesh.outbound_traffic_policy;
     let scope = if proxy.kind == ProxyKind::Sidecar {
@@ -71,6 +74,7 @@ pub fn lower(
     let (route_tables, listeners, l4_tables) = match proxy.kind {
         ProxyKind::Sidecar => {
             let vss = resolve::sidecar_vss(config, proxy, &scope);
+            l.scope = scope;
             let l4 = l.sidecar_l4(&vss);
             (l.sidecar_routes(&vss), Vec::new(), l4)
         }
