@@ -610,11 +610,11 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         "nothing inbound is reported as outbound: {stats}"
     );
 
-    // A Sidecar's ingress listener sends the port to an application on loopback; the
-    // running proxy picks it up on reload.
+    // A Sidecar's ingress listeners: one sends the port to an application on loopback, one
+    // caps the connections to the database port; the running proxy picks them up on reload.
     std::fs::write(
         s.config.join("sidecar.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: reviews, namespace: default}\nspec:\n  workloadSelector: {labels: {app: reviews}}\n  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 127.0.0.1:8080\n",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: reviews, namespace: default}\nspec:\n  workloadSelector: {labels: {app: reviews}}\n  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 127.0.0.1:8080\n  - port: {number: 5432, protocol: TCP, name: db}\n    connectionPool: {tcp: {maxConnections: 1}}\n",
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -632,6 +632,45 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         thread::sleep(Duration::from_millis(100));
     }
     assert!(s.loopback_app.count() >= 1);
+    // maxConnections 1: while one connection is open, a second is closed at once.
+    let db: SocketAddr = format!("{}:5432", s.server.ip).parse().unwrap();
+    let (held, second) = s.bare.run(move || {
+        let mut held = TcpStream::connect(db).unwrap();
+        held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        held.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 64];
+        let n = held.read(&mut buf).unwrap();
+        let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let mut second = TcpStream::connect(db).unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = second.write_all(b"ping");
+        let answered = matches!(second.read(&mut buf), Ok(n) if n > 0);
+        (first, answered)
+    });
+    assert_eq!(held, "reviews-db:ping");
+    assert!(
+        !second,
+        "the second connection was served over maxConnections 1"
+    );
+    // Once the first is gone the port serves again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tcp_exchange(&s.bare, &format!("{}:5432", s.server.ip)).as_deref()
+        != Some("reviews-db:ping")
+    {
+        assert!(Instant::now() < deadline, "the port stayed closed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (_, stats) = admin(&s.server, "/stats/prometheus").unwrap();
+    assert!(
+        metric(
+            &stats,
+            "istio_tcp_connections_closed_total",
+            &["destination_port=\"5432\"", "response_flags=\"UO\""]
+        ) >= 1,
+        "{stats}"
+    );
 }
 
 #[test]

@@ -475,3 +475,107 @@ spec:
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn gateway_listeners_follow_the_ports_of_reloaded_rules_without_dropping_traffic() {
+    let up = Upstream::start("web");
+    let dir = std::env::temp_dir().join(format!("meshroute-ports-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway = |ports: &[u16]| {
+        let servers: String = ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "  - port: {{number: {p}, name: http-{p}, protocol: HTTP}}\n    hosts: ['*']\n"
+                )
+            })
+            .collect();
+        format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: istio-system}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{servers}")
+    };
+    write_config(
+        &dir,
+        "registry.yaml",
+        &format!(
+            "{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: ['*']\n  gateways: [istio-system/gw]\n  http:\n  - route: [{{destination: {{host: web.default.svc.cluster.local}}}}]\n",
+            registry("web", 8000, &[&up])
+        ),
+    );
+    write_config(&dir, "gateway.yaml", &gateway(&[80]));
+    let (first, offset, second) = (0..50)
+        .map(|_| {
+            let p = free_port();
+            (p, p - 80, p - 80 + 81)
+        })
+        .find(|(_, _, s)| std::net::TcpListener::bind(("127.0.0.1", *s)).is_ok())
+        .expect("a free port pair");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            dir.to_str().unwrap(),
+            "--for",
+            "gateway",
+            "--namespace",
+            "istio-system",
+            "--port-offset",
+            &offset.to_string(),
+            "--admin",
+            &admin,
+        ],
+        first,
+    );
+    assert!(TcpStream::connect(("127.0.0.1", second)).is_err());
+    // Load on one port while the other opens or closes.
+    let under_load = |port: u16, change: &dyn Fn()| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut failures = 0;
+                for _ in 0..5_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if get("web", "/")
+                        .try_send(port)
+                        .map(|r| r.status)
+                        .unwrap_or(0)
+                        != 200
+                    {
+                        failures += 1;
+                    }
+                }
+                failures
+            })
+        };
+        change();
+        stop.store(true, Ordering::Relaxed);
+        load.join().unwrap()
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}:\n{}", m.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let serves = |port: u16| {
+        get("web", "/")
+            .try_send(port)
+            .is_ok_and(|r| r.status == 200)
+    };
+    let failures = under_load(first, &|| {
+        write_config(&dir, "gateway.yaml", &gateway(&[80, 81]));
+        wait("port 81 never opened", &|| serves(second));
+    });
+    assert_eq!(failures, 0, "port 80 failed while 81 opened");
+    let failures = under_load(second, &|| {
+        write_config(&dir, "gateway.yaml", &gateway(&[81]));
+        wait("port 80 never closed", &|| {
+            TcpStream::connect(("127.0.0.1", first)).is_err()
+        });
+    });
+    assert_eq!(failures, 0, "port 81 failed while 80 closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
