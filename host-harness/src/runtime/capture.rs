@@ -33,7 +33,8 @@ use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 
 use super::access_log::{HttpEntry, TcpEntry};
 use super::http::{
-    accept_queue, graceful, header_pairs, listener_builder, random_id, serve_http, HOP_BY_HOP,
+    accept_queue, close_when_draining, graceful, header_pairs, listener_builder, random_id,
+    serve_http, HOP_BY_HOP,
 };
 use super::l4::{self, Replay};
 use super::{full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
@@ -502,6 +503,7 @@ impl InboundHttp {
     async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
+        let version = parts.version;
         let authority = parts
             .uri
             .authority()
@@ -568,6 +570,8 @@ impl InboundHttp {
             duration: started.elapsed(),
             authority: &authority,
         });
+        let mut response = response;
+        close_when_draining(&self.proxy, version, &mut response);
         response
     }
 

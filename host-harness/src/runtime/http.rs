@@ -219,17 +219,30 @@ pub(super) async fn serve_http<I>(
     );
 }
 
-/// Serves a connection (a hyper server connection future); once the drain starts, the
-/// requests in progress are answered and the connection then closes (HTTP/1.1
-/// `Connection: close`, HTTP/2 GOAWAY).
+/// How long a connection still reads requests once the drain starts: a request already on
+/// its way is answered, not cut off with its connection.
+pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves a connection (a hyper server connection future). Once the drain starts, responses
+/// carry `Connection: close` (see [`close_when_draining`]); after [`DRAIN_GRACE`] the
+/// connection finishes what it is answering and closes (HTTP/2: GOAWAY).
 macro_rules! graceful {
     ($connection:expr, $draining:expr) => {{
         let connection = $connection;
         let draining = $draining;
         tokio::pin!(connection);
-        tokio::select! {
-            _ = connection.as_mut() => {}
-            () = draining => {
+        let finished = tokio::select! {
+            _ = connection.as_mut() => true,
+            () = draining => false,
+        };
+        if !finished {
+            let grace = tokio::time::sleep($crate::runtime::http::DRAIN_GRACE);
+            tokio::pin!(grace);
+            let finished = tokio::select! {
+                _ = connection.as_mut() => true,
+                () = &mut grace => false,
+            };
+            if !finished {
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
             }
@@ -259,6 +272,21 @@ pub(super) fn listener_builder(
         .max_concurrent_streams(1024)
         .max_header_list_size(60 * 1024);
     builder
+}
+
+/// During the drain, HTTP/1.1 responses ask the client to close the connection (Envoy's
+/// drain behaviour), so it reconnects elsewhere rather than reusing a closing proxy.
+pub(super) fn close_when_draining(
+    proxy: &Proxy,
+    version: http::Version,
+    response: &mut Response<Body>,
+) {
+    if proxy.is_draining() && version < http::Version::HTTP_2 {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
 }
 
 pub(super) fn reply_response(kind: ProxyKind, reply: LocalReply) -> Response<Body> {
@@ -313,6 +341,7 @@ pub(super) async fn handle(
     let generation = proxy.current();
     let scheme = if https { "https" } else { "http" };
     let (parts, body) = req.into_parts();
+    let version = parts.version;
     // Absolute-form URIs (explicit proxy) carry the authority; otherwise the Host header.
     // An absolute-form URI whose host disagrees with Host is ambiguous: refuse it rather
     // than pick one (request smuggling past host-based rules).
@@ -421,6 +450,8 @@ pub(super) async fn handle(
         duration: started.elapsed(),
         authority: &authority,
     });
+    let mut response = response;
+    close_when_draining(&proxy, version, &mut response);
     response
 }
 

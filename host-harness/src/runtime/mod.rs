@@ -229,6 +229,11 @@ impl Proxy {
         self.lifecycle.drain.send_replace(true);
     }
 
+    /// Whether the drain has started.
+    pub fn is_draining(&self) -> bool {
+        *self.lifecycle.drain.borrow()
+    }
+
     /// Resolves once the drain has started.
     pub fn draining(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.lifecycle.drain.subscribe();

@@ -722,9 +722,20 @@ fn sigterm_lets_accepted_requests_finish_then_exits_cleanly() {
     thread::sleep(Duration::from_millis(700));
     let signalled = Instant::now();
     proxy.signal("TERM");
-    // Readiness fails as soon as the drain starts.
-    let ready = admin(&s.server, "/ready");
-    assert_eq!(ready.map(|r| r.0), Some(503), "{}", proxy.log());
+    // Readiness fails once the drain starts, while the requests in flight finish.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let ready = admin(&s.server, "/ready").map(|r| r.0);
+        if ready == Some(503) {
+            break;
+        }
+        assert!(
+            ready == Some(200) && Instant::now() < deadline,
+            "/ready answered {ready:?} during the drain:\n{}",
+            proxy.log()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
     thread::sleep(Duration::from_millis(800));
     stop.store(true, Ordering::Relaxed);
     for c in clients {
