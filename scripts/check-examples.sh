@@ -12,9 +12,16 @@ run() {
 }
 reg=examples/bookinfo/registry.yaml
 drs=examples/bookinfo/destination-rules.yaml
-for f in reviews-jason reviews-75-25 reviews-cookie-v2 ratings-timeout ratings-retries ratings-fault-delay reviews-circuit-breaker; do
+for f in reviews-jason ratings-timeout reviews-circuit-breaker; do
   run compile -f "$reg" -f "$drs" -f "examples/bookinfo/$f.yaml"
 done
+# Alternatives to the VirtualServices above, one at a time.
+for f in reviews-75-25 reviews-cookie-v2 ratings-retries ratings-fault-delay; do
+  run compile -f "$reg" -f "$drs" -f "examples/bookinfo-variants/$f.yaml"
+done
+# The whole directory is one consistent configuration.
+run validate -f examples/bookinfo
+run compile -f examples/bookinfo --for gateway --labels istio=ingressgateway
 run compile -f "$reg" -f "$drs" -f examples/bookinfo/gateway.yaml --for gateway
 run compile -f "$reg" -f examples/bookinfo/sidecar.yaml --namespace bookinfo
 run compile -f "$reg" -f examples/external/ext-host-gateway.yaml --for gateway --labels app=my-gateway-controller

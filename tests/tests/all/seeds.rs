@@ -142,7 +142,9 @@ fn bookinfo_ratings_timeout_and_fault_delay_examples_serve(host: Host) {
     drop(envoy);
 
     let mut files = base.to_vec();
-    files.push(example("examples/bookinfo/ratings-fault-delay.yaml"));
+    files.push(example(
+        "examples/bookinfo-variants/ratings-fault-delay.yaml",
+    ));
     let envoy = start(
         host,
         &rules(&files, ProxyKind::Sidecar, OutboundPolicy::AllowAny),
