@@ -147,7 +147,9 @@ enum Hello {
 }
 
 /// Reads the SNI out of a TLS ClientHello (record header, handshake header, then the
-/// `server_name` extension), without consuming anything.
+/// `server_name` extension), without consuming anything. The handshake message may span
+/// several records (clients with large extensions split it): their payloads are joined
+/// until the message is whole.
 fn client_hello_sni(buf: &[u8]) -> Hello {
     fn be16(b: &[u8], at: usize) -> Option<usize> {
         Some(usize::from(*b.get(at)?) << 8 | usize::from(*b.get(at + 1)?))
@@ -158,13 +160,43 @@ fn client_hello_sni(buf: &[u8]) -> Hello {
     if buf[0] != 0x16 {
         return Hello::NoSni;
     }
-    let Some(record_len) = be16(buf, 3) else {
-        return Hello::NeedMore;
-    };
-    if buf.len() < 5 + record_len.min(CLIENT_HELLO_LIMIT) {
-        return Hello::NeedMore;
+    // Join handshake records until the ClientHello message (4-byte header + body) is whole.
+    let mut message: Vec<u8> = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(record_len) = be16(buf, at + 3) else {
+            return Hello::NeedMore;
+        };
+        if buf[at] != 0x16 {
+            return Hello::NoSni;
+        }
+        let Some(payload) = buf.get(at + 5..at + 5 + record_len) else {
+            return if buf.len() >= CLIENT_HELLO_LIMIT {
+                Hello::NoSni
+            } else {
+                Hello::NeedMore
+            };
+        };
+        message.extend_from_slice(payload);
+        at += 5 + record_len;
+        if message.len() >= 4 {
+            let wanted = 4
+                + (usize::from(message[1]) << 16
+                    | usize::from(message[2]) << 8
+                    | usize::from(message[3]));
+            if wanted > CLIENT_HELLO_LIMIT {
+                return Hello::NoSni;
+            }
+            if message.len() >= wanted {
+                message.truncate(wanted);
+                break;
+            }
+        }
+        if at >= buf.len() {
+            return Hello::NeedMore;
+        }
     }
-    let body = &buf[5..(5 + record_len).min(buf.len())];
+    let body = message.as_slice();
     let parse = || -> Option<Option<String>> {
         if *body.first()? != 1 {
             return Some(None);
@@ -579,6 +611,31 @@ mod tests {
         assert_eq!(client_hello_sni(&h[..3]), Hello::NeedMore);
         assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n"), Hello::NoSni);
         assert_eq!(client_hello_sni(&[]), Hello::NeedMore);
+    }
+
+    /// The same ClientHello cut into two handshake records, as clients with large
+    /// extensions send it.
+    #[test]
+    fn reads_the_sni_of_a_client_hello_split_across_records() {
+        let h = hello("split.example.com");
+        let message = &h[5..];
+        let cut = message.len() / 3;
+        let mut split = Vec::new();
+        for part in [&message[..cut], &message[cut..]] {
+            split.extend_from_slice(&[0x16, 3, 1]);
+            split.extend_from_slice(&u16::try_from(part.len()).unwrap_or(0).to_be_bytes());
+            split.extend_from_slice(part);
+        }
+        assert_eq!(
+            client_hello_sni(&split),
+            Hello::Sni("split.example.com".into())
+        );
+        let first_record = 5 + cut;
+        assert_eq!(client_hello_sni(&split[..first_record]), Hello::NeedMore);
+        assert_eq!(
+            client_hello_sni(&split[..first_record + 3]),
+            Hello::NeedMore
+        );
     }
 
     #[test]

@@ -476,3 +476,81 @@ pub async fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "meshroute-fingerprint-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Changes the newest modification time alone would miss.
+    #[test]
+    fn a_deleted_file_or_an_older_one_moved_in_is_a_change() {
+        let dir = scratch("files");
+        std::fs::write(dir.join("a.yaml"), "a").unwrap();
+        std::fs::write(dir.join("b.yaml"), "b").unwrap();
+        let files = [dir.clone()];
+        let before = fingerprint(&files);
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        let deleted = fingerprint(&files);
+        assert_ne!(before, deleted, "a deleted file");
+        // A file written long ago, moved in: its time is older than everything present.
+        let old = scratch("old").join("c.yaml");
+        std::fs::write(&old, "c").unwrap();
+        let long_ago = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        std::fs::rename(&old, dir.join("c.yaml")).unwrap();
+        assert_ne!(deleted, fingerprint(&files), "an older file moved in");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A ConfigMap update moves `..data` to a new directory: every resolved path changes,
+    /// and the `..` entries themselves are not read twice.
+    #[test]
+    fn a_configmap_swap_is_a_change_and_its_hidden_copies_are_not_files() {
+        let dir = scratch("configmap");
+        let first = dir.join("..2026_01");
+        std::fs::create_dir_all(&first).unwrap();
+        std::fs::write(first.join("vs.yaml"), "same").unwrap();
+        std::os::unix::fs::symlink("..2026_01", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/vs.yaml", dir.join("vs.yaml")).unwrap();
+        let files = [dir.clone()];
+        let before = fingerprint(&files);
+        assert_eq!(before.len(), 1, "one file: {before:?}");
+        let second = dir.join("..2026_02");
+        std::fs::create_dir_all(&second).unwrap();
+        std::fs::write(second.join("vs.yaml"), "same").unwrap();
+        let modified = std::fs::metadata(first.join("vs.yaml"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(second.join("vs.yaml"))
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        std::os::unix::fs::symlink("..2026_02", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        assert_ne!(
+            before,
+            fingerprint(&files),
+            "same time and size, new directory"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
