@@ -17,6 +17,23 @@ use tokio::net::TcpListener;
 
 use super::{full, Body, Proxy};
 
+/// What `/` and `/help` list.
+const ADMIN_INDEX: &str = "\
+admin commands are:
+  /                     this list (also /help)
+  /ready                200 LIVE once every listener and the rules are live; 503 while starting, draining or failed
+  /healthz/ready        the same, as Istio's agent answers it on its status port
+  /healthz              200 while the process serves its admin port
+  /server_info          version, state (PRE_INITIALIZING, LIVE, DRAINING) and uptime
+  /stats/prometheus     Istio's standard metrics and meshroute's own
+  /config_dump          the rules in force, their files and the last reload error
+  /clusters             clusters, endpoints and outlier ejections
+  /healthcheck/fail     POST: fail readiness until /healthcheck/ok
+  /healthcheck/ok       POST: pass readiness again
+  /quitquitquit         POST: drain and exit (as SIGTERM)
+  /drain_listeners      POST: the same drain
+";
+
 /// Istio's duration buckets (milliseconds).
 const BUCKETS: &[f64] = &[
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -321,7 +338,35 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
             }
             text(200, "text/plain", out)
         }
-        _ => text(404, "text/plain", "not found\n".into()),
+        "/" | "/help" => text(200, "text/plain", ADMIN_INDEX.into()),
+        "/server_info" => {
+            let uptime = format!("{}s", proxy.uptime().as_secs());
+            let state = if proxy.is_draining() {
+                "DRAINING"
+            } else if proxy.started_up() {
+                "LIVE"
+            } else {
+                "PRE_INITIALIZING"
+            };
+            let info = serde_json::json!({
+                "version": concat!("meshroute/", env!("CARGO_PKG_VERSION")),
+                "state": state,
+                "uptime_current_epoch": uptime,
+                "uptime_all_epochs": uptime,
+            });
+            text(200, "application/json", format!("{info:#}\n"))
+        }
+        // Envoy's: fail (or pass again) the health checks a load balancer or kubelet reads,
+        // to take the proxy out of rotation without stopping it.
+        "/healthcheck/fail" if req.method() == hyper::Method::POST => {
+            proxy.set_health_failed(true);
+            text(200, "text/plain", "OK\n".into())
+        }
+        "/healthcheck/ok" if req.method() == hyper::Method::POST => {
+            proxy.set_health_failed(false);
+            text(200, "text/plain", "OK\n".into())
+        }
+        _ => text(404, "text/plain", "not found: see /help\n".into()),
     }
 }
 

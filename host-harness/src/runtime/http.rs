@@ -56,12 +56,23 @@ pub(super) const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
+/// A request id as Envoy generates them: a version 4 UUID.
 pub(super) fn random_id() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut rng = SplitMix64(random_seed());
+    uuid_v4(rng.next_u64(), rng.next_u64())
+}
+
+/// The UUID (RFC 9562 version 4, variant 10) made of 128 random bits.
+fn uuid_v4(high: u64, low: u64) -> String {
+    let high = (high & !0xF000) | 0x4000;
+    let low = (low & !(0b11 << 62)) | (0b10 << 62);
     format!(
-        "{:016x}-{n:08x}",
-        random_seed() ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xFFFF,
+        high & 0xFFFF,
+        low >> 48,
+        low & 0xFFFF_FFFF_FFFF
     )
 }
 
@@ -726,5 +737,24 @@ impl Drop for CloseOnDrop<'_> {
         if let Ok(mut w) = self.generation.slots[self.index].waiters.lock() {
             w.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = uuid_v4(u64::MAX, 0);
+        assert_eq!(id, "ffffffff-ffff-4fff-8000-000000000000");
+        let id = uuid_v4(0, u64::MAX);
+        assert_eq!(id, "00000000-0000-4000-bfff-ffffffffffff");
+        let a = random_id();
+        assert_ne!(a, random_id());
+        let groups: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
+        assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
     }
 }

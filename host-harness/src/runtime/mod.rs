@@ -163,7 +163,10 @@ pub struct Proxy {
 /// Start-up and shutdown as a pod sees them: `/ready` answers 200 only between the moment
 /// every listener and the rules are live and the start of the drain.
 pub struct Lifecycle {
+    started: std::time::Instant,
     ready: AtomicBool,
+    /// `/healthcheck/fail`: out of rotation, still serving.
+    health_failed: AtomicBool,
     drain: tokio::sync::watch::Sender<bool>,
     in_flight: AtomicUsize,
     idle: Notify,
@@ -205,7 +208,9 @@ impl Proxy {
             access_log: access_log::AccessLog::default(),
             client: upstream::Client::new(),
             lifecycle: Arc::new(Lifecycle {
+                started: std::time::Instant::now(),
                 ready: AtomicBool::new(false),
+                health_failed: AtomicBool::new(false),
                 drain: tokio::sync::watch::channel(false).0,
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -218,9 +223,28 @@ impl Proxy {
         self.lifecycle.ready.store(true, Ordering::Release);
     }
 
-    /// Live and not draining (`/ready`).
+    /// Live, not draining and not failed by `/healthcheck/fail` (`/ready`).
     pub fn is_ready(&self) -> bool {
-        self.lifecycle.ready.load(Ordering::Acquire) && !*self.lifecycle.drain.borrow()
+        self.lifecycle.ready.load(Ordering::Acquire)
+            && !*self.lifecycle.drain.borrow()
+            && !self.lifecycle.health_failed.load(Ordering::Acquire)
+    }
+
+    /// Every listener is bound and the rules are loaded (whatever the drain or health).
+    pub fn started_up(&self) -> bool {
+        self.lifecycle.ready.load(Ordering::Acquire)
+    }
+
+    /// `/healthcheck/fail` and `/healthcheck/ok`.
+    pub fn set_health_failed(&self, failed: bool) {
+        self.lifecycle
+            .health_failed
+            .store(failed, Ordering::Release);
+    }
+
+    /// Time since the proxy started.
+    pub fn uptime(&self) -> Duration {
+        self.lifecycle.started.elapsed()
     }
 
     /// Starts the drain (SIGTERM, `/quitquitquit`): readiness fails, listeners that drain

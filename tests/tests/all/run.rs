@@ -579,3 +579,77 @@ fn gateway_listeners_follow_the_ports_of_reloaded_rules_without_dropping_traffic
     assert_eq!(failures, 0, "port 81 failed while 80 closed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A POST to the admin port.
+fn admin_post(admin: u16, path: &str) -> u16 {
+    let mut req = get("admin", path);
+    req.method = "POST";
+    req.send(admin).status
+}
+
+#[test]
+fn the_admin_port_answers_what_operators_script_against() {
+    let up = Upstream::start("web");
+    let dir = std::env::temp_dir().join(format!("meshroute-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_config(&dir, "registry.yaml", &registry("web", 8000, &[&up]));
+    let (port, admin) = (free_port(), free_port());
+    let mut m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            dir.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ],
+        port,
+    );
+    let index = get("admin", "/").send(admin);
+    assert_eq!(index.status, 200);
+    for listed in [
+        "/ready",
+        "/server_info",
+        "/stats/prometheus",
+        "/config_dump",
+        "/quitquitquit",
+    ] {
+        assert!(
+            index.text().contains(listed),
+            "{listed} missing from\n{}",
+            index.text()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get("admin", "/ready").send(admin).status != 200 {
+        assert!(Instant::now() < deadline, "{}", m.log());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&get("admin", "/server_info").send(admin).body).unwrap();
+    assert_eq!(info["state"], "LIVE", "{info}");
+    assert!(info["version"].as_str().unwrap().starts_with("meshroute/"));
+    // Out of rotation and back, still serving.
+    assert_eq!(admin_post(admin, "/healthcheck/fail"), 200);
+    assert_eq!(get("admin", "/ready").send(admin).status, 503);
+    assert_eq!(
+        via_proxy(port, "http://web:8000/").0,
+        200,
+        "traffic still served"
+    );
+    assert_eq!(admin_post(admin, "/healthcheck/ok"), 200);
+    assert_eq!(get("admin", "/ready").send(admin).status, 200);
+    // /quitquitquit drains and exits 0, as Istio's agent.
+    assert_eq!(admin_post(admin, "/quitquitquit"), 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = m.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "still running:\n{}", m.log());
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", m.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
