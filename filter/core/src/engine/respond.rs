@@ -19,12 +19,13 @@ pub(crate) fn redirect(
         Some(RedirectPort::FromRequestPort) => Some(req.port),
         None => None,
     }
-    // Istio leaves the scheme's default port out of the redirect.
+    // Istio leaves the scheme's default port out of the redirect (no port redirect at all,
+    // so Envoy keeps the Host as it came: `Host: b:80` stays `b:80`).
     .filter(|&p| !(scheme == "http" && p == 80 || scheme == "https" && p == 443));
-    // An explicit port replaces the Host's port even when it is the scheme's default.
+    // A port that is redirected replaces the Host's port.
     let host = match &r.authority {
         Some(a) => a.clone(),
-        None => request_host(req, scheme, r.port.is_some()),
+        None => request_host(req, scheme, port.is_some()),
     };
     let (path, query) = split_query(req.path);
     let new_path = match (&r.uri, &r.prefix_rewrite) {
