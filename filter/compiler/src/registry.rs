@@ -52,8 +52,6 @@ pub struct Service {
     pub endpoints: Vec<ServiceEndpoint>,
     pub resolution: Resolution,
     pub export_to: Vec<String>,
-    /// A Kubernetes Service: reachable by its short aliases.
-    pub kube: bool,
     /// VIPs or CIDRs (ServiceEntry `addresses`, a Service's `clusterIP`): TCP traffic to them
     /// belongs to this service.
     pub addresses: Vec<String>,
@@ -74,20 +72,24 @@ impl Service {
             .unwrap_or(port.number)
     }
 
-    /// Names a client in `client_ns` may use for this service (Istio's alternate vhost names).
+    /// Names a client in `client_ns` may use for this service (Istio's alternate vhost
+    /// names): any host of the form `NAME.NS.svc.DOMAIN`, whatever registry it comes from,
+    /// is also `NAME.NS.svc` and `NAME.NS`, and `NAME` in namespace `NS`.
     pub fn aliases(&self, client_ns: &str) -> Vec<String> {
         let mut names = vec![self.host.clone()];
-        if self.kube {
-            if let Some(short) = self
-                .host
-                .strip_suffix(&format!(".{}.{DOMAIN_SUFFIX}", self.namespace))
-            {
-                names.push(format!("{short}.{}.svc", self.namespace));
-                names.push(format!("{short}.{}", self.namespace));
-                if client_ns == self.namespace {
-                    names.push(short.to_string());
-                }
-            }
+        let Some(service) = self.host.strip_suffix(&format!(".{DOMAIN_SUFFIX}")) else {
+            return names;
+        };
+        let Some((short, namespace)) = service.split_once('.') else {
+            return names;
+        };
+        if short.is_empty() || namespace.is_empty() {
+            return names;
+        }
+        names.push(format!("{service}.svc"));
+        names.push(service.to_owned());
+        if client_ns == namespace {
+            names.push(short.to_owned());
         }
         names
     }
@@ -217,7 +219,6 @@ pub fn build(config: &Config) -> Vec<Service> {
             endpoints,
             resolution,
             export_to: Vec::new(),
-            kube: true,
             addresses: r
                 .spec
                 .cluster_ip
@@ -276,7 +277,6 @@ pub fn build(config: &Config) -> Vec<Service> {
                 endpoints: endpoints.clone(),
                 resolution,
                 export_to: se.export_to.clone(),
-                kube: false,
                 addresses: se.addresses.clone(),
                 source: source_of(r),
             });

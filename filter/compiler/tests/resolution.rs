@@ -437,3 +437,67 @@ fn listener_binding_fields_are_said_to_have_no_effect() {
         );
     }
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn the_deprecated_consecutive_errors_is_ignored_as_istiod_ignores_it() {
+    let yaml = format!("{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {{consecutiveErrors: 1, interval: 1s}}\n", svc("reviews", "default", 9080));
+    let (doc, diags) = build(&yaml, sidecar("default"));
+    let cluster = doc
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|9080||reviews.default.svc.cluster.local")
+        .unwrap();
+    let od = cluster.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        od.consecutive_5xx,
+        Some(5),
+        "Envoy's default, not consecutiveErrors"
+    );
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("consecutiveErrors") && d.contains("deprecated")),
+        "{diags:?}"
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn the_deprecated_allow_origin_counts_only_without_allow_origins() {
+    let cors = |policy: &str| {
+        format!("{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - corsPolicy: {policy}\n    route: [{{destination: {{host: reviews}}}}]\n", svc("reviews", "default", 9080))
+    };
+    let origins = |yaml: &str| {
+        let (doc, _) = build(yaml, sidecar("default"));
+        let vh = vhost(&doc, 9080, "reviews.default.svc.cluster.local").unwrap();
+        vh.routes[0].cors.as_ref().unwrap().allow_origins.clone()
+    };
+    assert_eq!(
+        origins(&cors(
+            "{allowOrigin: [old.com], allowOrigins: [{exact: new.com}]}"
+        )),
+        vec![ir::StringMatch::Exact("new.com".into())]
+    );
+    assert_eq!(
+        origins(&cors("{allowOrigin: [old.com]}")),
+        vec![ir::StringMatch::Exact("old.com".into())]
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_service_entry_host_under_the_mesh_domain_gets_the_short_names_too() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: b, namespace: echo}\nspec:\n  hosts: [b.echo.svc.cluster.local]\n  resolution: STATIC\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  endpoints: [{address: 10.0.0.9}]\n";
+    let (doc, _) = build(yaml, sidecar("echo"));
+    let vh = vhost(&doc, 80, "b.echo.svc.cluster.local").unwrap();
+    for name in ["b", "b.echo", "b.echo.svc"] {
+        assert!(
+            vh.domains.iter().any(|d| d == name),
+            "{name}: {:?}",
+            vh.domains
+        );
+    }
+    // From another namespace, not the bare name.
+    let (doc, _) = build(yaml, sidecar("default"));
+    let vh = vhost(&doc, 80, "b.echo.svc.cluster.local").unwrap();
+    assert!(vh.domains.iter().any(|d| d == "b.echo"));
+    assert!(!vh.domains.iter().any(|d| d == "b"), "{:?}", vh.domains);
+}

@@ -36,6 +36,32 @@ fn assert_error(yaml: &str, path: &str, needle: &str) {
 }
 
 #[wasm_bindgen_test(unsupported = test)]
+fn mirror_percentages_in_istiods_words() {
+    let route = |extra: &str| {
+        vs(&format!("  hosts: [a]\n  http:\n  - route:\n    - destination: {{host: a}}\n    mirror: {{host: b}}\n{extra}"))
+    };
+    assert_error(
+        &route("    mirrorPercent: 101\n"),
+        "spec.http[0].mirrorPercent",
+        "mirror_percent must have a max value of 100 (it has 101)",
+    );
+    assert_error(
+        &route("    mirrorPercentage: {value: 100.5}\n"),
+        "spec.http[0].mirrorPercentage.value",
+        "mirror_percentage must have a max value of 100 (it has 100.500000)",
+    );
+    let deprecated = diags(&route("    mirrorPercent: 50\n"));
+    assert!(
+        deprecated.iter().any(|d| !d.is_error()
+            && d.to_string().contains(
+                r#"using deprecated setting "mirrorPercent", use "mirrorPercentage" instead"#
+            )),
+        "{deprecated:?}"
+    );
+    assert!(deprecated.iter().all(|d| !d.is_error()), "{deprecated:?}");
+}
+
+#[wasm_bindgen_test(unsupported = test)]
 fn valid_virtual_service_has_no_errors() {
     let y = vs("  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 75\n    - destination: {host: reviews, subset: v2}\n      weight: 25\n");
     assert!(errors(&y).is_empty(), "{:?}", errors(&y));

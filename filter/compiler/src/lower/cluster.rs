@@ -119,10 +119,8 @@ impl Lowering<'_> {
                 h2_upgrade: http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE"),
             },
             outlier_detection: policy.outlier_detection.as_ref().map(|o| {
-                let c5 = o
-                    .consecutive_5xx_errors
-                    .or(o.consecutive_errors)
-                    .unwrap_or(5);
+                // The deprecated `consecutiveErrors` is ignored, as istiod ignores it.
+                let c5 = o.consecutive_5xx_errors.unwrap_or(5);
                 ir::OutlierDetection {
                     consecutive_5xx: u32::try_from(c5).ok().filter(|v| *v > 0),
                     consecutive_gateway_errors: o

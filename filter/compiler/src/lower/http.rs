@@ -470,12 +470,15 @@ impl Lowering<'_> {
         }
         mirrors.retain(|m| m.per_million > 0);
         let cors = route.cors_policy.as_ref().map(|c| ir::CorsPolicy {
-            allow_origins: c
-                .allow_origin
-                .iter()
-                .map(|o| ir::StringMatch::Exact(o.clone()))
-                .chain(c.allow_origins.iter().filter_map(string_match))
-                .collect(),
+            // istiod reads the deprecated `allowOrigin` only when `allowOrigins` is unset.
+            allow_origins: if c.allow_origins.is_empty() {
+                c.allow_origin
+                    .iter()
+                    .map(|o| ir::StringMatch::Exact(o.clone()))
+                    .collect()
+            } else {
+                c.allow_origins.iter().filter_map(string_match).collect()
+            },
             allow_methods: c.allow_methods.clone(),
             allow_headers: c.allow_headers.clone(),
             expose_headers: c.expose_headers.clone(),

@@ -378,7 +378,7 @@ pub(super) fn outlier(v: &mut V<'_>, p: &FieldPath, od: &api::OutlierDetection) 
         }
     }
     if od.consecutive_errors.is_some() {
-        v.warn(&p.key("consecutiveErrors"), "outlier detection consecutive errors is deprecated, use consecutiveGatewayErrors or consecutive5xxErrors instead");
+        v.warn(&p.key("consecutiveErrors"), "outlier detection consecutive errors is deprecated, use consecutiveGatewayErrors or consecutive5xxErrors instead (it has no effect, as in istiod)");
     }
     if od.consecutive_local_origin_failures.is_some()
         && od.split_external_local_origin_errors != Some(true)

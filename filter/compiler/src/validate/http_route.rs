@@ -413,12 +413,40 @@ fn mirrors(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute) {
     if let Some(m) = &route.mirror {
         v.destination(&p.key("mirror"), Some(m));
     }
-    v.percentage(&p.key("mirrorPercentage"), route.mirror_percentage.as_ref());
     if let Some(pc) = route.mirror_percent {
-        if !(0..=100).contains(&pc) {
+        if pc < 0 {
             v.err(
                 &p.key("mirrorPercent"),
-                format!("percentage {pc} is not in range 0..100"),
+                format!("mirror_percent must be an unsigned integer (it has {pc})"),
+            );
+        } else if pc > 100 {
+            v.err(
+                &p.key("mirrorPercent"),
+                format!("mirror_percent must have a max value of 100 (it has {pc})"),
+            );
+        }
+        v.warn(
+            &p.key("mirrorPercent"),
+            r#"using deprecated setting "mirrorPercent", use "mirrorPercentage" instead"#,
+        );
+    }
+    if let Some(pc) = &route.mirror_percentage {
+        let path = p.key("mirrorPercentage").key("value");
+        if pc.value > 100.0 {
+            v.err(
+                &path,
+                format!(
+                    "mirror_percentage must have a max value of 100 (it has {:.6})",
+                    pc.value
+                ),
+            );
+        } else if pc.value < 0.0 || pc.value.is_nan() {
+            v.err(
+                &path,
+                format!(
+                    "mirror_percentage must have a min value of 0 (it has {:.6})",
+                    pc.value
+                ),
             );
         }
     }

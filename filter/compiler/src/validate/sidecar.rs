@@ -44,6 +44,12 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
             }
             Some(p) => {
                 v.port_number(&ep.key("port").key("number"), p.number, true);
+                if p.target_port.is_some_and(|t| t > 0) {
+                    v.err(
+                        &ep.key("port").key("targetPort"),
+                        "targetPort has no impact on Sidecars",
+                    );
+                }
                 if let Some(n) = p.number {
                     if !ports.insert((e.bind.clone(), n)) {
                         v.err(
