@@ -241,12 +241,13 @@ enum Outbound {
 enum Command {
     /// Check configuration as istiod would; exit 0 valid, 1 invalid, 2 usage or I/O error.
     Validate {
-        /// Files or directories (YAML or JSON, multi-document, `List` kinds).
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
     /// Validate and lower to the rules document for one proxy.
     Compile {
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -258,6 +259,7 @@ enum Command {
     /// Write an Envoy bootstrap (JSON, which Envoy also reads as YAML) running the filter with
     /// the compiled rules.
     EnvoyConfig {
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -283,6 +285,7 @@ enum Command {
     },
     /// Run a gateway or sidecar: the filter with the compiled rules, on this host.
     Run {
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -293,6 +296,7 @@ enum Command {
     /// Show the decision path of one request: virtual host, each route tried, destinations,
     /// policies and the outcome, each with the file:line that decided it.
     Explain {
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -300,14 +304,15 @@ enum Command {
         /// Request header, `name: value` (repeatable).
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
-        /// `text` or `json`.
-        #[arg(short = 'o', long, default_value = "text")]
+        /// Output format.
+        #[arg(short = 'o', long, value_parser = ["text", "json"], default_value = "text")]
         output: String,
         method: String,
         url: String,
     },
     /// Decide one request N times (seeded) and print how often each outcome occurs.
     Simulate {
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -376,6 +381,7 @@ enum Command {
     /// selected sidecars or gateways and make its decisions take effect there: the filter,
     /// routes that follow it, and the DestinationRules for istiod (a `List`).
     IstioManifest {
+        /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]

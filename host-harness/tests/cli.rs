@@ -247,3 +247,72 @@ fn explain_and_simulate_connections() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!((77.0..=83.0).contains(&v1), "{out}");
 }
+
+/// `meshroute ARGS` with `input` on standard input.
+fn meshroute_stdin(args: &[&str], input: &str) -> (i32, String, String) {
+    use std::io::Write as _;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshroute"))
+        .args(args)
+        .current_dir(root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run meshroute");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn dash_reads_the_configuration_from_standard_input() {
+    let registry = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/registry.yaml"),
+    )
+    .expect("example");
+    let (code, _, err) = meshroute_stdin(&["validate", "-f", "-"], &registry);
+    assert_eq!(code, 0, "{err}");
+    // Mixed with files, and errors name <stdin> with the line.
+    let bad = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: ['*']\n  http:\n  - route:\n    - destination: {host: a}\n";
+    let (code, _, err) = meshroute_stdin(
+        &["validate", "-f", "examples/hello/registry.yaml", "-f", "-"],
+        bad,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("<stdin>:5:") && err.contains("spec.hosts[0]"),
+        "{err}"
+    );
+    let (code, out, err) =
+        meshroute_stdin(&["compile", "-f", "-", "--namespace", "default"], &registry);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("svc-hello"), "{out}");
+}
+
+#[test]
+fn an_output_format_that_does_not_exist_is_a_usage_error() {
+    let (code, _, err) = meshroute(&[
+        "explain",
+        "-f",
+        "examples/hello/registry.yaml",
+        "-o",
+        "yaml",
+        "GET",
+        "http://svc-hello:8080/",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("yaml") && err.contains("text") && err.contains("json"),
+        "{err}"
+    );
+}

@@ -57,19 +57,38 @@ pub fn compile(config: &Config, proxy: &ProxyOptions, mesh: &MeshOptions) -> Com
     }
 }
 
-/// Reads files and directories (YAML or JSON, multi-document), with the diagnostics of
-/// reading them. `Err` when a path does not exist.
+/// Reads files and directories (YAML or JSON, multi-document; `-` is standard input), with
+/// the diagnostics of reading them. `Err` when a path does not exist.
 pub fn load_files<P: AsRef<Path>>(files: &[P]) -> Result<(Config, Vec<Diagnostic>), String> {
     let mut config = Config::default();
     let mut diagnostics = Vec::new();
     for f in files {
         let f = f.as_ref();
+        // `-f -`: standard input, read once (a reload reads the same text again).
+        if f == Path::new("-") {
+            diagnostics.extend(config.add_text("<stdin>", stdin_text()?));
+            continue;
+        }
         if !f.exists() {
             return Err(format!("{}: no such file or directory", f.display()));
         }
         diagnostics.extend(config.add_path(f));
     }
     Ok((config, diagnostics))
+}
+
+/// Standard input, read on first use and kept for the process.
+fn stdin_text() -> Result<&'static str, String> {
+    static TEXT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map(|_| text)
+            .map_err(|e| format!("<stdin>: cannot read: {e}"))
+    })
+    .as_ref()
+    .map(String::as_str)
+    .map_err(Clone::clone)
 }
 
 /// Reads, validates and lowers files for one proxy: every diagnostic, reading's included,

@@ -36,6 +36,18 @@ fn assert_error(yaml: &str, path: &str, needle: &str) {
 }
 
 #[wasm_bindgen_test(unsupported = test)]
+fn jwt_claim_matches_are_refused_rather_than_matched_as_headers() {
+    for field in ["headers", "withoutHeaders"] {
+        let y = vs(&format!("  hosts: [a]\n  http:\n  - match: [{{{field}: {{'@request.auth.claims.group': {{exact: admin}}}}}}]\n    route:\n    - destination: {{host: a}}\n"));
+        assert_error(
+            &y,
+            &format!("spec.http[0].match[0].{field}.@request.auth.claims.group"),
+            "JWT claim matches are not supported",
+        );
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
 fn mirror_percentages_in_istiods_words() {
     let route = |extra: &str| {
         vs(&format!("  hosts: [a]\n  http:\n  - route:\n    - destination: {{host: a}}\n    mirror: {{host: b}}\n{extra}"))

@@ -255,7 +255,16 @@ pub(super) fn http_match(v: &mut V<'_>, p: &FieldPath, m: &api::HttpMatchRequest
             if name.chars().any(|c| c.is_ascii_uppercase()) {
                 v.err(&hp, format!("header match {name} must be lowercase"));
             }
-            if !name.starts_with("@request.auth.claims") {
+            if name.starts_with("@request.auth.claims") {
+                // istiod turns these into matches on the claims its RequestAuthentication's
+                // JWT filter leaves in the request's metadata, which the filter cannot read:
+                // matched as a header, the route would never match (or, under
+                // withoutHeaders, always match).
+                v.err(
+                    &hp,
+                    format!("{name}: JWT claim matches are not supported by meshroute (the claims of Istio's RequestAuthentication are not visible to the filter); match a header the authenticating proxy sets instead"),
+                );
+            } else {
                 v.header_name(&hp, name);
             }
             v.string_match(&hp, sm, "header");
