@@ -661,6 +661,11 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
             host,
         } => {
             let (proxy, mesh) = identity.options()?;
+            if host.capture && proxy.kind == ProxyKind::Gateway {
+                return Err(CliError::Usage(
+                    "--capture is for sidecars: a gateway serves its Gateway server ports".into(),
+                ));
+            }
             run_proxy(run_options(files, proxy, mesh, host), false)
         }
         Command::Explain {

@@ -316,3 +316,17 @@ fn an_output_format_that_does_not_exist_is_a_usage_error() {
         "{err}"
     );
 }
+
+#[test]
+fn capture_is_refused_for_a_gateway() {
+    let (code, _, err) = meshroute(&[
+        "run",
+        "-f",
+        "examples/bookinfo",
+        "--for",
+        "gateway",
+        "--capture",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--capture is for sidecars"), "{err}");
+}

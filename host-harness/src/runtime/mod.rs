@@ -81,6 +81,8 @@ pub enum Error {
     ListenerStopped,
     #[error("the proxy kind cannot change on reload")]
     KindChanged,
+    #[error("transparent capture is for sidecars: a gateway serves its Gateway server ports")]
+    CaptureNeedsSidecar,
     #[error("cannot handle signals: {source}")]
     Signal { source: std::io::Error },
 }
