@@ -17,6 +17,9 @@ use tokio::net::TcpListener;
 
 use super::{full, Body, Proxy};
 
+/// The `@type` of meshroute's entry in `/config_dump`.
+const CONFIG_DUMP_TYPE: &str = "type.googleapis.com/meshroute.admin.v1.RulesConfigDump";
+
 /// What `/` and `/help` list.
 const ADMIN_INDEX: &str = "\
 admin commands are:
@@ -307,10 +310,15 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
         }
         "/config_dump" => {
             let g = proxy.current();
+            // Envoy's envelope (`configs`, each entry typed by `@type`), so tools that walk
+            // an Envoy config dump find meshroute's entry and skip what they do not know.
             let dump = serde_json::json!({
-                "rules": &*g.doc,
-                "sources": g.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-                "last_reload_error": proxy.reload_error.lock().ok().and_then(|e| e.clone()),
+                "configs": [{
+                    "@type": CONFIG_DUMP_TYPE,
+                    "rules": &*g.doc,
+                    "sources": g.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                    "last_reload_error": proxy.reload_error.lock().ok().and_then(|e| e.clone()),
+                }],
             });
             text(
                 200,
@@ -324,8 +332,10 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
             let mut names: Vec<_> = g.clusters.iter().collect();
             names.sort_by(|a, b| a.0.cmp(b.0));
             let now = now_ms();
+            // Envoy's line format: `CLUSTER::KEY::VALUE`, `CLUSTER::ENDPOINT::KEY::VALUE`.
             for (name, c) in names {
-                let _ = writeln!(out, "{name}::discovery::{:?}", c.discovery);
+                let _ = writeln!(out, "{name}::observability_name::{name}");
+                let _ = writeln!(out, "{name}::added_via_api::false");
                 let health = outlier_health(proxy, &g.doc, name, now);
                 for e in &c.endpoints {
                     // Envoy's spelling of an endpoint ejected by outlier detection.

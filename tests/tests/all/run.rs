@@ -630,6 +630,33 @@ fn the_admin_port_answers_what_operators_script_against() {
         serde_json::from_slice(&get("admin", "/server_info").send(admin).body).unwrap();
     assert_eq!(info["state"], "LIVE", "{info}");
     assert!(info["version"].as_str().unwrap().starts_with("meshroute/"));
+    // The config dump in Envoy's envelope; clusters in Envoy's line format.
+    let dump: serde_json::Value =
+        serde_json::from_slice(&get("admin", "/config_dump").send(admin).body).unwrap();
+    let entry = &dump["configs"][0];
+    assert!(
+        entry["@type"]
+            .as_str()
+            .unwrap()
+            .starts_with("type.googleapis.com/"),
+        "{dump}"
+    );
+    assert_eq!(entry["rules"]["proxy"]["kind"], "sidecar");
+    let clusters = get("admin", "/clusters").send(admin).text();
+    let cluster = "outbound|8000||web.default.svc.cluster.local";
+    for line in [
+        format!("{cluster}::added_via_api::false"),
+        format!("{cluster}::127.0.0.1:{}::health_flags::healthy", up.port),
+    ] {
+        assert!(
+            clusters.lines().any(|l| l == line),
+            "{line} missing from\n{clusters}"
+        );
+    }
+    assert!(
+        clusters.lines().all(|l| l.split("::").count() >= 3),
+        "every line is CLUSTER::KEY::VALUE:\n{clusters}"
+    );
     // Out of rotation and back, still serving.
     assert_eq!(admin_post(admin, "/healthcheck/fail"), 200);
     assert_eq!(get("admin", "/ready").send(admin).status, 503);
