@@ -501,3 +501,22 @@ fn a_service_entry_host_under_the_mesh_domain_gets_the_short_names_too() {
     assert!(vh.domains.iter().any(|d| d == "b.echo"));
     assert!(!vh.domains.iter().any(|d| d == "b"), "{:?}", vh.domains);
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_named_target_port_is_said_to_be_taken_as_the_service_port() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080, targetPort: web}]\n";
+    let proxy = ProxyOptions {
+        labels: [("app".to_owned(), "reviews".to_owned())]
+            .into_iter()
+            .collect(),
+        ..sidecar("default")
+    };
+    let (doc, diags) = build(yaml, proxy);
+    assert_eq!(doc.inbound[0].port, 9080);
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.contains("spec.ports[0].targetPort") && d.contains("\"web\"")),
+        "{diags:?}"
+    );
+}

@@ -50,8 +50,34 @@ struct Series {
     buckets: Vec<u64>,
 }
 
-/// reporter, destination service, subset, port, response code, response flags.
-type SeriesKey = (&'static str, String, String, String, u16, String);
+/// reporter, destination service, subset, port, response code, response flags, protocol.
+type SeriesKey = (
+    &'static str,
+    String,
+    String,
+    String,
+    u16,
+    String,
+    &'static str,
+);
+
+/// Istio's `destination_service_name`: a Kubernetes-style host's service name, any other
+/// host (a ServiceEntry's, `PassthroughCluster`) whole.
+fn service_name(host: &str) -> &str {
+    match host.strip_suffix(".svc.cluster.local") {
+        Some(service) => service.split('.').next().unwrap_or(host),
+        None => host,
+    }
+}
+
+/// Istio's `request_protocol` of a request: `grpc` for gRPC content, else `http`.
+pub fn request_protocol(content_type: Option<&[u8]>) -> &'static str {
+    if content_type.is_some_and(|t| t.starts_with(b"application/grpc")) {
+        "grpc"
+    } else {
+        "http"
+    }
+}
 
 /// Request metrics keyed by (service, subset, port, code, flags).
 #[derive(Default)]
@@ -136,13 +162,27 @@ impl Stats {
         }
     }
 
-    pub fn record(&self, cluster: &str, code: u16, flags: &str, elapsed: Duration) {
+    pub fn record(
+        &self,
+        cluster: &str,
+        (code, protocol): (u16, &'static str),
+        flags: &str,
+        elapsed: Duration,
+    ) {
         let (reporter, host, subset, port) = cluster_parts(cluster);
         let flags = if flags.is_empty() { "-" } else { flags };
         let ms = elapsed.as_secs_f64() * 1000.0;
         if let Ok(mut s) = self.series.lock() {
             let e = s
-                .entry((reporter, host, subset, port, code, flags.to_owned()))
+                .entry((
+                    reporter,
+                    host,
+                    subset,
+                    port,
+                    code,
+                    flags.to_owned(),
+                    protocol,
+                ))
                 .or_default();
             e.count += 1;
             e.sum_ms += ms;
@@ -178,11 +218,11 @@ impl Stats {
             return out;
         };
         let _ = writeln!(out, "# TYPE istio_requests_total counter");
-        let label = |(reporter, host, subset, port, code, flags): &SeriesKey| {
+        let label = |(reporter, host, subset, port, code, flags, protocol): &SeriesKey| {
             let subset = if subset.is_empty() { "unknown" } else { subset };
             format!(
-                "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"http\",response_code=\"{code}\",response_flags=\"{flags}\"",
-                host.split('.').next().unwrap_or(host)
+                "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"{protocol}\",response_code=\"{code}\",response_flags=\"{flags}\"",
+                service_name(host)
             )
         };
         for (k, s) in series.iter() {
@@ -239,7 +279,7 @@ impl Stats {
                 let subset = if subset.is_empty() { "unknown" } else { subset };
                 format!(
                     "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"tcp\",response_flags=\"{flags}\"",
-                    host.split('.').next().unwrap_or(host)
+                    service_name(host)
                 )
             };
             type Field = fn(&TcpSeries) -> u64;
@@ -462,5 +502,71 @@ pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, status_only: boo
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_labelled_as_istio_labels_them() {
+        let stats = Stats::default();
+        let ms = Duration::from_millis(3);
+        stats.record(
+            "outbound|9080|v1|reviews.default.svc.cluster.local",
+            (200, "http"),
+            "",
+            ms,
+        );
+        stats.record("outbound|443||api.example.com", (200, "grpc"), "", ms);
+        stats.record("PassthroughCluster", (502, "http"), "", ms);
+        stats.record(
+            "inbound|9080||reviews.default.svc.cluster.local",
+            (200, "http"),
+            "",
+            ms,
+        );
+        let text = stats.prometheus();
+        let line = |needle: &[&str]| {
+            text.lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .find(|l| needle.iter().all(|n| l.contains(n)))
+                .map(str::to_owned)
+        };
+        assert!(
+            line(&[
+                "destination_service_name=\"reviews\"",
+                "destination_subset=\"v1\"",
+                "reporter=\"source\""
+            ])
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&[
+                "destination_service_name=\"api.example.com\"",
+                "request_protocol=\"grpc\""
+            ])
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&[
+                "destination_service=\"PassthroughCluster\"",
+                "destination_service_name=\"PassthroughCluster\""
+            ])
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&[
+                "reporter=\"destination\"",
+                "destination_port=\"9080\"",
+                "destination_service=\"reviews.default.svc.cluster.local\""
+            ])
+            .is_some(),
+            "{text}"
+        );
     }
 }

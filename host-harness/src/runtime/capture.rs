@@ -504,6 +504,12 @@ impl InboundHttp {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let version = parts.version;
+        let protocol = super::admin::request_protocol(
+            parts
+                .headers
+                .get("content-type")
+                .map(http::HeaderValue::as_bytes),
+        );
         let authority = parts
             .uri
             .authority()
@@ -556,9 +562,12 @@ impl InboundHttp {
         };
         let status = response.status().as_u16();
         let metric_cluster = format!("{}{}", self.cluster, self.service);
-        self.proxy
-            .stats
-            .record(&metric_cluster, status, flags, started.elapsed());
+        self.proxy.stats.record(
+            &metric_cluster,
+            (status, protocol),
+            flags,
+            started.elapsed(),
+        );
         self.proxy.access_log.http(&HttpEntry {
             method: parts.method.as_str(),
             path: &path,

@@ -353,6 +353,12 @@ pub(super) async fn handle(
     let scheme = if https { "https" } else { "http" };
     let (parts, body) = req.into_parts();
     let version = parts.version;
+    let protocol = super::admin::request_protocol(
+        parts
+            .headers
+            .get("content-type")
+            .map(http::HeaderValue::as_bytes),
+    );
     // Absolute-form URIs (explicit proxy) carry the authority; otherwise the Host header.
     // An absolute-form URI whose host disagrees with Host is ambiguous: refuse it rather
     // than pick one (request smuggling past host-based rules).
@@ -446,7 +452,7 @@ pub(super) async fn handle(
     };
     proxy.stats.record(
         &cluster,
-        response.status().as_u16(),
+        (response.status().as_u16(), protocol),
         flags,
         started.elapsed(),
     );

@@ -64,7 +64,7 @@ impl Lowering<'_> {
             {
                 continue;
             }
-            for p in &svc.ports {
+            for (i, p) in svc.ports.iter().enumerate() {
                 let Some(number) = p.port.and_then(|n| u16::try_from(n).ok()) else {
                     continue;
                 };
@@ -73,6 +73,14 @@ impl Lowering<'_> {
                 let target = match &p.target_port {
                     Some(serde_json::Value::Number(n)) => {
                         n.as_u64().and_then(|n| u16::try_from(n).ok())
+                    }
+                    Some(serde_json::Value::String(name)) => {
+                        self.diags.push(r.diag(
+                            crate::diag::Severity::Warning,
+                            &FieldPath::root().key("spec").key("ports").idx(i).key("targetPort"),
+                            format!("targetPort {name:?} names a container port this configuration cannot see: the sidecar takes inbound traffic on port {number}; give the number, or a Sidecar ingress listener"),
+                        ));
+                        None
                     }
                     _ => None,
                 }
