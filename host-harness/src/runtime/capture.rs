@@ -34,7 +34,7 @@ use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 use super::access_log::{HttpEntry, TcpEntry};
 use super::http::{
     accept_queue, close_when_draining, graceful, header_pairs, listener_builder, random_id,
-    serve_http, HOP_BY_HOP,
+    request_target, serve_http, HOP_BY_HOP,
 };
 use super::l4::{self, Replay};
 use super::{full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
@@ -510,23 +510,7 @@ impl InboundHttp {
                 .get("content-type")
                 .map(http::HeaderValue::as_bytes),
         );
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get("host")
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+        let (authority, path) = request_target(&parts);
         let mut headers = vec![
             (":authority".to_owned(), authority.clone()),
             (":path".to_owned(), path.clone()),
@@ -628,12 +612,7 @@ impl InboundHttp {
 
 impl InboundHttp {
     async fn send_h2(&self, headers: &[(String, String)], body: Body) -> upstream::Attempt {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map_or("", |(_, v)| v.as_str())
-        };
+        let get = |name: &str| upstream::pseudo(headers, name);
         let mut sender = {
             let mut cached = self.h2_sender.lock().await;
             match cached.as_ref().filter(|s| !s.is_closed()) {

@@ -338,6 +338,28 @@ pub(super) fn server_name(kind: ProxyKind) -> &'static str {
     }
 }
 
+/// A request's authority (the absolute-form URI's, else the Host header) and path.
+pub(super) fn request_target(parts: &http::request::Parts) -> (String, String) {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    (authority, path)
+}
+
 /// One downstream request through the filter and upstream.
 pub(super) async fn handle(
     proxy: Arc<Proxy>,
@@ -372,23 +394,7 @@ pub(super) async fn handle(
             return reply_response(proxy.kind, local(400, "Bad Request"));
         }
     }
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get("host")
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    let (authority, path) = request_target(&parts);
     let method = parts.method.as_str().to_owned();
     let mut headers: Headers = vec![
         (":authority".into(), authority.clone()),

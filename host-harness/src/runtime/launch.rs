@@ -296,6 +296,24 @@ impl Listeners {
     }
 }
 
+/// The listeners of a non-transparent proxy (a transparent sidecar serves every port on
+/// its capture listeners).
+fn listener_specs(
+    doc: &RulesDocument,
+    opts: &RunOptions,
+) -> Result<Vec<ListenerSpec>, super::Error> {
+    if opts.capture.is_some() {
+        return Ok(Vec::new());
+    }
+    listeners(
+        doc,
+        opts.listen,
+        opts.port_offset,
+        opts.credentials.as_deref(),
+        opts.limits,
+    )
+}
+
 /// Runs until the process is stopped: SIGTERM, SIGINT or `/quitquitquit` drain it (readiness
 /// fails at once; in-flight requests and connections get `opts.drain` to finish) and it then
 /// returns `Ok`. `ready` receives the bound listeners.
@@ -327,20 +345,11 @@ pub async fn run(
         eprintln!("{w}");
     }
     let plugin = Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref())?);
-    let capture = opts
-        .capture
-        .filter(|_| doc.proxy.kind == ProxyKind::Sidecar);
-    let specs = if capture.is_some() {
-        Vec::new()
-    } else {
-        listeners(
-            &doc,
-            opts.listen,
-            opts.port_offset,
-            opts.credentials.as_deref(),
-            opts.limits,
-        )?
-    };
+    let capture = opts.capture;
+    if capture.is_some() && doc.proxy.kind != ProxyKind::Sidecar {
+        return Err(super::Error::CaptureNeedsSidecar);
+    }
+    let specs = listener_specs(&doc, &opts)?;
     let proxy = Proxy::new(
         plugin,
         opts.fail_policy,
@@ -410,17 +419,7 @@ pub async fn run(
             if doc.proxy.kind != proxy.kind {
                 return Err(super::Error::KindChanged);
             }
-            let specs = if capture.is_some() {
-                Vec::new()
-            } else {
-                listeners(
-                    &doc,
-                    opts.listen,
-                    opts.port_offset,
-                    opts.credentials.as_deref(),
-                    opts.limits,
-                )?
-            };
+            let specs = listener_specs(&doc, &opts)?;
             proxy.reload(doc, opts.files.clone())?;
             Ok(specs)
         });

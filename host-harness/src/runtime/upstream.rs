@@ -27,6 +27,22 @@ pub struct Client {
     h2: Mutex<HashMap<String, hyper::client::conn::http2::SendRequest<Body>>>,
 }
 
+/// A header's value (a pseudo-header's, mostly); empty when absent.
+pub(super) fn pseudo<'h>(headers: &'h [(String, String)], name: &str) -> &'h str {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// The request's `:path`, `/` when it has none.
+fn request_path(headers: &[(String, String)]) -> &str {
+    match pseudo(headers, ":path") {
+        "" => "/",
+        p => p,
+    }
+}
+
 /// How one attempt ended.
 pub enum Attempt {
     Response(Response<Body>),
@@ -74,16 +90,8 @@ impl Client {
 
     /// One HTTP/1.1 request to the workload of a transparent sidecar's inbound port.
     pub async fn send_inbound(&self, endpoint: &str, headers: &Headers, body: Body) -> Attempt {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map_or("", |(_, v)| v.as_str())
-        };
-        let path = match get(":path") {
-            "" => "/",
-            p => p,
-        };
+        let get = |name: &str| pseudo(headers, name);
+        let path = request_path(headers);
         let mut builder = hyper::Request::builder()
             .method(get(":method"))
             .uri(format!("http://{endpoint}{path}"))
@@ -114,16 +122,8 @@ impl Client {
         tls: Option<&Origination>,
         timeout: Option<Duration>,
     ) -> Attempt {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map_or("", |(_, v)| v.as_str())
-        };
-        let path = match get(":path") {
-            "" => "/",
-            p => p,
-        };
+        let get = |name: &str| pseudo(headers, name);
+        let path = request_path(headers);
         let authority = get(":authority");
         // HTTP/1.1: connect by URI, name the service in Host. HTTP/2: the URI carries the
         // service authority (it becomes :authority) and the connection is ours to pick.
