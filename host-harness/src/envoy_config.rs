@@ -564,6 +564,19 @@ fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, ConfigError
             out["original_dst_lb_config"] = json!({"use_http_header": true});
         }
     }
+    if let Some(k) = &pool.tcp_keepalive {
+        let mut keepalive = json!({});
+        if let Some(p) = k.probes {
+            keepalive["keepalive_probes"] = json!(p);
+        }
+        if let Some(t) = k.time_s {
+            keepalive["keepalive_time"] = json!(t);
+        }
+        if let Some(i) = k.interval_s {
+            keepalive["keepalive_interval"] = json!(i);
+        }
+        out["upstream_connection_options"] = json!({"tcp_keepalive": keepalive});
+    }
     let mut common = json!({"idle_timeout": format!("{}s", pool.idle_timeout_ms.unwrap_or(3_600_000) as f64 / 1000.0)});
     if pool.max_requests_per_connection > 0 {
         common["max_requests_per_connection"] = json!(pool.max_requests_per_connection);

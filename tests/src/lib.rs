@@ -159,7 +159,11 @@ impl Upstream {
                 }
                 let Ok(conn) = conn else { continue };
                 let (n, l, c) = (n.clone(), Arc::clone(&l), Arc::clone(&c));
-                thread::spawn(move || serve_connection(conn, &n, &l, &c));
+                c.accepted.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    serve_connection(conn, &n, &l, &c);
+                    c.closed.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         Self {
@@ -190,6 +194,14 @@ impl Upstream {
         self.control
             .forced_status
             .store(status.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far, and how many of them have ended.
+    pub fn connections(&self) -> (usize, usize) {
+        (
+            self.control.accepted.load(Ordering::SeqCst),
+            self.control.closed.load(Ordering::SeqCst),
+        )
     }
 
     /// The most requests this upstream was handling at once.
@@ -225,6 +237,9 @@ struct Control {
     script: Mutex<std::collections::VecDeque<u16>>,
     in_flight: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
+    /// Connections accepted, and those that ended (the client closed or reset them).
+    accepted: std::sync::atomic::AtomicUsize,
+    closed: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Upstream {

@@ -212,6 +212,11 @@ fn cluster(discovery: Discovery, policy: LbPolicy, key: HashKey, tls: ClientTlsM
             max_connection_duration_ms: Some(8),
             max_concurrent_streams: Some(9),
             h2_upgrade: true,
+            tcp_keepalive: Some(TcpKeepalive {
+                probes: Some(3),
+                time_s: Some(60),
+                interval_s: Some(10),
+            }),
         },
         outlier_detection: Some(OutlierDetection {
             consecutive_5xx: Some(5),

@@ -35,7 +35,8 @@ pub(super) struct ClusterInfo {
     pub(super) discovery: Discovery,
     pub(super) endpoints: Vec<String>,
     pub(super) next: AtomicUsize,
-    pub(super) connect_timeout: Duration,
+    /// How its connections are made and kept.
+    pub(super) pool: super::upstream::PoolSettings,
     /// Speak HTTP/2 (prior knowledge) to the endpoints: HTTP2/GRPC ports or `h2UpgradePolicy`.
     pub(super) h2: bool,
     /// `tcp.maxConnections` for HTTP/1.1: each connection carries one request at a time, so
@@ -109,7 +110,16 @@ pub(super) fn cluster_table(
                         discovery: c.discovery,
                         endpoints,
                         next: AtomicUsize::new(0),
-                        connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
+                        pool: super::upstream::PoolSettings {
+                            connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
+                            idle_timeout: Duration::from_millis(
+                                c.connection_pool
+                                    .idle_timeout_ms
+                                    .unwrap_or(3_600_000)
+                                    .max(1),
+                            ),
+                            keepalive: c.connection_pool.tcp_keepalive,
+                        },
                         h2: c.upstream_h2(),
                         connections: (c.connection_pool.max_connections > 0 && !c.upstream_h2())
                             .then(|| {
@@ -127,7 +137,7 @@ pub(super) fn cluster_table(
             discovery: Discovery::OriginalDst,
             endpoints: Vec::new(),
             next: AtomicUsize::new(0),
-            connect_timeout: Duration::from_secs(10),
+            pool: super::upstream::PoolSettings::default(),
             h2: false,
             connections: None,
             tls: None,

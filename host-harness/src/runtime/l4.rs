@@ -269,11 +269,14 @@ fn target<'g>(
 }
 
 async fn connect(endpoint: &str, cluster: &ClusterInfo) -> Result<Box<dyn Io>, String> {
-    let tcp = tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(endpoint))
+    let tcp = tokio::time::timeout(cluster.pool.connect_timeout, TcpStream::connect(endpoint))
         .await
         .map_err(|_| format!("connect to {endpoint} timed out"))?
         .map_err(|e| format!("connect to {endpoint}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    if let Some(k) = &cluster.pool.keepalive {
+        super::upstream::set_keepalive(&tcp, k);
+    }
     match &cluster.tls {
         None => Ok(Box::new(tcp)),
         Some(origination) => {

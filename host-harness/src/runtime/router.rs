@@ -241,7 +241,7 @@ impl Upstream for ToEndpoint<'_> {
                 &self.endpoint,
                 &self.headers,
                 self.body.for_attempt(),
-                self.cluster.connect_timeout,
+                &self.cluster.pool,
                 self.cluster.h2,
                 self.cluster.tls.as_ref(),
                 timeout.map(|t| t.saturating_sub(started.elapsed())),

@@ -14,17 +14,69 @@ use meshroute_core::engine::AttemptEnd;
 
 use super::tls::Origination;
 use super::Body;
+use meshroute_core::ir::TcpKeepalive;
 use meshroute_wasm_host::abi::Headers;
 
 type Pool = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
-/// HTTP/1.1 pools per connect timeout (clusters differ only in that, today) and one HTTP/2
-/// connection per endpoint.
+/// How a cluster's connections are made and kept (its DestinationRule `connectionPool`):
+/// clusters that agree share one pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    /// `http.idleTimeout`: an idle connection is closed after this (Envoy's default 1 h).
+    pub idle_timeout: Duration,
+    /// `tcp.tcpKeepalive`.
+    pub keepalive: Option<TcpKeepalive>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+            keepalive: None,
+        }
+    }
+}
+
+/// Applies `tcp.tcpKeepalive` to a connection (unset fields keep the system's values).
+pub fn set_keepalive(stream: &tokio::net::TcpStream, keepalive: &TcpKeepalive) {
+    let mut k = socket2::TcpKeepalive::new();
+    if let Some(t) = keepalive.time_s {
+        k = k.with_time(Duration::from_secs(u64::from(t)));
+    }
+    if let Some(i) = keepalive.interval_s {
+        k = k.with_interval(Duration::from_secs(u64::from(i)));
+    }
+    if let Some(p) = keepalive.probes {
+        k = k.with_retries(p);
+    }
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&k);
+}
+
+/// HTTP/1.1 pools per pool settings and one HTTP/2 connection per endpoint.
 pub struct Client {
-    pools: Mutex<HashMap<Duration, Pool>>,
+    pools: Mutex<HashMap<PoolSettings, Pool>>,
     /// To the workload behind a transparent sidecar, from the inbound source address.
     inbound: Pool,
     h2: Mutex<HashMap<String, hyper::client::conn::http2::SendRequest<Body>>>,
+}
+
+/// A new connection to `endpoint` with the pool's connect timeout and keepalive.
+async fn connect(endpoint: &str, pool: &PoolSettings) -> Result<tokio::net::TcpStream, Attempt> {
+    let tcp = tokio::time::timeout(
+        pool.connect_timeout,
+        tokio::net::TcpStream::connect(endpoint),
+    )
+    .await
+    .map_err(|_| Attempt::ConnectFailure)?
+    .map_err(|_| Attempt::ConnectFailure)?;
+    let _ = tcp.set_nodelay(true);
+    if let Some(k) = &pool.keepalive {
+        set_keepalive(&tcp, k);
+    }
+    Ok(tcp)
 }
 
 /// A header's value (a pseudo-header's, mostly); empty when absent.
@@ -71,17 +123,30 @@ impl Client {
         }
     }
 
-    fn pool(&self, connect_timeout: Duration) -> Option<Pool> {
+    fn pool(&self, settings: &PoolSettings) -> Option<Pool> {
         let mut pools = self.pools.lock().ok()?;
         Some(
             pools
-                .entry(connect_timeout)
+                .entry(*settings)
                 .or_insert_with(|| {
                     let mut connector = HttpConnector::new();
-                    connector.set_connect_timeout(Some(connect_timeout));
+                    connector.set_connect_timeout(Some(settings.connect_timeout));
                     connector.set_nodelay(true);
+                    if let Some(k) = &settings.keepalive {
+                        // The connector's keepalive is SO_KEEPALIVE with these timings.
+                        connector.set_keepalive(Some(Duration::from_secs(u64::from(
+                            k.time_s.unwrap_or(7200),
+                        ))));
+                        connector.set_keepalive_interval(
+                            k.interval_s.map(|i| Duration::from_secs(u64::from(i))),
+                        );
+                        connector.set_keepalive_retries(k.probes);
+                    }
                     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                        .pool_idle_timeout(Duration::from_secs(3600))
+                        .pool_idle_timeout(settings.idle_timeout)
+                        // Idle connections are closed when their time is up, not only when
+                        // next taken from the pool.
+                        .pool_timer(hyper_util::rt::TokioTimer::new())
                         .build(connector)
                 })
                 .clone(),
@@ -117,7 +182,7 @@ impl Client {
         endpoint: &str,
         headers: &Headers,
         body: Body,
-        connect_timeout: Duration,
+        pool: &PoolSettings,
         h2: bool,
         tls: Option<&Origination>,
         timeout: Option<Duration>,
@@ -149,11 +214,11 @@ impl Client {
                 // Istio's default SNI is the request's host.
                 let host = meshroute_core::engine::split_host_port(authority).0;
                 let name = origination.sni.as_deref().unwrap_or(host);
-                Self::send_tls(endpoint, origination, name, connect_timeout, h2, request).await
+                Self::send_tls(endpoint, origination, name, pool, h2, request).await
             } else if h2 {
-                self.send_h2(endpoint, connect_timeout, request).await
+                self.send_h2(endpoint, pool, request).await
             } else {
-                match self.pool(connect_timeout) {
+                match self.pool(pool) {
                     Some(pool) => pool.request(request).await.map_err(|e| {
                         if e.is_connect() {
                             Attempt::ConnectFailure
@@ -183,15 +248,11 @@ impl Client {
         endpoint: &str,
         origination: &Origination,
         name: &str,
-        connect_timeout: Duration,
+        pool: &PoolSettings,
         h2: bool,
         request: hyper::Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, Attempt> {
-        let tcp = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(endpoint))
-            .await
-            .map_err(|_| Attempt::ConnectFailure)?
-            .map_err(|_| Attempt::ConnectFailure)?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = connect(endpoint, pool).await?;
         let stream = super::tls::connect(origination, name, tcp)
             .await
             .map_err(|reason| {
@@ -229,7 +290,7 @@ impl Client {
     async fn send_h2(
         &self,
         endpoint: &str,
-        connect_timeout: Duration,
+        pool: &PoolSettings,
         request: hyper::Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, Attempt> {
         let cached = self
@@ -240,12 +301,7 @@ impl Client {
         let mut sender = match cached {
             Some(s) => s,
             None => {
-                let tcp =
-                    tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(endpoint))
-                        .await
-                        .map_err(|_| Attempt::ConnectFailure)?
-                        .map_err(|_| Attempt::ConnectFailure)?;
-                let _ = tcp.set_nodelay(true);
+                let tcp = connect(endpoint, pool).await?;
                 let (sender, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
                         .await

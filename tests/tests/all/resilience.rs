@@ -425,7 +425,74 @@ fn random_balancing_spreads_requests_over_endpoints(host: Host) {
     assert!(got.iter().all(|&n| (65..=135).contains(&n)), "{got:?}");
 }
 
+/// `http.idleTimeout`: the proxy closes a pooled upstream connection once it has been idle
+/// that long (Envoy's `common_http_protocol_options.idle_timeout`; default one hour).
+fn idle_upstream_connections_close_after_the_pool_idle_timeout(host: Host) {
+    let (short, long) = (Upstream::start("short"), Upstream::start("long"));
+    let idle = serve(
+        host,
+        &[&short],
+        &destination_rule("{connectionPool: {http: {idleTimeout: 300ms}}}"),
+    );
+    let kept = web(host, &[&long], "{loadBalancer: {simple: ROUND_ROBIN}}");
+    assert_eq!(idle.send(&get(HOST, "/")).status, 200);
+    assert_eq!(kept.send(&get(HOST, "/")).status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while short.connections().1 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle connection never closed: {:?}",
+            short.connections()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(short.connections().0 >= 1);
+    // The default keeps it for an hour.
+    thread::sleep(Duration::from_millis(600));
+    let (accepted, closed) = long.connections();
+    assert!(accepted >= 1);
+    assert_eq!(closed, 0, "a connection without idleTimeout closed");
+}
+
+/// `tcp.tcpKeepalive`: keepalive probes on the proxy's connections to the endpoints, with
+/// the configured time (seen in the kernel's socket timers, `ss -o`).
+fn tcp_keepalive_is_set_on_upstream_connections(host: Host) {
+    let up = Upstream::start("up");
+    let proxy = web(
+        host,
+        &[&up],
+        "{connectionPool: {tcp: {tcpKeepalive: {time: 37s, interval: 5s, probes: 3}}}}",
+    );
+    assert_eq!(proxy.send(&get(HOST, "/")).status, 200);
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "dst",
+            &format!("127.0.0.1:{}", up.port),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let timer = text
+        .lines()
+        .find_map(|l| l.split("timer:(keepalive,").nth(1))
+        .unwrap_or_else(|| panic!("no keepalive timer on the upstream connection:\n{text}"));
+    let seconds: f64 = timer
+        .split("sec")
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("timer {timer}"));
+    assert!(
+        (30.0..=37.0).contains(&seconds),
+        "keepalive timer {seconds}s, 37s configured:\n{text}"
+    );
+}
+
 meshroute_tests::on_both_hosts!(
+    idle_upstream_connections_close_after_the_pool_idle_timeout,
+    tcp_keepalive_is_set_on_upstream_connections,
     requests_beyond_max_connections_wait_for_a_connection,
     max_retries_limits_concurrent_retries,
     random_balancing_spreads_requests_over_endpoints,

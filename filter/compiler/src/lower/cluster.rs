@@ -117,6 +117,16 @@ impl Lowering<'_> {
                     .and_then(|h| h.max_concurrent_streams)
                     .and_then(|v| u32::try_from(v).ok()),
                 h2_upgrade: http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE"),
+                tcp_keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(|k| {
+                    let secs = |d: Option<&api::Duration>| {
+                        ms(d).map(|ms| u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX))
+                    };
+                    ir::TcpKeepalive {
+                        probes: k.probes.and_then(|p| u32::try_from(p).ok()),
+                        time_s: secs(k.time.as_ref()),
+                        interval_s: secs(k.interval.as_ref()),
+                    }
+                }),
             },
             outlier_detection: policy.outlier_detection.as_ref().map(|o| {
                 // The deprecated `consecutiveErrors` is ignored, as istiod ignores it.

@@ -153,6 +153,24 @@ pub struct ConnectionPool {
     pub max_concurrent_streams: Option<u32>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub h2_upgrade: bool,
+    /// `tcp.tcpKeepalive`: keepalive probes on the connections to the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive on upstream connections; unset fields take the system's values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpKeepalive {
+    /// Probes sent without an answer before the connection is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u32>,
+    /// Seconds idle before the first probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_s: Option<u32>,
+    /// Seconds between probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u32>,
 }
 
 impl ConnectionPool {
