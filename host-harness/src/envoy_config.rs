@@ -14,7 +14,7 @@ use meshroute_core::contract::{
     EXPLICIT_PROXY_PORT, HTTP_ROOT_ID, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
 };
 use meshroute_core::ir::{
-    ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode,
+    ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode, TlsVersion,
 };
 
 /// Why configuration for Envoy or Istio cannot be written.
@@ -357,6 +357,23 @@ fn gateway_listener(
                 if let Some(ca) = &files.client_ca {
                     common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
                 }
+            }
+            let mut params = json!({});
+            let envoy_version = |v: TlsVersion| match v {
+                TlsVersion::Tls12 => "TLSv1_2",
+                TlsVersion::Tls13 => "TLSv1_3",
+            };
+            if let Some(v) = tls.min_protocol_version {
+                params["tls_minimum_protocol_version"] = json!(envoy_version(v));
+            }
+            if let Some(v) = tls.max_protocol_version {
+                params["tls_maximum_protocol_version"] = json!(envoy_version(v));
+            }
+            if !tls.cipher_suites.is_empty() {
+                params["cipher_suites"] = json!(tls.cipher_suites);
+            }
+            if params != json!({}) {
+                common["tls_params"] = params;
             }
             chain["transport_socket"] = json!({
                 "name": "envoy.transport_sockets.tls",

@@ -36,6 +36,39 @@ fn assert_error(yaml: &str, path: &str, needle: &str) {
 }
 
 #[wasm_bindgen_test(unsupported = test)]
+fn gateway_tls_versions_and_cipher_suites() {
+    let tls = |t: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: g\nspec:\n  servers:\n  - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [a.com]\n    tls: {{mode: SIMPLE, serverCertificate: /c, privateKey: /k, {t}}}\n")
+    };
+    assert_error(
+        &tls("minProtocolVersion: TLSV1_3, maxProtocolVersion: TLSV1_2"),
+        "spec.servers[0].tls.minProtocolVersion",
+        "less than or equal to maxProtocolVersion",
+    );
+    assert_error(
+        &tls("maxProtocolVersion: TLSV1_1"),
+        "spec.servers[0].tls.maxProtocolVersion",
+        "TLS 1.2 and 1.3 only",
+    );
+    assert_error(
+        &tls("cipherSuites: [AES128-SHA]"),
+        "spec.servers[0].tls.cipherSuites[0]",
+        "not supported by meshroute",
+    );
+    let old = diags(&tls("minProtocolVersion: TLSV1_0"));
+    assert!(old.iter().all(|d| !d.is_error()), "{old:?}");
+    assert!(
+        old.iter()
+            .any(|d| d.to_string().contains("lowest version meshroute serves")),
+        "{old:?}"
+    );
+    assert!(errors(&tls(
+        "minProtocolVersion: TLSV1_2, cipherSuites: [ECDHE-RSA-AES128-GCM-SHA256]"
+    ))
+    .is_empty());
+}
+
+#[wasm_bindgen_test(unsupported = test)]
 fn jwt_claim_matches_are_refused_rather_than_matched_as_headers() {
     for field in ["headers", "withoutHeaders"] {
         let y = vs(&format!("  hosts: [a]\n  http:\n  - match: [{{{field}: {{'@request.auth.claims.group': {{exact: admin}}}}}}]\n    route:\n    - destination: {{host: a}}\n"));

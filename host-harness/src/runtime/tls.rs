@@ -18,7 +18,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use meshroute_core::ir::{ClientTls, ListenerServer, ServerTlsMode};
+use meshroute_core::ir::{ClientTls, ListenerServer, ServerTlsMode, TlsVersion};
 
 use crate::credentials::CredentialError;
 
@@ -34,8 +34,71 @@ pub enum TlsError {
     NoClientCa(ServerTlsMode),
     #[error("servers on one port verify clients differently ({0} and {1}): meshroute run needs one client CA per port")]
     ClientCaConflict(String, String),
+    #[error("servers on one port ask for different TLS versions or cipher suites: meshroute run applies one set per port")]
+    ParamsConflict,
     #[error("TLS: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// The versions and TLS 1.2 cipher suites a listener serves (`ServerTLSSettings`'
+/// `minProtocolVersion`, `maxProtocolVersion`, `cipherSuites`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TlsParams {
+    min: Option<TlsVersion>,
+    max: Option<TlsVersion>,
+    suites: Vec<String>,
+}
+
+impl TlsParams {
+    fn of(tls: &meshroute_core::ir::ServerTls) -> Self {
+        Self {
+            min: tls.min_protocol_version,
+            max: tls.max_protocol_version,
+            suites: tls.cipher_suites.clone(),
+        }
+    }
+
+    fn versions(&self) -> Vec<&'static rustls::SupportedProtocolVersion> {
+        let min = self.min.unwrap_or(TlsVersion::Tls12);
+        let max = self.max.unwrap_or(TlsVersion::Tls13);
+        [
+            (TlsVersion::Tls12, &rustls::version::TLS12),
+            (TlsVersion::Tls13, &rustls::version::TLS13),
+        ]
+        .into_iter()
+        .filter(|(v, _)| (min..=max).contains(v))
+        .map(|(_, p)| p)
+        .collect()
+    }
+
+    /// The provider's suites: TLS 1.3's all, TLS 1.2's those named (all when none are).
+    fn provider(&self) -> rustls::crypto::CryptoProvider {
+        let mut provider = rustls::crypto::ring::default_provider();
+        if !self.suites.is_empty() {
+            provider.cipher_suites.retain(|suite| match suite {
+                rustls::SupportedCipherSuite::Tls13(_) => true,
+                rustls::SupportedCipherSuite::Tls12(_) => self
+                    .suites
+                    .iter()
+                    .any(|name| openssl_name(suite.suite()) == Some(name.as_str())),
+            });
+        }
+        provider
+    }
+}
+
+/// OpenSSL's name of a TLS 1.2 suite (the names Istio's `cipherSuites` and Envoy use).
+fn openssl_name(suite: rustls::CipherSuite) -> Option<&'static str> {
+    use rustls::CipherSuite as S;
+    Some(match suite {
+        S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => "ECDHE-ECDSA-AES128-GCM-SHA256",
+        S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => "ECDHE-RSA-AES128-GCM-SHA256",
+        S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => "ECDHE-ECDSA-AES256-GCM-SHA384",
+        S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => "ECDHE-RSA-AES256-GCM-SHA384",
+        S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-ECDSA-CHACHA20-POLY1305",
+        S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-RSA-CHACHA20-POLY1305",
+        _ => return None,
+    })
 }
 
 fn file_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> TlsError + '_ {
@@ -94,6 +157,7 @@ pub fn server_config(
 ) -> Result<Option<Arc<ServerConfig>>, TlsError> {
     let mut resolver = SniResolver::default();
     let mut any_tls = false;
+    let mut params: Option<TlsParams> = None;
     // One client CA per listener: rustls verifies client certificates per configuration.
     let mut client_ca: Option<(PathBuf, bool)> = None;
     for server in servers {
@@ -114,6 +178,10 @@ pub fn server_config(
                 }
                 _ => client_ca = Some((ca, optional)),
             }
+        }
+        match &params {
+            Some(p) if *p != TlsParams::of(tls) => return Err(TlsError::ParamsConflict),
+            _ => params = Some(TlsParams::of(tls)),
         }
         any_tls = true;
         let files = crate::credentials::server_files(tls, credentials)?;
@@ -145,9 +213,10 @@ pub fn server_config(
     resolver
         .wildcard
         .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let params = params.unwrap_or_default();
+    let provider = Arc::new(params.provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()?;
+        .with_protocol_versions(&params.versions())?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some((ca, optional)) => {

@@ -881,7 +881,96 @@ fn tls_origination_can_skip_verification(host: Host) {
     assert_eq!(r.text(), "legacy");
 }
 
+/// The TLS version and TLS 1.2 cipher suite a client gets from 127.0.0.1:`port`, offering
+/// only `versions`; `Err` when the handshake fails.
+fn negotiated(
+    port: u16,
+    ca_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<(rustls::ProtocolVersion, rustls::CipherSuite), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        "db.example.com".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    Ok((
+        conn.protocol_version().unwrap(),
+        conn.negotiated_cipher_suite().unwrap().suite(),
+    ))
+}
+
+/// Gateway `tls.minProtocolVersion`, `maxProtocolVersion` and `cipherSuites` (Envoy's
+/// `tls_params`): a server pinned to TLS 1.3 refuses TLS 1.2, one capped at TLS 1.2 with
+/// one suite negotiates exactly that.
+fn tls_versions_and_cipher_suites_are_enforced(host: Host) {
+    let ca = TestCa::new("tls-params");
+    let server = ca.issue("gw", &["db.example.com"]);
+    let db = EchoServer::tcp("db");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 5443, name: tls-13, protocol: TLS}}
+    hosts: [db.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}, minProtocolVersion: TLSV1_3}}
+  - port: {{number: 5444, name: tls-12, protocol: TLS}}
+    hosts: [db.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}, maxProtocolVersion: TLSV1_2, cipherSuites: [ECDHE-ECDSA-AES256-GCM-SHA384]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: [db.example.com]
+  gateways: [istio-system/gw]
+  tcp:
+  - route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
+",
+        service("db", "tcp", 5432, &[("v1", db.port)]),
+        cert = path_text(&server.cert_file),
+        key = path_text(&server.key_file),
+    );
+    let proxy = start(host, &gateway(yaml));
+    let (tls13, tls12) = (proxy.port_for(5443), proxy.port_for(5444));
+    let both = [&rustls::version::TLS13, &rustls::version::TLS12];
+    assert!(negotiated(tls13, &ca.cert_pem, &[&rustls::version::TLS12]).is_err());
+    assert_eq!(
+        negotiated(tls13, &ca.cert_pem, &both).map(|n| n.0),
+        Ok(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(
+        negotiated(tls12, &ca.cert_pem, &both),
+        Ok((
+            rustls::ProtocolVersion::TLSv1_2,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        ))
+    );
+    assert!(negotiated(tls12, &ca.cert_pem, &[&rustls::version::TLS13]).is_err());
+}
+
 on_both_hosts!(
+    tls_versions_and_cipher_suites_are_enforced,
     tls_origination_can_skip_verification,
     mutual_gateway_from_credential_name,
     mutual_origination_from_credential_name,

@@ -125,6 +125,9 @@ impl Lowering<'_> {
                             private_key: t.private_key.clone(),
                             ca_certificates: t.ca_certificates.clone(),
                             credential_name: t.credential_name.clone(),
+                            min_protocol_version: tls_version(t.min_protocol_version.as_deref()),
+                            max_protocol_version: tls_version(t.max_protocol_version.as_deref()),
+                            cipher_suites: t.cipher_suites.clone(),
                         }),
                 });
                 if server.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")
@@ -273,5 +276,15 @@ pub(crate) fn server_routing(protocol: &str, tls_mode: Option<&str>) -> ir::Serv
         Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") => R::TerminatedTcp,
         _ if http => R::Http,
         _ => R::Tcp,
+    }
+}
+
+/// An Istio TLS version as the hosts serve it: TLS 1.0 and 1.1 are not served (a minimum
+/// of either is TLS 1.2, which validation says), `TLS_AUTO` is no limit.
+fn tls_version(v: Option<&str>) -> Option<ir::TlsVersion> {
+    match v? {
+        "TLSV1_0" | "TLSV1_1" | "TLSV1_2" => Some(ir::TlsVersion::Tls12),
+        "TLSV1_3" => Some(ir::TlsVersion::Tls13),
+        _ => None,
     }
 }

@@ -158,17 +158,53 @@ pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSetting
         }
         other => v.err(&p.key("mode"), format!("unknown TLS mode {other:?}")),
     }
+    let rank = |val: &str| match val {
+        "TLSV1_0" => Some(0),
+        "TLSV1_1" => Some(1),
+        "TLSV1_2" => Some(2),
+        "TLSV1_3" => Some(3),
+        _ => None,
+    };
     for (f, val) in [
         ("minProtocolVersion", &t.min_protocol_version),
         ("maxProtocolVersion", &t.max_protocol_version),
     ] {
         if let Some(val) = val {
-            if !matches!(
-                val.as_str(),
-                "TLS_AUTO" | "TLSV1_0" | "TLSV1_1" | "TLSV1_2" | "TLSV1_3"
-            ) {
+            if val != "TLS_AUTO" && rank(val).is_none() {
                 v.err(&p.key(f), format!("unknown TLS version {val:?}"));
+            } else if matches!(val.as_str(), "TLSV1_0" | "TLSV1_1") {
+                // A lower minimum only widens what is accepted; a lower maximum cannot be met.
+                if f == "maxProtocolVersion" {
+                    v.err(&p.key(f), format!("{val} is not supported by meshroute: its servers speak TLS 1.2 and 1.3 only"));
+                } else {
+                    v.warn(
+                        &p.key(f),
+                        format!("{val}: TLS 1.2 is the lowest version meshroute serves"),
+                    );
+                }
             }
+        }
+    }
+    if let (Some(min), Some(max)) = (
+        t.min_protocol_version.as_deref().and_then(rank),
+        t.max_protocol_version.as_deref().and_then(rank),
+    ) {
+        if min > max {
+            v.err(
+                &p.key("minProtocolVersion"),
+                "minProtocolVersion must be less than or equal to maxProtocolVersion",
+            );
+        }
+    }
+    for (i, suite) in t.cipher_suites.iter().enumerate() {
+        if !meshroute_core::ir::TLS12_CIPHER_SUITES.contains(&suite.as_str()) {
+            v.err(
+                &p.key("cipherSuites").idx(i),
+                format!(
+                    "cipher suite {suite:?} is not supported by meshroute (it serves {})",
+                    meshroute_core::ir::TLS12_CIPHER_SUITES.join(", ")
+                ),
+            );
         }
     }
 }

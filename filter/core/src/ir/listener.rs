@@ -140,7 +140,36 @@ pub struct ServerTls {
     pub ca_certificates: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+    /// `minProtocolVersion` (`TLSV1_2`, `TLSV1_3`; `None`: TLS 1.2, Envoy's server default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<TlsVersion>,
+    /// `maxProtocolVersion` (`None`: TLS 1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_protocol_version: Option<TlsVersion>,
+    /// `cipherSuites` for TLS 1.2, in OpenSSL's names as Envoy takes them (TLS 1.3's suites
+    /// are not configurable, as in Envoy); empty: the defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
 }
+
+/// A TLS protocol version a server may be limited to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSV1_2")]
+    Tls12,
+    #[serde(rename = "TLSV1_3")]
+    Tls13,
+}
+
+/// The TLS 1.2 cipher suites both hosts serve (OpenSSL names, as Istio and Envoy take them).
+pub const TLS12_CIPHER_SUITES: [&str; 6] = [
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+];
 
 /// A sidecar's inbound port: traffic captured on its way to the workload (Istio's
 /// `inbound|PORT||` clusters), from the Services that select the workload or from the
