@@ -44,12 +44,15 @@ pub fn server_files(
     credentials: Option<&Path>,
 ) -> Result<ServerFiles, CredentialError> {
     let mutual = tls.mode.verifies_clients();
+    // A secret of its own for the client CA comes first (Istio 1.28's caCertCredentialName).
+    let ca_secret = match (&tls.ca_cert_credential_name, mutual) {
+        (Some(name), true) => Some(secret_dir(credentials, name)?.join("ca.crt")),
+        _ => None,
+    };
     if let Some(name) = &tls.credential_name {
         let dir = secret_dir(credentials, name)?;
-        let ca = tls
-            .ca_certificates
-            .as_ref()
-            .map(PathBuf::from)
+        let ca = ca_secret
+            .or_else(|| tls.ca_certificates.as_ref().map(PathBuf::from))
             .or_else(|| mutual.then(|| dir.join("ca.crt")));
         return Ok(ServerFiles {
             cert: dir.join("tls.crt"),
@@ -61,7 +64,7 @@ pub fn server_files(
         (Some(c), Some(k)) => Ok(ServerFiles {
             cert: PathBuf::from(c),
             key: PathBuf::from(k),
-            client_ca: tls.ca_certificates.as_ref().map(PathBuf::from),
+            client_ca: ca_secret.or_else(|| tls.ca_certificates.as_ref().map(PathBuf::from)),
         }),
         _ => Err(CredentialError::NoCertificate(tls.mode)),
     }

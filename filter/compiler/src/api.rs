@@ -614,6 +614,9 @@ pub struct ServerTlsSettings {
     pub ca_certificates: Option<String>,
     pub ca_crl: Option<String>,
     pub credential_name: Option<String>,
+    /// Istio 1.28+: the secret holding the CA that verifies client certificates, apart from
+    /// `credentialName`'s.
+    pub ca_cert_credential_name: Option<String>,
     #[serde(default)]
     pub credential_names: Vec<String>,
     #[serde(default)]

@@ -373,6 +373,7 @@ fn listeners() -> Vec<Listener> {
                     private_key: Some("/etc/key.pem".into()),
                     ca_certificates: Some("/etc/ca.pem".into()),
                     credential_name: Some("web-credential".into()),
+                    ca_cert_credential_name: Some("web-ca".into()),
                     min_protocol_version: Some(TlsVersion::Tls12),
                     max_protocol_version: Some(TlsVersion::Tls13),
                     cipher_suites: vec!["ECDHE-RSA-AES128-GCM-SHA256".into()],

@@ -836,6 +836,50 @@ spec:
     assert_eq!(up.count(), 1);
 }
 
+/// Istio 1.28's `caCertCredentialName`: the client CA comes from a secret of its own, so
+/// a server secret without `ca.crt` still verifies clients.
+fn mutual_gateway_with_a_separate_ca_secret(host: Host) {
+    let ca = TestCa::new("ca-credential-gw");
+    let server = ca.issue("httpbin", &["httpbin.example.com"]);
+    let client_cert = ca.issue("client", &["client.example.com"]);
+    let creds = ca.credential("httpbin-credential", &server);
+    std::fs::remove_file(creds.join("httpbin-credential/ca.crt")).unwrap();
+    std::fs::create_dir_all(creds.join("httpbin-ca")).unwrap();
+    std::fs::write(creds.join("httpbin-ca/ca.crt"), &ca.cert_pem).unwrap();
+    let up = Upstream::start("httpbin");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: mygateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    tls: {{mode: MUTUAL, credentialName: httpbin-credential, caCertCredentialName: httpbin-ca}}
+    hosts: [httpbin.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin, namespace: default}}
+spec:
+  hosts: [httpbin.example.com]
+  gateways: [istio-system/mygateway]
+  http:
+  - route: [{{destination: {{host: httpbin, port: {{number: 8000}}}}}}]
+",
+        service("httpbin", "http", 8000, &[("v1", up.port)]),
+    );
+    let proxy = start_with_credentials(host, &gateway(yaml), &creds);
+    let port = proxy.port();
+    let with = TlsClient::new(&ca.cert_pem, Some(&client_cert))
+        .get(port, "httpbin.example.com", "/headers")
+        .unwrap();
+    assert!(with.starts_with("HTTP/1.1 200"), "{with}");
+    assert!(TlsClient::new(&ca.cert_pem, None)
+        .get(port, "httpbin.example.com", "/headers")
+        .is_err());
+}
+
 /// DestinationRule MUTUAL origination with `credentialName`: the client certificate from
 /// the secret is presented to an upstream that requires one (istio-semantics TL1, TL2).
 fn mutual_origination_from_credential_name(host: Host) {
@@ -971,6 +1015,7 @@ spec:
 
 on_both_hosts!(
     tls_versions_and_cipher_suites_are_enforced,
+    mutual_gateway_with_a_separate_ca_secret,
     tls_origination_can_skip_verification,
     mutual_gateway_from_credential_name,
     mutual_origination_from_credential_name,

@@ -125,6 +125,7 @@ impl Lowering<'_> {
                             private_key: t.private_key.clone(),
                             ca_certificates: t.ca_certificates.clone(),
                             credential_name: t.credential_name.clone(),
+                            ca_cert_credential_name: t.ca_cert_credential_name.clone(),
                             min_protocol_version: tls_version(t.min_protocol_version.as_deref()),
                             max_protocol_version: tls_version(t.max_protocol_version.as_deref()),
                             cipher_suites: t.cipher_suites.clone(),

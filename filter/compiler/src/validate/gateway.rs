@@ -139,7 +139,10 @@ pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSetting
                         format!("{mode} TLS requires a private key"),
                     );
                 }
-                if mode != "SIMPLE" && t.ca_certificates.is_none() {
+                if mode != "SIMPLE"
+                    && t.ca_certificates.is_none()
+                    && t.ca_cert_credential_name.is_none()
+                {
                     v.err(
                         &p.key("caCertificates"),
                         format!("{mode} TLS requires a client CA bundle"),
@@ -157,6 +160,12 @@ pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSetting
             }
         }
         other => v.err(&p.key("mode"), format!("unknown TLS mode {other:?}")),
+    }
+    if t.ca_cert_credential_name.is_some() && !matches!(mode, "MUTUAL" | "OPTIONAL_MUTUAL") {
+        v.warn(
+            &p.key("caCertCredentialName"),
+            format!("caCertCredentialName has no effect in {mode} mode: only MUTUAL and OPTIONAL_MUTUAL verify client certificates"),
+        );
     }
     let rank = |val: &str| match val {
         "TLSV1_0" => Some(0),

@@ -140,6 +140,10 @@ pub struct ServerTls {
     pub ca_certificates: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+    /// `caCertCredentialName`: the secret whose `ca.crt` verifies client certificates (it
+    /// takes precedence over `credentialName`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_credential_name: Option<String>,
     /// `minProtocolVersion` (`TLSV1_2`, `TLSV1_3`; `None`: TLS 1.2, Envoy's server default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_protocol_version: Option<TlsVersion>,
