@@ -201,7 +201,7 @@ pub async fn serve_inbound(proxy: Arc<Proxy>, listener: TcpListener, limits: Lim
         listener,
         limits,
         true,
-        move |proxy, stream, peer, id| inbound(proxy, Arc::clone(&pools), stream, peer, id, limits),
+        move |proxy, stream, _peer, _id| inbound(proxy, Arc::clone(&pools), stream, limits),
     )
     .await;
 }
@@ -302,9 +302,7 @@ async fn splice(
     };
     proxy.stats.tcp_opened(cluster);
     let mut down = Replay::new(head, stream);
-    let (received, sent) = tokio::io::copy_bidirectional(&mut down, &mut upstream)
-        .await
-        .unwrap_or((0, 0));
+    let (received, sent) = copy(&mut down, &mut upstream).await;
     proxy.stats.tcp_closed(cluster, "", received, sent);
     log("", received, sent);
 }
@@ -386,11 +384,8 @@ async fn inbound(
     proxy: Arc<Proxy>,
     pools: Arc<InboundPools>,
     mut stream: TcpStream,
-    peer: SocketAddr,
-    connection_id: u64,
     limits: Limits,
 ) {
-    let _ = connection_id;
     let Some(original) = original_destination(&stream) else {
         return;
     };
@@ -450,7 +445,7 @@ async fn inbound(
             );
             let service = service_fn(move |req| {
                 let inbound = Arc::clone(&inbound);
-                async move { Ok::<_, std::convert::Infallible>(inbound.handle(peer, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(inbound.handle(req).await) }
             });
             let builder = listener_builder(limits);
             graceful!(
@@ -500,7 +495,7 @@ struct InboundHttp {
 }
 
 impl InboundHttp {
-    async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let version = parts.version;
@@ -532,7 +527,6 @@ impl InboundHttp {
                 id
             }
         };
-        let _ = peer;
         let (response, flags) = match self.send(headers, body).await {
             Ok(r) => (r, ""),
             Err((status, body, flags)) => {
@@ -612,7 +606,6 @@ impl InboundHttp {
 
 impl InboundHttp {
     async fn send_h2(&self, headers: &[(String, String)], body: Body) -> upstream::Attempt {
-        let get = |name: &str| upstream::pseudo(headers, name);
         let mut sender = {
             let mut cached = self.h2_sender.lock().await;
             match cached.as_ref().filter(|s| !s.is_closed()) {
@@ -637,17 +630,8 @@ impl InboundHttp {
                 }
             }
         };
-        let mut builder = Request::builder().method(get(":method")).uri(format!(
-            "http://{}{}",
-            get(":authority"),
-            get(":path")
-        ));
-        for (k, v) in headers {
-            if !k.starts_with(':') {
-                builder = builder.header(k.as_str(), v.as_str());
-            }
-        }
-        let Ok(request) = builder.body(body) else {
+        let endpoint = self.address.to_string();
+        let Some(request) = upstream::request(&endpoint, headers, body, true) else {
             return upstream::Attempt::Reset;
         };
         if sender.ready().await.is_err() {

@@ -236,15 +236,24 @@ impl Listeners {
         // Every listener is bound, once, before readiness is announced.
         for spec in specs {
             let listener = super::bind(spec.address).await?;
-            let shared: SharedSpec = Arc::new(RwLock::new(spec.clone()));
-            let task = tokio::spawn(serve_shared(
-                Arc::clone(proxy),
-                Arc::clone(&shared),
-                listener,
-            ));
-            running.insert(spec.address, (shared, task));
+            running.insert(spec.address, Self::serve(proxy, spec.clone(), listener));
         }
         Ok(Self { running })
+    }
+
+    /// Serves a bound listener with a description a reload can replace.
+    fn serve(
+        proxy: &Arc<Proxy>,
+        spec: ListenerSpec,
+        listener: tokio::net::TcpListener,
+    ) -> (SharedSpec, tokio::task::JoinHandle<()>) {
+        let shared: SharedSpec = Arc::new(RwLock::new(spec));
+        let task = tokio::spawn(serve_shared(
+            Arc::clone(proxy),
+            Arc::clone(&shared),
+            listener,
+        ));
+        (shared, task)
     }
 
     /// Brings the listeners to `specs`. A port that cannot be bound is reported and the rest
@@ -277,13 +286,8 @@ impl Listeners {
                         spec.address, spec.server_port
                     );
                     let address = spec.address;
-                    let shared: SharedSpec = Arc::new(RwLock::new(spec));
-                    let task = tokio::spawn(serve_shared(
-                        Arc::clone(proxy),
-                        Arc::clone(&shared),
-                        listener,
-                    ));
-                    self.running.insert(address, (shared, task));
+                    self.running
+                        .insert(address, Self::serve(proxy, spec, listener));
                 }
                 Err(e) => errors.push(e.to_string()),
             }

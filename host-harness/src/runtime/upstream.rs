@@ -87,6 +87,36 @@ pub(super) fn pseudo<'h>(headers: &'h [(String, String)], name: &str) -> &'h str
         .map_or("", |(_, v)| v.as_str())
 }
 
+/// The request for `headers` (pseudo-headers included). HTTP/1.1: connect by URI, name
+/// the service in Host. HTTP/2: the URI carries the service authority (it becomes
+/// `:authority`) and the connection is the caller's to pick. `None`: not a valid request.
+pub(super) fn request(
+    endpoint: &str,
+    headers: &[(String, String)],
+    body: Body,
+    h2: bool,
+) -> Option<hyper::Request<Body>> {
+    let path = request_path(headers);
+    let authority = pseudo(headers, ":authority");
+    let uri = if h2 {
+        format!("http://{authority}{path}")
+    } else {
+        format!("http://{endpoint}{path}")
+    };
+    let mut builder = hyper::Request::builder()
+        .method(pseudo(headers, ":method"))
+        .uri(uri);
+    if !h2 {
+        builder = builder.header("host", authority);
+    }
+    for (k, v) in headers {
+        if !k.starts_with(':') {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+    }
+    builder.body(body).ok()
+}
+
 /// The request's `:path`, `/` when it has none.
 fn request_path(headers: &[(String, String)]) -> &str {
     match pseudo(headers, ":path") {
@@ -155,18 +185,7 @@ impl Client {
 
     /// One HTTP/1.1 request to the workload of a transparent sidecar's inbound port.
     pub async fn send_inbound(&self, endpoint: &str, headers: &Headers, body: Body) -> Attempt {
-        let get = |name: &str| pseudo(headers, name);
-        let path = request_path(headers);
-        let mut builder = hyper::Request::builder()
-            .method(get(":method"))
-            .uri(format!("http://{endpoint}{path}"))
-            .header("host", get(":authority"));
-        for (k, v) in headers {
-            if !k.starts_with(':') {
-                builder = builder.header(k.as_str(), v.as_str());
-            }
-        }
-        let Ok(request) = builder.body(body) else {
+        let Some(request) = request(endpoint, headers, body, false) else {
             return Attempt::Reset;
         };
         match self.inbound.request(request).await {
@@ -187,26 +206,8 @@ impl Client {
         tls: Option<&Origination>,
         timeout: Option<Duration>,
     ) -> Attempt {
-        let get = |name: &str| pseudo(headers, name);
-        let path = request_path(headers);
-        let authority = get(":authority");
-        // HTTP/1.1: connect by URI, name the service in Host. HTTP/2: the URI carries the
-        // service authority (it becomes :authority) and the connection is ours to pick.
-        let uri = if h2 {
-            format!("http://{authority}{path}")
-        } else {
-            format!("http://{endpoint}{path}")
-        };
-        let mut builder = hyper::Request::builder().method(get(":method")).uri(uri);
-        if !h2 {
-            builder = builder.header("host", authority);
-        }
-        for (k, v) in headers {
-            if !k.starts_with(':') {
-                builder = builder.header(k.as_str(), v.as_str());
-            }
-        }
-        let Ok(request) = builder.body(body) else {
+        let authority = pseudo(headers, ":authority");
+        let Some(request) = request(endpoint, headers, body, h2) else {
             return Attempt::Reset;
         };
         let call = async {

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshroute_tests::pods::{Node, Pod, Process};
-use meshroute_tests::{get, meshroute_binary, wasm_path, Upstream};
+use meshroute_tests::{get, meshroute_binary, subsets, wasm_path, Upstream};
 
 const PROXY_UID: u32 = 1337;
 
@@ -197,16 +197,6 @@ fn workload(name: &str, app: &str, version: &str, address: &str) -> String {
 
 const RULES: &str = r"
 apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
----
-apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: reviews, namespace: default}
 spec:
@@ -254,6 +244,7 @@ fn mesh() -> Mesh {
     let mut registry = service("reviews", "10.96.0.10", 9080, "http");
     registry.push_str(&service("ratings", "10.96.0.11", 9080, "http"));
     registry.push_str(&service("db", "10.96.0.20", 5432, "tcp"));
+    registry.push_str(&subsets("reviews", &["v1", "v2", "v3"]));
     let mut reviews = Vec::new();
     for v in ["v1", "v2", "v3"] {
         let pod = node.pod(&format!("reviews-{v}"));
@@ -897,4 +888,33 @@ fn ready_answers_503_until_start_up_completes() {
     let r = request(&m.client, "10.96.0.10:9080", "reviews", "/", &[]);
     assert_eq!(r.map(|r| r.0), Some(200));
     let _ = std::fs::remove_dir_all(&cold);
+}
+
+#[test]
+fn capture_rules_installed_twice_are_there_once_and_remove_takes_them_away() {
+    let mut node = Node::new();
+    let pod = node.pod("app");
+    let nat = |node: &Node| {
+        let out = node.exec(&pod, "iptables-save", &["-t", "nat"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    capture(&node, &pod, &[]);
+    capture(&node, &pod, &[]);
+    let rules = nat(&node);
+    assert_eq!(
+        rules.matches("-A OUTPUT -j ISTIO_OUTPUT").count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(
+        rules
+            .matches("-A PREROUTING -p tcp -j ISTIO_INBOUND")
+            .count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(rules.matches("--to-ports 15001").count(), 1, "{rules}");
+    capture(&node, &pod, &["--remove"]);
+    let rules = nat(&node);
+    assert!(!rules.contains("ISTIO_"), "{rules}");
 }
