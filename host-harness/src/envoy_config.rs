@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::credentials::CredentialError;
+use crate::runtime::access_log::Encoding;
 
 use meshroute_core::contract::{
     l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER,
@@ -106,6 +107,70 @@ pub struct Options<'a> {
     pub failure_policy: FailurePolicy,
     /// Directory of `credentialName` secrets (`<dir>/<name>/tls.crt|tls.key|ca.crt`).
     pub credentials: Option<&'a Path>,
+    /// Istio's TEXT access-log format or its JSON encoding.
+    pub access_log_encoding: Encoding,
+}
+
+/// Istio's default access-log format (`EnvoyTextLogFormat`, istio/istio
+/// pilot/pkg/model/telemetry_logging.go), for HTTP and TCP alike.
+const ISTIO_TEXT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+
+/// Istio's JSON encoding of the same fields (its `EnvoyJSONLogFormatIstio`).
+const ISTIO_JSON_FIELDS: &[(&str, &str)] = &[
+    ("start_time", "%START_TIME%"),
+    ("route_name", "%ROUTE_NAME%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
+    (
+        "connection_termination_details",
+        "%CONNECTION_TERMINATION_DETAILS%",
+    ),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration", "%DURATION%"),
+    (
+        "upstream_service_time",
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    ),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER_RAW%"),
+    ("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("requested_server_name", "%REQUESTED_SERVER_NAME%"),
+    (
+        "upstream_transport_failure_reason",
+        "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    ),
+];
+
+/// The stdout access log in Istio's format.
+fn access_log(encoding: Encoding) -> Value {
+    let format = match encoding {
+        Encoding::Text => json!({"text_format_source": {"inline_string": ISTIO_TEXT_FORMAT}}),
+        Encoding::Json => {
+            let fields: serde_json::Map<String, Value> = ISTIO_JSON_FIELDS
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+                .collect();
+            json!({"json_format": fields})
+        }
+    };
+    json!([{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": format,
+        },
+    }])
 }
 
 /// Builds the bootstrap. Errors name what cannot be expressed.
@@ -447,14 +512,7 @@ fn connection_filters(
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                 "stat_prefix": name,
                 "cluster": BLACKHOLE_CLUSTER,
-                "access_log": [{
-                    "name": "envoy.access_loggers.stdout",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                        "log_format": {"text_format_source": {"inline_string":
-                            "[%START_TIME%] TCP %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms \"%REQUESTED_SERVER_NAME%\" %UPSTREAM_TRANSPORT_FAILURE_REASON%\n"}},
-                    },
-                }],
+                "access_log": access_log(opts.access_log_encoding),
             },
         }),
     ]
@@ -489,14 +547,7 @@ fn http_connection_manager(
                     "server_name": if doc_kind == ProxyKind::Gateway { "istio-envoy" } else { "envoy" },
                     "codec_type": "AUTO",
                     "normalize_path": true,
-                    "access_log": [{
-                        "name": "envoy.access_loggers.stdout",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                            "log_format": {"text_format_source": {"inline_string":
-                                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %DURATION%ms \"%REQ(:AUTHORITY)%\" %UPSTREAM_TRANSPORT_FAILURE_REASON%\n"}},
-                        }
-                    }],
+                    "access_log": access_log(opts.access_log_encoding),
                     "route_config": {
                         "name": "meshroute",
                         "virtual_hosts": [{
@@ -687,4 +738,25 @@ fn upstream_filters() -> Value {
             },
         },
     ])
+}
+
+#[cfg(test)]
+mod access_log_tests {
+    use super::*;
+
+    #[test]
+    fn envoys_json_access_log_has_the_keys_meshroute_run_writes() {
+        let ours: serde_json::Map<String, Value> =
+            serde_json::from_str(&crate::runtime::access_log::Entry::new().json())
+                .unwrap_or_default();
+        let mut ours: Vec<&str> = ours.keys().map(String::as_str).collect();
+        let mut envoys: Vec<&str> = ISTIO_JSON_FIELDS.iter().map(|(k, _)| *k).collect();
+        ours.sort_unstable();
+        envoys.sort_unstable();
+        assert_eq!(ours, envoys);
+        let log = access_log(Encoding::Json);
+        assert!(
+            log[0]["typed_config"]["log_format"]["json_format"]["bytes_sent"] == "%BYTES_SENT%"
+        );
+    }
 }

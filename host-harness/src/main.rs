@@ -78,6 +78,10 @@ struct HostArgs {
     /// Access log: `off`, `stdout` or a file to append to.
     #[arg(long, default_value = "stdout")]
     access_log: String,
+    /// Access-log encoding, as MeshConfig's `accessLogEncoding`: Istio's default TEXT
+    /// format or its JSON encoding.
+    #[arg(long, value_enum, default_value_t = meshroute_harness::runtime::access_log::Encoding::Text)]
+    access_log_encoding: meshroute_harness::runtime::access_log::Encoding,
     /// Downstream connections per listener; more are closed at once.
     #[arg(long, default_value_t = 100_000)]
     max_connections: usize,
@@ -221,6 +225,7 @@ fn run_options(
         reload_interval: std::time::Duration::from_secs(1),
         credentials: host.credentials_dir,
         access_log: host.access_log,
+        access_log_encoding: host.access_log_encoding,
         limits: meshroute_harness::runtime::Limits {
             max_connections: host.max_connections.max(1),
             header_timeout: std::time::Duration::from_secs(host.header_timeout_s.max(1)),
@@ -280,6 +285,10 @@ enum Command {
         /// `<dir>/<name>/tls.crt|tls.key|ca.crt` (paths as Envoy will see them).
         #[arg(long)]
         credentials_dir: Option<PathBuf>,
+        /// Access-log encoding, as MeshConfig's `accessLogEncoding`: Istio's default TEXT
+        /// format or its JSON encoding.
+        #[arg(long, value_enum, default_value_t = meshroute_harness::runtime::access_log::Encoding::Text)]
+        access_log_encoding: meshroute_harness::runtime::access_log::Encoding,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
@@ -756,6 +765,7 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
             admin,
             failure_policy,
             credentials_dir,
+            access_log_encoding,
             output,
         } => envoy_bootstrap(
             &files,
@@ -766,6 +776,7 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
                 admin: admin.as_ref(),
                 failure_policy,
                 credentials: credentials_dir.as_deref(),
+                access_log_encoding,
             },
             output.as_deref(),
         ),

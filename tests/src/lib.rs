@@ -650,6 +650,7 @@ impl Envoy {
                 admin: Some(&admin_bind),
                 failure_policy,
                 credentials,
+                access_log_encoding: Default::default(),
             },
         )
         .expect("bootstrap");
@@ -1139,4 +1140,72 @@ macro_rules! on_both_hosts {
             $(#[test] fn $name() { super::$name($crate::Host::Harness) })*
         }
     };
+}
+
+/// The fields of Istio's default access-log format (`EnvoyTextLogFormat`), in order.
+pub const ISTIO_LOG_FIELDS: &[&str] = &[
+    "start_time",
+    "method",
+    "path",
+    "protocol",
+    "response_code",
+    "response_flags",
+    "response_code_details",
+    "connection_termination_details",
+    "upstream_transport_failure_reason",
+    "bytes_received",
+    "bytes_sent",
+    "duration",
+    "upstream_service_time",
+    "x_forwarded_for",
+    "user_agent",
+    "request_id",
+    "authority",
+    "upstream_host",
+    "upstream_cluster",
+    "upstream_local_address",
+    "downstream_local_address",
+    "downstream_remote_address",
+    "requested_server_name",
+    "route_name",
+];
+
+/// One line of Istio's TEXT access-log format, by field name; `None` when the line is not
+/// one (Envoy's own log lines share its output).
+pub fn parse_istio_access_log(line: &str) -> Option<BTreeMap<&'static str, String>> {
+    let mut tokens = Vec::new();
+    let mut rest = line.trim_end();
+    while !rest.is_empty() {
+        // One space separates fields; an empty field (Envoy prints an empty string as
+        // nothing) leaves two.
+        rest = rest.strip_prefix(' ').unwrap_or(rest);
+        let (token, after) = match rest.as_bytes().first()? {
+            b'[' => {
+                let end = rest.find("] ")?;
+                (&rest[1..end], &rest[end + 1..])
+            }
+            b'"' => {
+                let end = rest[1..].find('"')? + 1;
+                (&rest[1..end], &rest[end + 1..])
+            }
+            _ => {
+                let end = rest.find(' ').unwrap_or(rest.len());
+                (&rest[..end], &rest[end..])
+            }
+        };
+        tokens.push(token.to_owned());
+        rest = after;
+    }
+    // The quoted request line holds three fields.
+    let request: Vec<String> = tokens.get(1)?.split(' ').map(str::to_owned).collect();
+    if request.len() != 3 {
+        return None;
+    }
+    let mut fields = vec![tokens[0].clone()];
+    fields.extend(request);
+    fields.extend(tokens.into_iter().skip(2));
+    if fields.len() != ISTIO_LOG_FIELDS.len() {
+        return None;
+    }
+    Some(ISTIO_LOG_FIELDS.iter().copied().zip(fields).collect())
 }

@@ -1,26 +1,185 @@
-//! The access log: a line per request and per connection, to stdout or a file.
+//! The access log: Istio's default format (`EnvoyTextLogFormat`, or its JSON encoding), a
+//! line per request and per proxied connection, to stdout or a file.
+//!
+//! Requests hand an owned [`Entry`] to a writer thread through a bounded queue: formatting
+//! and writing happen off the serving threads, lines are written in batches and flushed
+//! whenever the queue runs empty. A full queue makes the sender wait (no line is lost).
 
 use std::io::Write;
-use std::sync::{Mutex, PoisonError};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-/// Where the lines go (`--access-log`): nowhere, stdout, or a file appended to.
-#[derive(Default)]
-pub struct AccessLog {
-    sink: Mutex<Option<Box<dyn Write + Send>>>,
+use serde_json::{json, Value};
+
+/// Lines queued for the writer before senders wait.
+const QUEUE: usize = 16_384;
+
+/// `--access-log-encoding`: Istio's MeshConfig `accessLogEncoding`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encoding {
+    #[default]
+    Text,
+    Json,
 }
 
-/// One HTTP request, as the log shows it.
-pub struct HttpEntry<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub https: bool,
+/// One request or connection, with the fields of Istio's default format. Empty strings
+/// and `None` print as `-` (text) or `null` (JSON), as Envoy prints absent values.
+pub struct Entry {
+    pub start: SystemTime,
+    /// Empty for a TCP connection.
+    pub method: String,
+    pub path: String,
+    /// `HTTP/1.1`, `HTTP/2`, ...; empty for a TCP connection.
+    pub protocol: &'static str,
+    /// 0 for a TCP connection, as Envoy logs it.
     pub status: u16,
-    pub flags: &'a str,
-    pub cluster: &'a str,
-    pub request_id: &'a str,
+    pub flags: String,
+    pub details: String,
+    pub termination_details: String,
+    pub transport_failure: String,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
     pub duration: Duration,
-    pub authority: &'a str,
+    pub upstream_service_time: Option<u64>,
+    pub forwarded_for: String,
+    pub user_agent: String,
+    pub request_id: String,
+    pub authority: String,
+    pub upstream_host: String,
+    pub upstream_cluster: String,
+    pub upstream_local: Option<SocketAddr>,
+    pub downstream_local: Option<SocketAddr>,
+    pub downstream_remote: Option<SocketAddr>,
+    pub server_name: String,
+    pub route_name: String,
+}
+
+impl Entry {
+    /// An entry started now with every field absent.
+    pub fn new() -> Self {
+        Self {
+            start: SystemTime::now(),
+            method: String::new(),
+            path: String::new(),
+            protocol: "",
+            status: 0,
+            flags: String::new(),
+            details: String::new(),
+            termination_details: String::new(),
+            transport_failure: String::new(),
+            bytes_received: 0,
+            bytes_sent: 0,
+            duration: Duration::ZERO,
+            upstream_service_time: None,
+            forwarded_for: String::new(),
+            user_agent: String::new(),
+            request_id: String::new(),
+            authority: String::new(),
+            upstream_host: String::new(),
+            upstream_cluster: String::new(),
+            upstream_local: None,
+            downstream_local: None,
+            downstream_remote: None,
+            server_name: String::new(),
+            route_name: String::new(),
+        }
+    }
+
+    /// Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging.go).
+    pub fn text(&self) -> String {
+        let d = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
+        let addr = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_owned(), |a| a.to_string());
+        format!(
+            "[{}] \"{} {} {}\" {} {} {} {} \"{}\" {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} {} {} {} {} {}\n",
+            timestamp(self.start),
+            d(&self.method),
+            d(&self.path),
+            d(self.protocol),
+            self.status,
+            d(&self.flags),
+            d(&self.details),
+            d(&self.termination_details),
+            d(&self.transport_failure),
+            self.bytes_received,
+            self.bytes_sent,
+            self.duration.as_millis(),
+            self.upstream_service_time
+                .map_or_else(|| "-".to_owned(), |t| t.to_string()),
+            d(&self.forwarded_for),
+            d(&self.user_agent),
+            d(&self.request_id),
+            d(&self.authority),
+            d(&self.upstream_host),
+            d(&self.upstream_cluster),
+            addr(self.upstream_local),
+            addr(self.downstream_local),
+            addr(self.downstream_remote),
+            d(&self.server_name),
+            d(&self.route_name),
+        )
+    }
+
+    /// Istio's JSON encoding: its keys, numbers where Envoy gives numbers, `null` for
+    /// absent values.
+    pub fn json(&self) -> String {
+        let s = |v: &str| {
+            if v.is_empty() {
+                Value::Null
+            } else {
+                Value::from(v)
+            }
+        };
+        let addr = |a: Option<SocketAddr>| a.map_or(Value::Null, |a| Value::from(a.to_string()));
+        let line = json!({
+            "start_time": timestamp(self.start),
+            "route_name": s(&self.route_name),
+            "method": s(&self.method),
+            "path": s(&self.path),
+            "protocol": s(self.protocol),
+            "response_code": self.status,
+            "response_flags": s(&self.flags),
+            "response_code_details": s(&self.details),
+            "connection_termination_details": s(&self.termination_details),
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "duration": u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
+            "upstream_service_time": self.upstream_service_time.map(|t| t.to_string()),
+            "x_forwarded_for": s(&self.forwarded_for),
+            "user_agent": s(&self.user_agent),
+            "request_id": s(&self.request_id),
+            "authority": s(&self.authority),
+            "upstream_host": s(&self.upstream_host),
+            "upstream_cluster": s(&self.upstream_cluster),
+            "upstream_local_address": addr(self.upstream_local),
+            "downstream_local_address": addr(self.downstream_local),
+            "downstream_remote_address": addr(self.downstream_remote),
+            "requested_server_name": s(&self.server_name),
+            "upstream_transport_failure_reason": s(&self.transport_failure),
+        });
+        let mut out = line.to_string();
+        out.push('\n');
+        out
+    }
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Envoy's `%PROTOCOL%` of an HTTP version.
+pub fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// One proxied connection, as the log shows it.
@@ -34,17 +193,28 @@ pub struct TcpEntry<'a> {
     pub sni: &'a str,
 }
 
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() {
-        "-"
-    } else {
-        s
-    }
+enum Message {
+    Line(Box<Entry>),
+    Sink(Option<Box<dyn Write + Send>>, Encoding),
+    Flush(SyncSender<()>),
+}
+
+/// Where the lines go (`--access-log`): nowhere, stdout, or a file appended to.
+#[derive(Default)]
+pub struct AccessLog {
+    on: AtomicBool,
+    writer: OnceLock<SyncSender<Message>>,
+}
+
+/// A sink chosen by `--access-log` and `--access-log-encoding`, not yet in use.
+pub struct Opened {
+    sink: Option<Box<dyn Write + Send>>,
+    encoding: Encoding,
 }
 
 impl AccessLog {
     /// `off`, `stdout`, or a file path to append to.
-    pub fn open(spec: &str) -> std::io::Result<Self> {
+    pub fn open(spec: &str, encoding: Encoding) -> std::io::Result<Opened> {
         let sink: Option<Box<dyn Write + Send>> = match spec {
             "off" => None,
             "stdout" => Some(Box::new(std::io::stdout())),
@@ -55,66 +225,114 @@ impl AccessLog {
                     .open(file)?,
             )),
         };
-        Ok(Self {
-            sink: Mutex::new(sink),
-        })
+        Ok(Opened { sink, encoding })
     }
 
-    /// Uses `other`'s sink from now on.
-    pub fn replace(&self, other: Self) {
-        let sink = other
-            .sink
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner);
-        *self.sink.lock().unwrap_or_else(PoisonError::into_inner) = sink;
+    /// Uses `opened`'s sink from now on.
+    pub fn replace(&self, opened: Opened) {
+        let on = opened.sink.is_some();
+        if on || self.writer.get().is_some() {
+            let _ = self
+                .writer()
+                .send(Message::Sink(opened.sink, opened.encoding));
+        }
+        self.on.store(on, Ordering::Release);
     }
 
-    fn write(&self, line: impl FnOnce() -> String) {
-        let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(out) = sink.as_mut() {
-            let _ = out.write_all(line().as_bytes());
-            let _ = out.flush();
+    /// Whether lines are written: callers skip building entries when not.
+    pub fn enabled(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// Queues a line.
+    pub fn log(&self, entry: Entry) {
+        if self.enabled() {
+            let _ = self.writer().send(Message::Line(Box::new(entry)));
         }
     }
 
-    /// Envoy's default format, with the fields a proxy here knows.
-    pub fn http(&self, e: &HttpEntry<'_>) {
-        self.write(|| {
-            format!(
-                "[{}] \"{} {} {}\" {} {} {} \"{}\" {}ms \"{}\"\n",
-                httpdate(SystemTime::now()),
-                e.method,
-                e.path,
-                if e.https { "HTTPS/1.1" } else { "HTTP/1.1" },
-                e.status,
-                or_dash(e.flags),
-                or_dash(e.cluster),
-                e.request_id,
-                e.duration.as_millis(),
-                e.authority,
-            )
-        });
+    /// Queues a connection's line (Envoy's TCP proxy logs in the same format).
+    pub fn tcp(&self, c: &TcpEntry<'_>) {
+        if self.enabled() {
+            self.log(Entry {
+                start: SystemTime::now()
+                    .checked_sub(c.duration)
+                    .unwrap_or_else(SystemTime::now),
+                flags: c.flags.to_owned(),
+                bytes_received: c.received,
+                bytes_sent: c.sent,
+                duration: c.duration,
+                upstream_host: c.endpoint.to_owned(),
+                upstream_cluster: c.cluster.to_owned(),
+                server_name: c.sni.to_owned(),
+                ..Entry::new()
+            });
+        }
     }
 
-    pub fn tcp(&self, e: &TcpEntry<'_>) {
-        self.write(|| {
-            format!(
-                "[{}] TCP {} {} {} {} {} {}ms \"{}\"\n",
-                httpdate(SystemTime::now()),
-                or_dash(e.cluster),
-                or_dash(e.endpoint),
-                or_dash(e.flags),
-                e.received,
-                e.sent,
-                e.duration.as_millis(),
-                e.sni,
-            )
-        });
+    /// Waits until every line queued so far is written and flushed.
+    pub fn flush(&self) {
+        if let Some(writer) = self.writer.get() {
+            let (tx, rx) = sync_channel(1);
+            if writer.send(Message::Flush(tx)).is_ok() {
+                let _ = rx.recv_timeout(Duration::from_secs(5));
+            }
+        }
+    }
+
+    fn writer(&self) -> &SyncSender<Message> {
+        self.writer.get_or_init(|| {
+            let (tx, rx) = sync_channel(QUEUE);
+            // Without a thread the log stays off; `log` sends fail and are dropped.
+            let _ = std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(&rx));
+            tx
+        })
     }
 }
 
-/// RFC 3339 UTC timestamp with milliseconds.
-pub(super) fn httpdate(t: SystemTime) -> String {
+/// The writer thread: writes what is queued, flushing whenever the queue is empty.
+fn write_lines(rx: &Receiver<Message>) {
+    let mut sink: Option<std::io::BufWriter<Box<dyn Write + Send>>> = None;
+    let mut encoding = Encoding::Text;
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(message) = next {
+            match message {
+                Message::Line(entry) => {
+                    if let Some(out) = sink.as_mut() {
+                        let line = match encoding {
+                            Encoding::Text => entry.text(),
+                            Encoding::Json => entry.json(),
+                        };
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                }
+                Message::Sink(new, e) => {
+                    if let Some(mut old) = sink.take() {
+                        let _ = old.flush();
+                    }
+                    sink = new.map(std::io::BufWriter::new);
+                    encoding = e;
+                }
+                Message::Flush(done) => {
+                    if let Some(out) = sink.as_mut() {
+                        let _ = out.flush();
+                    }
+                    let _ = done.send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Some(out) = sink.as_mut() {
+            let _ = out.flush();
+        }
+    }
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, as Envoy's `%START_TIME%`.
+pub(super) fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -144,6 +362,24 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(951_782_400_123);
-        assert_eq!(httpdate(t), "2000-02-29T00:00:00.123Z");
+        assert_eq!(timestamp(t), "2000-02-29T00:00:00.123Z");
+    }
+
+    #[test]
+    fn a_tcp_connection_prints_as_envoy_prints_it() {
+        let mut e = Entry::new();
+        e.start = SystemTime::UNIX_EPOCH;
+        e.bytes_received = 5;
+        e.bytes_sent = 7;
+        e.upstream_cluster = "outbound|3306||db.default.svc.cluster.local".into();
+        let line = e.text();
+        assert!(
+            line.starts_with("[1970-01-01T00:00:00.000Z] \"- - -\" 0 - - - \"-\" 5 7 0 - "),
+            "{line}"
+        );
+        let v: Value = serde_json::from_str(&e.json()).unwrap();
+        assert_eq!(v["response_code"], 0);
+        assert_eq!(v["method"], Value::Null);
+        assert_eq!(v["bytes_sent"], 7);
     }
 }

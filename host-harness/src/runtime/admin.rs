@@ -1,7 +1,7 @@
 //! Admin listener: `/ready`, `/healthz`, `/config_dump`, `/clusters`, `/stats/prometheus`
 //! with Istio's standard request metrics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,18 +48,55 @@ struct Series {
     count: u64,
     sum_ms: f64,
     buckets: Vec<u64>,
+    request_bytes: Sizes,
+    response_bytes: Sizes,
 }
 
-/// reporter, destination service, subset, port, response code, response flags, protocol.
-type SeriesKey = (
-    &'static str,
-    String,
-    String,
-    String,
-    u16,
-    String,
-    &'static str,
-);
+/// A byte-size histogram (Istio's `istio_request_bytes` / `istio_response_bytes`).
+#[derive(Default)]
+struct Sizes {
+    sum: u64,
+    buckets: Vec<u64>,
+}
+
+impl Sizes {
+    fn observe(&mut self, bytes: u64) {
+        self.sum += bytes;
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; BYTE_BUCKETS.len()];
+        }
+        for (i, b) in BYTE_BUCKETS.iter().enumerate() {
+            if bytes as f64 <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+    }
+}
+
+/// Istio's size buckets (bytes): powers of ten from 1 to 10^8.
+const BYTE_BUCKETS: &[f64] = &[
+    1.0,
+    10.0,
+    100.0,
+    1000.0,
+    10000.0,
+    100000.0,
+    1000000.0,
+    10000000.0,
+    100000000.0,
+];
+
+/// The labels of a request's series that do not depend on its outcome (`reporter` to
+/// `destination_cluster`), then response code, response flags, protocol, gRPC status.
+type SeriesKey = (Arc<str>, u16, String, &'static str, String);
+
+/// What a finished request measured.
+pub struct Measured {
+    pub elapsed: Duration,
+    /// Headers and body, as Envoy's `request.total_size` / `response.total_size`.
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
 
 /// Istio's `destination_service_name`: a Kubernetes-style host's service name, any other
 /// host (a ServiceEntry's, `PassthroughCluster`) whole.
@@ -68,6 +105,13 @@ fn service_name(host: &str) -> &str {
         Some(service) => service.split('.').next().unwrap_or(host),
         None => host,
     }
+}
+
+/// The namespace of a Kubernetes-style host, `unknown` for any other.
+fn service_namespace(host: &str) -> &str {
+    host.strip_suffix(".svc.cluster.local")
+        .and_then(|s| s.split_once('.'))
+        .map_or("unknown", |(_, ns)| ns)
 }
 
 /// Istio's `request_protocol` of a request: `grpc` for gRPC content, else `http`.
@@ -79,7 +123,108 @@ pub fn request_protocol(content_type: Option<&[u8]>) -> &'static str {
     }
 }
 
-/// Request metrics keyed by (service, subset, port, code, flags).
+/// A workload's labels as Istio's metrics name it: from its Kubernetes labels and, for
+/// the workload name and cluster, the agent's `ISTIO_META_WORKLOAD_NAME` and
+/// `ISTIO_META_CLUSTER_ID`.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl Workload {
+    const UNKNOWN: &'static str = "unknown";
+
+    /// A workload nothing is known of.
+    pub fn unknown() -> Self {
+        Self {
+            name: Self::UNKNOWN.into(),
+            namespace: Self::UNKNOWN.into(),
+            app: Self::UNKNOWN.into(),
+            version: Self::UNKNOWN.into(),
+            canonical_service: Self::UNKNOWN.into(),
+            canonical_revision: "latest".into(),
+            cluster: Self::UNKNOWN.into(),
+        }
+    }
+
+    /// A workload from its labels, namespace, name and cluster (as much as is known).
+    pub fn from_labels(
+        labels: &BTreeMap<String, String>,
+        namespace: &str,
+        name: Option<&str>,
+        cluster: &str,
+    ) -> Self {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        let name = name.map(str::to_owned);
+        Self {
+            canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .or_else(|| name.clone())
+            .unwrap_or_else(|| Self::UNKNOWN.into()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| Self::UNKNOWN.into()),
+            version: label(&["version", "app.kubernetes.io/version"])
+                .unwrap_or_else(|| Self::UNKNOWN.into()),
+            name: name.unwrap_or_else(|| Self::UNKNOWN.into()),
+            namespace: namespace.to_owned(),
+            cluster: cluster.to_owned(),
+        }
+    }
+
+    /// The proxy's own workload, from its rules' identity and the agent's environment.
+    pub fn of_proxy(identity: &meshroute_core::ir::ProxyIdentity) -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::from_labels(
+            &identity.labels,
+            &identity.namespace,
+            env("ISTIO_META_WORKLOAD_NAME").as_deref(),
+            &env("ISTIO_META_CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+        )
+    }
+}
+
+/// The outcome-independent labels of one series, in the order Istio's Prometheus output
+/// has them.
+fn peer_labels(reporter: &str, source: &Workload, destination: &Workload, host: &str) -> String {
+    let (service, name, namespace) = if host.is_empty() {
+        ("unknown", "unknown", "unknown")
+    } else {
+        (host, service_name(host), service_namespace(host))
+    };
+    format!(
+        "reporter=\"{reporter}\",source_workload=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",source_workload_namespace=\"{}\",source_principal=\"unknown\",source_app=\"{}\",source_version=\"{}\",source_cluster=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"unknown\",destination_app=\"{}\",destination_version=\"{}\",destination_service=\"{service}\",destination_canonical_service=\"{}\",destination_canonical_revision=\"{}\",destination_service_name=\"{name}\",destination_service_namespace=\"{namespace}\",destination_cluster=\"{}\"",
+        source.name,
+        source.canonical_service,
+        source.canonical_revision,
+        source.namespace,
+        source.app,
+        source.version,
+        source.cluster,
+        destination.name,
+        destination.namespace,
+        destination.app,
+        destination.version,
+        destination.canonical_service,
+        destination.canonical_revision,
+        destination.cluster,
+    )
+}
+
+/// Request metrics keyed by their labels.
 #[derive(Default)]
 pub struct Stats {
     series: Mutex<BTreeMap<SeriesKey, Series>>,
@@ -89,10 +234,14 @@ pub struct Stats {
     pub config_reload_failures: AtomicU64,
     connection_overflows: AtomicU64,
     tcp: Mutex<BTreeMap<TcpKey, TcpSeries>>,
+    /// The proxy's own workload (`None`: unknown).
+    me: std::sync::RwLock<Option<Workload>>,
+    /// Outcome-independent labels by cluster and endpoint, built once each.
+    peers: Mutex<HashMap<String, HashMap<String, Arc<str>>>>,
 }
 
-/// reporter, destination service, subset, port, response flags.
-type TcpKey = (&'static str, String, String, String, String);
+/// Outcome-independent labels, response flags.
+type TcpKey = (Arc<str>, String);
 
 #[derive(Default)]
 struct TcpSeries {
@@ -102,86 +251,147 @@ struct TcpSeries {
     sent: u64,
 }
 
-/// The labels a cluster's traffic is reported under: (reporter, host, subset, port).
-/// `outbound|PORT|SUBSET|HOST` is the client side's (`source`); a transparent sidecar's
-/// `inbound|PORT||SERVICE` (the service appended for metrics) and
-/// `InboundPassthroughCluster` are the server side's (`destination`); other clusters
-/// (`PassthroughCluster`, `BlackHoleCluster`) name themselves, as in Istio's metrics.
-fn cluster_parts(cluster: &str) -> (&'static str, String, String, String) {
+/// How a cluster's traffic is reported: (reporter, service host). `outbound|PORT|SUBSET|HOST`
+/// is the client side's (`source`); a transparent sidecar's `inbound|PORT||SERVICE` (the
+/// service appended for metrics) and `InboundPassthroughCluster` are the server side's
+/// (`destination`); other clusters (`PassthroughCluster`, `BlackHoleCluster`) name
+/// themselves, as in Istio's metrics.
+fn cluster_parts(cluster: &str) -> (&'static str, &str) {
     if cluster == "InboundPassthroughCluster" {
-        return (
-            "destination",
-            cluster.to_owned(),
-            String::new(),
-            String::new(),
-        );
+        return ("destination", cluster);
     }
     let Some((direction, rest)) = cluster.split_once('|') else {
-        return ("source", cluster.to_owned(), String::new(), String::new());
+        return ("source", cluster);
     };
-    let mut parts = rest.splitn(3, '|');
-    let (port, subset, host) = (
-        parts.next().unwrap_or("").to_owned(),
-        parts.next().unwrap_or("").to_owned(),
-        parts
-            .next()
-            .filter(|h| !h.is_empty())
-            .unwrap_or("unknown")
-            .to_owned(),
-    );
+    let host = rest.splitn(3, '|').nth(2).unwrap_or("");
     let reporter = if direction == "inbound" {
         "destination"
     } else {
         "source"
     };
-    (reporter, host, subset, port)
+    (reporter, host)
+}
+
+/// Istio's `connection_security_policy`: `unknown` as the client side reports it, `none`
+/// (plaintext) as the server side does.
+fn security_policy(peer: &str) -> &'static str {
+    if peer.starts_with("reporter=\"destination\"") {
+        "none"
+    } else {
+        "unknown"
+    }
+}
+
+/// One histogram series in Prometheus' text format.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    (bounds, counts): (&[f64], &[u64]),
+    count: u64,
+    sum: &str,
+) {
+    for (i, b) in bounds.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"{b}\"}} {}",
+            counts.get(i).copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 impl Stats {
+    /// The proxy's own workload, whose labels the series carry from now on.
+    pub fn set_workload(&self, me: Workload) {
+        if let Ok(mut w) = self.me.write() {
+            *w = Some(me);
+        }
+        if let Ok(mut p) = self.peers.lock() {
+            p.clear();
+        }
+    }
+
+    /// The outcome-independent labels of traffic to `cluster` answered by `endpoint`
+    /// (whose workload labels `endpoint_labels` finds, the first time only).
+    pub fn peer(
+        &self,
+        cluster: &str,
+        endpoint: &str,
+        endpoint_labels: impl FnOnce() -> Option<BTreeMap<String, String>>,
+    ) -> Arc<str> {
+        if let Ok(p) = self.peers.lock() {
+            if let Some(l) = p.get(cluster).and_then(|e| e.get(endpoint)) {
+                return Arc::clone(l);
+            }
+        }
+        let (reporter, host) = cluster_parts(cluster);
+        let me = self
+            .me
+            .read()
+            .ok()
+            .and_then(|w| w.clone())
+            .unwrap_or_else(Workload::unknown);
+        let labels: Arc<str> = if reporter == "destination" {
+            peer_labels(reporter, &Workload::unknown(), &me, host).into()
+        } else {
+            let destination = match endpoint_labels() {
+                Some(labels) => {
+                    Workload::from_labels(&labels, service_namespace(host), None, &me.cluster)
+                }
+                None => Workload::unknown(),
+            };
+            peer_labels(reporter, &me, &destination, host).into()
+        };
+        if let Ok(mut p) = self.peers.lock() {
+            p.entry(cluster.to_owned())
+                .or_default()
+                .insert(endpoint.to_owned(), Arc::clone(&labels));
+        }
+        labels
+    }
+
     /// A proxied connection opened to `cluster`.
     pub fn tcp_opened(&self, cluster: &str) {
-        let (reporter, host, subset, port) = cluster_parts(cluster);
+        let peer = self.peer(cluster, "", || None);
         if let Ok(mut t) = self.tcp.lock() {
-            t.entry((reporter, host, subset, port, "-".to_owned()))
-                .or_default()
-                .opened += 1;
+            t.entry((peer, "-".to_owned())).or_default().opened += 1;
         }
     }
 
     /// A connection to `cluster` ended: bytes received from the client and sent to it.
     pub fn tcp_closed(&self, cluster: &str, flags: &str, received: u64, sent: u64) {
-        let (reporter, host, subset, port) = cluster_parts(cluster);
+        let peer = self.peer(cluster, "", || None);
         let flags = if flags.is_empty() { "-" } else { flags };
         if let Ok(mut t) = self.tcp.lock() {
-            let e = t
-                .entry((reporter, host, subset, port, flags.to_owned()))
-                .or_default();
+            let e = t.entry((peer, flags.to_owned())).or_default();
             e.closed += 1;
             e.received += received;
             e.sent += sent;
         }
     }
 
+    /// A finished request: its peer labels ([`Stats::peer`]), response code, protocol and
+    /// gRPC status, response flags and measurements.
     pub fn record(
         &self,
-        cluster: &str,
-        (code, protocol): (u16, &'static str),
+        peer: Arc<str>,
+        (code, protocol, grpc_status): (u16, &'static str, &str),
         flags: &str,
-        elapsed: Duration,
+        m: &Measured,
     ) {
-        let (reporter, host, subset, port) = cluster_parts(cluster);
         let flags = if flags.is_empty() { "-" } else { flags };
-        let ms = elapsed.as_secs_f64() * 1000.0;
+        let ms = m.elapsed.as_secs_f64() * 1000.0;
         if let Ok(mut s) = self.series.lock() {
             let e = s
                 .entry((
-                    reporter,
-                    host,
-                    subset,
-                    port,
+                    peer,
                     code,
                     flags.to_owned(),
                     protocol,
+                    grpc_status.to_owned(),
                 ))
                 .or_default();
             e.count += 1;
@@ -194,6 +404,8 @@ impl Stats {
                     e.buckets[i] += 1;
                 }
             }
+            e.request_bytes.observe(m.request_bytes);
+            e.response_bytes.observe(m.response_bytes);
         }
     }
 
@@ -218,11 +430,10 @@ impl Stats {
             return out;
         };
         let _ = writeln!(out, "# TYPE istio_requests_total counter");
-        let label = |(reporter, host, subset, port, code, flags, protocol): &SeriesKey| {
-            let subset = if subset.is_empty() { "unknown" } else { subset };
+        let label = |(peer, code, flags, protocol, grpc): &SeriesKey| {
             format!(
-                "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"{protocol}\",response_code=\"{code}\",response_flags=\"{flags}\"",
-                service_name(host)
+                "{peer},request_protocol=\"{protocol}\",response_code=\"{code}\",grpc_response_status=\"{grpc}\",response_flags=\"{flags}\",connection_security_policy=\"{}\"",
+                security_policy(peer)
             )
         };
         for (k, s) in series.iter() {
@@ -231,28 +442,33 @@ impl Stats {
         let _ = writeln!(out, "# TYPE istio_request_duration_milliseconds histogram");
         for (k, s) in series.iter() {
             let l = label(k);
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "istio_request_duration_milliseconds_bucket{{{l},le=\"{b}\"}} {}",
-                    s.buckets.get(i).copied().unwrap_or(0)
+            histogram(
+                &mut out,
+                "istio_request_duration_milliseconds",
+                &l,
+                (BUCKETS, &s.buckets),
+                s.count,
+                &s.sum_ms.to_string(),
+            );
+        }
+        type Field = fn(&Series) -> &Sizes;
+        let sizes: [(&str, Field); 2] = [
+            ("istio_request_bytes", |s| &s.request_bytes),
+            ("istio_response_bytes", |s| &s.response_bytes),
+        ];
+        for (name, field) in sizes {
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (k, s) in series.iter() {
+                let sizes = field(s);
+                histogram(
+                    &mut out,
+                    name,
+                    &label(k),
+                    (BYTE_BUCKETS, &sizes.buckets),
+                    s.count,
+                    &sizes.sum.to_string(),
                 );
             }
-            let _ = writeln!(
-                out,
-                "istio_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} {}",
-                s.count
-            );
-            let _ = writeln!(
-                out,
-                "istio_request_duration_milliseconds_sum{{{l}}} {}",
-                s.sum_ms
-            );
-            let _ = writeln!(
-                out,
-                "istio_request_duration_milliseconds_count{{{l}}} {}",
-                s.count
-            );
         }
         for (name, v) in [
             ("meshroute_wasm_failures_total", &self.vm_failures),
@@ -275,11 +491,10 @@ impl Stats {
         }
         drop(series);
         if let Ok(tcp) = self.tcp.lock() {
-            let label = |(reporter, host, subset, port, flags): &TcpKey| {
-                let subset = if subset.is_empty() { "unknown" } else { subset };
+            let label = |(peer, flags): &TcpKey| {
                 format!(
-                    "reporter=\"{reporter}\",destination_service=\"{host}\",destination_service_name=\"{}\",destination_subset=\"{subset}\",destination_port=\"{port}\",request_protocol=\"tcp\",response_flags=\"{flags}\"",
-                    service_name(host)
+                    "{peer},request_protocol=\"tcp\",response_flags=\"{flags}\",connection_security_policy=\"{}\"",
+                    security_policy(peer)
                 )
             };
             type Field = fn(&TcpSeries) -> u64;
@@ -509,64 +724,149 @@ pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, status_only: boo
 mod tests {
     use super::*;
 
+    /// The label names of `istio_requests_total` as Istio's Prometheus output has them:
+    /// istio/proxy `testdata/metric/client_request_total.yaml.tmpl` (commit 0578ad51),
+    /// with the cluster labels as Prometheus names them (`source_cluster`,
+    /// `destination_cluster`; the template's `*_cluster_id`) and without its two
+    /// configurable test metrics.
+    const ISTIO_REQUEST_LABELS: &[&str] = &[
+        "reporter",
+        "source_workload",
+        "source_canonical_service",
+        "source_canonical_revision",
+        "source_workload_namespace",
+        "source_principal",
+        "source_app",
+        "source_version",
+        "source_cluster",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_app",
+        "destination_version",
+        "destination_service",
+        "destination_canonical_service",
+        "destination_canonical_revision",
+        "destination_service_name",
+        "destination_service_namespace",
+        "destination_cluster",
+        "request_protocol",
+        "response_code",
+        "grpc_response_status",
+        "response_flags",
+        "connection_security_policy",
+    ];
+
+    fn labels_of(line: &str) -> Vec<(String, String)> {
+        let inner = line
+            .split_once('{')
+            .and_then(|(_, r)| r.rsplit_once('}'))
+            .map_or("", |(l, _)| l);
+        inner
+            .split("\",")
+            .filter_map(|kv| kv.split_once("=\""))
+            .map(|(k, v)| (k.to_owned(), v.trim_end_matches('"').to_owned()))
+            .collect()
+    }
+
+    fn measured() -> Measured {
+        Measured {
+            elapsed: Duration::from_millis(3),
+            request_bytes: 120,
+            response_bytes: 4000,
+        }
+    }
+
     #[test]
-    fn series_are_labelled_as_istio_labels_them() {
+    fn series_carry_istios_label_set_with_source_and_destination_workloads() {
         let stats = Stats::default();
-        let ms = Duration::from_millis(3);
-        stats.record(
-            "outbound|9080|v1|reviews.default.svc.cluster.local",
-            (200, "http"),
-            "",
-            ms,
-        );
-        stats.record("outbound|443||api.example.com", (200, "grpc"), "", ms);
-        stats.record("PassthroughCluster", (502, "http"), "", ms);
-        stats.record(
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        stats.set_workload(Workload::from_labels(
+            &labels(&[("app", "productpage"), ("version", "v1")]),
+            "default",
+            Some("productpage-v1"),
+            "Kubernetes",
+        ));
+        let cluster = "outbound|9080|v2|reviews.default.svc.cluster.local";
+        let peer = stats.peer(cluster, "10.0.0.2:9080", || {
+            Some(labels(&[("app", "reviews"), ("version", "v2")]))
+        });
+        stats.record(peer, (200, "http", ""), "", &measured());
+        let peer = stats.peer(
             "inbound|9080||reviews.default.svc.cluster.local",
-            (200, "http"),
             "",
-            ms,
+            || None,
         );
+        stats.record(peer, (503, "grpc", "14"), "UF", &measured());
         let text = stats.prometheus();
-        let line = |needle: &[&str]| {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for line in &lines {
+            let names: Vec<String> = labels_of(line).into_iter().map(|(k, _)| k).collect();
+            assert_eq!(names, ISTIO_REQUEST_LABELS, "{line}");
+        }
+        let source: BTreeMap<_, _> = labels_of(lines[1]).into_iter().collect();
+        let get = |m: &BTreeMap<String, String>, k: &str| m[k].clone();
+        assert_eq!(get(&source, "reporter"), "source");
+        assert_eq!(get(&source, "source_workload"), "productpage-v1");
+        assert_eq!(get(&source, "source_app"), "productpage");
+        assert_eq!(get(&source, "source_version"), "v1");
+        assert_eq!(get(&source, "destination_app"), "reviews");
+        assert_eq!(get(&source, "destination_version"), "v2");
+        assert_eq!(get(&source, "destination_service_name"), "reviews");
+        assert_eq!(get(&source, "destination_service_namespace"), "default");
+        assert_eq!(get(&source, "connection_security_policy"), "unknown");
+        let inbound: BTreeMap<_, _> = labels_of(lines[0]).into_iter().collect();
+        assert_eq!(get(&inbound, "reporter"), "destination");
+        assert_eq!(get(&inbound, "source_workload"), "unknown");
+        assert_eq!(get(&inbound, "destination_workload"), "productpage-v1");
+        assert_eq!(get(&inbound, "request_protocol"), "grpc");
+        assert_eq!(get(&inbound, "grpc_response_status"), "14");
+        assert_eq!(get(&inbound, "response_flags"), "UF");
+        assert_eq!(get(&inbound, "connection_security_policy"), "none");
+        // Sizes: 120 bytes in the le=1000 bucket and above, not below.
+        assert!(text.contains("istio_request_bytes_bucket{"), "{text}");
+        let bucket = |name: &str, le: &str| {
             text.lines()
-                .filter(|l| l.starts_with("istio_requests_total{"))
-                .find(|l| needle.iter().all(|n| l.contains(n)))
+                .find(|l| {
+                    l.starts_with(&format!("{name}_bucket{{reporter=\"source\""))
+                        && l.contains(&format!("le=\"{le}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
                 .map(str::to_owned)
         };
-        assert!(
-            line(&[
-                "destination_service_name=\"reviews\"",
-                "destination_subset=\"v1\"",
-                "reporter=\"source\""
-            ])
-            .is_some(),
-            "{text}"
+        assert_eq!(bucket("istio_request_bytes", "100").as_deref(), Some("0"));
+        assert_eq!(bucket("istio_request_bytes", "1000").as_deref(), Some("1"));
+        assert_eq!(bucket("istio_response_bytes", "1000").as_deref(), Some("0"));
+        assert_eq!(
+            bucket("istio_response_bytes", "10000").as_deref(),
+            Some("1")
         );
-        assert!(
-            line(&[
-                "destination_service_name=\"api.example.com\"",
-                "request_protocol=\"grpc\""
-            ])
-            .is_some(),
-            "{text}"
-        );
-        assert!(
-            line(&[
-                "destination_service=\"PassthroughCluster\"",
-                "destination_service_name=\"PassthroughCluster\""
-            ])
-            .is_some(),
-            "{text}"
-        );
-        assert!(
-            line(&[
-                "reporter=\"destination\"",
-                "destination_port=\"9080\"",
-                "destination_service=\"reviews.default.svc.cluster.local\""
-            ])
-            .is_some(),
-            "{text}"
-        );
+    }
+
+    #[test]
+    fn service_entry_and_passthrough_hosts_name_themselves() {
+        let stats = Stats::default();
+        for cluster in ["outbound|443||api.example.com", "PassthroughCluster"] {
+            let peer = stats.peer(cluster, "", || None);
+            stats.record(peer, (200, "http", ""), "", &measured());
+        }
+        let text = stats.prometheus();
+        for name in ["api.example.com", "PassthroughCluster"] {
+            assert!(
+                text.contains(&format!(
+                    "destination_service=\"{name}\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"latest\",destination_service_name=\"{name}\",destination_service_namespace=\"unknown\""
+                )),
+                "{text}"
+            );
+        }
     }
 }

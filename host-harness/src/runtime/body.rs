@@ -2,6 +2,8 @@
 //! ones streamed upstream as they arrive.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -46,6 +48,72 @@ impl HttpBody for Held {
     }
 }
 
+/// A response body that counts the bytes it passes and calls `done` with the count once,
+/// when the last frame has gone or the body is dropped (the client went away).
+pub fn on_end(inner: Body, done: impl FnOnce(u64) + Send + Sync + 'static) -> Body {
+    Counted {
+        inner,
+        sent: 0,
+        done: Some(Box::new(done)),
+    }
+    .boxed()
+}
+
+type Done = Box<dyn FnOnce(u64) + Send + Sync>;
+
+struct Counted {
+    inner: Body,
+    sent: u64,
+    done: Option<Done>,
+}
+
+impl Counted {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.sent);
+        }
+    }
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(_) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 pub enum RequestBody {
     Buffered(Bytes),
     /// Taken by the first attempt.
@@ -78,19 +146,26 @@ impl RequestBody {
 }
 
 /// Reads up to `limit` bytes; a longer body continues as a stream behind what was read.
-pub async fn read_prefix(mut body: Incoming, limit: usize) -> Result<RequestBody, hyper::Error> {
+/// `received` counts the body's bytes as they arrive (Envoy's `%BYTES_RECEIVED%`).
+pub async fn read_prefix(
+    mut body: Incoming,
+    limit: usize,
+    received: Arc<AtomicU64>,
+) -> Result<RequestBody, hyper::Error> {
     let mut prefix = BytesMut::new();
     loop {
         match body.frame().await {
             None => return Ok(RequestBody::Buffered(prefix.freeze())),
             Some(frame) => {
                 if let Ok(data) = frame?.into_data() {
+                    received.fetch_add(data.len() as u64, Ordering::Relaxed);
                     prefix.extend_from_slice(&data);
                 }
                 if prefix.len() > limit {
                     let rest = Prefixed {
                         prefix: Some(prefix.freeze()),
                         rest: body,
+                        received,
                     };
                     return Ok(RequestBody::Streamed(Some(rest.boxed())));
                 }
@@ -103,6 +178,7 @@ pub async fn read_prefix(mut body: Incoming, limit: usize) -> Result<RequestBody
 struct Prefixed {
     prefix: Option<Bytes>,
     rest: Incoming,
+    received: Arc<AtomicU64>,
 }
 
 impl HttpBody for Prefixed {
@@ -116,7 +192,14 @@ impl HttpBody for Prefixed {
         if let Some(p) = self.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        let polled = Pin::new(&mut self.rest).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

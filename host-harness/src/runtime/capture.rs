@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,13 +31,13 @@ use tokio::sync::Semaphore;
 use meshroute_core::contract::PASSTHROUGH_CLUSTER;
 use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 
-use super::access_log::{HttpEntry, TcpEntry};
+use super::access_log::{self, Entry, TcpEntry};
 use super::http::{
-    accept_queue, close_when_draining, graceful, header_pairs, listener_builder, random_id,
-    request_target, serve_http, HOP_BY_HOP,
+    accept_queue, close_when_draining, graceful, grpc_status, header_pairs, listener_builder,
+    random_id, request_target, serve_http, Completed, HOP_BY_HOP,
 };
 use super::l4::{self, Replay};
-use super::{full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
+use super::{body, full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
 
 /// Where the capture rules send outbound connections (Istio's `virtualOutbound`).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -406,6 +406,7 @@ async fn inbound(
         Some(s) => match s.try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
+                let cluster = with_service(cluster, port.as_ref());
                 proxy.stats.tcp_opened(&cluster);
                 proxy.stats.tcp_closed(&cluster, "UO", 0, 0);
                 return;
@@ -453,12 +454,28 @@ async fn inbound(
                 proxy.draining()
             );
         }
+        // TCP connections are counted and logged under the service's inbound cluster, so
+        // that the metrics name the service as Istio's do.
         Workload::Tcp(address) => {
             let source = (!address.ip().is_loopback()).then_some(IpAddr::V4(INBOUND_SOURCE));
+            let cluster = with_service(cluster, port.as_ref());
             splice(&proxy, stream, head, address, source, &cluster).await;
         }
-        Workload::Unix(path) => splice_unix(&proxy, stream, head, &path, &cluster).await,
+        Workload::Unix(path) => {
+            let cluster = with_service(cluster, port.as_ref());
+            splice_unix(&proxy, stream, head, &path, &cluster).await;
+        }
     }
+}
+
+/// `inbound|PORT||` with the port's service appended (when it has one).
+fn with_service(mut cluster: String, port: Option<&InboundPort>) -> String {
+    if let Some(p) = port {
+        if cluster.ends_with("||") {
+            cluster.push_str(&p.service);
+        }
+    }
+    cluster
 }
 
 async fn splice_unix(proxy: &Proxy, stream: TcpStream, head: Vec<u8>, path: &str, cluster: &str) {
@@ -478,6 +495,14 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::io::copy_bidirectional(a, b).await.unwrap_or((0, 0))
+}
+
+fn header(headers: &http::HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
 }
 
 /// One inbound HTTP port's requests to the workload.
@@ -527,6 +552,10 @@ impl InboundHttp {
                 id
             }
         };
+        let request_size: u64 = headers
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum();
         let (response, flags) = match self.send(headers, body).await {
             Ok(r) => (r, ""),
             Err((status, body, flags)) => {
@@ -538,28 +567,48 @@ impl InboundHttp {
                 (response, flags)
             }
         };
-        let status = response.status().as_u16();
-        let metric_cluster = format!("{}{}", self.cluster, self.service);
-        self.proxy.stats.record(
-            &metric_cluster,
-            (status, protocol),
-            flags,
-            started.elapsed(),
-        );
-        self.proxy.access_log.http(&HttpEntry {
-            method: parts.method.as_str(),
-            path: &path,
-            https: false,
-            status,
-            flags,
-            cluster: &self.cluster,
-            request_id: &request_id,
-            duration: started.elapsed(),
-            authority: &authority,
-        });
         let mut response = response;
         close_when_draining(&self.proxy, version, &mut response);
-        response
+        let entry = self.proxy.access_log.enabled().then(|| Entry {
+            method: parts.method.as_str().to_owned(),
+            path,
+            protocol: access_log::protocol(version),
+            details: if flags.is_empty() { "via_upstream" } else { "" }.to_owned(),
+            forwarded_for: header(&parts.headers, "x-forwarded-for"),
+            user_agent: header(&parts.headers, "user-agent"),
+            request_id,
+            authority,
+            upstream_host: self.address.to_string(),
+            upstream_cluster: self.cluster.clone(),
+            ..Entry::new()
+        });
+        // The request body goes to the workload as it arrives; its declared length is
+        // what was received.
+        let received = Arc::new(AtomicU64::new(
+            header(&parts.headers, "content-length")
+                .parse()
+                .unwrap_or(0),
+        ));
+        let done = Completed {
+            proxy: Arc::clone(&self.proxy),
+            cluster: format!("{}{}", self.cluster, self.service),
+            upstream_host: self.address.to_string(),
+            status: response.status().as_u16(),
+            protocol,
+            grpc_status: grpc_status(response.headers()),
+            flags,
+            started,
+            request_size,
+            response_size: response
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+                .sum(),
+            received,
+        };
+        let (parts, body) = response.into_parts();
+        let body = body::on_end(body, move |sent| done.finish(sent, entry));
+        Response::from_parts(parts, body)
     }
 
     async fn send(

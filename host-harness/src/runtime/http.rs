@@ -24,12 +24,12 @@ use meshroute_core::ir::ProxyKind;
 use meshroute_wasm_host::abi::{self, Headers, LocalReply, Phase};
 use meshroute_wasm_host::vm::Action;
 
-use super::access_log::HttpEntry;
+use super::access_log::{self, Entry};
 use super::generation::Generation;
 use super::generation::{
     check_failed, has_reply, instance_failed, is_resumed, stream_fact, take_reply, with_vm,
 };
-use super::router::{forward, router_local};
+use super::router::{forward, router_local, UpstreamHost};
 use super::{
     body, deadline, full, l4, local, Body, FailPolicy, Limits, ListenerSpec, Proxy, BODY_BUFFER,
 };
@@ -439,9 +439,32 @@ pub(super) async fn handle(
         spec.server_port.to_string(),
     ));
 
-    let Ok(body) = body::read_prefix(body, BODY_BUFFER).await else {
+    let received = Arc::new(AtomicU64::new(0));
+    let Ok(body) = body::read_prefix(body, BODY_BUFFER, Arc::clone(&received)).await else {
         return reply_response(proxy.kind, local(400, "Bad Request"));
     };
+    let mut entry = proxy.access_log.enabled().then(|| {
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        Entry {
+            method: method.clone(),
+            path: path.clone(),
+            protocol: access_log::protocol(version),
+            forwarded_for: header("x-forwarded-for"),
+            user_agent: header("user-agent"),
+            request_id: request_id.clone(),
+            authority: authority.clone(),
+            downstream_local: local_addr,
+            downstream_remote: Some(peer),
+            ..Entry::new()
+        }
+    });
+    let request_size = header_bytes(&headers);
 
     let outcome = run_request(
         &proxy,
@@ -452,33 +475,125 @@ pub(super) async fn handle(
         connection_id,
     )
     .await;
-    let (response, cluster, flags) = match outcome {
-        Ok((resp, cluster)) => (resp, cluster, ""),
-        Err((reply, cluster, flags)) => (reply_response(proxy.kind, reply), cluster, flags),
+    let (mut response, cluster, flags, details) = match outcome {
+        Ok((resp, cluster)) => (resp, cluster, "", "via_upstream"),
+        Err((reply, cluster, flags, details)) => {
+            (reply_response(proxy.kind, reply), cluster, flags, details)
+        }
     };
-    proxy.stats.record(
-        &cluster,
-        (response.status().as_u16(), protocol),
-        flags,
-        started.elapsed(),
-    );
-    proxy.access_log.http(&HttpEntry {
-        method: &method,
-        path: &path,
-        https,
-        status: response.status().as_u16(),
-        flags,
-        cluster: &cluster,
-        request_id: &request_id,
-        duration: started.elapsed(),
-        authority: &authority,
-    });
-    let mut response = response;
     close_when_draining(&proxy, version, &mut response);
-    response
+    let upstream_host = response
+        .extensions()
+        .get::<UpstreamHost>()
+        .map(|UpstreamHost(h)| h.clone())
+        .unwrap_or_default();
+    if let Some(e) = entry.as_mut() {
+        e.details = details.to_owned();
+        e.upstream_service_time = response
+            .headers()
+            .get(UPSTREAM_SERVICE_TIME_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        e.upstream_host.clone_from(&upstream_host);
+    }
+    let done = Completed {
+        proxy: Arc::clone(&proxy),
+        cluster,
+        upstream_host,
+        status: response.status().as_u16(),
+        protocol,
+        grpc_status: grpc_status(response.headers()),
+        flags,
+        started,
+        request_size,
+        response_size: header_bytes_of(response.headers()),
+        received,
+    };
+    let (parts, body) = response.into_parts();
+    let body = body::on_end(body, move |sent| done.finish(sent, entry));
+    Response::from_parts(parts, body)
 }
 
-pub(super) type Outcome = Result<(Response<Body>, String), (LocalReply, String, &'static str)>;
+/// Envoy's header map size: names and values.
+fn header_bytes(headers: &Headers) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum()
+}
+
+fn header_bytes_of(headers: &http::HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+        .sum()
+}
+
+/// Istio's `grpc_response_status` as the response headers carry it (a trailers-only
+/// reply); empty otherwise.
+pub(super) fn grpc_status(headers: &http::HeaderMap) -> String {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// What a request's metrics and log line need once its response has been sent.
+pub(super) struct Completed {
+    pub proxy: Arc<Proxy>,
+    /// The cluster the metrics name.
+    pub cluster: String,
+    /// The endpoint that answered (empty: none did).
+    pub upstream_host: String,
+    pub status: u16,
+    pub protocol: &'static str,
+    pub grpc_status: String,
+    pub flags: &'static str,
+    pub started: Instant,
+    /// Request and response header bytes (Envoy's `request.total_size` adds the bodies).
+    pub request_size: u64,
+    pub response_size: u64,
+    /// Request body bytes, counted as they arrive.
+    pub received: Arc<AtomicU64>,
+}
+
+impl Completed {
+    /// Records the request (`sent` response body bytes) and queues its log line.
+    pub fn finish(self, sent: u64, entry: Option<Entry>) {
+        let received = self.received.load(Ordering::Relaxed);
+        let elapsed = self.started.elapsed();
+        let proxy = &self.proxy;
+        let peer = proxy.stats.peer(&self.cluster, &self.upstream_host, || {
+            proxy.endpoint_labels(&self.cluster, &self.upstream_host)
+        });
+        proxy.stats.record(
+            peer,
+            (self.status, self.protocol, &self.grpc_status),
+            self.flags,
+            &super::admin::Measured {
+                elapsed,
+                request_bytes: self.request_size + received,
+                response_bytes: self.response_size + sent,
+            },
+        );
+        if let Some(mut e) = entry {
+            e.status = self.status;
+            e.flags = self.flags.to_owned();
+            e.bytes_received = received;
+            e.bytes_sent = sent;
+            e.duration = elapsed;
+            if e.upstream_cluster.is_empty() {
+                e.upstream_cluster = self.cluster;
+            }
+            self.proxy.access_log.log(e);
+        }
+    }
+}
+
+/// A request's response and cluster, or the local reply in its place with its cluster,
+/// response flags and response code details.
+pub(super) type Outcome =
+    Result<(Response<Body>, String), (LocalReply, String, &'static str, &'static str)>;
 
 pub(super) async fn run_request(
     proxy: &Arc<Proxy>,
@@ -493,11 +608,16 @@ pub(super) async fn run_request(
     if proxy.fail_policy == FailPolicy::FailOpen && instance_failed(generation, index) {
         return match forward(proxy, generation, headers, body, true).await {
             Ok(r) => Ok((r, String::new())),
-            Err(reply) => Err((router_local(reply), String::new(), reply.flag().code())),
+            Err(reply) => Err((
+                router_local(reply),
+                String::new(),
+                reply.flag().code(),
+                reply.details(),
+            )),
         };
     }
     if let Some(reply) = check_failed(proxy, generation, index) {
-        return Err((reply, String::new(), "UH"));
+        return Err((reply, String::new(), "UH", ""));
     }
     let mut stream = abi::Stream::new(headers);
     // The filter sees buffered bodies; a streamed body never passes through guest memory.
@@ -517,7 +637,7 @@ pub(super) async fn run_request(
         Ok((id, action))
     });
     let Some((id, action)) = started else {
-        return Err((local(503, ""), String::new(), "UH"));
+        return Err((local(503, ""), String::new(), "UH", ""));
     };
     let _close = CloseOnDrop {
         proxy,
@@ -540,20 +660,20 @@ pub(super) async fn run_request(
         }
     }
     if let Some(reply) = take_reply(generation, index, id) {
-        return Err((reply, String::new(), ""));
+        return Err((reply, String::new(), "", ""));
     }
     if buffered.as_ref().is_some_and(|b| !b.is_empty()) {
         with_vm(proxy, generation, index, |vm| vm.on_request_body(id, true));
         if let Some(reply) = take_reply(generation, index, id) {
-            return Err((reply, String::new(), ""));
+            return Err((reply, String::new(), "", ""));
         }
     }
     let upstream_headers = {
         let Ok(mut guard) = slot.vm.lock() else {
-            return Err((local(503, ""), String::new(), "UH"));
+            return Err((local(503, ""), String::new(), "UH", ""));
         };
         let Some(s) = guard.as_mut().and_then(|vm| vm.stream_mut(id)) else {
-            return Err((local(503, ""), String::new(), "UH"));
+            return Err((local(503, ""), String::new(), "UH", ""));
         };
         s.phase = Phase::Upstream;
         std::mem::take(&mut s.request_headers)
@@ -593,7 +713,7 @@ pub(super) async fn run_request(
             };
             let final_headers = match response_phase(proxy, generation, index, id, seen).await {
                 Ok(h) => h,
-                Err(replaced) => return Err((replaced, cluster, "")),
+                Err(replaced) => return Err((replaced, cluster, "", "")),
             };
             let mut local = router_local(reply);
             for (k, v) in final_headers.unwrap_or_default() {
@@ -603,7 +723,7 @@ pub(super) async fn run_request(
                     _ => local.headers.push((k, v)),
                 }
             }
-            return Err((local, cluster, flag));
+            return Err((local, cluster, flag, reply.details()));
         }
     };
     let (mut parts, body) = response.into_parts();
@@ -625,10 +745,10 @@ pub(super) async fn run_request(
     };
     let final_headers = match response_phase(proxy, generation, index, id, seen).await {
         Ok(h) => h,
-        Err(reply) => return Err((reply, cluster, "")),
+        Err(reply) => return Err((reply, cluster, "", "")),
     };
     let Some(final_headers) = final_headers else {
-        return Err((local(503, ""), cluster, "UH"));
+        return Err((local(503, ""), cluster, "UH", ""));
     };
     parts.headers.clear();
     for (k, v) in &final_headers {

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub credentials: Option<PathBuf>,
     /// `off`, `stdout` or a file to append to.
     pub access_log: String,
+    /// Istio's TEXT format or its JSON encoding.
+    pub access_log_encoding: super::access_log::Encoding,
     pub limits: super::Limits,
     /// Sidecar: serve transparently on the capture listeners instead of as an explicit proxy.
     pub capture: Option<Capture>,
@@ -363,12 +365,11 @@ pub async fn run(
         opts.credentials.clone(),
     )?;
     proxy.start_tickers();
-    let log = super::access_log::AccessLog::open(&opts.access_log).map_err(|source| {
-        super::Error::AccessLog {
+    let log = super::access_log::AccessLog::open(&opts.access_log, opts.access_log_encoding)
+        .map_err(|source| super::Error::AccessLog {
             path: opts.access_log.clone(),
             source,
-        }
-    })?;
+        })?;
     proxy.access_log.replace(log);
     let mut listeners_running = Listeners::open(&proxy, &specs).await?;
     let mut tasks = Vec::new();
@@ -477,6 +478,7 @@ pub async fn run(
     } else {
         eprintln!("meshroute: drain period over; closing what is still open");
     }
+    proxy.access_log.flush();
     Ok(())
 }
 

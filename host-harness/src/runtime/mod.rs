@@ -196,6 +196,8 @@ impl Proxy {
         credentials: Option<PathBuf>,
     ) -> Result<Arc<Self>, Error> {
         let kind = doc.proxy.kind;
+        let stats = admin::Stats::default();
+        stats.set_workload(admin::Workload::of_proxy(&doc.proxy));
         let generation = Self::generation(&plugin, workers, doc, sources, credentials.as_deref())?;
         Ok(Arc::new(Self {
             credentials,
@@ -204,7 +206,7 @@ impl Proxy {
             fail_policy,
             workers,
             generation: RwLock::new(Arc::new(generation)),
-            stats: admin::Stats::default(),
+            stats,
             reload_error: Mutex::new(None),
             connection_ids: AtomicU64::new(1),
             access_log: access_log::AccessLog::default(),
@@ -335,6 +337,7 @@ impl Proxy {
         doc: RulesDocument,
         sources: Vec<PathBuf>,
     ) -> Result<(), Error> {
+        let workload = admin::Workload::of_proxy(&doc.proxy);
         let generation = Arc::new(Self::generation(
             &self.plugin,
             self.workers,
@@ -349,7 +352,26 @@ impl Proxy {
             Ok(mut g) => *g = generation,
             Err(poisoned) => *poisoned.into_inner() = generation,
         }
+        self.stats.set_workload(workload);
         Ok(())
+    }
+
+    /// The workload labels of `endpoint` (`ip:port`) of `cluster`, from the rules in force.
+    pub fn endpoint_labels(
+        &self,
+        cluster: &str,
+        endpoint: &str,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        let generation = self.current();
+        let c = generation.doc.clusters.iter().find(|c| c.name == cluster)?;
+        c.endpoints
+            .iter()
+            .find(|e| {
+                endpoint.rsplit_once(':').is_some_and(|(a, p)| {
+                    a.trim_matches(['[', ']']) == e.address && p == e.port.to_string()
+                })
+            })
+            .map(|e| e.labels.clone())
     }
 
     /// Starts the tick loops of the current generation.

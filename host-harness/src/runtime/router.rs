@@ -93,7 +93,10 @@ pub(super) async fn forward(
         count_attempts,
     };
     match run(&mut policy, &mut upstream).await {
-        upstream::Attempt::Response(r) => Ok(r),
+        upstream::Attempt::Response(mut r) => {
+            r.extensions_mut().insert(UpstreamHost(upstream.endpoint));
+            Ok(r)
+        }
         upstream::Attempt::Timeout => Err(RouterReply::Timeout),
         upstream::Attempt::ConnectFailure => Err(RouterReply::ConnectFailure),
         upstream::Attempt::TlsFailure(reason) if reason.contains("CERTIFICATE_VERIFY_FAILED") => {
@@ -103,6 +106,10 @@ pub(super) async fn forward(
         upstream::Attempt::Reset => Err(RouterReply::Reset),
     }
 }
+
+/// The endpoint that answered a response (Envoy's `%UPSTREAM_HOST%`), in its extensions.
+#[derive(Clone)]
+pub(super) struct UpstreamHost(pub String);
 
 /// Where the router sends each attempt of a request.
 pub(super) trait Upstream {

@@ -595,13 +595,17 @@ fn harness_reports_istio_tcp_metrics() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let labels = "destination_service=\"db.default.svc.cluster.local\",destination_service_name=\"db\",destination_subset=\"unknown\",destination_port=\"5432\",request_protocol=\"tcp\",response_flags=\"-\"";
+    let labels = [
+        "{reporter=\"source\",",
+        "destination_service=\"db.default.svc.cluster.local\",",
+        "destination_service_name=\"db\",destination_service_namespace=\"default\",",
+        "request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"unknown\"} ",
+    ];
     let value = |name: &str| -> u64 {
-        let prefix = format!("{name}{{reporter=\"source\",{labels}}} ");
         text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
+            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|p| l.contains(p)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} {labels:?} missing in\n{text}"))
     };
     // The start-up probe's empty connection counts too.
     let opened = value("istio_tcp_connections_opened_total");

@@ -419,7 +419,14 @@ fn an_application_without_proxy_settings_gets_the_walkthrough_through_its_sideca
         .sum();
     assert_eq!(total, 301 + 10 + 20, "{stats}");
     assert!(
-        stats.contains("istio_tcp_connections_opened_total{reporter=\"source\",destination_service=\"db.default.svc.cluster.local\""),
+        metric(
+            &stats,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "destination_service=\"db.default.svc.cluster.local\""
+            ]
+        ) >= 1,
         "{stats}"
     );
 }
@@ -578,7 +585,7 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
     let inbound = [
         "reporter=\"destination\"",
         "destination_service=\"reviews.default.svc.cluster.local\"",
-        "destination_port=\"9080\"",
+        "request_protocol=\"http\"",
         "response_code=\"200\"",
     ];
     assert_eq!(
@@ -590,7 +597,11 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         metric(
             &stats,
             "istio_tcp_connections_closed_total",
-            &["reporter=\"destination\"", "destination_port=\"5432\""]
+            &[
+                "reporter=\"destination\"",
+                "destination_service=\"reviews.default.svc.cluster.local\"",
+                "request_protocol=\"tcp\""
+            ]
         ),
         1,
         "{stats}"
@@ -658,7 +669,11 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         metric(
             &stats,
             "istio_tcp_connections_closed_total",
-            &["destination_port=\"5432\"", "response_flags=\"UO\""]
+            &[
+                "reporter=\"destination\"",
+                "request_protocol=\"tcp\"",
+                "response_flags=\"UO\""
+            ]
         ) >= 1,
         "{stats}"
     );

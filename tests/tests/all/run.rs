@@ -232,7 +232,7 @@ fn sidecar_serves_explicit_proxy_clients_and_reloads_under_load_without_failures
         .lines()
         .find(|l| {
             l.starts_with("istio_requests_total")
-                && l.contains("destination_subset=\"v2\"")
+                && l.contains("destination_version=\"v2\"")
                 && l.contains("response_code=\"200\"")
         })
         .unwrap_or_else(|| panic!("no istio_requests_total for v2:\n{metrics}"));
@@ -678,5 +678,168 @@ fn the_admin_port_answers_what_operators_script_against() {
         thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}\n{}", m.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The log lines in `text` that parse as Istio's format, waiting (bounded) for `n` of them:
+/// both hosts write their access log asynchronously.
+fn access_log_lines(
+    read: impl Fn() -> String,
+    n: usize,
+) -> Vec<std::collections::BTreeMap<&'static str, String>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = read();
+        let lines: Vec<_> = text
+            .lines()
+            .filter_map(meshroute_tests::parse_istio_access_log)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            assert!(lines.len() >= n, "{n} access-log lines expected:\n{text}");
+            return lines;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
+    use meshroute_core::ir::{OutboundPolicy, ProxyKind};
+    let v1 = Upstream::start("v1");
+    let config = format!(
+        "{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - match: [{{uri: {{prefix: /none}}}}]\n    route: [{{destination: {{host: web, subset: v9}}}}]\n  - route: [{{destination: {{host: web, subset: v1}}}}]\n",
+        registry("web", 8000, &[&v1]),
+        subsets("web", &["v1", "v9"])
+    );
+    let dir = std::env::temp_dir().join(format!("meshroute-access-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_config(&dir, "web.yaml", &config);
+    let doc = meshroute_tests::rules(
+        &[("web.yaml", config)],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let envoy = meshroute_tests::Envoy::start(&doc);
+    let (port, admin) = (free_port(), free_port());
+    let (text_log, json_log) = (dir.join("access.log"), dir.join("access.json"));
+    let run = |port: u16, admin: u16, log: &Path, encoding: &str| {
+        Meshroute::start(
+            &[
+                "run",
+                "-f",
+                dir.join("web.yaml").to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+                "--access-log",
+                log.to_str().unwrap(),
+                "--access-log-encoding",
+                encoding,
+            ],
+            port,
+        )
+    };
+    let harness = run(port, admin, &text_log, "text");
+    let (json_port, json_admin) = (free_port(), free_port());
+    let harness_json = run(json_port, json_admin, &json_log, "json");
+
+    let send = |port: u16, path: &str| {
+        get("web:8000", path)
+            .method("POST")
+            .body(b"hello")
+            .header("user-agent", "telemetry-test/1")
+            .header("x-request-id", "req-fixed-1")
+            .header("x-forwarded-for", "10.1.2.3")
+            .send(port)
+    };
+    let mut responses = Vec::new();
+    for p in [envoy.port, port] {
+        responses.push((send(p, "/echo?x=1"), send(p, "/none")));
+    }
+    let envoy_lines = access_log_lines(
+        || std::fs::read_to_string(&envoy.log).unwrap_or_default(),
+        2,
+    );
+    let run_lines = access_log_lines(|| std::fs::read_to_string(&text_log).unwrap_or_default(), 2);
+    for (host, lines, (ok, none)) in [
+        ("envoy", &envoy_lines, &responses[0]),
+        ("meshroute run", &run_lines, &responses[1]),
+    ] {
+        let (served, failed) = (&lines[0], &lines[1]);
+        let context = format!("{host}: {served:?}\n{failed:?}");
+        assert_eq!(ok.status, 200, "{context}");
+        for (field, want) in [
+            ("method", "POST"),
+            ("path", "/echo?x=1"),
+            ("protocol", "HTTP/1.1"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+            ("response_code_details", "via_upstream"),
+            ("bytes_received", "5"),
+            ("user_agent", "telemetry-test/1"),
+            ("request_id", "req-fixed-1"),
+            ("x_forwarded_for", "10.1.2.3"),
+            ("authority", "web:8000"),
+            (
+                "upstream_cluster",
+                "outbound|8000|v1|web.default.svc.cluster.local",
+            ),
+        ] {
+            assert_eq!(served[field], want, "{field}: {context}");
+        }
+        assert_eq!(served["bytes_sent"], ok.body.len().to_string(), "{context}");
+        assert_eq!(
+            served["upstream_host"],
+            format!("127.0.0.1:{}", v1.port),
+            "{context}"
+        );
+        // Envoy's sidecar takes the remote address from the last x-forwarded-for entry.
+        assert!(
+            ["127.0.0.1:", "10.1.2.3:"]
+                .iter()
+                .any(|p| served["downstream_remote_address"].starts_with(p)),
+            "{context}"
+        );
+        assert!(served["duration"].parse::<u64>().is_ok(), "{context}");
+        assert!(
+            served["upstream_service_time"].parse::<u64>().is_ok(),
+            "{context}"
+        );
+        // A subset without endpoints: the filter answers 503 itself, no upstream.
+        assert_eq!(none.status, 503, "{context}");
+        for (field, want) in [
+            ("path", "/none"),
+            ("response_code", "503"),
+            ("bytes_sent", &none.body.len().to_string()),
+            ("upstream_host", "-"),
+            ("response_flags", "-"),
+            ("upstream_cluster", "-"),
+        ] {
+            assert_eq!(failed[field], want, "{field}: {context}");
+        }
+    }
+
+    // The JSON encoding: Istio's keys, numbers where Envoy gives numbers.
+    send(json_port, "/echo?x=1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&json_log).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no JSON access-log line");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["response_code"], 200, "{line}");
+    assert_eq!(v["bytes_received"], 5, "{line}");
+    assert_eq!(v["method"], "POST", "{line}");
+    assert_eq!(
+        v["requested_server_name"],
+        serde_json::Value::Null,
+        "{line}"
+    );
+    drop((harness, harness_json, envoy));
     let _ = std::fs::remove_dir_all(&dir);
 }

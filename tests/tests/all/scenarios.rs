@@ -484,6 +484,7 @@ fn envoy_invalid_rules_are_rejected_with_the_reason_in_the_log() {
             admin: Some(&bind(admin)),
             failure_policy: meshroute_harness::envoy_config::FailurePolicy::FailClosed,
             credentials: None,
+            access_log_encoding: Default::default(),
         },
     )
     .unwrap();
