@@ -6,7 +6,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use log::{error, warn};
+use log::{debug, error, warn};
 use proxy_wasm::types::{Action, Status};
 
 use meshroute_core::contract::{self, ENDPOINT_HEADER, LISTENER_PORT_HEADER, ORIGINAL_PATH_HEADER};
@@ -228,6 +228,18 @@ impl<H: Host> FilterHttp<H> {
         };
         let decision = engine.decide_with(&view, &mut rng, &state);
         self.shared.rng.set(rng.0);
+        if log::log_enabled!(log::Level::Debug) {
+            match &decision.outcome {
+                Outcome::Forward(f) => debug!(
+                    "request {}: {method} {authority}{path} → {}",
+                    self.context_id, f.cluster
+                ),
+                Outcome::Reply(r) => debug!(
+                    "request {}: {method} {authority}{path} → reply {}",
+                    self.context_id, r.status
+                ),
+            }
+        }
 
         let delay_ms = decision.delay_ms;
         let then = match decision.outcome {

@@ -50,10 +50,12 @@ impl<H: Host + Clone + 'static> RootContext for FilterRoot<H> {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
+        follow_host_log_level();
         self.configure()
     }
 
     fn on_tick(&mut self) {
+        follow_host_log_level();
         self.tick();
     }
 
@@ -120,6 +122,16 @@ impl<H: Host + 'static> StreamContext for FilterStream<H> {
 
     fn on_log(&mut self) {
         self.on_close();
+    }
+}
+
+/// The filter logs at the host's level (Envoy's `wasm` logger, `meshroute run`'s
+/// `--log-level` and `/logging`): asked when configured and on each tick, so a change at
+/// run time reaches it without a reload.
+fn follow_host_log_level() {
+    #[cfg(target_arch = "wasm32")]
+    if let Ok(level) = proxy_wasm::hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
     }
 }
 

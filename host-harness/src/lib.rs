@@ -7,4 +7,5 @@ pub mod envoy_config;
 pub mod explain;
 pub mod iptables;
 pub mod istio;
+pub mod logging;
 pub mod runtime;

@@ -11,6 +11,7 @@ use meshroute_core::ir::{OutboundPolicy, ProxyKind, RulesDocument};
 
 use meshroute_harness::envoy_config;
 use meshroute_harness::istio::{self, ManifestKind, Packing};
+use meshroute_harness::logging;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,13 @@ use meshroute_harness::istio::{self, ManifestKind, Packing};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Level of the process log and the filter's (Envoy's levels); `RUST_LOG`, when set,
+    /// adds `tracing` directives (`filter=debug` for the filter alone).
+    #[arg(long, global = true, value_enum, default_value_t = logging::Level::Info)]
+    log_level: logging::Level,
+    /// Process log lines as text or JSON (one object a line), on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -120,9 +128,16 @@ fn default_wasm() -> PathBuf {
     }
 }
 
+/// Compiled modules are cached per user, as the XDG base directories say:
+/// `$XDG_CACHE_HOME/meshroute/modules`, else `~/.cache/meshroute/modules`.
 fn cache_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.parent()?.join("../wasmtime-cache"))
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let base = env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))?;
+    Some(base.join("meshroute").join("modules"))
 }
 
 fn run_proxy(
@@ -148,10 +163,10 @@ fn run_proxy(
         meshroute_harness::runtime::launch::run(opts, |listeners| {
             for l in listeners {
                 let what = if l.connections.is_some() { "connection routes" } else { "route table" };
-                eprintln!("meshroute: listening on {} ({what} port {})", l.address, l.server_port);
+                tracing::info!("listening on {} ({what} port {})", l.address, l.server_port);
             }
             if let Some(a) = admin {
-                eprintln!("meshroute: admin on http://{a}/ (stats/prometheus, config_dump, clusters, ready)");
+                tracing::info!("admin on http://{a}/ (stats/prometheus, config_dump, clusters, ready, logging)");
             }
             if demo {
                 if let Some(l) = listeners.first() {
@@ -244,6 +259,12 @@ enum Outbound {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a shell completion script (e.g. `meshroute completions bash > /etc/bash_completion.d/meshroute`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Check configuration as istiod would; exit 0 valid, 1 invalid, 2 usage or I/O error.
     Validate {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
@@ -577,7 +598,7 @@ fn hello(listen: std::net::SocketAddr, name: String) -> Result<ExitCode, CliErro
         .map_err(|e| CliError::Io(format!("async runtime: {e}")))?;
     rt.block_on(async {
         meshroute_harness::runtime::demo::hello_upstream(listen, name).await?;
-        eprintln!("meshroute: hello upstream {name} on {listen}");
+        tracing::info!("hello upstream {name} on {listen}");
         std::future::pending::<()>().await;
         Ok::<(), String>(())
     })
@@ -588,8 +609,8 @@ fn hello(listen: std::net::SocketAddr, name: String) -> Result<ExitCode, CliErro
 fn demo(mut host: HostArgs) -> Result<ExitCode, CliError> {
     let dir = std::env::temp_dir().join(format!("meshroute-demo-{}", std::process::id()));
     let files = meshroute_harness::runtime::demo::demo_files(&dir).map_err(CliError::Io)?;
-    eprintln!(
-        "meshroute: demo configuration in {} (edit it: changes reload)",
+    tracing::info!(
+        "demo configuration in {} (edit it: changes reload)",
         dir.display()
     );
     if host.port_offset == 0 {
@@ -658,6 +679,16 @@ fn envoy_bootstrap(
 
 fn dispatch(command: Command) -> Result<ExitCode, CliError> {
     match command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshroute",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => validate(&files),
         Command::Compile {
             files,
@@ -784,7 +815,9 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
 }
 
 fn main() -> ExitCode {
-    match dispatch(Cli::parse().command) {
+    let cli = Cli::parse();
+    logging::init(cli.log_level, cli.log_format);
+    match dispatch(cli.command) {
         Ok(code) => code,
         // Invalid configuration was reported diagnostic by diagnostic; the count closes it.
         Err(e @ CliError::Invalid(_)) => {

@@ -330,3 +330,93 @@ fn capture_is_refused_for_a_gateway() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--capture is for sidecars"), "{err}");
 }
+
+#[test]
+fn completions_are_a_script_the_shell_accepts() {
+    let (code, script, err) = meshroute(&["completions", "bash"]);
+    assert_eq!(code, 0, "{err}");
+    for sub in [
+        "validate",
+        "compile",
+        "explain",
+        "simulate",
+        "run",
+        "envoy-config",
+    ] {
+        assert!(script.contains(sub), "{sub} missing from the completions");
+    }
+    let path = temp_file("meshroute.bash", &script);
+    let checked = Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .output()
+        .expect("bash");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let (code, _, _) = meshroute(&["completions", "tcsh-like"]);
+    assert_eq!(code, 2);
+}
+
+/// `meshroute run` caches the compiled module under `$XDG_CACHE_HOME/meshroute`, not next
+/// to the executable (which may be read-only, e.g. `/usr/local/bin`).
+#[test]
+fn compiled_modules_are_cached_in_the_users_cache_directory() {
+    let cache = std::env::temp_dir().join(format!("meshroute-xdg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshroute"))
+        .args([
+            "run",
+            "-f",
+            "examples/bookinfo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+        ])
+        .env("XDG_CACHE_HOME", &cache)
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn meshroute");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let cached = || {
+        walk(&cache.join("meshroute").join("modules"))
+            .iter()
+            .any(|p| p.is_file())
+    };
+    while !cached() && std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("meshroute exited: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(cached(), "nothing cached under {}", cache.display());
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -31,6 +31,8 @@ admin commands are:
   /stats/prometheus     Istio's standard metrics and meshroute's own
   /config_dump          the rules in force, their files and the last reload error
   /clusters             clusters, endpoints and outlier ejections
+  /logging              the loggers (meshroute, filter) and their levels; POST ?level=L or
+                        ?paths=filter:L,meshroute:L sets them
   /healthcheck/fail     POST: fail readiness until /healthcheck/ok
   /healthcheck/ok       POST: pass readiness again
   /quitquitquit         POST: drain and exit (as SIGTERM)
@@ -515,7 +517,7 @@ impl Stats {
     }
 }
 
-fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+fn respond(proxy: &Arc<Proxy>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let text = |status: u16, ctype: &str, body: String| {
         Response::builder()
             .status(status)
@@ -631,7 +633,57 @@ fn respond(proxy: &Proxy, req: &Request<hyper::body::Incoming>) -> Response<Body
             proxy.set_health_failed(false);
             text(200, "text/plain", "OK\n".into())
         }
+        // Envoy's: list the loggers, or (POST) set all with `level=` or some with
+        // `paths=logger:level,...`.
+        "/logging" => {
+            if req.method() != hyper::Method::POST {
+                return text(200, "text/plain", crate::logging::listing());
+            }
+            match set_logging(req.uri().query().unwrap_or("")) {
+                Ok(()) => {
+                    // The module reads its level when configured: reconfigure it with the
+                    // rules in force (as a reload would) so the new level is in force now.
+                    let g = proxy.current();
+                    if let Err(e) = proxy.reload((*g.doc).clone(), g.sources.clone()) {
+                        return text(500, "text/plain", format!("{e}\n"));
+                    }
+                    text(200, "text/plain", crate::logging::listing())
+                }
+                Err(e) => text(
+                    400,
+                    "text/plain",
+                    format!("{e}\n{}", crate::logging::listing()),
+                ),
+            }
+        }
         _ => text(404, "text/plain", "not found: see /help\n".into()),
+    }
+}
+
+/// `/logging`'s query: `level=L` or `paths=logger:L,logger:L`.
+fn set_logging(query: &str) -> Result<(), String> {
+    let level =
+        |s: &str| crate::logging::Level::parse(s).ok_or_else(|| format!("unknown level {s:?}"));
+    let mut changed = false;
+    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match key {
+            "level" => crate::logging::set(None, level(value)?)?,
+            "paths" => {
+                for path in value.split(',') {
+                    let (logger, l) = path
+                        .split_once(':')
+                        .ok_or_else(|| format!("expected logger:level, got {path:?}"))?;
+                    crate::logging::set(Some(logger), level(l)?)?;
+                }
+            }
+            other => return Err(format!("unknown parameter {other:?}: level, paths")),
+        }
+        changed = true;
+    }
+    if changed {
+        Ok(())
+    } else {
+        Err("usage: POST /logging?level=debug or /logging?paths=filter:debug".into())
     }
 }
 

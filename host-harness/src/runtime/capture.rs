@@ -172,7 +172,7 @@ async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => start(stream, peer),
             Err(e) => {
-                eprintln!("meshroute: accept: {e}");
+                tracing::warn!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -186,13 +186,17 @@ pub(super) fn start_instance(
     Ok((vm, roots))
 }
 
+/// The module's log lines, under the `filter` logger at their own levels.
 pub(super) fn print_logs(vm: &mut Vm) {
     for l in vm.take_logs() {
-        let level = ["trace", "debug", "info", "warn", "error", "critical"]
-            .get(l.level as usize)
-            .copied()
-            .unwrap_or("info");
-        eprintln!("[filter {level}] {}", l.message);
+        let message = &l.message;
+        match l.level {
+            0 => tracing::trace!(target: crate::logging::FILTER_TARGET, "{message}"),
+            1 => tracing::debug!(target: crate::logging::FILTER_TARGET, "{message}"),
+            2 => tracing::info!(target: crate::logging::FILTER_TARGET, "{message}"),
+            3 => tracing::warn!(target: crate::logging::FILTER_TARGET, "{message}"),
+            _ => tracing::error!(target: crate::logging::FILTER_TARGET, "{message}"),
+        }
     }
 }
 
@@ -250,7 +254,7 @@ pub(super) fn with_vm<R>(
     // A trap fails the instance: it is logged and counted once, when it happens (later
     // calls on the failed instance only say so).
     if let Err(e @ VmError::Trap(_)) = &result {
-        eprintln!("meshroute: {e}");
+        tracing::error!("{e}");
         if let Ok(mut at) = slot.failed_at.lock() {
             at.get_or_insert_with(Instant::now);
         }
@@ -385,7 +389,7 @@ pub(super) fn check_failed(
                     proxy.stats.vm_reload();
                     return None;
                 }
-                Err(e) => eprintln!("meshroute: reloading the filter failed: {e}"),
+                Err(e) => tracing::error!("reloading the filter failed: {e}"),
             }
             if let Ok(mut at) = slot.failed_at.lock() {
                 *at = Some(Instant::now());

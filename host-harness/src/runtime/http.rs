@@ -126,7 +126,7 @@ pub async fn serve_shared(proxy: Arc<Proxy>, spec: SharedSpec, listener: TcpList
         let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("meshroute: accept on {}: {e}", read_spec(&spec).address);
+                tracing::warn!("accept on {}: {e}", read_spec(&spec).address);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

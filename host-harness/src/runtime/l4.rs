@@ -321,8 +321,8 @@ pub(super) async fn serve_connection(
         };
         match choice {
             None => {
-                eprintln!(
-                    "meshroute: no server on port {} takes SNI {sni:?}; closing",
+                tracing::debug!(
+                    "no server on port {} takes SNI {sni:?}; closing",
                     spec.server_port
                 );
                 return;
@@ -342,8 +342,8 @@ pub(super) async fn serve_connection(
             let tls = match acceptor.accept(replay).await {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!(
-                        "meshroute: TLS handshake from {peer} on port {}: {e}",
+                    tracing::debug!(
+                        "TLS handshake from {peer} on port {}: {e}",
                         spec.server_port
                     );
                     return;
@@ -445,8 +445,8 @@ pub(super) async fn serve_connection(
     let up = match up {
         Ok(u) => u,
         Err((e, flag)) => {
-            eprintln!(
-                "meshroute: connection {connection_id} on port {}: {e}",
+            tracing::debug!(
+                "connection {connection_id} on port {}: {e}",
                 spec.server_port
             );
             log(flag, &chosen, 0, 0);

@@ -269,7 +269,7 @@ impl Listeners {
             if !keep {
                 // Connections already accepted run in their own tasks and finish.
                 task.abort();
-                eprintln!("meshroute: closed listener {address}");
+                tracing::info!("closed listener {address}");
             }
             keep
         });
@@ -283,10 +283,7 @@ impl Listeners {
             }
             match super::bind(spec.address).await {
                 Ok(listener) => {
-                    eprintln!(
-                        "meshroute: listening on {} (port {})",
-                        spec.address, spec.server_port
-                    );
+                    tracing::info!("listening on {} (port {})", spec.address, spec.server_port);
                     let address = spec.address;
                     self.running
                         .insert(address, Self::serve(proxy, spec, listener));
@@ -348,9 +345,10 @@ pub async fn run(
     }
     let (doc, warnings) = compile(&opts.files, &opts.proxy, &opts.mesh)?;
     for w in warnings {
-        eprintln!("{w}");
+        tracing::warn!("{w}");
     }
     let plugin = Arc::new(Plugin::load(&opts.wasm, opts.cache_dir.as_deref())?);
+    crate::logging::follow(&plugin.log_level);
     let capture = opts.capture;
     if capture.is_some() && doc.proxy.kind != ProxyKind::Sidecar {
         return Err(super::Error::CaptureNeedsSidecar);
@@ -386,9 +384,10 @@ pub async fn run(
             inbound,
             opts.limits,
         )));
-        eprintln!(
-            "meshroute: capturing outbound connections on {}, inbound on {}",
-            c.outbound, c.inbound
+        tracing::info!(
+            "capturing outbound connections on {}, inbound on {}",
+            c.outbound,
+            c.inbound
         );
     }
     for (stop, task, status_only) in starting {
@@ -441,7 +440,7 @@ pub async fn run(
         };
         match result {
             Ok(()) => {
-                eprintln!("meshroute: configuration reloaded");
+                tracing::info!("configuration reloaded");
                 proxy
                     .stats
                     .config_reloads
@@ -451,7 +450,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                eprintln!("meshroute: reload failed, still serving the previous rules:\n{e}");
+                tracing::error!("reload failed, still serving the previous rules:\n{e}");
                 proxy
                     .stats
                     .config_reload_failures
@@ -463,8 +462,8 @@ pub async fn run(
         }
     }
     proxy.start_drain();
-    eprintln!(
-        "meshroute: draining (up to {} ms for requests and connections in flight)",
+    tracing::info!(
+        "draining (up to {} ms for requests and connections in flight)",
         opts.drain.as_millis()
     );
     let finished = tokio::select! {
@@ -474,9 +473,9 @@ pub async fn run(
         _ = interrupt.recv() => false,
     };
     if finished {
-        eprintln!("meshroute: drained");
+        tracing::info!("drained");
     } else {
-        eprintln!("meshroute: drain period over; closing what is still open");
+        tracing::info!("drain period over; closing what is still open");
     }
     proxy.access_log.flush();
     Ok(())

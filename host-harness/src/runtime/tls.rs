@@ -254,8 +254,22 @@ fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Where Debian-family systems keep the trusted roots (used when `caCertificates` is unset).
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The platform's trusted roots (used when `caCertificates` is unset), as
+/// `rustls-native-certs` finds them: `SSL_CERT_FILE` / `SSL_CERT_DIR`, else the system's
+/// own bundle wherever the distribution keeps it.
+fn system_roots() -> Result<rustls::RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none found".to_owned(), ToString::to_string);
+        return Err(file_error(Path::new("the system trust store"))(&why));
+    }
+    Ok(roots)
+}
 
 /// How to originate TLS to a cluster's endpoints (DestinationRule `tls`).
 #[derive(Clone, Debug)]
@@ -274,15 +288,14 @@ pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origin
     let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
         Arc::new(AcceptAny(provider))
     } else {
-        let ca = files
-            .ca
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
-        let roots = root_store(&ca)?;
+        let (roots, source) = match &files.ca {
+            Some(ca) => (root_store(ca)?, ca.clone()),
+            None => (system_roots()?, PathBuf::from("the system trust store")),
+        };
         let inner =
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| file_error(&ca)(&e))?;
+                .map_err(|e| file_error(&source)(&e))?;
         Arc::new(SanVerifier {
             inner,
             subject_alt_names: tls.subject_alt_names.clone(),

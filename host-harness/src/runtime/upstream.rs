@@ -257,7 +257,7 @@ impl Client {
         let stream = super::tls::connect(origination, name, tcp)
             .await
             .map_err(|reason| {
-                eprintln!("meshroute: TLS to {endpoint} ({name}): {reason}");
+                tracing::debug!("TLS to {endpoint} ({name}): {reason}");
                 Attempt::TlsFailure(reason)
             })?;
         let io = TokioIo::new(stream);

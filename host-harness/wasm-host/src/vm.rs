@@ -24,6 +24,8 @@ pub struct Plugin {
     engine: Engine,
     pre: InstancePre<HostState>,
     pub shared: Arc<SharedData>,
+    /// The guest log level every instance passes on (proxy-wasm's 0 trace .. 5 critical).
+    pub log_level: Arc<std::sync::atomic::AtomicI32>,
     /// What did not work out but did not stop loading (the compiled-module cache).
     pub warnings: Vec<String>,
 }
@@ -132,6 +134,7 @@ impl Plugin {
             engine,
             pre,
             shared: Arc::new(SharedData::default()),
+            log_level: Arc::new(std::sync::atomic::AtomicI32::new(2)),
             warnings: warning.into_iter().collect(),
         })
     }
@@ -143,6 +146,9 @@ impl Plugin {
             engine: self.engine.clone(),
             pre: self.pre.clone(),
             shared: Arc::new(SharedData::default()),
+            log_level: Arc::new(std::sync::atomic::AtomicI32::new(
+                self.log_level.load(Ordering::Relaxed),
+            )),
             warnings: Vec::new(),
         }
     }
@@ -162,6 +168,8 @@ impl Plugin {
             known_clusters,
             MEMORY_LIMIT,
         );
+        let mut state = state;
+        state.log_level = Arc::clone(&self.log_level);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(CALLBACK_BUDGET_TICKS);

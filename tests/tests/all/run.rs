@@ -25,8 +25,13 @@ struct Meshroute {
 
 impl Meshroute {
     fn start(args: &[&str], ready_port: u16) -> Self {
+        Self::start_with_env(args, ready_port, &[])
+    }
+
+    fn start_with_env(args: &[&str], ready_port: u16, env: &[(&str, &Path)]) -> Self {
         let mut child = Command::new(binary())
             .args(args)
+            .envs(env.iter().copied())
             .env("MESHROUTE_WASM", wasm_path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -841,5 +846,134 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
         "{line}"
     );
     drop((harness, harness_json, envoy));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_process_log_is_levelled_json_and_logging_changes_the_filters_level_at_run_time() {
+    let up = Upstream::start("web");
+    let dir = std::env::temp_dir().join(format!("meshroute-logging-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_config(&dir, "registry.yaml", &registry("web", 8000, &[&up]));
+    let (port, admin) = (free_port(), free_port());
+    let m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            dir.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+            "--access-log",
+            "off",
+            "--log-format",
+            "json",
+        ],
+        port,
+    );
+    // Every process-log line is a JSON object with a timestamp, a level and a message.
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !m.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never logged:\n{}",
+                m.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("listening on");
+    let lines: Vec<serde_json::Value> = m
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["timestamp"].is_string() && l["level"].is_string()));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["target"] == "filter" && l["level"] == "INFO"),
+        "the filter's own lines come through at info: {lines:?}"
+    );
+    let listing = get("admin", "/logging").send(admin).text();
+    assert!(listing.contains("filter: info"), "{listing}");
+
+    // At info the filter does not log each request; at debug it does, with no reload.
+    assert_eq!(get("web:8000", "/before").send(port).status, 200);
+    let mut set = get("admin", "/logging?paths=filter:debug");
+    set.method = "POST";
+    let answer = set.send(admin);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(answer.text().contains("filter: debug"), "{}", answer.text());
+    assert_eq!(get("web:8000", "/after").send(port).status, 200);
+    wait_for("/after");
+    let log = m.log();
+    assert!(!log.contains("/before"), "{log}");
+    let line = log.lines().find(|l| l.contains("/after")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["level"], "DEBUG", "{line}");
+    assert_eq!(line["target"], "filter", "{line}");
+
+    let mut bad = get("admin", "/logging?paths=filter:loud");
+    bad.method = "POST";
+    assert_eq!(bad.send(admin).status, 400);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// DestinationRule `tls` SIMPLE without `caCertificates` verifies against the platform's
+/// trust store, found as `rustls-native-certs` finds it (here through `SSL_CERT_FILE`).
+#[test]
+fn tls_origination_without_ca_certificates_trusts_the_system_store() {
+    use meshroute_tests::l4::{path_text, EchoServer, TestCa};
+    let ca = TestCa::new("system-store");
+    let cert = ca.issue("external", &["secure.external.test"]);
+    let external = EchoServer::tls("external", &cert);
+    let dir = std::env::temp_dir().join(format!("meshroute-system-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_config(
+        &dir,
+        "external.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external, namespace: default}}\nspec:\n  hosts: [secure.external.test]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: external, namespace: default}}\nspec:\n  host: secure.external.test\n  trafficPolicy: {{tls: {{mode: SIMPLE, sni: secure.external.test}}}}\n",
+            external.port
+        ),
+    );
+    let ca_file = ca.ca_file();
+    let other_ca = TestCa::new("other-store");
+    let other = other_ca.ca_file();
+    let empty = dir.join("no-certs");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (trusted, store) in [(true, &ca_file), (false, &other)] {
+        let (port, admin) = (free_port(), free_port());
+        let m = Meshroute::start_with_env(
+            &[
+                "run",
+                "-f",
+                dir.join("external.yaml").to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+                "--access-log",
+                "off",
+            ],
+            port,
+            &[
+                ("SSL_CERT_FILE", store.as_path()),
+                ("SSL_CERT_DIR", empty.as_path()),
+            ],
+        );
+        let r = get("secure.external.test", "/").send(port);
+        if trusted {
+            assert_eq!(r.status, 200, "{}\n{}", r.text(), m.log());
+            assert_eq!(r.text(), "external");
+        } else {
+            assert_eq!(r.status, 503, "{}", path_text(store));
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,7 +18,7 @@ fn log(mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> i32 {
     match read_string(&mut c, ptr, len) {
         Ok(message) => {
             let state = c.data_mut();
-            if level >= state.log_level {
+            if level >= state.log_level.load(std::sync::atomic::Ordering::Relaxed) {
                 state.logs.push(GuestLog { level, message });
             }
             status::OK
@@ -28,7 +28,10 @@ fn log(mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> i32 {
 }
 
 fn get_log_level(mut c: Caller<'_, HostState>, out: i32) -> i32 {
-    let level = c.data().log_level as u32;
+    let level = c
+        .data()
+        .log_level
+        .load(std::sync::atomic::Ordering::Relaxed) as u32;
     code(write_u32(&mut c, out, level))
 }
 

@@ -242,7 +242,9 @@ pub struct HostState {
     pub call_response: Option<CallResponse>,
     pub shared: Arc<SharedData>,
     pub logs: Vec<GuestLog>,
-    pub log_level: i32,
+    /// The lowest level passed on (proxy-wasm's 0 trace .. 5 critical), shared by every
+    /// instance of a plugin so that it can change at run time.
+    pub log_level: Arc<std::sync::atomic::AtomicI32>,
     pub now: fn() -> SystemTime,
     /// Values a stream set with `proxy_set_property`.
     pub set_properties: HashMap<(u32, String), Vec<u8>>,
@@ -277,7 +279,7 @@ impl HostState {
             call_response: None,
             shared,
             logs: Vec::new(),
-            log_level: 2,
+            log_level: Arc::new(std::sync::atomic::AtomicI32::new(2)),
             now: SystemTime::now,
             set_properties: HashMap::new(),
         }
