@@ -52,3 +52,71 @@ fn documents_name_files_that_exist() {
         missing.join("\n")
     );
 }
+
+/// The local stack is safe on a laptop: nothing listens beyond loopback, every service has
+/// a healthcheck, Envoy's admin port and `meshroute run`'s ports do not collide, and the
+/// files it mounts and builds from exist.
+#[test]
+fn the_compose_stack_binds_loopback_only_and_checks_its_health() {
+    let root = meshroute_tests::repo_root();
+    let compose_file = root.join("envoy-configs/docker-compose.yml");
+    let text = std::fs::read_to_string(&compose_file).unwrap();
+    let compose: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    let services = compose["services"].as_object().unwrap();
+    assert!(services.contains_key("envoy") && services.contains_key("meshroute"));
+    let mut ports = Vec::new();
+    for (name, s) in services {
+        assert!(
+            s["healthcheck"]["test"].is_array(),
+            "{name} has no healthcheck"
+        );
+        let command: Vec<&str> = s["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for w in command.windows(2) {
+            if ["--listen", "--admin", "--bind"].contains(&w[0]) {
+                assert!(w[1].starts_with("127.0.0.1"), "{name}: {} {}", w[0], w[1]);
+                if w[0] != "--bind" {
+                    ports.push(w[1].rsplit(':').next().unwrap().to_owned());
+                }
+            }
+        }
+        for v in s["volumes"].as_array().into_iter().flatten() {
+            let host_path = v.as_str().unwrap().split(':').next().unwrap();
+            let path = root.join("envoy-configs").join(host_path);
+            // The module exists once `make wasm` has run, as the file's header says.
+            if !host_path.ends_with(".wasm") {
+                assert!(path.exists(), "{name} mounts {host_path}, which is missing");
+            }
+        }
+        if let Some(dockerfile) = s["build"]["dockerfile"].as_str() {
+            assert!(root.join(dockerfile).exists(), "{dockerfile}");
+        }
+    }
+    // Envoy's listeners and admin come from its bootstrap.
+    let bootstrap =
+        std::fs::read_to_string(root.join("envoy-configs/hello-sidecar.envoy.yaml")).unwrap();
+    let bootstrap: serde_json::Value = serde_saphyr::from_str(&bootstrap).unwrap();
+    let mut addresses = vec![bootstrap["admin"]["address"]["socket_address"].clone()];
+    for l in bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .unwrap()
+    {
+        addresses.push(l["address"]["socket_address"].clone());
+    }
+    for a in addresses {
+        assert_eq!(a["address"], "127.0.0.1", "{a}");
+        ports.push(a["port_value"].to_string());
+    }
+    let mut unique = ports.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ports.len(), "ports collide: {ports:?}");
+    assert!(
+        !ports.iter().any(|p| p == "15000"),
+        "15000 is meshroute run's default admin port: {ports:?}"
+    );
+}
