@@ -9,3 +9,4 @@ pub mod iptables;
 pub mod istio;
 pub mod logging;
 pub mod runtime;
+pub mod yaml;

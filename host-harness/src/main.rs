@@ -266,10 +266,16 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Check configuration as istiod would; exit 0 valid, 1 invalid, 2 usage or I/O error.
+    ///
+    /// Example: `meshroute validate -f examples/hello -o yaml`
     Validate {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Diagnostics as text (on standard error) or, as `istioctl analyze -o`, a list of
+        /// messages with stable codes on standard output.
+        #[arg(short = 'o', long, value_parser = ["text", "json", "yaml"], default_value = "text")]
+        output: String,
     },
     /// Validate and lower to the rules document for one proxy.
     Compile {
@@ -335,7 +341,7 @@ enum Command {
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
         /// Output format.
-        #[arg(short = 'o', long, value_parser = ["text", "json"], default_value = "text")]
+        #[arg(short = 'o', long, value_parser = ["text", "json", "yaml"], default_value = "text")]
         output: String,
         method: String,
         url: String,
@@ -521,11 +527,33 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, CliError> {
     serde_json::to_string_pretty(value).map_err(|e| CliError::Io(format!("cannot serialize: {e}")))
 }
 
-fn validate(files: &[PathBuf]) -> Result<ExitCode, CliError> {
-    let (config, mut diags) = meshroute_compiler::load_files(files).map_err(CliError::Io)?;
-    diags.extend(meshroute_compiler::validate::validate(&config).diagnostics);
-    meshroute_compiler::diag::sort(&mut diags);
-    print_diags(&diags);
+fn validate(files: &[PathBuf], output: &str) -> Result<ExitCode, CliError> {
+    let (config, loaded) = meshroute_compiler::load_files(files).map_err(CliError::Io)?;
+    let mut diags: Vec<(Diagnostic, &str)> = loaded.into_iter().map(|d| (d, PARSE_ERROR)).collect();
+    diags.extend(
+        meshroute_compiler::validate::validate(&config)
+            .diagnostics
+            .into_iter()
+            .map(|d| (d, SCHEMA_VALIDATION)),
+    );
+    diags.sort_by(|(a, _), (b, _)| {
+        (&a.file, a.pos, a.severity, &a.path).cmp(&(&b.file, b.pos, b.severity, &b.path))
+    });
+    let messages =
+        || serde_json::Value::Array(diags.iter().map(|(d, c)| analysis_message(d, c)).collect());
+    match output {
+        "json" => write_output(None, &to_json(&messages())?)?,
+        "yaml" => write_output(
+            None,
+            meshroute_harness::yaml::to_string(&messages()).trim_end(),
+        )?,
+        _ => {
+            let plain: Vec<Diagnostic> = diags.iter().map(|(d, _)| d.clone()).collect();
+            print_diags(&plain);
+            ExitCode::SUCCESS
+        }
+    };
+    let diags: Vec<&Diagnostic> = diags.iter().map(|(d, _)| d).collect();
     let errors = diags.iter().filter(|d| d.is_error()).count();
     let warnings = diags.len() - errors;
     if errors > 0 {
@@ -557,12 +585,32 @@ fn explain(
     let (doc, probe) = compile_probe(files, identity, method, url, headers)?;
     let (text, json) =
         meshroute_harness::explain::explain(&doc, &probe).map_err(CliError::Usage)?;
-    if output == "json" {
-        write_output(None, &to_json(&json)?)
-    } else {
-        write_output(None, text.trim_end())
+    match output {
+        "json" => write_output(None, &to_json(&json)?),
+        "yaml" => write_output(None, meshroute_harness::yaml::to_string(&json).trim_end()),
+        _ => write_output(None, text.trim_end()),
     }
 }
+
+/// A diagnostic as `istioctl analyze -o json|yaml` lists a message, with where it is.
+/// Codes: Istio's where the meaning is Istio's (IST0106 SchemaValidationError for what
+/// istiod's validation rejects or warns about), meshroute's own (MR…) otherwise.
+fn analysis_message(d: &Diagnostic, code: &str) -> serde_json::Value {
+    serde_json::json!({
+        "code": code,
+        "level": if d.is_error() { "Error" } else { "Warning" },
+        "origin": d.resource.as_ref().map(ToString::to_string),
+        "file": d.file,
+        "line": d.pos.line,
+        "column": d.pos.col,
+        "field": (!d.path.is_empty()).then_some(&d.path),
+        "message": d.message,
+    })
+}
+
+/// Stable codes by where a diagnostic arises.
+const PARSE_ERROR: &str = "MR0001";
+const SCHEMA_VALIDATION: &str = "IST0106";
 
 fn simulate(
     files: &[PathBuf],
@@ -659,7 +707,20 @@ fn istio_manifest(
     let rules = meshroute_compiler::istio::destination_rules(&config, &proxy);
     let manifest =
         istio::manifest(&doc, rules, manifest, &target).map_err(|e| CliError::Io(e.to_string()))?;
-    write_output(output, &to_json(&manifest)?)
+    // A file named `.yaml`/`.yml` gets YAML; standard output and other names get JSON
+    // (which kubectl reads too).
+    let yaml = output.is_some_and(|p| {
+        p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+    });
+    if yaml {
+        write_output(
+            output,
+            meshroute_harness::yaml::to_string(&manifest).trim_end(),
+        )
+    } else {
+        write_output(output, &to_json(&manifest)?)
+    }
 }
 
 fn envoy_bootstrap(
@@ -689,7 +750,7 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { files } => validate(&files),
+        Command::Validate { files, output } => validate(&files, &output),
         Command::Compile {
             files,
             identity,

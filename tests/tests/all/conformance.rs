@@ -567,6 +567,7 @@ fn conformance_suite_on_envoy_and_harness() {
         .collect();
     let results = Mutex::new(BTreeMap::new());
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let finished = std::sync::atomic::AtomicUsize::new(0);
     thread::scope(|scope| {
         for _ in 0..4 {
             scope.spawn(|| loop {
@@ -584,6 +585,16 @@ fn conformance_suite_on_envoy_and_harness() {
                                 .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                                 .unwrap_or_else(|| "panicked".into()))
                         });
+                // Progress straight to the terminal (libtest captures only the print
+                // macros): a line per job as it ends.
+                let done = finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let line = format!(
+                    "conformance: [{done}/{}] {} on {host:?}: {}\n",
+                    jobs.len(),
+                    s.name,
+                    if outcome.is_ok() { "ok" } else { "failed" }
+                );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                 results.lock().unwrap().insert((i, host as u8), outcome);
             });
         }
@@ -626,11 +637,15 @@ fn conformance_suite_on_envoy_and_harness() {
             s.name, cells[0], cells[1]
         );
     }
-    println!(
-        "{report}\n{} scenarios, {passed} passes, {deviating} listed deviations, {} failures\n{}",
+    let summary = format!(
+        "{} scenarios, {passed} passes, {deviating} listed deviations, {} failures",
         scenarios.len(),
         failures.len(),
-        failures.join("\n")
+    );
+    println!("{report}\n{summary}\n{}", failures.join("\n"));
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("conformance: {summary}\n").as_bytes(),
     );
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
     assert!(scenarios.len() >= 80, "only {} scenarios", scenarios.len());
