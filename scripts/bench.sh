@@ -1,23 +1,32 @@
 #!/bin/sh
-# Side-by-side proxy benchmark: the same upstream reached directly, through plain Envoy,
-# through Envoy with the filter, and through `meshroute run` with the filter; then the same
+# Side-by-side proxy benchmark: the same upstream reached directly, through nginx (a plain
+# reverse proxy, one worker, upstream keepalive), through plain Envoy, through Envoy with the
+# filter, and through `meshroute run` with the filter (access log off, and on to a file);
+# then the same
 # HTTP/1.1 traffic carried as opaque TCP (a Gateway TCP server and a `tcp` route: the filter
 # decides each connection and sees every chunk) through plain Envoy's tcp_proxy, Envoy's
 # tcp_proxy behind the filter, and `meshroute run`. Each proxy runs
 # with one worker pinned to core 0; wrk, oha and the upstream share core 1. Every target gets
 # REPS runs of DURATION seconds at a fixed number of connections (medians reported), then one
-# run at a fixed 1000 requests/s for the added latency per hop.
-# usage: bench.sh MESHROUTE(release) WASM ENVOY OHA [DURATION_S] [CONNECTIONS] [REPS]
+# run at a fixed 1000 requests/s for the added latency per hop. Progress goes to stderr; the
+# results are kept as JSON and an SVG chart in OUT (default .build/bench).
+# usage: bench.sh MESHROUTE(release) WASM ENVOY OHA [DURATION_S] [CONNECTIONS] [REPS] [OUT]
 set -eu
 mr=$1; wasm=$2; envoy=$3; oha=$4; dur=${5:-10}; conns=${6:-16}; reps=${7:-3}
+out=${8:-.build/bench}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
+progress() { echo "bench: $*" >&2; }
 pids=""
 cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
-command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1 \
-  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1; }
+for tool in wrk:wrk nginx:nginx-light; do
+  command -v "${tool%%:*}" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tool#*:}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tool#*:}" >/dev/null 2>&1; }
+done
 
-up=18901; plain=18902; filtered=18903; harness=18904
+up=18901; plain=18902; filtered=18903; harness=18904; nginx_port=18907; logged=18908
 tcp_plain=18905; tcp_filtered=18906; tcp_harness=$((harness - 80 + 31400))
 setsid taskset -c 1 "$mr" hello --listen 127.0.0.1:$up --name v1 </dev/null >"$work/upstream.log" 2>&1 &
 pids="$pids $!"
@@ -103,6 +112,25 @@ for listener in config["static_resources"]["listeners"]:
 json.dump(config, open(path, "w"))
 EOF
 
+cat >"$work/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  upstream hello { server 127.0.0.1:$up; keepalive 64; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location / {
+      proxy_pass http://hello;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+
 start() { # name, command...
   name=$1; shift
   setsid taskset -c 0 "$@" </dev/null >"$work/$name.log" 2>&1 &
@@ -113,7 +141,12 @@ start plain "$envoy" -c "$work/plain.yaml" --concurrency 1 --disable-hot-restart
 start filtered "$envoy" -c "$work/filtered.json" --concurrency 1 --disable-hot-restart --log-level warn
 MESHROUTE_WASM=$wasm start harness "$mr" run -f "$work/bench.yaml" --for gateway --namespace istio-system \
   --workers 1 --port-offset $((harness - 80)) --admin 127.0.0.1:18994 --access-log off --wasm "$wasm"
-for port in $up $plain $filtered $harness $tcp_plain $tcp_filtered $tcp_harness; do
+# The default users run: the access log on, to a file.
+MESHROUTE_WASM=$wasm start logged "$mr" run -f "$work/bench.yaml" --for gateway --namespace istio-system \
+  --workers 1 --port-offset $((logged - 80)) --admin 127.0.0.1:18995 --access-log "$work/access.log" --wasm "$wasm"
+start nginx nginx -c "$work/nginx.conf" -g "daemon off;"
+progress "waiting for the proxies"
+for port in $up $plain $filtered $harness $logged $nginx_port $tcp_plain $tcp_filtered $tcp_harness; do
   for i in $(seq 1 600); do
     curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
     sleep 0.1
@@ -124,10 +157,16 @@ done
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 : >"$work/results.tsv"
+# nginx serves from its worker process; measure that one, not the master.
+pid_nginx=$(pgrep -P "$pid_nginx" | head -n 1)
+targets="direct:$up:0 nginx:$nginx_port:$pid_nginx plain:$plain:$pid_plain filtered:$filtered:$pid_filtered \
+  harness:$harness:$pid_harness logged:$logged:$pid_logged \
+  tcp_plain:$tcp_plain:$pid_plain tcp_filtered:$tcp_filtered:$pid_filtered tcp_harness:$tcp_harness:$pid_harness"
+total=$(( $(echo $targets | wc -w) * reps )); step=0
 for rep in $(seq 1 "$reps"); do
-  for target in direct:$up:0 plain:$plain:$pid_plain filtered:$filtered:$pid_filtered harness:$harness:$pid_harness \
-      tcp_plain:$tcp_plain:$pid_plain tcp_filtered:$tcp_filtered:$pid_filtered tcp_harness:$tcp_harness:$pid_harness; do
+  for target in $targets; do
     name=${target%%:*}; rest=${target#*:}; port=${rest%%:*}; pid=${rest#*:}
+    step=$((step + 1)); progress "[$step/$total] $name, run $rep of $reps (${dur}s)"
     taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null  # warm-up
     before=0; [ "$pid" = 0 ] || before=$(ticks "$pid")
     taskset -c 1 wrk -t1 -c"$conns" -d"${dur}s" --latency "http://127.0.0.1:$port/" >"$work/wrk.txt"
@@ -136,7 +175,14 @@ for rep in $(seq 1 "$reps"); do
     python3 - "$work/wrk.txt" "$name" "$rep" $((after - before)) "$rss" >>"$work/results.tsv" <<'EOF'
 import re, sys
 text = open(sys.argv[1]).read()
-if "Requests/sec" not in text or "50%" not in text:
+# wrk --latency prints its percentiles on lines of their own ("    50%    1.23ms"); anchor
+# on those, not on a percentage inside another line (the "+/- Stdev" column).
+def percentile(p):
+    m = re.search(rf"^\s+{p}%\s+(\S+)\s*$", text, re.M)
+    if m is None:
+        sys.exit(f"{sys.argv[2]}: no {p}% line in wrk output:\n{text}")
+    return m.group(1)
+if "Requests/sec" not in text:
     sys.exit(f"{sys.argv[2]}: unexpected wrk output:\n{text}")
 def ms(s):
     m = re.match(r"([\d.]+)(\w+)", s)
@@ -146,8 +192,8 @@ def ms(s):
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 requests = int(re.search(r"(\d+) requests in", text).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", text).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
+p50 = ms(percentile(50))
+p99 = ms(percentile(99))
 ticks = int(sys.argv[4])
 cpu_us = ticks * 1e6 / 100 / requests if ticks else 0.0  # USER_HZ = 100
 print(f"{sys.argv[2]}\t{sys.argv[3]}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{cpu_us:.1f}\t{sys.argv[5]}")
@@ -155,43 +201,18 @@ EOF
   done
 done
 
-echo "== closed loop: wrk -t1 -c$conns -d${dur}s, $reps runs each, medians (proxy pinned to core 0)"
-python3 - "$work/results.tsv" <<'EOF'
-import statistics, sys
-rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
-names = {"direct": "direct to upstream", "plain": "Envoy, plain route",
-         "filtered": "Envoy + meshroute filter", "harness": "meshroute run + filter",
-         "tcp_plain": "TCP: Envoy tcp_proxy, plain", "tcp_filtered": "TCP: Envoy tcp_proxy + filter",
-         "tcp_harness": "TCP: meshroute run + filter"}
-print("| target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | proxy RSS MiB |")
-print("|---|---:|---:|---:|---:|---:|")
-med = {}
-for key, label in names.items():
-    r = [x for x in rows if x[0] == key]
-    m = lambda i: statistics.median(float(x[i]) for x in r)
-    med[key] = {"rps": m(2), "cpu": m(5), "p50": m(3)}
-    cpu = f"{m(5):.1f}" if key != "direct" else "—"
-    rss = f"{max(float(x[6]) for x in r) / 1024:.1f}" if key != "direct" else "—"
-    print(f"| {label} | {m(2):,.0f} | {m(3):.3f} | {m(4):.3f} | {cpu} | {rss} |")
-print()
-print(f"harness / Envoy+filter requests/s: {med['harness']['rps'] / med['filtered']['rps']:.2f}x")
-print(f"harness / plain Envoy requests/s: {med['harness']['rps'] / med['plain']['rps']:.2f}x")
-print(f"Envoy+filter / plain Envoy CPU per request: {med['filtered']['cpu'] / med['plain']['cpu']:.2f}x")
-print(f"TCP: harness / Envoy tcp_proxy+filter requests/s: {med['tcp_harness']['rps'] / med['tcp_filtered']['rps']:.2f}x")
-print(f"TCP: Envoy+filter / plain tcp_proxy CPU per request: {med['tcp_filtered']['cpu'] / med['tcp_plain']['cpu']:.2f}x")
-EOF
-
-echo
-echo "== fixed rate: oha -q 1000 -c $conns -z ${dur}s (latency p50/p90/p99, ms)"
-echo "| target | p50 | p90 | p99 |"
-echo "|---|---:|---:|---:|"
-for target in direct:$up plain:$plain filtered:$filtered harness:$harness; do
+progress "fixed-rate runs (oha -q 1000)"
+: >"$work/fixed.tsv"
+for target in direct:$up nginx:$nginx_port plain:$plain filtered:$filtered harness:$harness logged:$logged; do
   name=${target%%:*}; port=${target#*:}
+  progress "fixed rate: $name (${dur}s)"
   taskset -c 1 "$oha" -z "${dur}s" -q 1000 -c "$conns" --no-tui --output-format json \
     "http://127.0.0.1:$port/" >"$work/oha.json" 2>/dev/null
-  python3 - "$work/oha.json" "$name" <<'EOF'
+  python3 - "$work/oha.json" "$name" >>"$work/fixed.tsv" <<'EOF'
 import json, sys
 p = json.load(open(sys.argv[1]))["latencyPercentiles"]
-print(f"| {sys.argv[2]} | {p['p50'] * 1000:.3f} | {p['p90'] * 1000:.3f} | {p['p99'] * 1000:.3f} |")
+print(f"{sys.argv[2]}\t{p['p50'] * 1000:.3f}\t{p['p90'] * 1000:.3f}\t{p['p99'] * 1000:.3f}")
 EOF
 done
+python3 "$here/bench-report.py" "$work/results.tsv" "$work/fixed.tsv" "$out" \
+  "wrk -t1 -c$conns -d${dur}s, $reps runs each, medians (proxy pinned to core 0)"

@@ -306,13 +306,16 @@ fn an_output_format_that_does_not_exist_is_a_usage_error() {
         "-f",
         "examples/hello/registry.yaml",
         "-o",
-        "yaml",
+        "toml",
         "GET",
         "http://svc-hello:8080/",
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("yaml") && err.contains("text") && err.contains("json"),
+        err.contains("toml")
+            && err.contains("text")
+            && err.contains("json")
+            && err.contains("yaml"),
         "{err}"
     );
 }

@@ -33,8 +33,8 @@ use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 
 use super::access_log::{self, Entry, TcpEntry};
 use super::http::{
-    accept_queue, close_when_draining, graceful, grpc_status, header_pairs, listener_builder,
-    random_id, request_target, serve_http, Completed, HOP_BY_HOP,
+    accept_queue, close_when_draining, graceful, grpc_status, header_bytes, header_bytes_of,
+    header_pairs, listener_builder, random_id, request_target, serve_http, Completed, HOP_BY_HOP,
 };
 use super::l4::{self, Replay};
 use super::{body, full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
@@ -552,10 +552,7 @@ impl InboundHttp {
                 id
             }
         };
-        let request_size: u64 = headers
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum();
+        let request_size = header_bytes(&headers);
         let (response, flags) = match self.send(headers, body).await {
             Ok(r) => (r, ""),
             Err((status, body, flags)) => {
@@ -599,11 +596,7 @@ impl InboundHttp {
             flags,
             started,
             request_size,
-            response_size: response
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
-                .sum(),
+            response_size: header_bytes_of(response.headers()),
             received,
         };
         let (parts, body) = response.into_parts();

@@ -514,14 +514,14 @@ pub(super) async fn handle(
 }
 
 /// Envoy's header map size: names and values.
-fn header_bytes(headers: &Headers) -> u64 {
+pub(super) fn header_bytes(headers: &Headers) -> u64 {
     headers
         .iter()
         .map(|(k, v)| (k.len() + v.len()) as u64)
         .sum()
 }
 
-fn header_bytes_of(headers: &http::HeaderMap) -> u64 {
+pub(super) fn header_bytes_of(headers: &http::HeaderMap) -> u64 {
     headers
         .iter()
         .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
