@@ -259,7 +259,9 @@ enum Outbound {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a shell completion script (e.g. `meshroute completions bash > /etc/bash_completion.d/meshroute`).
+    /// Print a shell completion script.
+    ///
+    /// Example: `meshroute completions bash > /etc/bash_completion.d/meshroute`
     Completions {
         /// The shell to complete for.
         #[arg(value_enum)]
@@ -267,7 +269,7 @@ enum Command {
     },
     /// Check configuration as istiod would; exit 0 valid, 1 invalid, 2 usage or I/O error.
     ///
-    /// Example: `meshroute validate -f examples/hello -o yaml`
+    /// Example: `meshroute validate -f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml -o yaml`
     Validate {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -278,6 +280,8 @@ enum Command {
         output: String,
     },
     /// Validate and lower to the rules document for one proxy.
+    ///
+    /// Example: `meshroute compile -f examples/bookinfo --for gateway -o rules.json`
     Compile {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -290,6 +294,8 @@ enum Command {
     },
     /// Write an Envoy bootstrap (JSON, which Envoy also reads as YAML) running the filter with
     /// the compiled rules.
+    ///
+    /// Example: `meshroute envoy-config -f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml --wasm target/wasm32-unknown-unknown/wasm-release/meshroute_filter.wasm --listen 127.0.0.1:15001 --admin 127.0.0.1:19000 -o envoy.yaml`
     EnvoyConfig {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -316,10 +322,13 @@ enum Command {
         /// format or its JSON encoding.
         #[arg(long, value_enum, default_value_t = meshroute_harness::runtime::access_log::Encoding::Text)]
         access_log_encoding: meshroute_harness::runtime::access_log::Encoding,
+        /// Write the bootstrap to this file instead of standard output.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
     /// Run a gateway or sidecar: the filter with the compiled rules, on this host.
+    ///
+    /// Example: `meshroute run -f examples/bookinfo --for gateway --port-offset 8000`
     Run {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -331,6 +340,8 @@ enum Command {
     },
     /// Show the decision path of one request: virtual host, each route tried, destinations,
     /// policies and the outcome, each with the file:line that decided it.
+    ///
+    /// Example: `meshroute explain -f examples/bookinfo -H 'end-user: jason' GET http://reviews:9080/reviews/1`
     Explain {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -343,35 +354,50 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_parser = ["text", "json", "yaml"], default_value = "text")]
         output: String,
+        /// The request's method, e.g. GET.
         method: String,
+        /// The request's URL: scheme, authority (the Host) and path with query.
         url: String,
     },
     /// Decide one request N times (seeded) and print how often each outcome occurs.
+    ///
+    /// Example: `meshroute simulate -f examples/hello/registry.yaml -f examples/hello/case5-subsets.yaml -n 1000 GET http://svc-hello:8080/`
     Simulate {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
         identity: Identity,
+        /// Request header, `name: value` (repeatable).
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
+        /// How many times to decide the request.
         #[arg(short = 'n', default_value_t = 10_000)]
         n: u64,
+        /// Seed of the random draws (the same seed gives the same counts).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The request's method, e.g. GET.
         method: String,
+        /// The request's URL: scheme, authority (the Host) and path with query.
         url: String,
     },
     /// Serve `Hello server - NAME` on an address: a test upstream (benchmarks, trials).
+    ///
+    /// Example: `meshroute hello --listen 127.0.0.1:18081 --name v1`
     Hello {
+        /// Address to serve on.
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: std::net::SocketAddr,
+        /// The name in the answer (`Hello server - NAME`).
         #[arg(long, default_value = "v1")]
         name: String,
     },
     /// Install (or print, or remove) the capture rules of a transparent sidecar in the
     /// current network namespace, after istio-iptables: inbound TCP to the inbound capture
     /// port, outbound TCP to the outbound one, the proxy's own UID/GID let through.
+    ///
+    /// Example: `meshroute iptables --print --exclude-ports 15000,15020,15021,15090`
     Iptables {
         /// Print the `iptables-restore` input instead of installing it.
         #[arg(long)]
@@ -379,8 +405,10 @@ enum Command {
         /// Remove the rules an earlier run installed.
         #[arg(long, conflicts_with = "print")]
         remove: bool,
+        /// Port outbound connections are redirected to (`meshroute run --capture --listen`).
         #[arg(long, default_value_t = meshroute_harness::runtime::capture::OUTBOUND_PORT)]
         outbound_port: u16,
+        /// Port inbound connections are redirected to (`--inbound-listen`).
         #[arg(long, default_value_t = meshroute_harness::runtime::capture::INBOUND_PORT)]
         inbound_port: u16,
         /// The proxy's user, whose connections are never captured.
@@ -409,6 +437,8 @@ enum Command {
         include_outbound_ports: String,
     },
     /// Start demo upstreams (hello v1/v2) and a gateway in front of them.
+    ///
+    /// Example: `meshroute demo --port-offset 8000`
     Demo {
         #[command(flatten)]
         host: HostArgs,
@@ -416,6 +446,8 @@ enum Command {
     /// Write the Istio manifests that load the filter with the compiled rules into the
     /// selected sidecars or gateways and make its decisions take effect there: the filter,
     /// routes that follow it, and the DestinationRules for istiod (a `List`).
+    ///
+    /// Example: `meshroute istio-manifest --kind wasm-plugin -f examples/bookinfo --for gateway --namespace istio-system --module oci://registry/meshroute-filter:0.1 -o plugin.yaml`
     IstioManifest {
         /// Files or directories of Istio YAML or JSON (multi-document, `List` kinds; `-`: standard input).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -438,6 +470,8 @@ enum Command {
         /// Workload selector, `k=v,k2=v2` (default: the proxy labels).
         #[arg(long)]
         selector: Option<String>,
+        /// Write the manifest to this file (YAML for `.yaml`/`.yml`, else JSON) instead of
+        /// standard output (JSON).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
@@ -901,5 +935,35 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    /// Every argument says what it is, and every subcommand shows an example.
+    #[test]
+    fn every_argument_has_help_and_every_subcommand_an_example() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{name} {id}: no help"));
+                }
+            }
+            let long = sub
+                .get_long_about()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            if !long.contains("Example") {
+                missing.push(format!("{name}: no example"));
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 }
