@@ -563,8 +563,21 @@ impl Completed {
         let received = self.received.load(Ordering::Relaxed);
         let elapsed = self.started.elapsed();
         let proxy = &self.proxy;
-        let peer = proxy.stats.peer(&self.cluster, &self.upstream_host, || {
-            proxy.endpoint_labels(&self.cluster, &self.upstream_host)
+        // Only a static cluster's endpoints have workload labels; any other endpoint (an
+        // original destination, a resolved name) is reported as unknown, so the labels
+        // cached stay bounded by the configuration.
+        let labelled = proxy
+            .current()
+            .clusters
+            .get(&self.cluster)
+            .is_some_and(|c| c.discovery == meshroute_core::ir::Discovery::Static);
+        let endpoint = if labelled {
+            self.upstream_host.as_str()
+        } else {
+            ""
+        };
+        let peer = proxy.stats.peer(&self.cluster, endpoint, || {
+            proxy.endpoint_labels(&self.cluster, endpoint)
         });
         proxy.stats.record(
             peer,
