@@ -33,11 +33,11 @@ use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 
 use super::access_log::{self, Entry, TcpEntry};
 use super::http::{
-    accept_queue, close_when_draining, graceful, grpc_status, header_bytes, header_bytes_of,
-    header_pairs, listener_builder, random_id, request_target, serve_http, Completed, HOP_BY_HOP,
+    accept_queue, close_when_draining, graceful, header_bytes, header_pairs, listener_builder,
+    random_id, request_target, serve_http, Completed, HOP_BY_HOP,
 };
 use super::l4::{self, Replay};
-use super::{body, full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
+use super::{full, launch, upstream, Body, Limits, ListenerSpec, Proxy};
 
 /// Where the capture rules send outbound connections (Istio's `virtualOutbound`).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -586,22 +586,18 @@ impl InboundHttp {
                 .parse()
                 .unwrap_or(0),
         ));
+        // The server side reports its own workload: no endpoint labels.
         let done = Completed {
             proxy: Arc::clone(&self.proxy),
             cluster: format!("{}{}", self.cluster, self.service),
-            upstream_host: self.address.to_string(),
-            status: response.status().as_u16(),
+            labelled_endpoint: String::new(),
             protocol,
-            grpc_status: grpc_status(response.headers()),
             flags,
             started,
             request_size,
-            response_size: header_bytes_of(response.headers()),
             received,
         };
-        let (parts, body) = response.into_parts();
-        let body = body::on_end(body, move |sent| done.finish(sent, entry));
-        Response::from_parts(parts, body)
+        done.on_sent(response, entry)
     }
 
     async fn send(

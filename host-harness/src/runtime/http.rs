@@ -495,22 +495,25 @@ pub(super) async fn handle(
             .and_then(|v| v.to_str().ok()?.parse().ok());
         e.upstream_host.clone_from(&upstream_host);
     }
+    let labelled = generation
+        .clusters
+        .get(&cluster)
+        .is_some_and(|c| c.discovery == meshroute_core::ir::Discovery::Static);
     let done = Completed {
         proxy: Arc::clone(&proxy),
         cluster,
-        upstream_host,
-        status: response.status().as_u16(),
+        labelled_endpoint: if labelled {
+            upstream_host
+        } else {
+            String::new()
+        },
         protocol,
-        grpc_status: grpc_status(response.headers()),
         flags,
         started,
         request_size,
-        response_size: header_bytes_of(response.headers()),
         received,
     };
-    let (parts, body) = response.into_parts();
-    let body = body::on_end(body, move |sent| done.finish(sent, entry));
-    Response::from_parts(parts, body)
+    done.on_sent(response, entry)
 }
 
 /// Envoy's header map size: names and values.
@@ -521,7 +524,7 @@ pub(super) fn header_bytes(headers: &Headers) -> u64 {
         .sum()
 }
 
-pub(super) fn header_bytes_of(headers: &http::HeaderMap) -> u64 {
+fn header_bytes_of(headers: &http::HeaderMap) -> u64 {
     headers
         .iter()
         .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
@@ -530,7 +533,7 @@ pub(super) fn header_bytes_of(headers: &http::HeaderMap) -> u64 {
 
 /// Istio's `grpc_response_status` as the response headers carry it (a trailers-only
 /// reply); empty otherwise.
-pub(super) fn grpc_status(headers: &http::HeaderMap) -> String {
+fn grpc_status(headers: &http::HeaderMap) -> String {
     headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
@@ -543,54 +546,61 @@ pub(super) struct Completed {
     pub proxy: Arc<Proxy>,
     /// The cluster the metrics name.
     pub cluster: String,
-    /// The endpoint that answered (empty: none did).
-    pub upstream_host: String,
-    pub status: u16,
+    /// The endpoint whose workload labels the metrics carry: the one that answered, for a
+    /// static cluster; empty for any other (an original destination, a resolved name), so
+    /// that the labels cached stay bounded by the configuration.
+    pub labelled_endpoint: String,
     pub protocol: &'static str,
-    pub grpc_status: String,
     pub flags: &'static str,
     pub started: Instant,
-    /// Request and response header bytes (Envoy's `request.total_size` adds the bodies).
+    /// Request header bytes (Envoy's `request.total_size` adds the body).
     pub request_size: u64,
-    pub response_size: u64,
     /// Request body bytes, counted as they arrive.
     pub received: Arc<AtomicU64>,
 }
 
+/// What the response itself tells the metrics.
+struct Answered {
+    status: u16,
+    grpc_status: String,
+    header_bytes: u64,
+}
+
 impl Completed {
+    /// `response` with its body wrapped so that, once it has been sent (or dropped), the
+    /// request is recorded and `entry` logged.
+    pub fn on_sent(self, response: Response<Body>, entry: Option<Entry>) -> Response<Body> {
+        let answered = Answered {
+            status: response.status().as_u16(),
+            grpc_status: grpc_status(response.headers()),
+            header_bytes: header_bytes_of(response.headers()),
+        };
+        let (parts, body) = response.into_parts();
+        let body = body::on_end(body, move |sent| self.finish(&answered, sent, entry));
+        Response::from_parts(parts, body)
+    }
+
     /// Records the request (`sent` response body bytes) and queues its log line.
-    pub fn finish(self, sent: u64, entry: Option<Entry>) {
+    fn finish(self, answered: &Answered, sent: u64, entry: Option<Entry>) {
         let received = self.received.load(Ordering::Relaxed);
         let elapsed = self.started.elapsed();
         let proxy = &self.proxy;
-        // Only a static cluster's endpoints have workload labels; any other endpoint (an
-        // original destination, a resolved name) is reported as unknown, so the labels
-        // cached stay bounded by the configuration.
-        let labelled = proxy
-            .current()
-            .clusters
-            .get(&self.cluster)
-            .is_some_and(|c| c.discovery == meshroute_core::ir::Discovery::Static);
-        let endpoint = if labelled {
-            self.upstream_host.as_str()
-        } else {
-            ""
-        };
+        let endpoint = self.labelled_endpoint.as_str();
         let peer = proxy.stats.peer(&self.cluster, endpoint, || {
             proxy.endpoint_labels(&self.cluster, endpoint)
         });
         proxy.stats.record(
             peer,
-            (self.status, self.protocol, &self.grpc_status),
+            (answered.status, self.protocol, &answered.grpc_status),
             self.flags,
             &super::admin::Measured {
                 elapsed,
                 request_bytes: self.request_size + received,
-                response_bytes: self.response_size + sent,
+                response_bytes: answered.header_bytes + sent,
             },
         );
         if let Some(mut e) = entry {
-            e.status = self.status;
+            e.status = answered.status;
             e.flags = self.flags.to_owned();
             e.bytes_received = received;
             e.bytes_sent = sent;
