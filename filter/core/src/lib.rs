@@ -6,3 +6,4 @@
 pub mod contract;
 pub mod engine;
 pub mod ir;
+pub mod telemetry;

@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshroute_core::engine::{cluster_health, Engine};
 use meshroute_core::ir::RulesDocument;
+use meshroute_core::telemetry::{self, PeerLabels};
+pub use meshroute_core::telemetry::{request_protocol, Workload};
 
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -28,6 +30,8 @@ admin commands are:
   /healthz/ready        the same, as Istio's agent answers it on its status port
   /healthz              200 while the process serves its admin port
   /server_info          version, state (PRE_INITIALIZING, LIVE, DRAINING) and uptime
+  /stats                the same metrics as Envoy's /stats lists them (NAME: VALUE, Istio's
+                        tagged names); ?filter=REGEX, ?format=json
   /stats/prometheus     Istio's standard metrics and meshroute's own
   /config_dump          the rules in force, their files and the last reload error
   /clusters             clusters, endpoints and outlier ejections
@@ -39,58 +43,91 @@ admin commands are:
   /drain_listeners      POST: the same drain
 ";
 
-/// Istio's duration buckets (milliseconds).
-const BUCKETS: &[f64] = &[
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
-];
-
-#[derive(Default)]
-struct Series {
-    count: u64,
-    sum_ms: f64,
-    buckets: Vec<u64>,
-    request_bytes: Sizes,
-    response_bytes: Sizes,
+/// A histogram whose observations are atomic adds: recording takes no lock.
+struct Histogram {
+    bounds: &'static [f64],
+    /// Observations at or below each bound (cumulative, as Prometheus' buckets).
+    buckets: Box<[AtomicU64]>,
+    /// The sum of observations, in thousandths of their unit.
+    sum_milli: AtomicU64,
 }
 
-/// A byte-size histogram (Istio's `istio_request_bytes` / `istio_response_bytes`).
-#[derive(Default)]
-struct Sizes {
-    sum: u64,
-    buckets: Vec<u64>,
-}
-
-impl Sizes {
-    fn observe(&mut self, bytes: u64) {
-        self.sum += bytes;
-        if self.buckets.is_empty() {
-            self.buckets = vec![0; BYTE_BUCKETS.len()];
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_milli: AtomicU64::new(0),
         }
-        for (i, b) in BYTE_BUCKETS.iter().enumerate() {
-            if bytes as f64 <= *b {
-                self.buckets[i] += 1;
+    }
+
+    fn observe(&self, value: f64) {
+        self.sum_milli
+            .fetch_add((value * 1000.0) as u64, Ordering::Relaxed);
+        for (bucket, bound) in self.buckets.iter().zip(self.bounds) {
+            if value <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn sum(&self) -> f64 {
+        self.sum_milli.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+}
+
+/// One request series: Istio's counter and its three histograms.
+struct Series {
+    count: AtomicU64,
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Series {
+    fn new() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            duration_ms: Histogram::new(telemetry::DURATION_BUCKETS),
+            request_bytes: Histogram::new(telemetry::BYTE_BUCKETS),
+            response_bytes: Histogram::new(telemetry::BYTE_BUCKETS),
         }
     }
 }
 
-/// Istio's size buckets (bytes): powers of ten from 1 to 10^8.
-const BYTE_BUCKETS: &[f64] = &[
-    1.0,
-    10.0,
-    100.0,
-    1000.0,
-    10000.0,
-    100000.0,
-    1000000.0,
-    10000000.0,
-    100000000.0,
-];
+/// The labels of a request's series that do not depend on its outcome, then response
+/// code, response flags, protocol, gRPC status.
+type SeriesKey = (Arc<PeerLabels>, u16, Box<str>, &'static str, Box<str>);
 
-/// The labels of a request's series that do not depend on its outcome (`reporter` to
-/// `destination_cluster`), then response code, response flags, protocol, gRPC status.
-type SeriesKey = (Arc<str>, u16, String, &'static str, String);
+fn same_series(
+    k: &SeriesKey,
+    peer: &Arc<PeerLabels>,
+    code: u16,
+    flags: &str,
+    protocol: &str,
+    grpc: &str,
+) -> bool {
+    Arc::ptr_eq(&k.0, peer) && k.1 == code && *k.2 == *flags && k.3 == protocol && *k.4 == *grpc
+}
+
+/// Handles a worker thread has used, by (stats instance, hash of the series key).
+type Handles = HashMap<(u64, u64), Vec<(SeriesKey, Arc<Series>)>>;
+
+thread_local! {
+    /// This worker's series handles: after a series' first request on a thread, recording
+    /// into it is a thread-local look-up and atomic adds, with no shared lock.
+    static HANDLES: std::cell::RefCell<Handles> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// Tells the thread-local handles of one [`Stats`] from another's (tests make many).
+static NEXT_STATS_ID: AtomicU64 = AtomicU64::new(0);
 
 /// What a finished request measured.
 pub struct Measured {
@@ -100,136 +137,11 @@ pub struct Measured {
     pub response_bytes: u64,
 }
 
-/// Istio's `destination_service_name`: a Kubernetes-style host's service name, any other
-/// host (a ServiceEntry's, `PassthroughCluster`) whole.
-fn service_name(host: &str) -> &str {
-    match host.strip_suffix(".svc.cluster.local") {
-        Some(service) => service.split('.').next().unwrap_or(host),
-        None => host,
-    }
-}
-
-/// The namespace of a Kubernetes-style host, `unknown` for any other.
-fn service_namespace(host: &str) -> &str {
-    host.strip_suffix(".svc.cluster.local")
-        .and_then(|s| s.split_once('.'))
-        .map_or("unknown", |(_, ns)| ns)
-}
-
-/// Istio's `request_protocol` of a request: `grpc` for gRPC content, else `http`.
-pub fn request_protocol(content_type: Option<&[u8]>) -> &'static str {
-    if content_type.is_some_and(|t| t.starts_with(b"application/grpc")) {
-        "grpc"
-    } else {
-        "http"
-    }
-}
-
-/// A workload's labels as Istio's metrics name it: from its Kubernetes labels and, for
-/// the workload name and cluster, the agent's `ISTIO_META_WORKLOAD_NAME` and
-/// `ISTIO_META_CLUSTER_ID`.
-#[derive(Clone, Debug)]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-    pub cluster: String,
-}
-
-impl Workload {
-    const UNKNOWN: &'static str = "unknown";
-
-    /// A workload nothing is known of.
-    pub fn unknown() -> Self {
-        Self {
-            name: Self::UNKNOWN.into(),
-            namespace: Self::UNKNOWN.into(),
-            app: Self::UNKNOWN.into(),
-            version: Self::UNKNOWN.into(),
-            canonical_service: Self::UNKNOWN.into(),
-            canonical_revision: "latest".into(),
-            cluster: Self::UNKNOWN.into(),
-        }
-    }
-
-    /// A workload from its labels, namespace, name and cluster (as much as is known).
-    pub fn from_labels(
-        labels: &BTreeMap<String, String>,
-        namespace: &str,
-        name: Option<&str>,
-        cluster: &str,
-    ) -> Self {
-        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
-        let name = name.map(str::to_owned);
-        Self {
-            canonical_service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .or_else(|| name.clone())
-            .unwrap_or_else(|| Self::UNKNOWN.into()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
-            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| Self::UNKNOWN.into()),
-            version: label(&["version", "app.kubernetes.io/version"])
-                .unwrap_or_else(|| Self::UNKNOWN.into()),
-            name: name.unwrap_or_else(|| Self::UNKNOWN.into()),
-            namespace: namespace.to_owned(),
-            cluster: cluster.to_owned(),
-        }
-    }
-
-    /// The proxy's own workload, from its rules' identity and the agent's environment.
-    pub fn of_proxy(identity: &meshroute_core::ir::ProxyIdentity) -> Self {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        Self::from_labels(
-            &identity.labels,
-            &identity.namespace,
-            env("ISTIO_META_WORKLOAD_NAME").as_deref(),
-            &env("ISTIO_META_CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
-        )
-    }
-}
-
-/// The outcome-independent labels of one series, in the order Istio's Prometheus output
-/// has them.
-fn peer_labels(reporter: &str, source: &Workload, destination: &Workload, host: &str) -> String {
-    let (service, name, namespace) = if host.is_empty() {
-        ("unknown", "unknown", "unknown")
-    } else {
-        (host, service_name(host), service_namespace(host))
-    };
-    format!(
-        "reporter=\"{reporter}\",source_workload=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",source_workload_namespace=\"{}\",source_principal=\"unknown\",source_app=\"{}\",source_version=\"{}\",source_cluster=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"unknown\",destination_app=\"{}\",destination_version=\"{}\",destination_service=\"{service}\",destination_canonical_service=\"{}\",destination_canonical_revision=\"{}\",destination_service_name=\"{name}\",destination_service_namespace=\"{namespace}\",destination_cluster=\"{}\"",
-        source.name,
-        source.canonical_service,
-        source.canonical_revision,
-        source.namespace,
-        source.app,
-        source.version,
-        source.cluster,
-        destination.name,
-        destination.namespace,
-        destination.app,
-        destination.version,
-        destination.canonical_service,
-        destination.canonical_revision,
-        destination.cluster,
-    )
-}
-
 /// Request metrics keyed by their labels.
-#[derive(Default)]
 pub struct Stats {
-    series: Mutex<BTreeMap<SeriesKey, Series>>,
+    id: u64,
+    /// Every series, for scrapes and for a worker's first use of one.
+    series: Mutex<BTreeMap<SeriesKey, Arc<Series>>>,
     vm_failures: AtomicU64,
     vm_reloads: AtomicU64,
     pub config_reloads: AtomicU64,
@@ -239,11 +151,28 @@ pub struct Stats {
     /// The proxy's own workload (`None`: unknown).
     me: std::sync::RwLock<Option<Workload>>,
     /// Outcome-independent labels by cluster and endpoint, built once each.
-    peers: Mutex<HashMap<String, HashMap<String, Arc<str>>>>,
+    peers: Mutex<HashMap<String, HashMap<String, Arc<PeerLabels>>>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            id: NEXT_STATS_ID.fetch_add(1, Ordering::Relaxed),
+            series: Mutex::default(),
+            vm_failures: AtomicU64::default(),
+            vm_reloads: AtomicU64::default(),
+            config_reloads: AtomicU64::default(),
+            config_reload_failures: AtomicU64::default(),
+            connection_overflows: AtomicU64::default(),
+            tcp: Mutex::default(),
+            me: std::sync::RwLock::default(),
+            peers: Mutex::default(),
+        }
+    }
 }
 
 /// Outcome-independent labels, response flags.
-type TcpKey = (Arc<str>, String);
+type TcpKey = (Arc<PeerLabels>, String);
 
 #[derive(Default)]
 struct TcpSeries {
@@ -253,56 +182,152 @@ struct TcpSeries {
     sent: u64,
 }
 
-/// How a cluster's traffic is reported: (reporter, service host). `outbound|PORT|SUBSET|HOST`
-/// is the client side's (`source`); a transparent sidecar's `inbound|PORT||SERVICE` (the
-/// service appended for metrics) and `InboundPassthroughCluster` are the server side's
-/// (`destination`); other clusters (`PassthroughCluster`, `BlackHoleCluster`) name
-/// themselves, as in Istio's metrics.
-fn cluster_parts(cluster: &str) -> (&'static str, &str) {
-    if cluster == "InboundPassthroughCluster" {
-        return ("destination", cluster);
-    }
-    let Some((direction, rest)) = cluster.split_once('|') else {
-        return ("source", cluster);
-    };
-    let host = rest.splitn(3, '|').nth(2).unwrap_or("");
-    let reporter = if direction == "inbound" {
-        "destination"
-    } else {
-        "source"
-    };
-    (reporter, host)
-}
-
-/// Istio's `connection_security_policy`: `unknown` as the client side reports it, `none`
-/// (plaintext) as the server side does.
-fn security_policy(peer: &str) -> &'static str {
-    if peer.starts_with("reporter=\"destination\"") {
-        "none"
-    } else {
-        "unknown"
-    }
-}
-
 /// One histogram series in Prometheus' text format.
-fn histogram(
-    out: &mut String,
-    name: &str,
-    labels: &str,
-    (bounds, counts): (&[f64], &[u64]),
-    count: u64,
-    sum: &str,
-) {
-    for (i, b) in bounds.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels},le=\"{b}\"}} {}",
-            counts.get(i).copied().unwrap_or(0)
-        );
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram, count: u64) {
+    for (b, n) in h.bounds.iter().zip(h.counts()) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {n}");
     }
     let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum());
     let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+}
+
+/// The proxy's own workload, from its rules' identity and the agent's environment
+/// (`ISTIO_META_WORKLOAD_NAME`, `ISTIO_META_CLUSTER_ID`).
+pub fn proxy_workload(identity: &meshroute_core::ir::ProxyIdentity) -> Workload {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Workload::from_labels(
+        &identity.labels,
+        &identity.namespace,
+        env("ISTIO_META_WORKLOAD_NAME").as_deref(),
+        &env("ISTIO_META_CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+    )
+}
+
+/// A metric sample as `/stats` lists it.
+enum Sample {
+    Counter(u64),
+    Histogram {
+        bounds: &'static [f64],
+        counts: Vec<u64>,
+        count: u64,
+    },
+}
+
+/// Envoy's quantiles of a histogram line in `/stats`.
+const QUANTILES: [(&str, f64); 10] = [
+    ("P0", 0.0),
+    ("P25", 0.25),
+    ("P50", 0.5),
+    ("P75", 0.75),
+    ("P90", 0.9),
+    ("P95", 0.95),
+    ("P99", 0.99),
+    ("P99.5", 0.995),
+    ("P99.9", 0.999),
+    ("P100", 1.0),
+];
+
+impl Sample {
+    /// The value as Envoy's `/stats` writes it; a histogram's quantiles are interpolated
+    /// within its (cumulative) buckets.
+    fn text(&self) -> String {
+        let (bounds, counts, count) = match self {
+            Self::Counter(v) => return v.to_string(),
+            Self::Histogram {
+                bounds,
+                counts,
+                count,
+            } => (bounds, counts, *count),
+        };
+        if count == 0 {
+            return "No recorded values".into();
+        }
+        let quantile = |q: f64| {
+            let rank = q * count as f64;
+            let (mut lower, mut below) = (0.0, 0u64);
+            for (bound, at) in bounds.iter().zip(counts) {
+                if (*at as f64) >= rank && *at > below {
+                    let within = (rank - below as f64) / (*at - below) as f64;
+                    return lower + (bound - lower) * within.clamp(0.0, 1.0);
+                }
+                (lower, below) = (*bound, *at);
+            }
+            lower
+        };
+        QUANTILES
+            .iter()
+            .map(|(name, q)| format!("{name}(nan,{})", quantile(*q)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Envoy's `/stats`: `NAME: VALUE` lines, or `{"stats":[{"name","value"}]}` with
+/// `format=json`; `filter=REGEX` keeps the names it matches.
+fn envoy_stats(stats: &Stats, query: &str) -> Result<(&'static str, String), String> {
+    let mut filter = None;
+    let mut json = false;
+    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match key {
+            "filter" => {
+                let pattern = percent_decode(value);
+                filter =
+                    Some(regex::Regex::new(&pattern).map_err(|e| format!("Invalid regex: {e}"))?);
+            }
+            "format" if value == "json" => json = true,
+            "format" if value == "text" => json = false,
+            "format" => return Err(format!("unsupported format {value}")),
+            _ => {}
+        }
+    }
+    let samples = stats
+        .samples()
+        .into_iter()
+        .filter(|(name, _)| filter.as_ref().is_none_or(|f| f.is_match(name)));
+    if json {
+        let stats: Vec<serde_json::Value> = samples
+            .map(|(name, s)| match s {
+                Sample::Counter(v) => serde_json::json!({"name": name, "value": v}),
+                h => serde_json::json!({"name": name, "value": h.text()}),
+            })
+            .collect();
+        return Ok((
+            "application/json",
+            serde_json::json!({ "stats": stats }).to_string(),
+        ));
+    }
+    let mut out = String::new();
+    for (name, s) in samples {
+        let _ = writeln!(out, "{name}: {}", s.text());
+    }
+    Ok(("text/plain", out))
+}
+
+/// `%XX` escapes and `+` of a query value.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Stats {
@@ -323,30 +348,23 @@ impl Stats {
         cluster: &str,
         endpoint: &str,
         endpoint_labels: impl FnOnce() -> Option<BTreeMap<String, String>>,
-    ) -> Arc<str> {
+    ) -> Arc<PeerLabels> {
         if let Ok(p) = self.peers.lock() {
             if let Some(l) = p.get(cluster).and_then(|e| e.get(endpoint)) {
                 return Arc::clone(l);
             }
         }
-        let (reporter, host) = cluster_parts(cluster);
         let me = self
             .me
             .read()
             .ok()
             .and_then(|w| w.clone())
             .unwrap_or_else(Workload::unknown);
-        let labels: Arc<str> = if reporter == "destination" {
-            peer_labels(reporter, &Workload::unknown(), &me, host).into()
-        } else {
-            let destination = match endpoint_labels() {
-                Some(labels) => {
-                    Workload::from_labels(&labels, service_namespace(host), None, &me.cluster)
-                }
-                None => Workload::unknown(),
-            };
-            peer_labels(reporter, &me, &destination, host).into()
+        let destination = match telemetry::cluster_parts(cluster).0 {
+            "destination" => None,
+            _ => endpoint_labels(),
         };
+        let labels = Arc::new(PeerLabels::new(cluster, &me, destination.as_ref()));
         if let Ok(mut p) = self.peers.lock() {
             p.entry(cluster.to_owned())
                 .or_default()
@@ -375,40 +393,61 @@ impl Stats {
         }
     }
 
+    /// This worker's handle on a series, registered on its first use by any worker.
+    fn series(
+        &self,
+        peer: &Arc<PeerLabels>,
+        code: u16,
+        flags: &str,
+        protocol: &'static str,
+        grpc: &str,
+    ) -> Arc<Series> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (Arc::as_ptr(peer) as usize, code, flags, protocol, grpc).hash(&mut hasher);
+        let slot = (self.id, hasher.finish());
+        let cached = HANDLES.with(|h| {
+            h.borrow().get(&slot).and_then(|keys| {
+                keys.iter()
+                    .find(|(k, _)| same_series(k, peer, code, flags, protocol, grpc))
+                    .map(|(_, s)| Arc::clone(s))
+            })
+        });
+        if let Some(s) = cached {
+            return s;
+        }
+        let key: SeriesKey = (Arc::clone(peer), code, flags.into(), protocol, grpc.into());
+        let series = match self.series.lock() {
+            Ok(mut all) => Arc::clone(
+                all.entry(key.clone())
+                    .or_insert_with(|| Arc::new(Series::new())),
+            ),
+            Err(_) => Arc::new(Series::new()),
+        };
+        HANDLES.with(|h| {
+            h.borrow_mut()
+                .entry(slot)
+                .or_default()
+                .push((key, Arc::clone(&series)));
+        });
+        series
+    }
+
     /// A finished request: its peer labels ([`Stats::peer`]), response code, protocol and
     /// gRPC status, response flags and measurements.
     pub fn record(
         &self,
-        peer: Arc<str>,
+        peer: Arc<PeerLabels>,
         (code, protocol, grpc_status): (u16, &'static str, &str),
         flags: &str,
         m: &Measured,
     ) {
         let flags = if flags.is_empty() { "-" } else { flags };
-        let ms = m.elapsed.as_secs_f64() * 1000.0;
-        if let Ok(mut s) = self.series.lock() {
-            let e = s
-                .entry((
-                    peer,
-                    code,
-                    flags.to_owned(),
-                    protocol,
-                    grpc_status.to_owned(),
-                ))
-                .or_default();
-            e.count += 1;
-            e.sum_ms += ms;
-            if e.buckets.is_empty() {
-                e.buckets = vec![0; BUCKETS.len()];
-            }
-            for (i, b) in BUCKETS.iter().enumerate() {
-                if ms <= *b {
-                    e.buckets[i] += 1;
-                }
-            }
-            e.request_bytes.observe(m.request_bytes);
-            e.response_bytes.observe(m.response_bytes);
-        }
+        let s = self.series(&peer, code, flags, protocol, grpc_status);
+        s.count.fetch_add(1, Ordering::Relaxed);
+        s.duration_ms.observe(m.elapsed.as_secs_f64() * 1000.0);
+        s.request_bytes.observe(m.request_bytes as f64);
+        s.response_bytes.observe(m.response_bytes as f64);
     }
 
     pub fn vm_failure(&self) {
@@ -423,6 +462,75 @@ impl Stats {
         self.vm_reloads.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn own_counters(&self) -> [(&'static str, u64); 5] {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("meshroute_wasm_failures_total", v(&self.vm_failures)),
+            ("meshroute_wasm_reloads_total", v(&self.vm_reloads)),
+            ("meshroute_config_reloads_total", v(&self.config_reloads)),
+            (
+                "meshroute_config_reload_failures_total",
+                v(&self.config_reload_failures),
+            ),
+            (
+                "meshroute_downstream_connections_refused_total",
+                v(&self.connection_overflows),
+            ),
+        ]
+    }
+
+    /// Every sample as Envoy's `/stats` names it: Istio's series under their tagged stat
+    /// names (`reporter=.=source;.;…;.;istio_requests_total`), meshroute's own plainly.
+    fn samples(&self) -> Vec<(String, Sample)> {
+        let mut out = Vec::new();
+        if let Ok(series) = self.series.lock() {
+            for ((peer, code, flags, protocol, grpc), s) in series.iter() {
+                let code = code.to_string();
+                let name = |metric| {
+                    telemetry::envoy_stat_name(
+                        metric,
+                        peer.request_labels(protocol, &code, grpc, flags),
+                    )
+                };
+                let count = s.count.load(Ordering::Relaxed);
+                out.push((name(telemetry::REQUESTS_TOTAL), Sample::Counter(count)));
+                for (metric, h) in [
+                    (telemetry::REQUEST_DURATION, &s.duration_ms),
+                    (telemetry::REQUEST_BYTES, &s.request_bytes),
+                    (telemetry::RESPONSE_BYTES, &s.response_bytes),
+                ] {
+                    let counts = h.counts();
+                    out.push((
+                        name(metric),
+                        Sample::Histogram {
+                            bounds: h.bounds,
+                            counts,
+                            count,
+                        },
+                    ));
+                }
+            }
+        }
+        if let Ok(tcp) = self.tcp.lock() {
+            for ((peer, flags), s) in tcp.iter() {
+                for (metric, v) in [
+                    ("istio_tcp_connections_opened_total", s.opened),
+                    ("istio_tcp_connections_closed_total", s.closed),
+                    ("istio_tcp_received_bytes_total", s.received),
+                    ("istio_tcp_sent_bytes_total", s.sent),
+                ] {
+                    let name = telemetry::envoy_stat_name(metric, peer.tcp_labels(flags));
+                    out.push((name, Sample::Counter(v)));
+                }
+            }
+        }
+        for (name, v) in self.own_counters() {
+            out.push((name.to_owned(), Sample::Counter(v)));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Istio's standard metrics: a sidecar's outbound traffic and a gateway's as the client
     /// side reports them (`reporter="source"`), a transparent sidecar's inbound traffic as
     /// the server side does (`reporter="destination"`).
@@ -431,74 +539,43 @@ impl Stats {
         let Ok(series) = self.series.lock() else {
             return out;
         };
-        let _ = writeln!(out, "# TYPE istio_requests_total counter");
-        let label = |(peer, code, flags, protocol, grpc): &SeriesKey| {
-            format!(
-                "{peer},request_protocol=\"{protocol}\",response_code=\"{code}\",grpc_response_status=\"{grpc}\",response_flags=\"{flags}\",connection_security_policy=\"{}\"",
-                security_policy(peer)
-            )
-        };
-        for (k, s) in series.iter() {
-            let _ = writeln!(out, "istio_requests_total{{{}}} {}", label(k), s.count);
-        }
-        let _ = writeln!(out, "# TYPE istio_request_duration_milliseconds histogram");
-        for (k, s) in series.iter() {
-            let l = label(k);
-            histogram(
-                &mut out,
-                "istio_request_duration_milliseconds",
-                &l,
-                (BUCKETS, &s.buckets),
-                s.count,
-                &s.sum_ms.to_string(),
-            );
-        }
-        type Field = fn(&Series) -> &Sizes;
-        let sizes: [(&str, Field); 2] = [
-            ("istio_request_bytes", |s| &s.request_bytes),
-            ("istio_response_bytes", |s| &s.response_bytes),
-        ];
-        for (name, field) in sizes {
-            let _ = writeln!(out, "# TYPE {name} histogram");
-            for (k, s) in series.iter() {
-                let sizes = field(s);
-                histogram(
-                    &mut out,
-                    name,
-                    &label(k),
-                    (BYTE_BUCKETS, &sizes.buckets),
-                    s.count,
-                    &sizes.sum.to_string(),
-                );
-            }
-        }
-        for (name, v) in [
-            ("meshroute_wasm_failures_total", &self.vm_failures),
-            ("meshroute_wasm_reloads_total", &self.vm_reloads),
-            ("meshroute_config_reloads_total", &self.config_reloads),
-            (
-                "meshroute_config_reload_failures_total",
-                &self.config_reload_failures,
-            ),
-            (
-                "meshroute_downstream_connections_refused_total",
-                &self.connection_overflows,
-            ),
-        ] {
+        let labels: Vec<String> = series
+            .keys()
+            .map(|(peer, code, flags, protocol, grpc)| {
+                telemetry::prometheus_labels(peer.request_labels(
+                    protocol,
+                    &code.to_string(),
+                    grpc,
+                    flags,
+                ))
+            })
+            .collect();
+        let _ = writeln!(out, "# TYPE {} counter", telemetry::REQUESTS_TOTAL);
+        for (l, s) in labels.iter().zip(series.values()) {
             let _ = writeln!(
                 out,
-                "# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
+                "{}{{{l}}} {}",
+                telemetry::REQUESTS_TOTAL,
+                s.count.load(Ordering::Relaxed)
             );
         }
+        type Field = fn(&Series) -> &Histogram;
+        let histograms: [(&str, Field); 3] = [
+            (telemetry::REQUEST_DURATION, |s| &s.duration_ms),
+            (telemetry::REQUEST_BYTES, |s| &s.request_bytes),
+            (telemetry::RESPONSE_BYTES, |s| &s.response_bytes),
+        ];
+        for (name, field) in histograms {
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (l, s) in labels.iter().zip(series.values()) {
+                histogram(&mut out, name, l, field(s), s.count.load(Ordering::Relaxed));
+            }
+        }
         drop(series);
+        for (name, v) in self.own_counters() {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+        }
         if let Ok(tcp) = self.tcp.lock() {
-            let label = |(peer, flags): &TcpKey| {
-                format!(
-                    "{peer},request_protocol=\"tcp\",response_flags=\"{flags}\",connection_security_policy=\"{}\"",
-                    security_policy(peer)
-                )
-            };
             type Field = fn(&TcpSeries) -> u64;
             let metrics: [(&str, Field); 4] = [
                 ("istio_tcp_connections_opened_total", |s| s.opened),
@@ -508,8 +585,9 @@ impl Stats {
             ];
             for (name, field) in metrics {
                 let _ = writeln!(out, "# TYPE {name} counter");
-                for (k, s) in tcp.iter() {
-                    let _ = writeln!(out, "{name}{{{}}} {}", label(k), field(s));
+                for ((peer, flags), s) in tcp.iter() {
+                    let l = telemetry::prometheus_labels(peer.tcp_labels(flags));
+                    let _ = writeln!(out, "{name}{{{l}}} {}", field(s));
                 }
             }
         }
@@ -543,6 +621,10 @@ fn respond(proxy: &Arc<Proxy>, req: &Request<hyper::body::Incoming>) -> Response
             text(200, "text/plain", "OK\n".into())
         }
         "/healthz" => text(200, "text/plain", "OK\n".into()),
+        "/stats" => match envoy_stats(&proxy.stats, req.uri().query().unwrap_or("")) {
+            Ok((ctype, body)) => text(200, ctype, body),
+            Err(e) => text(400, "text/plain", format!("{e}\n")),
+        },
         "/stats/prometheus" => {
             let mut out = proxy.stats.prometheus();
             // Ejections in force, per cluster with outlier detection (Envoy's
@@ -902,6 +984,82 @@ mod tests {
             bucket("istio_response_bytes", "10000").as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn workers_record_into_one_series_through_their_own_handles() {
+        let stats = Arc::new(Stats::default());
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let stats = Arc::clone(&stats);
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let peer = stats.peer("PassthroughCluster", "", || None);
+                        stats.record(peer, (200, "http", ""), "", &measured());
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let text = stats.prometheus();
+        let counts: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(counts.len(), 1, "{text}");
+        assert!(counts[0].ends_with(" 200"), "{text}");
+        assert!(
+            text.contains("istio_request_duration_milliseconds_sum{"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("istio_request_duration_milliseconds_sum{")
+                    && l.ends_with(" 600")
+            ),
+            "200 requests of 3 ms: {text}"
+        );
+    }
+
+    #[test]
+    fn stats_lists_istios_tagged_names_as_envoy_does() {
+        let stats = Stats::default();
+        let peer = stats.peer("outbound|443||api.example.com", "", || None);
+        stats.record(peer, (503, "http", ""), "UF", &measured());
+        let (ctype, text) = envoy_stats(&stats, "").unwrap();
+        assert_eq!(ctype, "text/plain");
+        let line = text
+            .lines()
+            .find(|l| l.ends_with(";.;istio_requests_total: 1"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.starts_with("reporter=.=source;.;source_workload=.=unknown;.;"),
+            "{line}"
+        );
+        assert!(line.contains(";.;response_code=.=503;.;"), "{line}");
+        assert!(line.contains(";.;response_flags=.=UF;.;"), "{line}");
+        // One 3 ms request: every quantile within the 1–5 ms bucket.
+        let duration = text
+            .lines()
+            .find(|l| l.contains(";.;istio_request_duration_milliseconds: "))
+            .unwrap();
+        assert!(duration.contains(" P50(nan,3)"), "{duration}");
+        assert!(
+            text.contains("meshroute_config_reloads_total: 0\n"),
+            "{text}"
+        );
+        // filter= (percent-encoded) keeps what matches; format=json is Envoy's envelope.
+        let (_, only) = envoy_stats(&stats, "filter=%5Emeshroute_config").unwrap();
+        assert_eq!(only.lines().count(), 2, "{only}");
+        let (ctype, json) = envoy_stats(&stats, "format=json&filter=istio_requests_total").unwrap();
+        assert_eq!(ctype, "application/json");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["stats"][0]["value"], 1, "{v}");
+        assert!(envoy_stats(&stats, "filter=(")
+            .unwrap_err()
+            .contains("regex"));
     }
 
     #[test]

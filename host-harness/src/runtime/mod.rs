@@ -197,7 +197,7 @@ impl Proxy {
     ) -> Result<Arc<Self>, Error> {
         let kind = doc.proxy.kind;
         let stats = admin::Stats::default();
-        stats.set_workload(admin::Workload::of_proxy(&doc.proxy));
+        stats.set_workload(admin::proxy_workload(&doc.proxy));
         let generation = Self::generation(&plugin, workers, doc, sources, credentials.as_deref())?;
         Ok(Arc::new(Self {
             credentials,
@@ -337,7 +337,7 @@ impl Proxy {
         doc: RulesDocument,
         sources: Vec<PathBuf>,
     ) -> Result<(), Error> {
-        let workload = admin::Workload::of_proxy(&doc.proxy);
+        let workload = admin::proxy_workload(&doc.proxy);
         let generation = Arc::new(Self::generation(
             &self.plugin,
             self.workers,

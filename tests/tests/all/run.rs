@@ -762,6 +762,41 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
     for p in [envoy.port, port] {
         responses.push((send(p, "/echo?x=1"), send(p, "/none")));
     }
+    // Trace context passes through both hosts unchanged; a request without an id gets a
+    // version 4 UUID, as Envoy's.
+    const TRACE: [(&str, &str); 5] = [
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("tracestate", "congo=t61rcWkgMzE"),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ("x-b3-sampled", "1"),
+    ];
+    for (host, p) in [("envoy", envoy.port), ("meshroute run", port)] {
+        let mut req = get("web:8000", "/trace");
+        for (k, v) in TRACE {
+            req = req.header(k, v);
+        }
+        assert_eq!(req.send(p).status, 200, "{host}");
+        let seen = v1
+            .received()
+            .into_iter()
+            .rfind(|r| r.path == "/trace")
+            .unwrap();
+        for (k, v) in TRACE {
+            assert_eq!(seen.header(k), Some(v), "{host}: {k}");
+        }
+        let id = seen.header("x-request-id").unwrap_or_default();
+        let groups: Vec<_> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{host}: {id}");
+        assert_eq!(&id[14..15], "4", "{host}: version 4: {id}");
+        assert!(
+            "89ab".contains(&id[19..20]),
+            "{host}: RFC 4122 variant: {id}"
+        );
+    }
     let envoy_lines = access_log_lines(
         || std::fs::read_to_string(&envoy.log).unwrap_or_default(),
         2,
