@@ -4,7 +4,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, GrpcStatusCode, MapType, Status};
+use proxy_wasm::types::{BufferType, GrpcStatusCode, MapType, MetricType, Status};
 
 /// The host functions the filter uses, acting on the current (or effective) context.
 pub trait Host {
@@ -57,6 +57,10 @@ pub trait Host {
 
     fn call_foreign(&self, name: &str, args: &[u8]) -> Result<(), Status>;
     fn close_downstream(&self) -> Result<(), Status>;
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status>;
+    fn increment_metric(&self, id: u32, by: i64) -> Result<(), Status>;
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status>;
 }
 
 /// A property holding a little-endian integer (Envoy's encoding of ports and flags).
@@ -208,6 +212,18 @@ impl Host for ProxyWasm {
 
     fn close_downstream(&self) -> Result<(), Status> {
         hostcalls::close_downstream()
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        hostcalls::define_metric(kind, name)
+    }
+
+    fn increment_metric(&self, id: u32, by: i64) -> Result<(), Status> {
+        hostcalls::increment_metric(id, by)
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        hostcalls::record_metric(id, value)
     }
 }
 

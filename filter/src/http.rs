@@ -15,8 +15,10 @@ use meshroute_core::engine::{
     RequestView, RetryRun, Ticket,
 };
 use meshroute_core::ir::ProxyKind;
+use meshroute_core::telemetry;
 
 use crate::host::{u64_property, Host};
+use crate::metrics::Noted;
 use crate::root::{After, Retrying, Shared};
 use crate::shared::{self, SharedEndpointState};
 
@@ -52,6 +54,8 @@ pub struct FilterHttp<H> {
     retry: Option<RetryRun>,
     /// The request body copied for mirrors and retries (`None`: nobody needs it).
     body: Option<BodyCopy>,
+    /// What the metrics need of the request, when the filter keeps them.
+    noted: Option<Noted>,
 }
 
 /// Somewhere request headers can be edited: the host's map, or a copy of it.
@@ -151,6 +155,7 @@ impl<H: Host> FilterHttp<H> {
             admitted: None,
             retry: None,
             body: None,
+            noted: None,
         }
     }
 
@@ -241,6 +246,16 @@ impl<H: Host> FilterHttp<H> {
             }
         }
 
+        if self.shared.metrics.borrow().is_some() {
+            let content_type = headers
+                .iter()
+                .find(|(k, _)| k == "content-type")
+                .map(|(_, v)| v.as_bytes());
+            self.noted = Some(Noted {
+                cluster: String::new(),
+                protocol: telemetry::request_protocol(content_type),
+            });
+        }
         let delay_ms = decision.delay_ms;
         let then = match decision.outcome {
             Outcome::Reply(reply) => Some(reply),
@@ -290,6 +305,9 @@ impl<H: Host> FilterHttp<H> {
         start_ms: u64,
     ) {
         self.ticket = f.ticket;
+        if let Some(noted) = self.noted.as_mut() {
+            noted.cluster = f.cluster.to_string();
+        }
         // The filter runs the retries when it chose the endpoint, so that they go to other
         // endpoints; otherwise the host's router retries.
         let owned_retry = match (f.retry, f.retry_on, f.ticket) {
@@ -451,6 +469,10 @@ impl<H: Host> FilterHttp<H> {
     }
 
     pub fn on_log(&mut self) {
+        let metrics = self.shared.metrics.borrow().clone();
+        if let (Some(m), Some(noted), Some(engine)) = (metrics, self.noted.take(), &self.engine) {
+            m.record(self.host(), engine, &noted);
+        }
         if let (Some(t), Some(engine)) = (self.ticket.take(), &self.engine) {
             engine.release(t);
         }

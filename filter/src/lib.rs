@@ -8,6 +8,7 @@
 
 pub mod host;
 mod http;
+mod metrics;
 mod root;
 mod shared;
 mod stream;

@@ -13,6 +13,7 @@ use meshroute_core::engine::{backoff_ms, call_end, Answer, Engine, Reply, RetryR
 
 use crate::host::{text_property, Host};
 use crate::http::FilterHttp;
+use crate::metrics::Metrics;
 use crate::shared::{self, SharedEndpointState};
 use crate::stream::FilterStream;
 
@@ -29,6 +30,8 @@ pub(crate) struct Shared<H> {
     pub retries: RefCell<HashMap<u32, Retrying>>,
     /// Side calls of retries, by token, to their HTTP context.
     pub retry_calls: RefCell<HashMap<u32, u32>>,
+    /// Istio's standard metrics, when the node asks the filter to keep them.
+    pub metrics: RefCell<Option<Rc<Metrics>>>,
 }
 
 /// A retry run with the rules it was decided under.
@@ -138,6 +141,7 @@ impl<H: Host + Clone> FilterRoot<H> {
                 delays: RefCell::new(Vec::new()),
                 retries: RefCell::new(HashMap::new()),
                 retry_calls: RefCell::new(HashMap::new()),
+                metrics: RefCell::new(None),
             }),
             l4_port: None,
         }
@@ -173,7 +177,7 @@ impl<H: Host + Clone> FilterRoot<H> {
         if let Some(engine) = shared_engine(&bytes) {
             // Another root context of this VM (the HTTP filter, another TCP listener) loaded
             // the same rules: one engine, one set of per-endpoint counts, less memory.
-            *self.shared.engine.borrow_mut() = Some(engine);
+            self.use_engine(engine);
             return true;
         }
         match crate::load_rules(&bytes) {
@@ -186,7 +190,7 @@ impl<H: Host + Clone> FilterRoot<H> {
                 shared::create_counters(host, &engine);
                 let engine = Rc::new(engine);
                 LOADED.with(|l| *l.borrow_mut() = Some((bytes, Rc::downgrade(&engine))));
-                *self.shared.engine.borrow_mut() = Some(engine);
+                self.use_engine(engine);
                 true
             }
             Err(reason) => {
@@ -199,6 +203,12 @@ impl<H: Host + Clone> FilterRoot<H> {
                 false
             }
         }
+    }
+
+    fn use_engine(&self, engine: Rc<Engine>) {
+        let metrics = Metrics::from_node(&self.shared.host, &engine).map(Rc::new);
+        *self.shared.metrics.borrow_mut() = metrics;
+        *self.shared.engine.borrow_mut() = Some(engine);
     }
 
     /// Runs every timer that is due.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use proxy_wasm::types::{Action, Status};
+use proxy_wasm::types::{Action, MetricType, Status};
 
 use meshroute_compiler::{compile, Config, MeshOptions, ProxyOptions};
 use meshroute_core::contract::{
@@ -39,6 +39,9 @@ struct State {
     shared: HashMap<String, (Vec<u8>, u32)>,
     filter_state: Vec<Vec<u8>>,
     closed: bool,
+    /// Defined metrics (kind, name) by id - 1, and what was counted or recorded into each.
+    metrics: Vec<(MetricType, String)>,
+    metric_values: HashMap<u32, Vec<u64>>,
 }
 
 /// A host that records what the filter asks of it; clones share the record.
@@ -234,6 +237,28 @@ impl Host for Fake {
     }
     fn close_downstream(&self) -> Result<(), Status> {
         self.state().closed = true;
+        Ok(())
+    }
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        let mut s = self.state();
+        s.metrics.push((kind, name.to_owned()));
+        Ok(u32::try_from(s.metrics.len()).unwrap())
+    }
+    fn increment_metric(&self, id: u32, by: i64) -> Result<(), Status> {
+        let mut s = self.state();
+        let v = s.metric_values.entry(id).or_default();
+        match v.first_mut() {
+            Some(total) => *total += u64::try_from(by).unwrap(),
+            None => v.push(u64::try_from(by).unwrap()),
+        }
+        Ok(())
+    }
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        self.state()
+            .metric_values
+            .entry(id)
+            .or_default()
+            .push(value);
         Ok(())
     }
 }
@@ -542,4 +567,89 @@ fn rules_documents_are_refused_with_reasons() {
     let current =
         format!(r#"{{"version": {version}, "proxy": {{"kind": "sidecar", "namespace": "a"}}}}"#);
     assert!(load_rules(current.as_bytes()).is_ok());
+}
+
+#[test]
+fn with_the_node_key_requests_are_counted_under_istios_tagged_names() {
+    let fake = web_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n",
+    );
+    let node = |k: &str, v: &str| {
+        fake.state()
+            .properties
+            .insert(format!("xds.node.metadata.{k}"), v.as_bytes().to_vec());
+    };
+    let int = |k: &str, v: u64| {
+        fake.state()
+            .properties
+            .insert(k.to_owned(), v.to_le_bytes().to_vec());
+    };
+    // Without the key the filter keeps no metrics (Istio's stats filter or the host does).
+    let root = fake.root();
+    let mut http = root.http_context(2);
+    fake.request("web:8000", "/", &[]);
+    http.on_request_headers(true);
+    fake.respond(200, None);
+    http.on_log();
+    assert!(fake.state().metrics.is_empty());
+
+    node(meshroute_core::contract::ISTIO_METRICS_NODE_KEY, "true");
+    node("WORKLOAD_NAME", "client-v1");
+    let root = fake.root();
+    for (context, flags) in [
+        (3, None),
+        (4, None),
+        (5, Some(ResponseFlag::UpstreamConnectionFailure)),
+    ] {
+        let mut http = root.http_context(context);
+        fake.request("web:8000", "/", &[("content-type", "application/grpc")]);
+        assert_eq!(http.on_request_headers(true), Action::Continue);
+        let endpoint = get(&fake.state().request, ENDPOINT_HEADER)
+            .unwrap()
+            .to_owned();
+        fake.state()
+            .properties
+            .insert("upstream.address".into(), endpoint.into_bytes());
+        fake.respond(200, flags);
+        int("response.code", 200);
+        int("request.duration", 7_000_000);
+        int("request.total_size", 120);
+        int("response.total_size", 4000);
+        http.on_log();
+    }
+    let s = fake.state();
+    let counters: Vec<&String> = s
+        .metrics
+        .iter()
+        .filter(|(k, _)| *k == MetricType::Counter)
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(counters.len(), 2, "one series per outcome: {counters:?}");
+    let ok = counters
+        .iter()
+        .find(|n| n.contains("response_flags=.=-;"))
+        .unwrap();
+    for tag in [
+        "reporter=.=source;.;",
+        "source_workload=.=client-v1;.;",
+        "source_workload_namespace=.=default;.;",
+        "destination_app=.=web;.;",
+        "destination_service=.=web.default.svc.cluster.local;.;",
+        "request_protocol=.=grpc;.;",
+        "response_code=.=200;.;",
+    ] {
+        assert!(ok.contains(tag), "{tag} in {ok}");
+    }
+    assert!(ok.ends_with(";.;istio_requests_total"), "{ok}");
+    let id = |name: &str| {
+        u32::try_from(s.metrics.iter().position(|(_, n)| n == name).unwrap() + 1).unwrap()
+    };
+    assert_eq!(s.metric_values[&id(ok)], [2]);
+    let duration = ok.replace(
+        "istio_requests_total",
+        "istio_request_duration_milliseconds",
+    );
+    assert_eq!(s.metric_values[&id(&duration)], [7, 7]);
+    let sizes = ok.replace("istio_requests_total", "istio_response_bytes");
+    assert_eq!(s.metric_values[&id(&sizes)], [4000, 4000]);
 }

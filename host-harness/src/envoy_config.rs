@@ -12,11 +12,13 @@ use crate::runtime::access_log::Encoding;
 
 use meshroute_core::contract::{
     l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER,
-    EXPLICIT_PROXY_PORT, HTTP_ROOT_ID, LISTENER_PORT_HEADER, PASSTHROUGH_CLUSTER,
+    EXPLICIT_PROXY_PORT, HTTP_ROOT_ID, ISTIO_METRICS_NODE_KEY, LISTENER_PORT_HEADER,
+    PASSTHROUGH_CLUSTER,
 };
 use meshroute_core::ir::{
     ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode, TlsVersion,
 };
+use meshroute_core::telemetry;
 
 /// Why configuration for Envoy or Istio cannot be written.
 #[derive(Debug, thiserror::Error)]
@@ -283,13 +285,32 @@ pub fn bootstrap(
         },
     }));
     let mut out = json!({
-        "node": {"id": "meshroute", "cluster": "meshroute"},
+        // The filter keeps Istio's standard metrics here: no Istio stats filter runs.
+        "node": {
+            "id": "meshroute",
+            "cluster": "meshroute",
+            "metadata": {ISTIO_METRICS_NODE_KEY: "true"},
+        },
+        "stats_config": istio_stats_config(),
         "static_resources": {"listeners": listeners, "clusters": clusters},
     });
     if let Some(admin) = opts.admin {
         out["admin"] = json!({"address": socket(admin)});
     }
     Ok((out, warnings))
+}
+
+/// Tag extractors for the filter's tagged stat names, so that `/stats/prometheus` shows
+/// Istio's metrics with Istio's labels, and Istio's size buckets.
+fn istio_stats_config() -> Value {
+    let tags: Vec<Value> = telemetry::envoy_stats_tags()
+        .map(|(name, regex)| json!({"tag_name": name, "regex": regex}))
+        .collect();
+    let sizes: Vec<Value> = [telemetry::REQUEST_BYTES, telemetry::RESPONSE_BYTES]
+        .into_iter()
+        .map(|m| json!({"match": {"suffix": m}, "buckets": telemetry::BYTE_BUCKETS}))
+        .collect();
+    json!({"stats_tags": tags, "histogram_bucket_settings": sizes})
 }
 
 /// The wasm filter's typed config: the rules as a StringValue, as Istio's WasmPlugin

@@ -1170,6 +1170,67 @@ pub const ISTIO_LOG_FIELDS: &[&str] = &[
     "route_name",
 ];
 
+/// The label names of `istio_requests_total` as Istio's Prometheus output has them:
+/// istio/proxy `testdata/metric/client_request_total.yaml.tmpl` (commit 0578ad51),
+/// with the cluster labels as Prometheus names them (`source_cluster`,
+/// `destination_cluster`; the template's `*_cluster_id`) and without its two
+/// configurable test metrics.
+pub const ISTIO_REQUEST_LABELS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// The labels inside a Prometheus series' braces, in their order, values unescaped.
+pub fn prometheus_labels(inner: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = inner;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c)) => value.push(c),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').to_owned(), value));
+        rest = &after[end..];
+    }
+    out
+}
+
 /// One line of Istio's TEXT access-log format, by field name; `None` when the line is not
 /// one (Envoy's own log lines share its output).
 pub fn parse_istio_access_log(line: &str) -> Option<BTreeMap<&'static str, String>> {

@@ -17,6 +17,11 @@ pub const LISTENER_PORT_HEADER: &str = "x-meshroute-listener-port";
 /// port is the authority's.
 pub const EXPLICIT_PROXY_PORT: u16 = 0;
 
+/// Node metadata key that turns on Istio's standard metrics in the filter (`"true"`). A
+/// proxy with Istio's own stats filter (inside Istio) or with metrics of its own
+/// (`meshroute run`) leaves it unset, so no request is counted twice.
+pub const ISTIO_METRICS_NODE_KEY: &str = "MESHROUTE_ISTIO_METRICS";
+
 /// Whole-request timeout (ms) the host's router enforces.
 pub const TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
 /// Timeout (ms) of each try.

@@ -880,6 +880,43 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
         serde_json::Value::Null,
         "{line}"
     );
+    // Istio's request metrics: the same series, labels and counts on both hosts.
+    let series = |admin: u16| {
+        let text = get("admin", "/stats/prometheus").send(admin).text();
+        let mut found: Vec<(Vec<(String, String)>, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("istio_requests_total{"))
+            .filter_map(|l| l.rsplit_once("} "))
+            .map(|(labels, value)| (meshroute_tests::prometheus_labels(labels), value.to_owned()))
+            .collect();
+        found.sort();
+        (found, text)
+    };
+    let (from_envoy, envoy_text) = series(envoy.admin);
+    let (from_run, run_text) = series(admin);
+    assert_eq!(
+        from_envoy.len(),
+        2,
+        "a served and a refused series:\n{envoy_text}"
+    );
+    assert_eq!(
+        from_envoy, from_run,
+        "envoy:\n{envoy_text}\nmeshroute run:\n{run_text}"
+    );
+    let served = &from_envoy
+        .iter()
+        .find(|(l, _)| l.contains(&("response_code".into(), "200".into())))
+        .unwrap();
+    let names: Vec<&str> = served.0.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, meshroute_tests::ISTIO_REQUEST_LABELS);
+    assert_eq!(served.1, "2", "/echo and /trace");
+    for (k, v) in [
+        ("destination_version", "v1"),
+        ("destination_app", "web"),
+        ("reporter", "source"),
+    ] {
+        assert!(served.0.contains(&(k.into(), v.into())), "{k}: {served:?}");
+    }
     drop((harness, harness_json, envoy));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,6 +2,7 @@
 //! and per-instance in-flight counts for LEAST_REQUEST.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::ir::{
@@ -47,6 +48,8 @@ struct EndpointRt {
     id_hash: u64,
     /// Requests this instance has in flight to the endpoint.
     active: AtomicU32,
+    /// The workload labels of the endpoint, for metrics.
+    labels: BTreeMap<String, String>,
 }
 
 /// An endpoint the balancer chose.
@@ -60,6 +63,14 @@ pub(crate) struct Picked {
 }
 
 impl ClusterRt {
+    /// The workload labels of the endpoint at `address` (`ip:port`, `[ip6]:port`).
+    pub(crate) fn endpoint_labels(&self, address: &str) -> Option<&BTreeMap<String, String>> {
+        self.endpoints
+            .iter()
+            .find(|e| e.address == address)
+            .map(|e| &e.labels)
+    }
+
     pub(crate) fn new(c: Cluster, proxy: &ProxyIdentity) -> Self {
         let weighted: Vec<&crate::ir::Endpoint> =
             c.endpoints.iter().filter(|e| e.weight > 0).collect();
@@ -85,6 +96,7 @@ impl ClusterRt {
                     address,
                     weight: u64::from(e.weight),
                     active: AtomicU32::new(0),
+                    labels: e.labels.clone(),
                 }
             })
             .collect();

@@ -16,7 +16,7 @@ mod retry;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use base64::Engine as _;
@@ -267,6 +267,8 @@ impl Reply {
 #[derive(Debug)]
 pub struct Engine {
     kind: ProxyKind,
+    /// The proxy's namespace and workload labels.
+    identity: (String, BTreeMap<String, String>),
     outbound: OutboundPolicy,
     tables: HashMap<u16, Table>,
     l4_tables: HashMap<u16, l4::L4TableRt>,
@@ -423,6 +425,7 @@ impl Engine {
         }
         Ok(Self {
             kind: doc.proxy.kind,
+            identity: (doc.proxy.namespace, doc.proxy.labels),
             outbound: doc.outbound_traffic_policy,
             tables,
             l4_tables,
@@ -445,6 +448,21 @@ impl Engine {
 
     pub fn kind(&self) -> ProxyKind {
         self.kind
+    }
+
+    /// The proxy's namespace and workload labels.
+    pub fn identity(&self) -> (&str, &BTreeMap<String, String>) {
+        (&self.identity.0, &self.identity.1)
+    }
+
+    /// The workload labels of an endpoint of `cluster` (`ip:port`), for metrics.
+    pub fn endpoint_labels(
+        &self,
+        cluster: &str,
+        address: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        let c = self.clusters.get(*self.cluster_index.get(cluster)?)?;
+        c.endpoint_labels(address)
     }
 
     /// The port that selects the route table, from the port the request arrived on

@@ -1,0 +1,154 @@
+//! Istio's standard request metrics from inside Envoy, for proxies without Istio's own stats
+//! filter (meshroute's generated bootstrap turns them on with
+//! [`ISTIO_METRICS_NODE_KEY`]). The series are those `meshroute run` keeps
+//! ([`meshroute_core::telemetry`]), defined as tagged stat names that the bootstrap's
+//! `stats_tags` take apart, so one dashboard reads both hosts.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use log::warn;
+use proxy_wasm::types::MetricType;
+
+use meshroute_core::contract::ISTIO_METRICS_NODE_KEY;
+use meshroute_core::engine::Engine;
+use meshroute_core::telemetry::{self, PeerLabels, Workload};
+
+use crate::host::{text_property, u64_property, Host};
+
+/// The metric ids of one series: the counter, then the duration and size histograms.
+type SeriesIds = [u32; 4];
+
+pub(crate) struct Metrics {
+    me: Workload,
+    /// Outcome-independent labels by cluster and endpoint, built once each.
+    peers: RefCell<HashMap<String, HashMap<String, Rc<PeerLabels>>>>,
+    /// Defined series by their counter's stat name.
+    series: RefCell<HashMap<String, SeriesIds>>,
+}
+
+/// What the filter noted of a request for its metrics.
+pub(crate) struct Noted {
+    /// The cluster the filter chose; empty when it answered itself.
+    pub cluster: String,
+    pub protocol: &'static str,
+}
+
+impl Metrics {
+    /// The metrics of a proxy whose node metadata asks for them, with the proxy's workload
+    /// from its rules and the node's `WORKLOAD_NAME` and `CLUSTER_ID` (as Istio's agent sets
+    /// them from `ISTIO_META_*`).
+    pub fn from_node(host: &impl Host, engine: &Engine) -> Option<Self> {
+        let node = |key: &str| text_property(host, &["xds", "node", "metadata", key]);
+        if node(ISTIO_METRICS_NODE_KEY) != "true" {
+            return None;
+        }
+        let (namespace, labels) = engine.identity();
+        let name = node("WORKLOAD_NAME");
+        let cluster = node("CLUSTER_ID");
+        let me = Workload::from_labels(
+            labels,
+            namespace,
+            (!name.is_empty()).then_some(name.as_str()),
+            if cluster.is_empty() {
+                "Kubernetes"
+            } else {
+                &cluster
+            },
+        );
+        Some(Self {
+            me,
+            peers: RefCell::default(),
+            series: RefCell::default(),
+        })
+    }
+
+    /// Counts a finished request (at `on_log`, when Envoy knows its outcome).
+    pub fn record(&self, host: &impl Host, engine: &Engine, noted: &Noted) {
+        let endpoint = if noted.cluster.is_empty() {
+            String::new()
+        } else {
+            text_property(host, &["upstream", "address"])
+        };
+        let peer = self.peer(engine, &noted.cluster, &endpoint);
+        let code = u64_property(host, &["response", "code"]).unwrap_or(0);
+        let flags =
+            telemetry::response_flags(u64_property(host, &["response", "flags"]).unwrap_or(0));
+        let grpc = host.response_header("grpc-status").unwrap_or_default();
+        let code = code.to_string();
+        let labels = || peer.request_labels(noted.protocol, &code, &grpc, &flags);
+        let name = telemetry::envoy_stat_name(telemetry::REQUESTS_TOTAL, labels());
+        let Some(ids) = self.ids(host, name, || {
+            [
+                telemetry::REQUEST_DURATION,
+                telemetry::REQUEST_BYTES,
+                telemetry::RESPONSE_BYTES,
+            ]
+            .map(|m| telemetry::envoy_stat_name(m, labels()))
+        }) else {
+            return;
+        };
+        let duration_ms = u64_property(host, &["request", "duration"]).unwrap_or(0) / 1_000_000;
+        let sizes = [
+            duration_ms,
+            u64_property(host, &["request", "total_size"]).unwrap_or(0),
+            u64_property(host, &["response", "total_size"]).unwrap_or(0),
+        ];
+        let mut result = host.increment_metric(ids[0], 1);
+        for (id, value) in ids[1..].iter().zip(sizes) {
+            result = result.and(host.record_metric(*id, value));
+        }
+        if let Err(status) = result {
+            warn!("recording metrics failed: {status:?}");
+        }
+    }
+
+    fn peer(&self, engine: &Engine, cluster: &str, endpoint: &str) -> Rc<PeerLabels> {
+        if let Some(p) = self
+            .peers
+            .borrow()
+            .get(cluster)
+            .and_then(|e| e.get(endpoint))
+        {
+            return Rc::clone(p);
+        }
+        let labels = Rc::new(PeerLabels::new(
+            cluster,
+            &self.me,
+            engine.endpoint_labels(cluster, endpoint),
+        ));
+        self.peers
+            .borrow_mut()
+            .entry(cluster.to_owned())
+            .or_default()
+            .insert(endpoint.to_owned(), Rc::clone(&labels));
+        labels
+    }
+
+    /// The series' metric ids, defined on its first request (`histograms` names the rest).
+    fn ids(
+        &self,
+        host: &impl Host,
+        counter: String,
+        histograms: impl FnOnce() -> [String; 3],
+    ) -> Option<SeriesIds> {
+        if let Some(ids) = self.series.borrow().get(&counter) {
+            return Some(*ids);
+        }
+        let define = |kind, name: &str| {
+            host.define_metric(kind, name)
+                .map_err(|status| warn!("defining metric {name} failed: {status:?}"))
+                .ok()
+        };
+        let [d, q, r] = histograms();
+        let ids = [
+            define(MetricType::Counter, &counter)?,
+            define(MetricType::Histogram, &d)?,
+            define(MetricType::Histogram, &q)?,
+            define(MetricType::Histogram, &r)?,
+        ];
+        self.series.borrow_mut().insert(counter, ids);
+        Some(ids)
+    }
+}
