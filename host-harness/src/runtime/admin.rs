@@ -271,7 +271,7 @@ fn envoy_stats(stats: &Stats, query: &str) -> Result<(&'static str, String), Str
     for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
         match key {
             "filter" => {
-                let pattern = percent_decode(value);
+                let pattern = meshroute_core::engine::percent_decode(value);
                 filter =
                     Some(regex::Regex::new(&pattern).map_err(|e| format!("Invalid regex: {e}"))?);
             }
@@ -302,32 +302,6 @@ fn envoy_stats(stats: &Stats, query: &str) -> Result<(&'static str, String), Str
         let _ = writeln!(out, "{name}: {}", s.text());
     }
     Ok(("text/plain", out))
-}
-
-/// `%XX` escapes and `+` of a query value.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Stats {

@@ -30,7 +30,7 @@ pub use health::{AttemptResult, OutlierRecord};
 pub use l4::{Cidr, ConnectionOutcome, ConnectionView};
 pub use matcher::Condition;
 use matcher::{CompiledMatch, Matcher};
-pub use request::{split_host_port, split_query, RequestView};
+pub use request::{percent_decode, split_host_port, split_query, RequestView};
 pub use retry::{backoff_ms, call_end, first_try_end, Answer, AttemptEnd, RetryOn, RetryRun};
 
 /// Source of randomness; the guest seeds it, tests script it.

@@ -113,7 +113,8 @@ pub fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
-fn percent_decode(s: &str) -> Cow<'_, str> {
+/// A query component with `%XX` escapes and `+` decoded.
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.contains(['%', '+']) {
         return Cow::Borrowed(s);
     }
