@@ -121,8 +121,18 @@ impl<H: Host + 'static> StreamContext for FilterStream<H> {
         self.on_close();
     }
 
+    fn on_downstream_data(&mut self, size: usize, _: bool) -> Action {
+        self.received += size as u64;
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _: bool) -> Action {
+        self.sent += size as u64;
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
-        self.on_close();
+        FilterStream::on_log(self);
     }
 }
 

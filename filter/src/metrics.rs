@@ -26,6 +26,8 @@ pub(crate) struct Metrics {
     peers: RefCell<HashMap<String, HashMap<String, Rc<PeerLabels>>>>,
     /// Defined series by their counter's stat name.
     series: RefCell<HashMap<String, SeriesIds>>,
+    /// Defined TCP counters by stat name.
+    counters: RefCell<HashMap<String, u32>>,
 }
 
 /// What the filter noted of a request for its metrics.
@@ -61,6 +63,7 @@ impl Metrics {
             me,
             peers: RefCell::default(),
             series: RefCell::default(),
+            counters: RefCell::default(),
         })
     }
 
@@ -100,6 +103,63 @@ impl Metrics {
             result = result.and(host.record_metric(*id, value));
         }
         if let Err(status) = result {
+            warn!("recording metrics failed: {status:?}");
+        }
+    }
+
+    /// Counts a connection the filter sent to `cluster` (when it opens; flags not known yet).
+    pub fn tcp_opened(&self, host: &impl Host, engine: &Engine, cluster: &str) {
+        let peer = self.peer(engine, cluster, "");
+        self.add(host, telemetry::TCP_OPENED, peer.tcp_labels("-"), 1);
+    }
+
+    /// Counts a connection to `cluster` that ended (at `on_log`), with the bytes it carried
+    /// from the client (`received`) and to it (`sent`).
+    pub fn tcp_closed(
+        &self,
+        host: &impl Host,
+        engine: &Engine,
+        cluster: &str,
+        received: u64,
+        sent: u64,
+    ) {
+        let peer = self.peer(engine, cluster, "");
+        let flags =
+            telemetry::response_flags(u64_property(host, &["response", "flags"]).unwrap_or(0));
+        for (metric, value) in [
+            (telemetry::TCP_CLOSED, 1),
+            (telemetry::TCP_RECEIVED_BYTES, received),
+            (telemetry::TCP_SENT_BYTES, sent),
+        ] {
+            self.add(host, metric, peer.tcp_labels(&flags), value);
+        }
+    }
+
+    /// Adds `value` to a TCP counter, defining it on first use.
+    fn add<'a>(
+        &self,
+        host: &impl Host,
+        metric: &str,
+        labels: impl Iterator<Item = (&'static str, &'a str)>,
+        value: u64,
+    ) {
+        let name = telemetry::envoy_stat_name(metric, labels);
+        let known = self.counters.borrow().get(&name).copied();
+        let id = match known {
+            Some(id) => id,
+            None => match host.define_metric(MetricType::Counter, &name) {
+                Ok(id) => {
+                    self.counters.borrow_mut().insert(name, id);
+                    id
+                }
+                Err(status) => {
+                    warn!("defining metric {name} failed: {status:?}");
+                    return;
+                }
+            },
+        };
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        if let Err(status) = host.increment_metric(id, value) {
             warn!("recording metrics failed: {status:?}");
         }
     }

@@ -258,6 +258,10 @@ impl<H: Host + Clone> FilterRoot<H> {
             engine: self.shared.engine.borrow().clone(),
             seed: self.shared.draw(context_id).0,
             ticket: None,
+            metrics: self.shared.metrics.borrow().clone(),
+            cluster: None,
+            received: 0,
+            sent: 0,
         })
     }
 

@@ -13,6 +13,7 @@ use meshroute_core::contract::{
 use meshroute_core::engine::{ConnectionOutcome, ConnectionView, Engine, SplitMix64, Ticket};
 
 use crate::host::{text_property, Host};
+use crate::metrics::Metrics;
 use crate::shared::SharedEndpointState;
 
 pub struct FilterStream<H> {
@@ -22,6 +23,13 @@ pub struct FilterStream<H> {
     pub(crate) engine: Option<Rc<Engine>>,
     pub(crate) seed: u64,
     pub(crate) ticket: Option<Ticket>,
+    /// Istio's TCP metrics, when the node asks the filter to keep them.
+    pub(crate) metrics: Option<Rc<Metrics>>,
+    /// The cluster the connection went to, once the filter chose one.
+    pub(crate) cluster: Option<String>,
+    /// Bytes from the client and to it so far.
+    pub(crate) received: u64,
+    pub(crate) sent: u64,
 }
 
 fn set_filter_state(host: &impl Host, path: &str, value: &str) -> bool {
@@ -93,6 +101,10 @@ impl<H: Host> FilterStream<H> {
                         set_filter_state(host, TCP_IDLE_TIMEOUT_STATE, &ms.to_string())
                     });
                 if named {
+                    if let Some(m) = &self.metrics {
+                        m.tcp_opened(host, &engine, &cluster);
+                        self.cluster = Some(cluster.into_owned());
+                    }
                     return Action::Continue;
                 }
                 self.release();
@@ -113,5 +125,15 @@ impl<H: Host> FilterStream<H> {
     /// Either side closed, or the connection is logged: the endpoint is free again.
     pub fn on_close(&mut self) {
         self.release();
+    }
+
+    /// The connection is over (Envoy logs each connection once, after it closed).
+    pub fn on_log(&mut self) {
+        self.release();
+        if let (Some(m), Some(cluster), Some(engine)) =
+            (&self.metrics, self.cluster.take(), &self.engine)
+        {
+            m.tcp_closed(&self.host, engine, &cluster, self.received, self.sent);
+        }
     }
 }

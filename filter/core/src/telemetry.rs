@@ -50,6 +50,12 @@ pub const REQUESTS_TOTAL: &str = "istio_requests_total";
 pub const REQUEST_DURATION: &str = "istio_request_duration_milliseconds";
 pub const REQUEST_BYTES: &str = "istio_request_bytes";
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
+pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
+/// Bytes from the client (Istio: "received during request").
+pub const TCP_RECEIVED_BYTES: &str = "istio_tcp_received_bytes_total";
+/// Bytes to the client (Istio: "sent during response").
+pub const TCP_SENT_BYTES: &str = "istio_tcp_sent_bytes_total";
 
 /// Istio's duration buckets (milliseconds).
 pub const DURATION_BUCKETS: &[f64] = &[

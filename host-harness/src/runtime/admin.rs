@@ -488,10 +488,10 @@ impl Stats {
         if let Ok(tcp) = self.tcp.lock() {
             for ((peer, flags), s) in tcp.iter() {
                 for (metric, v) in [
-                    ("istio_tcp_connections_opened_total", s.opened),
-                    ("istio_tcp_connections_closed_total", s.closed),
-                    ("istio_tcp_received_bytes_total", s.received),
-                    ("istio_tcp_sent_bytes_total", s.sent),
+                    (telemetry::TCP_OPENED, s.opened),
+                    (telemetry::TCP_CLOSED, s.closed),
+                    (telemetry::TCP_RECEIVED_BYTES, s.received),
+                    (telemetry::TCP_SENT_BYTES, s.sent),
                 ] {
                     let name = telemetry::envoy_stat_name(metric, peer.tcp_labels(flags));
                     out.push((name, Sample::Counter(v)));
@@ -552,10 +552,10 @@ impl Stats {
         if let Ok(tcp) = self.tcp.lock() {
             type Field = fn(&TcpSeries) -> u64;
             let metrics: [(&str, Field); 4] = [
-                ("istio_tcp_connections_opened_total", |s| s.opened),
-                ("istio_tcp_connections_closed_total", |s| s.closed),
-                ("istio_tcp_received_bytes_total", |s| s.received),
-                ("istio_tcp_sent_bytes_total", |s| s.sent),
+                (telemetry::TCP_OPENED, |s| s.opened),
+                (telemetry::TCP_CLOSED, |s| s.closed),
+                (telemetry::TCP_RECEIVED_BYTES, |s| s.received),
+                (telemetry::TCP_SENT_BYTES, |s| s.sent),
             ];
             for (name, field) in metrics {
                 let _ = writeln!(out, "# TYPE {name} counter");

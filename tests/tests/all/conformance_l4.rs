@@ -574,26 +574,17 @@ spec:
     assert_eq!(third, "db:three");
 }
 
-/// meshroute run reports connections with Istio's TCP metrics.
-#[test]
-fn harness_reports_istio_tcp_metrics() {
+/// Both hosts report connections with Istio's TCP metrics and labels (inside Envoy, the
+/// filter keeps them when the bootstrap's node metadata asks for them).
+fn istio_tcp_metrics_count_connections_and_bytes(host: Host) {
     let db = EchoServer::tcp("db");
     let yaml = format!(
         "{}{TCP_GATEWAY_TO_DB}",
         service("db", "tcp", 5432, &[("v1", db.port)])
     );
-    let harness = Harness::start(&gateway(yaml));
+    let proxy = start(host, &gateway(yaml));
     for _ in 0..3 {
-        assert_eq!(tcp_exchange(harness.port, "12345").unwrap(), "db:12345");
-    }
-    // A connection is counted as closed once both sides are done: wait for the last one.
-    let mut text = String::new();
-    for _ in 0..40 {
-        text = get("admin", "/stats/prometheus").send(harness.admin).text();
-        if text.contains("istio_tcp_sent_bytes_total") && text.contains("} 24\n") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(tcp_exchange(proxy.port(), "12345").unwrap(), "db:12345");
     }
     let labels = [
         "{reporter=\"source\",",
@@ -601,18 +592,47 @@ fn harness_reports_istio_tcp_metrics() {
         "destination_service_name=\"db\",destination_service_namespace=\"default\",",
         "request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"unknown\"} ",
     ];
-    let value = |name: &str| -> u64 {
+    let value = |text: &str, name: &str| -> Option<u64> {
         text.lines()
             .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|p| l.contains(p)))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} {labels:?} missing in\n{text}"))
     };
-    // The start-up probe's empty connection counts too.
+    // A connection is counted once both sides are done: wait for the last one.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get("admin", "/stats/prometheus")
+            .send(proxy.admin_port())
+            .text();
+        if value(&text, "istio_tcp_sent_bytes_total") == Some(24) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let value = |name: &str| {
+        value(&text, name).unwrap_or_else(|| panic!("{name} {labels:?} missing in\n{text}"))
+    };
+    // A start-up probe's empty connection counts too.
     let opened = value("istio_tcp_connections_opened_total");
     assert!(opened >= 3, "{text}");
     assert_eq!(value("istio_tcp_connections_closed_total"), opened);
     assert_eq!(value("istio_tcp_received_bytes_total"), 15);
     assert_eq!(value("istio_tcp_sent_bytes_total"), 24);
+    let series = text
+        .lines()
+        .find_map(|l| l.strip_prefix("istio_tcp_connections_opened_total{"))
+        .and_then(|l| l.rsplit_once("} "))
+        .unwrap()
+        .0;
+    let names: Vec<String> = meshroute_tests::prometheus_labels(series)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let expected: Vec<&str> = meshroute_tests::ISTIO_REQUEST_LABELS
+        .iter()
+        .copied()
+        .filter(|l| !["response_code", "grpc_response_status"].contains(l))
+        .collect();
+    assert_eq!(names, expected, "Istio's TCP label set");
 }
 
 /// One port, two servers: HTTPS terminated at the gateway for one host, TLS passed through
@@ -1018,6 +1038,7 @@ spec:
 }
 
 on_both_hosts!(
+    istio_tcp_metrics_count_connections_and_bytes,
     tls_versions_and_cipher_suites_are_enforced,
     mutual_gateway_with_a_separate_ca_secret,
     tls_origination_can_skip_verification,
