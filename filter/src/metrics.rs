@@ -147,16 +147,13 @@ impl Metrics {
         let known = self.counters.borrow().get(&name).copied();
         let id = match known {
             Some(id) => id,
-            None => match host.define_metric(MetricType::Counter, &name) {
-                Ok(id) => {
-                    self.counters.borrow_mut().insert(name, id);
-                    id
-                }
-                Err(status) => {
-                    warn!("defining metric {name} failed: {status:?}");
+            None => {
+                let Some(id) = define(host, MetricType::Counter, &name) else {
                     return;
-                }
-            },
+                };
+                self.counters.borrow_mut().insert(name, id);
+                id
+            }
         };
         let value = i64::try_from(value).unwrap_or(i64::MAX);
         if let Err(status) = host.increment_metric(id, value) {
@@ -196,19 +193,21 @@ impl Metrics {
         if let Some(ids) = self.series.borrow().get(&counter) {
             return Some(*ids);
         }
-        let define = |kind, name: &str| {
-            host.define_metric(kind, name)
-                .map_err(|status| warn!("defining metric {name} failed: {status:?}"))
-                .ok()
-        };
         let [d, q, r] = histograms();
         let ids = [
-            define(MetricType::Counter, &counter)?,
-            define(MetricType::Histogram, &d)?,
-            define(MetricType::Histogram, &q)?,
-            define(MetricType::Histogram, &r)?,
+            define(host, MetricType::Counter, &counter)?,
+            define(host, MetricType::Histogram, &d)?,
+            define(host, MetricType::Histogram, &q)?,
+            define(host, MetricType::Histogram, &r)?,
         ];
         self.series.borrow_mut().insert(counter, ids);
         Some(ids)
     }
+}
+
+/// Defines a metric, warning (and recording nothing) when the host refuses.
+fn define(host: &impl Host, kind: MetricType, name: &str) -> Option<u32> {
+    host.define_metric(kind, name)
+        .map_err(|status| warn!("defining metric {name} failed: {status:?}"))
+        .ok()
 }
