@@ -2,6 +2,8 @@
 //! README.md, ARCHITECTURE.md and BENCHMARKS.md (`dir/{a,b}.rs` stands for each file).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+use std::os::unix::process::CommandExt as _;
+
 /// `a/{b,c}.rs` → `a/b.rs`, `a/c.rs`.
 fn expand(path: &str) -> Vec<String> {
     match (path.find('{'), path.find('}')) {
@@ -118,5 +120,301 @@ fn the_compose_stack_binds_loopback_only_and_checks_its_health() {
     assert!(
         !ports.iter().any(|p| p == "15000"),
         "15000 is meshroute run's default admin port: {ports:?}"
+    );
+}
+
+/// One command of a README code block, with the output lines the README shows for it.
+#[derive(Debug)]
+struct Command {
+    line: usize,
+    text: String,
+    shown: Vec<String>,
+}
+
+/// Drops a trailing ` # comment` that is outside quotes.
+fn strip_comment(line: &str) -> &str {
+    let (mut single, mut double) = (false, false);
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' if !double => single = !single,
+            '"' if !single => double = !double,
+            '#' if !single && !double && previous.is_whitespace() => return line[..i].trim_end(),
+            _ => {}
+        }
+        previous = c;
+    }
+    line.trim_end()
+}
+
+/// The ```sh blocks of a Markdown document, each a list of commands. A block written as a
+/// session (`$ command` followed by its output) shows output; in the others every line is a
+/// command. Lines ending in `\\` continue; comment-only lines are skipped.
+fn shell_blocks(text: &str) -> Vec<Vec<Command>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    let mut n = 0;
+    while n < lines.len() {
+        if lines[n].trim() != "```sh" {
+            n += 1;
+            continue;
+        }
+        let start = n + 1;
+        let end = (start..lines.len())
+            .find(|&i| lines[i].trim() == "```")
+            .expect("a closed code block");
+        let session = lines[start..end].iter().any(|l| l.starts_with("$ "));
+        let mut block: Vec<Command> = Vec::new();
+        let mut continuing = false;
+        for (i, line) in lines.iter().enumerate().take(end).skip(start) {
+            if continuing {
+                let part = strip_comment(line);
+                continuing = part.ends_with('\\');
+                let command = block.last_mut().expect("a continued command");
+                command.text.push(' ');
+                command.text.push_str(part.trim_end_matches('\\').trim());
+                continue;
+            }
+            let text = if session {
+                match line.strip_prefix("$ ") {
+                    Some(text) => text,
+                    None => {
+                        let command = block.last_mut().expect("output follows a command");
+                        command.shown.push(line.trim_end().to_owned());
+                        continue;
+                    }
+                }
+            } else {
+                let trimmed = line.trim_start();
+                if trimmed.is_empty() || trimmed.starts_with('#') {
+                    continue;
+                }
+                line
+            };
+            let part = strip_comment(text);
+            continuing = part.ends_with('\\');
+            block.push(Command {
+                line: i + 1,
+                text: part.trim_end_matches('\\').trim().to_owned(),
+                shown: Vec::new(),
+            });
+        }
+        blocks.push(block);
+        n = end + 1;
+    }
+    blocks
+}
+
+/// Commands the README shows that this test does not run, and where each is exercised.
+const NOT_RUN_HERE: &[(&str, &str)] = &[
+    ("make run", "`meshroute demo`, which it starts: run::demo_answers_hello_v1_and_v2_per_the_example_rules"),
+    ("make test", "the command running this test"),
+    ("make wasm", "`make test` built the module used here"),
+    ("meshroute iptables", "needs a pod: pods::capture_rules_installed_twice_are_there_once_and_remove_takes_them_away"),
+    ("setpriv ", "needs a pod: pods::an_application_without_proxy_settings_gets_the_walkthrough_through_its_sidecar"),
+    ("curl http://reviews:9080/", "needs a pod: pods::an_application_without_proxy_settings_gets_the_walkthrough_through_its_sidecar"),
+    ("nc 127.0.0.1 41400", "interactive, and needs tcp-echo upstreams: conformance_l4::tcp_weighted_split"),
+    ("curl --resolve nginx.example.com:10443", "needs a my-nginx upstream: conformance_l4::passthrough_gateway"),
+];
+
+/// A pod of the test's own (a network namespace), so the README's fixed ports (15000, 15001,
+/// 8080, …) never meet another test's.
+struct Namespace {
+    _node: meshroute_tests::pods::Node,
+    pod: meshroute_tests::pods::Pod,
+}
+
+impl Namespace {
+    fn new() -> Self {
+        let mut node = meshroute_tests::pods::Node::new();
+        let pod = node.pod("readme");
+        Self { _node: node, pod }
+    }
+
+    /// `bash -c TEXT` inside the namespace, in `dir`, with the built tree on PATH.
+    fn shell(&self, dir: &std::path::Path, seconds: u32, text: &str) -> std::process::Command {
+        let bin = meshroute_tests::meshroute_binary();
+        let envoy = meshroute_tests::envoy_binary();
+        let path = format!(
+            "{}:{}:{}",
+            bin.parent().unwrap().display(),
+            envoy.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut c = std::process::Command::new("timeout");
+        c.args([
+            "-s",
+            "KILL",
+            &seconds.to_string(),
+            "ip",
+            "netns",
+            "exec",
+            &self.pod.ns,
+        ])
+        .args(["bash", "-c", text])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("meshroute-readme-cache"),
+        )
+        .stdin(std::process::Stdio::null());
+        c
+    }
+}
+
+/// Commands a block started with `&`, stopped (their whole process group) when it ends.
+struct Background(Vec<(std::process::Child, std::path::PathBuf, String)>);
+
+impl Background {
+    fn log(&self) -> String {
+        self.0
+            .iter()
+            .map(|(_, log, text)| {
+                format!(
+                    "--- {text}\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for (child, _, _) in &mut self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A directory of the test's own, removed afterwards.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(index: usize) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("meshroute-readme-{}-{index}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every command in README.md's shell blocks works as written on the built tree: it exits
+/// 0 and prints the lines the README shows for it. Each block runs in a fresh directory
+/// holding `examples/` and the built module at the path `make wasm` gives, inside a network
+/// namespace of its own; a command after one started with `&` is retried until the
+/// background proxy is up.
+#[test]
+fn every_readme_command_works_as_written() {
+    let root = meshroute_tests::repo_root();
+    let text = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let blocks = shell_blocks(&text);
+    let mut ran = 0;
+    let mut skipped = Vec::new();
+    for (index, block) in blocks.iter().enumerate() {
+        let dir = Scratch::new(index);
+        std::os::unix::fs::symlink(root.join("examples"), dir.path().join("examples")).unwrap();
+        let module_dir = dir
+            .path()
+            .join("target/wasm32-unknown-unknown/wasm-release");
+        std::fs::create_dir_all(&module_dir).unwrap();
+        std::os::unix::fs::symlink(
+            meshroute_tests::wasm_path(),
+            module_dir.join("meshroute_filter.wasm"),
+        )
+        .unwrap();
+        let ns = Namespace::new();
+        let mut background = Background(Vec::new());
+        for command in block {
+            let at = format!("README.md:{}: {}", command.line, command.text);
+            if let Some((_, why)) = NOT_RUN_HERE
+                .iter()
+                .find(|(p, _)| command.text.starts_with(p))
+            {
+                skipped.push(format!("{at} ({why})"));
+                continue;
+            }
+            if let Some(text) = command.text.strip_suffix('&') {
+                let log = dir
+                    .path()
+                    .join(format!("background-{}.log", background.0.len()));
+                let file = std::fs::File::create(&log).unwrap();
+                let child = ns
+                    .shell(dir.path(), 600, &format!("exec {text}"))
+                    .stdout(file.try_clone().unwrap())
+                    .stderr(file)
+                    .process_group(0)
+                    .spawn()
+                    .unwrap();
+                background.0.push((child, log, text.trim().to_owned()));
+                ran += 1;
+                continue;
+            }
+            // Behind a proxy that is starting: try again until it answers.
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_secs(if background.0.is_empty() { 0 } else { 120 });
+            let out = loop {
+                let out = ns.shell(dir.path(), 60, &command.text).output().unwrap();
+                if out.status.success() || std::time::Instant::now() >= deadline {
+                    break out;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            };
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{at}\nexit {:?}\nstdout:\n{stdout}\nstderr:\n{}\nbackground:\n{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr),
+                background.log()
+            );
+            let printed: Vec<&str> = stdout.lines().map(str::trim_end).collect();
+            for line in &command.shown {
+                assert!(
+                    printed.contains(&line.as_str()),
+                    "{at}\nthe README shows\n  {line}\nbut it printed:\n{stdout}"
+                );
+            }
+            ran += 1;
+        }
+        let stopped: Vec<String> = background
+            .0
+            .iter_mut()
+            .filter_map(|(child, _, text)| child.try_wait().unwrap().map(|_| text.clone()))
+            .collect();
+        assert!(
+            stopped.is_empty(),
+            "{stopped:?} stopped while their block ran:\n{}",
+            background.log()
+        );
+    }
+    eprintln!(
+        "ran {ran} README commands; not run here:\n  {}",
+        skipped.join("\n  ")
+    );
+    assert_eq!(
+        skipped.len(),
+        NOT_RUN_HERE.len(),
+        "each exception is used once: {skipped:#?}"
+    );
+    assert!(
+        ran >= 15,
+        "only {ran} commands found in {} blocks",
+        blocks.len()
     );
 }
