@@ -14,8 +14,18 @@ WASM_BINDGEN_VERSION := $(shell grep -A1 '^name = "wasm-bindgen"$$' Cargo.lock |
 WASM_TEST_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 OHA_VERSION := 1.16.0
 OHA := $(TOOLS)/bin/oha
+# Fuzzing: each target this many seconds (`make fuzz`; `make test` runs FUZZ_SMOKE_SECONDS).
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+HOST_TRIPLE := $(shell rustc -vV | sed -n 's/^host: //p')
+FUZZ_BIN := $(TARGET_DIR)/fuzz/$(HOST_TRIPLE)/release
+# libFuzzer's coverage instrumentation on the stable toolchain (what cargo-fuzz passes,
+# without a sanitizer); host build scripts stay uninstrumented with an explicit --target.
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing
 
-.PHONY: all build bench test run lint fmt-check clippy wasm-check wasm-test wasm envoy pod-tools examples envoy-configs configs-check conformance clean
+.PHONY: all build bench fuzz fuzz-build fuzz-smoke soak test run lint fmt-check clippy wasm-check wasm-test wasm envoy pod-tools examples envoy-configs configs-check conformance clean
 
 all: build
 
@@ -27,7 +37,30 @@ build:
 test: fmt-check clippy wasm-check wasm-test wasm envoy pod-tools
 	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_GUEST_WASM=$(abspath $(GUEST_WASM)) \
 	  MESHROUTE_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --workspace
-	$(MAKE) examples configs-check
+	$(MAKE) examples configs-check fuzz-smoke
+
+## Every fuzz target for FUZZ_SECONDS (default 600) each, after its regression inputs
+## (FUZZ_TARGETS="rules http1_front" narrows the run).
+fuzz: fuzz-build wasm
+	$(CARGO) build -q -p meshroute-harness
+	MESHROUTE_WASM=$(abspath $(WASM)) ./scripts/fuzz.sh $(FUZZ_BIN) $(FUZZ_SECONDS) $(MESHROUTE)
+
+## The soak test for SOAK_SECONDS (default 600): a gateway under mixed load through reloads,
+## upstream failures and hostile clients (`make test` runs it for 60 s).
+SOAK_SECONDS ?= 600
+soak: wasm
+	$(CARGO) build -q -p meshroute-harness
+	MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_SOAK_SECONDS=$(SOAK_SECONDS) \
+	  $(CARGO) test -p meshroute-tests --test all -- soak --nocapture
+
+## The short run of every fuzz target that `make test` includes.
+fuzz-smoke: fuzz-build wasm
+	$(CARGO) build -q -p meshroute-harness
+	MESHROUTE_WASM=$(abspath $(WASM)) ./scripts/fuzz.sh $(FUZZ_BIN) $(FUZZ_SMOKE_SECONDS) $(MESHROUTE)
+
+fuzz-build:
+	RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --manifest-path fuzz/Cargo.toml \
+	  --target $(HOST_TRIPLE) --target-dir $(TARGET_DIR)/fuzz
 
 ## The pure crates' tests again, compiled to wasm32 and run under Node.
 wasm-test: $(WASM_TEST_RUNNER)
@@ -66,9 +99,11 @@ $(ENVOY):
 
 fmt-check:
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --target-dir $(TARGET_DIR)/fuzz-lint -- -D warnings
 
 ## The pure crates must build (and lint clean) for the proxy-wasm targets.
 wasm-check:

@@ -20,14 +20,31 @@ use crate::host::{text_property, u64_property, Host};
 /// The metric ids of one series: the counter, then the duration and size histograms.
 type SeriesIds = [u32; 4];
 
+/// A peer's labels with a number of their own, so that a series is found by what makes it
+/// up and its stat name is written once, when it is defined.
+struct Peer {
+    id: usize,
+    labels: PeerLabels,
+}
+
+/// What tells one request series from another.
+#[derive(PartialEq, Eq, Hash)]
+struct SeriesKey {
+    peer: usize,
+    protocol: &'static str,
+    code: u64,
+    grpc: String,
+    flags: u64,
+}
+
 pub(crate) struct Metrics {
     me: Workload,
     /// Outcome-independent labels by cluster and endpoint, built once each.
-    peers: RefCell<HashMap<String, HashMap<String, Rc<PeerLabels>>>>,
-    /// Defined series by their counter's stat name.
-    series: RefCell<HashMap<String, SeriesIds>>,
-    /// Defined TCP counters by stat name.
-    counters: RefCell<HashMap<String, u32>>,
+    peers: RefCell<HashMap<String, HashMap<String, Rc<Peer>>>>,
+    /// Defined request series.
+    series: RefCell<HashMap<SeriesKey, SeriesIds>>,
+    /// Defined TCP counters by peer, metric and response flags.
+    counters: RefCell<HashMap<(usize, &'static str, u64), u32>>,
 }
 
 /// What the filter noted of a request for its metrics.
@@ -75,21 +92,14 @@ impl Metrics {
             text_property(host, &["upstream", "address"])
         };
         let peer = self.peer(engine, &noted.cluster, &endpoint);
-        let code = u64_property(host, &["response", "code"]).unwrap_or(0);
-        let flags =
-            telemetry::response_flags(u64_property(host, &["response", "flags"]).unwrap_or(0));
-        let grpc = host.response_header("grpc-status").unwrap_or_default();
-        let code = code.to_string();
-        let labels = || peer.request_labels(noted.protocol, &code, &grpc, &flags);
-        let name = telemetry::envoy_stat_name(telemetry::REQUESTS_TOTAL, labels());
-        let Some(ids) = self.ids(host, name, || {
-            [
-                telemetry::REQUEST_DURATION,
-                telemetry::REQUEST_BYTES,
-                telemetry::RESPONSE_BYTES,
-            ]
-            .map(|m| telemetry::envoy_stat_name(m, labels()))
-        }) else {
+        let key = SeriesKey {
+            peer: peer.id,
+            protocol: noted.protocol,
+            code: u64_property(host, &["response", "code"]).unwrap_or(0),
+            grpc: host.response_header("grpc-status").unwrap_or_default(),
+            flags: u64_property(host, &["response", "flags"]).unwrap_or(0),
+        };
+        let Some(ids) = self.ids(host, &peer.labels, key) else {
             return;
         };
         let duration_ms = u64_property(host, &["request", "duration"]).unwrap_or(0) / 1_000_000;
@@ -110,7 +120,7 @@ impl Metrics {
     /// Counts a connection the filter sent to `cluster` (when it opens; flags not known yet).
     pub fn tcp_opened(&self, host: &impl Host, engine: &Engine, cluster: &str) {
         let peer = self.peer(engine, cluster, "");
-        self.add(host, telemetry::TCP_OPENED, peer.tcp_labels("-"), 1);
+        self.add(host, &peer, telemetry::TCP_OPENED, 0, 1);
     }
 
     /// Counts a connection to `cluster` that ended (at `on_log`), with the bytes it carried
@@ -124,34 +134,29 @@ impl Metrics {
         sent: u64,
     ) {
         let peer = self.peer(engine, cluster, "");
-        let flags =
-            telemetry::response_flags(u64_property(host, &["response", "flags"]).unwrap_or(0));
+        let flags = u64_property(host, &["response", "flags"]).unwrap_or(0);
         for (metric, value) in [
             (telemetry::TCP_CLOSED, 1),
             (telemetry::TCP_RECEIVED_BYTES, received),
             (telemetry::TCP_SENT_BYTES, sent),
         ] {
-            self.add(host, metric, peer.tcp_labels(&flags), value);
+            self.add(host, &peer, metric, flags, value);
         }
     }
 
     /// Adds `value` to a TCP counter, defining it on first use.
-    fn add<'a>(
-        &self,
-        host: &impl Host,
-        metric: &str,
-        labels: impl Iterator<Item = (&'static str, &'a str)>,
-        value: u64,
-    ) {
-        let name = telemetry::envoy_stat_name(metric, labels);
-        let known = self.counters.borrow().get(&name).copied();
+    fn add(&self, host: &impl Host, peer: &Peer, metric: &'static str, flags: u64, value: u64) {
+        let key = (peer.id, metric, flags);
+        let known = self.counters.borrow().get(&key).copied();
         let id = match known {
             Some(id) => id,
             None => {
+                let flags = telemetry::response_flags(flags);
+                let name = telemetry::envoy_stat_name(metric, peer.labels.tcp_labels(&flags));
                 let Some(id) = define(host, MetricType::Counter, &name) else {
                     return;
                 };
-                self.counters.borrow_mut().insert(name, id);
+                self.counters.borrow_mut().insert(key, id);
                 id
             }
         };
@@ -161,7 +166,7 @@ impl Metrics {
         }
     }
 
-    fn peer(&self, engine: &Engine, cluster: &str, endpoint: &str) -> Rc<PeerLabels> {
+    fn peer(&self, engine: &Engine, cluster: &str, endpoint: &str) -> Rc<Peer> {
         if let Some(p) = self
             .peers
             .borrow()
@@ -170,37 +175,46 @@ impl Metrics {
         {
             return Rc::clone(p);
         }
-        let labels = Rc::new(PeerLabels::new(
-            cluster,
-            &self.me,
-            engine.endpoint_labels(cluster, endpoint),
-        ));
-        self.peers
-            .borrow_mut()
+        let mut peers = self.peers.borrow_mut();
+        let id = peers.values().map(HashMap::len).sum();
+        let peer = Rc::new(Peer {
+            id,
+            labels: PeerLabels::new(cluster, &self.me, engine.endpoint_labels(cluster, endpoint)),
+        });
+        peers
             .entry(cluster.to_owned())
             .or_default()
-            .insert(endpoint.to_owned(), Rc::clone(&labels));
-        labels
+            .insert(endpoint.to_owned(), Rc::clone(&peer));
+        peer
     }
 
-    /// The series' metric ids, defined on its first request (`histograms` names the rest).
-    fn ids(
-        &self,
-        host: &impl Host,
-        counter: String,
-        histograms: impl FnOnce() -> [String; 3],
-    ) -> Option<SeriesIds> {
-        if let Some(ids) = self.series.borrow().get(&counter) {
+    /// The series' metric ids, defined (their stat names written) on its first request.
+    fn ids(&self, host: &impl Host, peer: &PeerLabels, key: SeriesKey) -> Option<SeriesIds> {
+        if let Some(ids) = self.series.borrow().get(&key) {
             return Some(*ids);
         }
-        let [d, q, r] = histograms();
+        let (code, flags) = (key.code.to_string(), telemetry::response_flags(key.flags));
+        let name = |metric: &str| {
+            telemetry::envoy_stat_name(
+                metric,
+                peer.request_labels(key.protocol, &code, &key.grpc, &flags),
+            )
+        };
         let ids = [
-            define(host, MetricType::Counter, &counter)?,
-            define(host, MetricType::Histogram, &d)?,
-            define(host, MetricType::Histogram, &q)?,
-            define(host, MetricType::Histogram, &r)?,
+            define(host, MetricType::Counter, &name(telemetry::REQUESTS_TOTAL))?,
+            define(
+                host,
+                MetricType::Histogram,
+                &name(telemetry::REQUEST_DURATION),
+            )?,
+            define(host, MetricType::Histogram, &name(telemetry::REQUEST_BYTES))?,
+            define(
+                host,
+                MetricType::Histogram,
+                &name(telemetry::RESPONSE_BYTES),
+            )?,
         ];
-        self.series.borrow_mut().insert(counter, ids);
+        self.series.borrow_mut().insert(key, ids);
         Some(ids)
     }
 }

@@ -567,6 +567,9 @@ fn http_connection_manager(
                     // Envoy's default, `envoy`).
                     "server_name": if doc_kind == ProxyKind::Gateway { "istio-envoy" } else { "envoy" },
                     "codec_type": "AUTO",
+                    // Gateways are the mesh's edge: Istio has Envoy take the client from
+                    // the connection and append it to x-forwarded-for; sidecars trust it.
+                    "use_remote_address": doc_kind == ProxyKind::Gateway,
                     "normalize_path": true,
                     "access_log": access_log(opts.access_log_encoding),
                     "route_config": {

@@ -133,10 +133,21 @@ fn retry_policy(hashed: bool) -> Value {
 fn hash_policy(h: &ir::ConsistentHash) -> Value {
     match &h.key {
         ir::HashKey::Header(name) => json!({"header": {"header_name": name}}),
-        ir::HashKey::Cookie { name, path, ttl_ms } => {
+        ir::HashKey::Cookie {
+            name,
+            path,
+            ttl_ms,
+            attributes,
+        } => {
             let mut cookie = json!({"name": name});
             if let Some(p) = path {
                 cookie["path"] = json!(p);
+            }
+            if !attributes.is_empty() {
+                cookie["attributes"] = attributes
+                    .iter()
+                    .map(|a| json!({"name": a.name, "value": a.value}))
+                    .collect();
             }
             if let Some(ms) = ttl_ms {
                 cookie["ttl"] = json!(format!("{}s", *ms as f64 / 1000.0));

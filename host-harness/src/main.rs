@@ -261,7 +261,7 @@ enum Outbound {
 enum Command {
     /// Print a shell completion script.
     ///
-    /// Example: `meshroute completions bash > /etc/bash_completion.d/meshroute`
+    /// Example: `source <(meshroute completions bash)`
     Completions {
         /// The shell to complete for.
         #[arg(value_enum)]
@@ -776,12 +776,13 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "meshroute",
-                &mut std::io::stdout(),
-            );
+            // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "meshroute", &mut script);
+            std::io::stdout()
+                .lock()
+                .write_all(&script)
+                .map_err(|e| CliError::Io(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files, output } => validate(&files, &output),

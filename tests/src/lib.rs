@@ -89,6 +89,67 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port that refuses connections (RST) for the rest of the test run: a socket
+/// bound to it but never listening. Unlike a port that was free a moment ago, no other test
+/// can start listening on it meanwhile.
+pub fn refusing_port() -> u16 {
+    static HELD: Mutex<Vec<socket2::Socket>> = Mutex::new(Vec::new());
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind");
+    let port = socket
+        .local_addr()
+        .expect("address")
+        .as_socket()
+        .expect("an IP address")
+        .port();
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(socket);
+    port
+}
+
+/// A loopback port whose connection attempts go unanswered: a listener with an accept
+/// queue of one, filled by a connection of its own and never accepted, so the kernel drops
+/// every further SYN (`tcp_abort_on_overflow` is 0 by default) and a client's connect waits
+/// for its own timeout.
+pub struct Unanswered {
+    pub port: u16,
+    _listener: socket2::Socket,
+    _filler: Vec<TcpStream>,
+}
+
+impl Unanswered {
+    pub fn start() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let address = listener
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        // The queue holds backlog + 1 connections; fill it and check a next attempt waits.
+        let mut filler = Vec::new();
+        while filler.len() < 4 {
+            match TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+                Ok(c) => filler.push(c),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            TcpStream::connect_timeout(&address, Duration::from_millis(300)).is_err(),
+            "the filled accept queue still answers"
+        );
+        Self {
+            port: address.port(),
+            _listener: listener,
+            _filler: filler,
+        }
+    }
+}
+
 /// One request as an upstream saw it.
 #[derive(Clone, Debug)]
 pub struct Received {
@@ -693,6 +754,8 @@ impl Envoy {
         let log = dir.join("envoy.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
+        // MESHROUTE_ENVOY_LOG_LEVEL=debug keeps Envoy's reasoning in the log of a failed test.
+        let level = std::env::var("MESHROUTE_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into());
         // `setsid` gives Envoy its own session: signals aimed at the test's process group do
         // not reach it, and we stop it ourselves by PID.
         let child = Command::new("setsid")
@@ -704,7 +767,7 @@ impl Envoy {
                 "1",
                 "--disable-hot-restart",
                 "--log-level",
-                "info",
+                &level,
             ])
             .stdin(Stdio::null())
             .stdout(out)
@@ -784,10 +847,11 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if !thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
+        // A test that failed, or asked for a log level of its own, keeps the log.
+        if thread::panicking() || std::env::var_os("MESHROUTE_ENVOY_LOG_LEVEL").is_some() {
             eprintln!("envoy log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -1170,38 +1234,16 @@ pub const ISTIO_LOG_FIELDS: &[&str] = &[
     "route_name",
 ];
 
-/// The label names of `istio_requests_total` as Istio's Prometheus output has them:
-/// istio/proxy `testdata/metric/client_request_total.yaml.tmpl` (commit 0578ad51),
-/// with the cluster labels as Prometheus names them (`source_cluster`,
-/// `destination_cluster`; the template's `*_cluster_id`) and without its two
-/// configurable test metrics.
-pub const ISTIO_REQUEST_LABELS: &[&str] = &[
-    "reporter",
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-];
+/// The label names of `istio_requests_total` as Istio's Prometheus output has them, in
+/// order (`tests/istio/request-labels.txt` says where they come from).
+pub static ISTIO_REQUEST_LABELS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| {
+        include_str!("../istio/request-labels.txt")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect()
+    });
 
 /// The labels inside a Prometheus series' braces, in their order, values unescaped.
 pub fn prometheus_labels(inner: &str) -> Vec<(String, String)> {

@@ -392,9 +392,37 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTlsSettings>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
-    pub tunnel: Option<serde_json::Value>,
-    pub proxy_protocol: Option<serde_json::Value>,
-    pub retry_budget: Option<serde_json::Value>,
+    pub tunnel: Option<TunnelSettings>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// `trafficPolicy.tunnel`: connections to the endpoints through an HTTP tunnel.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelSettings {
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub target_host: String,
+    #[serde(default)]
+    pub target_port: i64,
+}
+
+/// `trafficPolicy.proxyProtocol`: the PROXY protocol header on upstream connections.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyProtocol {
+    /// `V1` (the default) or `V2`.
+    pub version: Option<String>,
+}
+
+/// `trafficPolicy.retryBudget`: retries limited to a share of the requests in flight.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    pub percent: Option<f64>,
+    pub min_retry_concurrency: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -456,7 +484,17 @@ pub struct HttpCookie {
     pub path: Option<String>,
     pub ttl: Option<Duration>,
     #[serde(default)]
-    pub attributes: Vec<serde_json::Value>,
+    pub attributes: Vec<CookieAttribute>,
+}
+
+/// An attribute of the cookie the proxy generates (`SameSite`, `Secure`, …).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CookieAttribute {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -154,18 +154,10 @@ impl Config {
             entries.sort();
             let mut diags = Vec::new();
             for entry in entries {
-                let hidden = entry
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(".."));
-                if hidden {
+                if is_hidden(&entry) {
                     continue;
                 }
-                let is_config = entry
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
-                if entry.is_dir() || is_config {
+                if entry.is_dir() || is_config_file(&entry) {
                     diags.extend(self.add_path(&entry));
                 }
             }
@@ -407,4 +399,21 @@ fn typed<T: DeserializeOwned>(
             message: raw,
         }
     })
+}
+
+/// Whether a directory entry is skipped: `..data` and the timestamped directories of a
+/// Kubernetes ConfigMap volume, reached through their links instead.
+pub fn is_hidden(entry: &std::path::Path) -> bool {
+    entry
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(".."))
+}
+
+/// Whether a file found in a directory is configuration (`.yaml`, `.yml`, `.json`); other
+/// files there are not read (a file named on its own always is).
+pub fn is_config_file(path: &std::path::Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
 }

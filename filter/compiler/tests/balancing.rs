@@ -301,6 +301,23 @@ fn cookie_hash_generates_a_cookie_only_with_a_ttl() {
         value.starts_with("s=\"") && value.ends_with("; Max-Age=90; Path=/a; HttpOnly"),
         "{value}"
     );
+    // Attributes follow the path, as Envoy writes them.
+    let with_attributes = engine(
+        3,
+        "{loadBalancer: {consistentHash: {httpCookie: {name: s, path: /a, ttl: 90s, attributes: [{name: SameSite, value: Strict}, {name: Secure}]}}}}",
+    );
+    let f3 = forward(&with_attributes, &h, &mut rng, &state).unwrap();
+    let set = f3
+        .response_edits
+        .iter()
+        .find(|e| e.name == "set-cookie")
+        .unwrap()
+        .value
+        .to_string();
+    assert!(
+        set.ends_with("; Max-Age=90; Path=/a; SameSite=Strict; Secure; HttpOnly"),
+        "{set}"
+    );
     // Sending it back lands on the same endpoint and sets nothing.
     let cookie = value.split(';').next().unwrap().to_owned();
     let again = Headers::new(&[("cookie", &cookie)]);

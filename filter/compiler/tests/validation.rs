@@ -447,3 +447,102 @@ fn thousands_of_documents_load() {
     assert!(d.is_empty(), "{:?}", d.first());
     assert_eq!(c.services.len(), 3000);
 }
+
+/// The traffic-policy fields meshroute cannot honour are typed and checked as istiod checks
+/// them (`validateTrafficPolicy`, `validateTunnelSettings`, `validateProxyProtocol` in
+/// istio/istio pkg/config/validation), then reported as having no effect.
+#[wasm_bindgen_test(unsupported = test)]
+fn tunnel_proxy_protocol_and_retry_budget_are_checked_and_reported() {
+    let policy = |tp: &str| dr(&format!("  host: a\n  trafficPolicy: {tp}\n"));
+    let warnings = |yaml: &str| -> Vec<String> {
+        diags(yaml)
+            .into_iter()
+            .filter(|d| !d.is_error())
+            .map(|d| d.to_string())
+            .collect()
+    };
+    for (tp, field) in [
+        (
+            "{tunnel: {targetHost: proxy.example.com, targetPort: 3128}}",
+            "tunnel",
+        ),
+        ("{proxyProtocol: {version: V2}}", "proxyProtocol"),
+        (
+            "{retryBudget: {percent: 20, minRetryConcurrency: 3}}",
+            "retryBudget",
+        ),
+    ] {
+        let y = policy(tp);
+        assert!(errors(&y).is_empty(), "{tp}: {:?}", errors(&y));
+        let w = warnings(&y);
+        assert!(
+            w.iter()
+                .any(|d| d.contains(&format!("spec.trafficPolicy.{field}"))
+                    && d.contains("has no effect in meshroute")),
+            "{tp}: {w:#?}"
+        );
+    }
+    assert_error(
+        &policy("{tunnel: {targetHost: p.example.com, targetPort: 3128}, proxyProtocol: {}}"),
+        "spec.trafficPolicy",
+        "tunnel and proxyProtocol must not be set together",
+    );
+    assert_error(
+        &policy("{tunnel: {protocol: GET, targetHost: p.example.com, targetPort: 3128}}"),
+        "spec.trafficPolicy.tunnel.protocol",
+        "tunnel protocol must be \"CONNECT\" or \"POST\"",
+    );
+    assert_error(
+        &policy("{tunnel: {targetHost: 'not a host', targetPort: 3128}}"),
+        "spec.trafficPolicy.tunnel.targetHost",
+        "tunnel target host must be valid FQDN or IP address",
+    );
+    assert_error(
+        &policy("{tunnel: {targetHost: 10.0.0.1, targetPort: 0}}"),
+        "spec.trafficPolicy.tunnel.targetPort",
+        "port number 0 must be in the range 1..65535",
+    );
+    assert_error(
+        &policy("{proxyProtocol: {version: V3}}"),
+        "spec.trafficPolicy.proxyProtocol.version",
+        "proxy protocol version is invalid",
+    );
+    assert_error(
+        &policy("{retryBudget: {percent: 120}}"),
+        "spec.trafficPolicy.retryBudget.percent",
+        "not in range 0..100",
+    );
+    // Typed: a misspelt field is an error, not a silent no-op.
+    assert!(
+        errors(&policy(
+            "{tunnel: {targetHost: p.example.com, targetPrt: 3128}}"
+        ))
+        .iter()
+        .any(|e| e.contains("targetPrt")),
+        "{:?}",
+        errors(&policy(
+            "{tunnel: {targetHost: p.example.com, targetPrt: 3128}}"
+        ))
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn cookie_attributes_are_tokens_that_cannot_add_attributes_of_their_own() {
+    let cookie = |attrs: &str| {
+        dr(&format!("  host: a\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpCookie: {{name: s, ttl: 60s, attributes: {attrs}}}\n"))
+    };
+    assert!(errors(&cookie("[{name: SameSite, value: Strict}, {name: Secure}]")).is_empty());
+    assert_error(
+        &cookie("[{value: Strict}]"),
+        "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[0].name",
+        "must be a non-empty token",
+    );
+    assert_error(
+        &cookie("[{name: SameSite, value: 'Strict; Domain=evil.example'}]"),
+        "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[0].value",
+        "must not contain ';'",
+    );
+    assert!(errors(&cookie("[{name: Secure, flag: true}]"))
+        .iter()
+        .any(|e| e.contains("flag")));
+}

@@ -237,6 +237,9 @@ pub enum RouterReply {
     Timeout,
     /// The connection to the endpoint failed.
     ConnectFailure,
+    /// The connection to the endpoint was not made within the cluster's connect timeout
+    /// (a connect failure to Envoy's retry conditions and response flags).
+    ConnectTimeout,
     /// TLS origination failed because the endpoint's certificate did not verify.
     TlsVerifyFailure,
     /// TLS origination failed otherwise.
@@ -265,6 +268,7 @@ impl RouterReply {
             Self::NoHealthyUpstream => "no healthy upstream",
             Self::Timeout => "upstream request timeout",
             Self::ConnectFailure => "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            Self::ConnectTimeout => "upstream connect error or disconnect/reset before headers. reset reason: connection timeout",
             Self::TlsVerifyFailure => "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: CERTIFICATE_VERIFY_FAILED",
             Self::TlsFailure => "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: handshake failure",
             Self::Reset => "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
@@ -277,9 +281,10 @@ impl RouterReply {
             Self::NoCluster => ResponseFlag::NoClusterFound,
             Self::NoHealthyUpstream => ResponseFlag::NoHealthyUpstream,
             Self::Timeout => ResponseFlag::UpstreamRequestTimeout,
-            Self::ConnectFailure | Self::TlsVerifyFailure | Self::TlsFailure => {
-                ResponseFlag::UpstreamConnectionFailure
-            }
+            Self::ConnectFailure
+            | Self::ConnectTimeout
+            | Self::TlsVerifyFailure
+            | Self::TlsFailure => ResponseFlag::UpstreamConnectionFailure,
             Self::Reset => ResponseFlag::UpstreamConnectionTermination,
             Self::Overflow => ResponseFlag::UpstreamOverflow,
         }
@@ -294,6 +299,7 @@ impl RouterReply {
             Self::ConnectFailure => {
                 "upstream_reset_before_response_started{remote_connection_failure}"
             }
+            Self::ConnectTimeout => "upstream_reset_before_response_started{connection_timeout}",
             Self::TlsVerifyFailure => "upstream_reset_before_response_started{remote_connection_failure|TLS_error:CERTIFICATE_VERIFY_FAILED}",
             Self::TlsFailure => {
                 "upstream_reset_before_response_started{remote_connection_failure|TLS_error}"
@@ -330,6 +336,8 @@ impl RouterReply {
             Self::TlsVerifyFailure
         } else if reason.contains("TLS_error") {
             Self::TlsFailure
+        } else if reason.starts_with("connection timeout") {
+            Self::ConnectTimeout
         } else if reason.contains("connection failure")
             || reason.contains("remote_connection_failure")
             || reason.contains("connect_error")
@@ -569,6 +577,7 @@ mod tests {
             RouterReply::NoHealthyUpstream,
             RouterReply::Timeout,
             RouterReply::ConnectFailure,
+            RouterReply::ConnectTimeout,
             RouterReply::TlsVerifyFailure,
             RouterReply::TlsFailure,
             RouterReply::Reset,

@@ -265,6 +265,10 @@ fn clusters() -> Vec<Cluster> {
             name: "session".into(),
             path: Some("/".into()),
             ttl_ms: Some(60_000),
+            attributes: vec![CookieAttribute {
+                name: "SameSite".into(),
+                value: "Strict".into(),
+            }],
         },
         HashKey::SourceIp,
         HashKey::QueryParameter("u".into()),

@@ -619,6 +619,13 @@ fn respond(proxy: &Arc<Proxy>, req: &Request<hyper::body::Incoming>) -> Response
                     .count();
                 let _ = writeln!(out, "{name}{{cluster_name=\"{}\"}} {ejected}", c.name);
             }
+            // Tasks alive in the runtime (connections, timers, pooled connections): one that
+            // only grows is a leak.
+            let tasks = tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks();
+            let name = "meshroute_runtime_alive_tasks";
+            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {tasks}");
             text(200, "text/plain; version=0.0.4", out)
         }
         "/config_dump" => {
@@ -832,38 +839,15 @@ pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, status_only: boo
 mod tests {
     use super::*;
 
-    /// The label names of `istio_requests_total` as Istio's Prometheus output has them:
-    /// istio/proxy `testdata/metric/client_request_total.yaml.tmpl` (commit 0578ad51),
-    /// with the cluster labels as Prometheus names them (`source_cluster`,
-    /// `destination_cluster`; the template's `*_cluster_id`) and without its two
-    /// configurable test metrics.
-    const ISTIO_REQUEST_LABELS: &[&str] = &[
-        "reporter",
-        "source_workload",
-        "source_canonical_service",
-        "source_canonical_revision",
-        "source_workload_namespace",
-        "source_principal",
-        "source_app",
-        "source_version",
-        "source_cluster",
-        "destination_workload",
-        "destination_workload_namespace",
-        "destination_principal",
-        "destination_app",
-        "destination_version",
-        "destination_service",
-        "destination_canonical_service",
-        "destination_canonical_revision",
-        "destination_service_name",
-        "destination_service_namespace",
-        "destination_cluster",
-        "request_protocol",
-        "response_code",
-        "grpc_response_status",
-        "response_flags",
-        "connection_security_policy",
-    ];
+    /// Istio's label names of `istio_requests_total`, in order: the anchor the integration
+    /// tests use too.
+    fn istio_request_labels() -> Vec<&'static str> {
+        include_str!("../../../tests/istio/request-labels.txt")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect()
+    }
 
     fn labels_of(line: &str) -> Vec<(String, String)> {
         let inner = line
@@ -919,7 +903,7 @@ mod tests {
         assert_eq!(lines.len(), 2, "{text}");
         for line in &lines {
             let names: Vec<String> = labels_of(line).into_iter().map(|(k, _)| k).collect();
-            assert_eq!(names, ISTIO_REQUEST_LABELS, "{line}");
+            assert_eq!(names, istio_request_labels(), "{line}");
         }
         let source: BTreeMap<_, _> = labels_of(lines[1]).into_iter().collect();
         let get = |m: &BTreeMap<String, String>, k: &str| m[k].clone();

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use meshroute_core::contract::PASSTHROUGH_CLUSTER;
+use meshroute_core::contract::{RouterReply, PASSTHROUGH_CLUSTER};
 use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 
 use super::access_log::{self, Entry, TcpEntry};
@@ -555,13 +555,13 @@ impl InboundHttp {
         let request_size = header_bytes(&headers);
         let (response, flags) = match self.send(headers, body).await {
             Ok(r) => (r, ""),
-            Err((status, body, flags)) => {
+            Err(reply) => {
                 let response = Response::builder()
-                    .status(status)
+                    .status(reply.status())
                     .header("content-type", "text/plain")
-                    .body(full(body))
+                    .body(full(reply.body()))
                     .unwrap_or_else(|_| Response::new(full(Vec::new())));
-                (response, flags)
+                (response, reply.flag().code())
             }
         };
         let mut response = response;
@@ -604,16 +604,14 @@ impl InboundHttp {
         &self,
         headers: Vec<(String, String)>,
         body: Incoming,
-    ) -> Result<Response<Body>, (u16, &'static str, &'static str)> {
+    ) -> Result<Response<Body>, RouterReply> {
         // `http.http2MaxRequests`: a request over the limit gets Envoy's overflow answer.
         let _permit = match &self.requests {
-            Some(s) => Some(Arc::clone(s).try_acquire_owned().map_err(|_| {
-                (
-                    503,
-                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                    "UO",
-                )
-            })?),
+            Some(s) => Some(
+                Arc::clone(s)
+                    .try_acquire_owned()
+                    .map_err(|_| RouterReply::Overflow)?,
+            ),
             None => None,
         };
         let attempt = if self.h2 {
@@ -627,17 +625,12 @@ impl InboundHttp {
         };
         match attempt {
             upstream::Attempt::Response(r) => Ok(r),
-            upstream::Attempt::ConnectFailure | upstream::Attempt::TlsFailure(_) => Err((
-                503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                "UF",
-            )),
-            upstream::Attempt::Timeout => Err((504, "upstream request timeout", "UT")),
-            upstream::Attempt::Reset => Err((
-                503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                "UC",
-            )),
+            upstream::Attempt::ConnectFailure | upstream::Attempt::TlsFailure(_) => {
+                Err(RouterReply::ConnectFailure)
+            }
+            upstream::Attempt::ConnectTimeout => Err(RouterReply::ConnectTimeout),
+            upstream::Attempt::Timeout => Err(RouterReply::Timeout),
+            upstream::Attempt::Reset => Err(RouterReply::Reset),
         }
     }
 }

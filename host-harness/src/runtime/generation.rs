@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,28 @@ pub(super) struct Slot {
     pub(super) failed_at: Mutex<Option<Instant>>,
     pub(super) waiters: Mutex<HashMap<u32, oneshot::Sender<()>>>,
     pub(super) tick: Notify,
+    /// Whether the instance's ticker runs; changed only under `waiters`' lock, so that a
+    /// request that starts waiting on a replaced generation always has a ticker to wake it.
+    pub(super) ticking: AtomicBool,
+}
+
+/// Registers `tx` to be woken when stream `id` is resumed or answered, restarting the
+/// instance's ticker if a reload had let it stop: a request of a replaced generation may
+/// start waiting (a retry back-off, a fault delay) long after the reload.
+pub(super) fn register_waiter(
+    proxy: &Arc<Proxy>,
+    generation: &Arc<Generation>,
+    index: usize,
+    id: u32,
+    tx: oneshot::Sender<()>,
+) {
+    let slot = &generation.slots[index];
+    if let Ok(mut w) = slot.waiters.lock() {
+        w.insert(id, tx);
+        if !slot.ticking.load(Ordering::Relaxed) {
+            spawn_ticker(Arc::clone(proxy), Arc::clone(generation), index);
+        }
+    }
 }
 
 pub(super) fn cluster_table(
@@ -202,16 +224,19 @@ pub(super) fn print_logs(vm: &mut Vm) {
 
 /// Drives `proxy_on_tick` for one instance while its generation is current.
 pub(super) fn spawn_ticker(proxy: Arc<Proxy>, generation: Arc<Generation>, index: usize) {
+    generation.slots[index]
+        .ticking
+        .store(true, Ordering::Relaxed);
     tokio::spawn(async move {
         loop {
             if !Arc::ptr_eq(&proxy.current(), &generation) {
                 // Replaced by a reload; let paused requests of this generation finish.
-                let pending = generation.slots[index]
-                    .waiters
-                    .lock()
-                    .map(|w| w.is_empty())
-                    .unwrap_or(true);
-                if pending {
+                let slot = &generation.slots[index];
+                let Ok(waiters) = slot.waiters.lock() else {
+                    return;
+                };
+                if waiters.is_empty() {
+                    slot.ticking.store(false, Ordering::Relaxed);
                     return;
                 }
             }

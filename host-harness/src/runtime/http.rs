@@ -27,9 +27,11 @@ use meshroute_wasm_host::vm::Action;
 use super::access_log::{self, Entry};
 use super::generation::Generation;
 use super::generation::{
-    check_failed, has_reply, instance_failed, is_resumed, stream_fact, take_reply, with_vm,
+    check_failed, has_reply, instance_failed, is_resumed, register_waiter, stream_fact, take_reply,
+    with_vm,
 };
 use super::router::{forward, router_local, UpstreamHost};
+use super::upstream::UpstreamLocal;
 use super::{
     body, deadline, full, l4, local, Body, FailPolicy, Limits, ListenerSpec, Proxy, BODY_BUFFER,
 };
@@ -360,6 +362,34 @@ pub(super) fn request_target(parts: &http::request::Parts) -> (String, String) {
     (authority, path)
 }
 
+/// The headers Envoy removes from an external request at the edge (its header-sanitizing
+/// list, envoyproxy.io/docs/envoy/v1.40.0 configuration/http/http_conn_man/header_sanitizing;
+/// `x-envoy-external-address` is then set, the `x-forwarded-*` ones rewritten).
+const EDGE_SANITIZED_HEADERS: &[&str] = &[
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-external-address",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-max-retries",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+];
+
+/// The last address of `x-forwarded-for`, with port 0; `None` when absent or not an address.
+fn forwarded_client(headers: &Headers) -> Option<SocketAddr> {
+    let (_, xff) = headers.iter().find(|(k, _)| k == "x-forwarded-for")?;
+    let last = xff.rsplit(',').next()?.trim();
+    Some(SocketAddr::new(last.parse().ok()?, 0))
+}
+
 /// One downstream request through the filter and upstream.
 pub(super) async fn handle(
     proxy: Arc<Proxy>,
@@ -420,17 +450,31 @@ pub(super) async fn handle(
             id
         }
     };
-    if proxy.kind == ProxyKind::Gateway {
-        // Gateways are the edge (Envoy's use_remote_address): append the client's address.
+    // No client address is internal (Envoy's default internal_address_config): a request's
+    // claim to be internal is dropped. Gateways are the edge (Envoy's use_remote_address):
+    // the client is external, so the headers Envoy trusts only from inside are dropped too,
+    // and its address is recorded and appended to x-forwarded-for.
+    let edge = proxy.kind == ProxyKind::Gateway;
+    headers.retain(|(k, _)| {
+        k != "x-envoy-internal" && !(edge && EDGE_SANITIZED_HEADERS.contains(&k.as_str()))
+    });
+    if edge {
         let ip = peer.ip().to_string();
+        headers.push(("x-envoy-external-address".into(), ip.clone()));
         match headers.iter_mut().find(|(k, _)| k == "x-forwarded-for") {
             Some((_, v)) => {
-                v.push_str(", ");
+                v.push(',');
                 v.push_str(&ip);
             }
             None => headers.push(("x-forwarded-for".into(), ip)),
         }
     }
+    // A sidecar trusts x-forwarded-for: its last address is the downstream remote address
+    // (port 0), as Envoy without use_remote_address takes it.
+    let peer = match proxy.kind {
+        ProxyKind::Sidecar => forwarded_client(&headers).unwrap_or(peer),
+        ProxyKind::Gateway => peer,
+    };
     headers.retain(|(k, _)| k != "x-forwarded-proto");
     headers.push(("x-forwarded-proto".into(), scheme.into()));
     // The route table's port: the server port, or (0) take it from the authority.
@@ -494,6 +538,10 @@ pub(super) async fn handle(
             .get(UPSTREAM_SERVICE_TIME_HEADER)
             .and_then(|v| v.to_str().ok()?.parse().ok());
         e.upstream_host.clone_from(&upstream_host);
+        e.upstream_local = response
+            .extensions()
+            .get::<UpstreamLocal>()
+            .map(|UpstreamLocal(l)| *l);
     }
     let labelled = generation
         .clusters
@@ -670,9 +718,7 @@ pub(super) async fn run_request(
     };
     let mut paused = action == Action::Pause && !has_reply(generation, index, id);
     if paused {
-        if let Ok(mut w) = slot.waiters.lock() {
-            w.insert(id, tx);
-        }
+        register_waiter(proxy, generation, index, id, tx);
         // Re-check: the tick may have resumed the stream before the waiter was registered.
         paused = !(is_resumed(generation, index, id) || has_reply(generation, index, id));
         if paused {
@@ -851,9 +897,7 @@ pub(super) async fn response_phase(
     };
     if action == Action::Pause && waiting(generation) {
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut w) = slot.waiters.lock() {
-            w.insert(id, tx);
-        }
+        register_waiter(proxy, generation, index, id, tx);
         // Re-check: the answer may have come before the waiter was registered.
         if waiting(generation) {
             let _ = rx.await;
@@ -886,8 +930,7 @@ impl Drop for CloseOnDrop<'_> {
     fn drop(&mut self) {
         let id = self.id;
         with_vm(self.proxy, self.generation, self.index, |vm| {
-            vm.close_stream(id);
-            Ok(())
+            vm.close_stream(id)
         });
         if let Ok(mut w) = self.generation.slots[self.index].waiters.lock() {
             w.remove(&id);

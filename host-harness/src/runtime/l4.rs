@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use meshroute_core::client_hello::{self, Hello, CLIENT_HELLO_LIMIT};
 use meshroute_core::contract::{TCP_CLUSTER_STATE, TCP_ENDPOINT_STATE, TCP_IDLE_TIMEOUT_STATE};
 
 use super::generation::{check_failed, with_vm, ClusterInfo, Generation};
@@ -131,108 +132,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Envoy's tls_inspector gives a client this long to send its ClientHello.
 const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(15);
-/// A ClientHello larger than this is not read further (Envoy's inspector stops at 64 KiB).
-const CLIENT_HELLO_LIMIT: usize = 64 * 1024;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// What a ClientHello read so far says.
-#[derive(Debug, PartialEq, Eq)]
-enum Hello {
-    NeedMore,
-    /// Not TLS, or no SNI in it.
-    NoSni,
-    Sni(String),
-}
-
-/// Reads the SNI out of a TLS ClientHello (record header, handshake header, then the
-/// `server_name` extension), without consuming anything. The handshake message may span
-/// several records (clients with large extensions split it): their payloads are joined
-/// until the message is whole.
-fn client_hello_sni(buf: &[u8]) -> Hello {
-    fn be16(b: &[u8], at: usize) -> Option<usize> {
-        Some(usize::from(*b.get(at)?) << 8 | usize::from(*b.get(at + 1)?))
-    }
-    if buf.is_empty() {
-        return Hello::NeedMore;
-    }
-    if buf[0] != 0x16 {
-        return Hello::NoSni;
-    }
-    // Join handshake records until the ClientHello message (4-byte header + body) is whole.
-    let mut message: Vec<u8> = Vec::new();
-    let mut at = 0;
-    loop {
-        let Some(record_len) = be16(buf, at + 3) else {
-            return Hello::NeedMore;
-        };
-        if buf[at] != 0x16 {
-            return Hello::NoSni;
-        }
-        let Some(payload) = buf.get(at + 5..at + 5 + record_len) else {
-            return if buf.len() >= CLIENT_HELLO_LIMIT {
-                Hello::NoSni
-            } else {
-                Hello::NeedMore
-            };
-        };
-        message.extend_from_slice(payload);
-        at += 5 + record_len;
-        if message.len() >= 4 {
-            let wanted = 4
-                + (usize::from(message[1]) << 16
-                    | usize::from(message[2]) << 8
-                    | usize::from(message[3]));
-            if wanted > CLIENT_HELLO_LIMIT {
-                return Hello::NoSni;
-            }
-            if message.len() >= wanted {
-                message.truncate(wanted);
-                break;
-            }
-        }
-        if at >= buf.len() {
-            return Hello::NeedMore;
-        }
-    }
-    let body = message.as_slice();
-    let parse = || -> Option<Option<String>> {
-        if *body.first()? != 1 {
-            return Some(None);
-        }
-        // handshake type, length (3), version (2), random (32)
-        let mut at = 4 + 2 + 32;
-        at += 1 + usize::from(*body.get(at)?); // session id
-        at += 2 + be16(body, at)?; // cipher suites
-        at += 1 + usize::from(*body.get(at)?); // compression methods
-        let ext_end = at + 2 + be16(body, at)?;
-        at += 2;
-        while at + 4 <= ext_end.min(body.len()) {
-            let (kind, len) = (be16(body, at)?, be16(body, at + 2)?);
-            at += 4;
-            if kind == 0 {
-                // server_name list: length (2), type (1), name length (2), name
-                let name_len = be16(body, at + 3)?;
-                let name = body.get(at + 5..at + 5 + name_len)?;
-                return Some(Some(String::from_utf8_lossy(name).to_ascii_lowercase()));
-            }
-            at += len;
-        }
-        Some(None)
-    };
-    match parse() {
-        Some(Some(sni)) => Hello::Sni(sni),
-        _ => Hello::NoSni,
-    }
-}
 
 /// Reads until the ClientHello's SNI is known (after the bytes already read, `buf`); returns
 /// it with all the bytes read.
 async fn peek_client_hello(stream: &mut TcpStream, mut buf: Vec<u8>) -> Option<(String, Vec<u8>)> {
     let read = async {
         loop {
-            match client_hello_sni(&buf) {
+            match client_hello::sni(&buf) {
                 Hello::Sni(s) => return Some(s),
                 Hello::NoSni => return Some(String::new()),
                 Hello::NeedMore if buf.len() >= CLIENT_HELLO_LIMIT => return Some(String::new()),
@@ -413,8 +322,8 @@ pub(super) async fn serve_connection(
         with_vm(&proxy, &generation, index, |vm| {
             let downstream = vm.on_connection_close(id, true, remote_down);
             let upstream = vm.on_connection_close(id, false, !remote_down);
-            vm.close_stream(id);
-            downstream.and(upstream)
+            let closed = vm.close_stream(id);
+            downstream.and(upstream).and(closed)
         });
     };
     if close {
@@ -609,11 +518,11 @@ mod tests {
     #[test]
     fn reads_the_sni_of_a_client_hello_and_waits_for_all_of_it() {
         let h = hello("Db.Example.com");
-        assert_eq!(client_hello_sni(&h), Hello::Sni("db.example.com".into()));
-        assert_eq!(client_hello_sni(&h[..h.len() - 1]), Hello::NeedMore);
-        assert_eq!(client_hello_sni(&h[..3]), Hello::NeedMore);
-        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n"), Hello::NoSni);
-        assert_eq!(client_hello_sni(&[]), Hello::NeedMore);
+        assert_eq!(client_hello::sni(&h), Hello::Sni("db.example.com".into()));
+        assert_eq!(client_hello::sni(&h[..h.len() - 1]), Hello::NeedMore);
+        assert_eq!(client_hello::sni(&h[..3]), Hello::NeedMore);
+        assert_eq!(client_hello::sni(b"GET / HTTP/1.1\r\n"), Hello::NoSni);
+        assert_eq!(client_hello::sni(&[]), Hello::NeedMore);
     }
 
     /// The same ClientHello cut into two handshake records, as clients with large
@@ -630,13 +539,13 @@ mod tests {
             split.extend_from_slice(part);
         }
         assert_eq!(
-            client_hello_sni(&split),
+            client_hello::sni(&split),
             Hello::Sni("split.example.com".into())
         );
         let first_record = 5 + cut;
-        assert_eq!(client_hello_sni(&split[..first_record]), Hello::NeedMore);
+        assert_eq!(client_hello::sni(&split[..first_record]), Hello::NeedMore);
         assert_eq!(
-            client_hello_sni(&split[..first_record + 3]),
+            client_hello::sni(&split[..first_record + 3]),
             Hello::NeedMore
         );
     }
@@ -644,9 +553,9 @@ mod tests {
     #[test]
     fn a_client_hello_without_sni_or_garbled_has_none() {
         let h = hello("10.0.0.1");
-        assert_eq!(client_hello_sni(&h), Hello::NoSni);
+        assert_eq!(client_hello::sni(&h), Hello::NoSni);
         let mut junk = vec![0x16, 3, 1, 0, 8];
         junk.extend_from_slice(&[1, 0, 0, 4, 3, 3, 0, 0]);
-        assert_eq!(client_hello_sni(&junk), Hello::NoSni);
+        assert_eq!(client_hello::sni(&junk), Hello::NoSni);
     }
 }

@@ -198,29 +198,30 @@ pub fn gateway_listener(
 
 /// What the configuration files are, to notice a change: each file's resolved path, time
 /// and size. A ConfigMap update swaps the `..data` link to a new directory, which changes
-/// every resolved path even when times and sizes do not.
+/// every resolved path even when times and sizes do not. Only the files the loader reads
+/// count: an access log or editor file beside them changes nothing.
 fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    fn walk(p: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
+    use meshroute_compiler::load::{is_config_file, is_hidden};
+    fn walk(p: &Path, named: bool, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
         let Ok(meta) = std::fs::metadata(p) else {
             return;
         };
         if meta.is_dir() {
             if let Ok(entries) = std::fs::read_dir(p) {
                 for e in entries.flatten() {
-                    // `..data` and its timestamped directories: reached through the links.
-                    if !e.file_name().to_string_lossy().starts_with("..") {
-                        walk(&e.path(), out);
+                    if !is_hidden(&e.path()) {
+                        walk(&e.path(), false, out);
                     }
                 }
             }
-        } else {
+        } else if named || is_config_file(p) {
             let resolved = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
             out.push((resolved, meta.modified().ok(), meta.len()));
         }
     }
     let mut out = Vec::new();
     for f in files {
-        walk(f, &mut out);
+        walk(f, true, &mut out);
     }
     out.sort();
     out
@@ -519,6 +520,27 @@ mod tests {
             .unwrap();
         std::fs::rename(&old, dir.join("c.yaml")).unwrap();
         assert_ne!(deleted, fingerprint(&files), "an older file moved in");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Files the loader does not read (an access log beside the configuration, an editor's
+    /// swap file) change nothing; a file named on its own counts whatever its name.
+    #[test]
+    fn only_the_files_the_loader_reads_are_watched() {
+        let dir = scratch("others");
+        std::fs::write(dir.join("vs.yaml"), "a").unwrap();
+        std::fs::write(dir.join("access.log"), "").unwrap();
+        let files = [dir.clone()];
+        let before = fingerprint(&files);
+        std::fs::write(dir.join("access.log"), "a line\n").unwrap();
+        std::fs::write(dir.join(".vs.yaml.swp"), "x").unwrap();
+        assert_eq!(before, fingerprint(&files), "not configuration");
+        std::fs::write(dir.join("vs.yaml"), "ab").unwrap();
+        assert_ne!(before, fingerprint(&files), "configuration");
+        let named = [dir.join("access.log")];
+        let once = fingerprint(&named);
+        std::fs::write(dir.join("access.log"), "two lines\n").unwrap();
+        assert_ne!(once, fingerprint(&named), "a file named on its own");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -311,6 +311,7 @@ impl Proxy {
                 failed_at: Mutex::new(None),
                 waiters: Mutex::new(HashMap::new()),
                 tick: Notify::new(),
+                ticking: AtomicBool::new(false),
             });
         }
         Ok(Generation {

@@ -99,6 +99,7 @@ pub(super) async fn forward(
         }
         upstream::Attempt::Timeout => Err(RouterReply::Timeout),
         upstream::Attempt::ConnectFailure => Err(RouterReply::ConnectFailure),
+        upstream::Attempt::ConnectTimeout => Err(RouterReply::ConnectTimeout),
         upstream::Attempt::TlsFailure(reason) if reason.contains("CERTIFICATE_VERIFY_FAILED") => {
             Err(RouterReply::TlsVerifyFailure)
         }

@@ -537,26 +537,30 @@ impl Vm {
         result
     }
 
-    /// End of stream: `on_log`, `on_done`, `on_delete` (Envoy's order), then forget it.
-    pub fn close_stream(&mut self, id: u32) {
+    /// End of stream: `on_log`, `on_done`, `on_delete` (Envoy's order), then forget it. A
+    /// trap in one of them fails the instance like any other and is returned; the stream is
+    /// forgotten either way.
+    pub fn close_stream(&mut self, id: u32) -> Result<(), VmError> {
         if let Some(s) = self.store.data_mut().streams.get_mut(&id) {
             s.phase = abi::Phase::Done;
         }
+        let mut result = Ok(());
         if !self.failed.load(Ordering::Relaxed) {
             let exports = Arc::clone(&self.exports);
             if let Some(f) = exports.on_log.as_ref() {
-                let _ = self.call(id, |s| f.call(s, id as i32));
+                result = self.call(id, |s| f.call(s, id as i32));
             }
-            if let Some(f) = exports.on_done.as_ref() {
-                let _ = self.call(id, |s| f.call(s, id as i32));
+            if let (Ok(()), Some(f)) = (&result, exports.on_done.as_ref()) {
+                result = self.call(id, |s| f.call(s, id as i32)).map(drop);
             }
-            if let Some(f) = exports.on_delete.as_ref() {
-                let _ = self.call(id, |s| f.call(s, id as i32));
+            if let (Ok(()), Some(f)) = (&result, exports.on_delete.as_ref()) {
+                result = self.call(id, |s| f.call(s, id as i32));
             }
         }
         let state = self.store.data_mut();
         state.streams.remove(&id);
         state.set_properties.retain(|(ctx, _), _| *ctx != id);
+        result
     }
 
     fn stream_len(&self, id: u32, f: impl Fn(&abi::Stream) -> usize) -> i32 {

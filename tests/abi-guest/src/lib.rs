@@ -1,6 +1,6 @@
 //! Conformance guest: answers every request with a JSON report of what the host returned
 //! for each host call (raw status codes and bytes), or misbehaves when asked:
-//! `x-guest: panic` (trap), `x-guest: loop` (never returns), `x-guest: alloc` (allocates
+//! `x-guest: panic` (trap), `x-guest: panic-at-log` (trap in `on_log`), `x-guest: loop` (never returns), `x-guest: alloc` (allocates
 //! without bound), `x-guest: pause` (pauses until a tick resumes it), `x-guest: call`
 //! (side call to the cluster named in `x-guest-cluster`, reported when it answers).
 //!
@@ -94,6 +94,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Probe {
+            panic_at_log: false,
             id: context_id,
             body_probe: false,
         }))
@@ -145,6 +146,8 @@ impl StreamContext for Connection {
 struct Probe {
     id: u32,
     body_probe: bool,
+    /// `x-guest: panic-at-log`: trap in `on_log`, after the answer went out.
+    panic_at_log: bool,
 }
 
 impl Context for Probe {
@@ -368,6 +371,12 @@ impl Probe {
 }
 
 impl HttpContext for Probe {
+    fn on_log(&mut self) {
+        if self.panic_at_log {
+            panic!("asked to panic in on_log");
+        }
+    }
+
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         if !end_of_stream || !self.body_probe {
             return Action::Continue;
@@ -400,6 +409,11 @@ impl HttpContext for Probe {
             }
             Some("reset") => {
                 self.reset_http_request();
+                Action::Pause
+            }
+            Some("panic-at-log") => {
+                self.panic_at_log = true;
+                self.send_http_response(200, vec![], Some(b"answered"));
                 Action::Pause
             }
             Some("done") => {

@@ -183,6 +183,40 @@ fn a_trapping_looping_or_hoarding_module_is_contained() {
     }
 }
 
+/// Waits (bounded) until the harness on `admin` has counted one failed instance.
+fn wait_for_one_failure(admin: u16) {
+    let failures = || {
+        get("admin", "/stats/prometheus")
+            .send(admin)
+            .text()
+            .lines()
+            .find_map(|l| l.strip_prefix("meshroute_wasm_failures_total "))
+            .map(str::to_owned)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures().as_deref() != Some("1") {
+        assert!(
+            Instant::now() < deadline,
+            "trap not recorded: {:?}",
+            failures()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A trap in a request's `on_log` (after its answer went out) fails the instance like any
+/// other trap: it is logged and counted, and the next request gets 503 (fail closed), as
+/// Envoy does with a VM that failed.
+#[test]
+fn a_trap_in_on_log_is_recorded_and_fails_the_instance() {
+    let up = Upstream::start("web");
+    let h = Harness::start_plugin(guest(), &doc(&up), FailPolicy::FailClosed, 1).unwrap();
+    let r = h.send(&get("web:8000", "/").header("x-guest", "panic-at-log"));
+    assert_eq!((r.status, r.text().as_str()), (200, "answered"));
+    wait_for_one_failure(h.admin_port());
+    assert_eq!(h.send(&get("web:8000", "/")).status, 503, "fail closed");
+}
+
 #[test]
 fn reload_policy_replaces_a_failed_instance_after_a_back_off() {
     let up = Upstream::start("web");
@@ -324,23 +358,7 @@ spec:
         meshroute_tests::l4::tcp_exchange(port, "hello"),
         Ok("db:hello".to_string())
     );
-    let failures = || {
-        get("admin", "/stats/prometheus")
-            .send(harness.admin_port())
-            .text()
-            .lines()
-            .find_map(|l| l.strip_prefix("meshroute_wasm_failures_total "))
-            .map(str::to_owned)
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while failures().as_deref() != Some("1") {
-        assert!(
-            Instant::now() < deadline,
-            "trap not recorded: {:?}",
-            failures()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_one_failure(harness.admin_port());
     assert_ne!(
         meshroute_tests::l4::tcp_exchange(port, "again"),
         Ok("db:again".to_string()),

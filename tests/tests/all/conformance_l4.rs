@@ -349,6 +349,17 @@ spec:
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "external");
     assert_eq!(r.header("x-upstream"), Some("external"));
+    // The TLS connection is kept for the next requests, as Envoy's pool keeps it: no new
+    // handshake per request.
+    let opened = external.connections();
+    for _ in 0..5 {
+        assert_eq!(proxy.send(&get("secure.external.test", "/")).status, 200);
+    }
+    assert_eq!(
+        external.connections(),
+        opened,
+        "five more requests opened TLS connections of their own"
+    );
     drop(proxy);
     let before = external.connections();
     let doc = sidecar(config("other.external.test"));
@@ -597,13 +608,17 @@ fn istio_tcp_metrics_count_connections_and_bytes(host: Host) {
             .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|p| l.contains(p)))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     };
-    // A connection is counted once both sides are done: wait for the last one.
+    // A connection is counted once both sides are done: wait for the last one (the start-up
+    // probe's included).
     let mut text = String::new();
     for _ in 0..100 {
         text = get("admin", "/stats/prometheus")
             .send(proxy.admin_port())
             .text();
-        if value(&text, "istio_tcp_sent_bytes_total") == Some(24) {
+        if value(&text, "istio_tcp_sent_bytes_total") == Some(24)
+            && value(&text, "istio_tcp_connections_closed_total")
+                == value(&text, "istio_tcp_connections_opened_total")
+        {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

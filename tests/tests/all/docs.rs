@@ -1,5 +1,6 @@
-//! The documents name files that exist: every repository path written in backticks in
-//! README.md, ARCHITECTURE.md and BENCHMARKS.md (`dir/{a,b}.rs` stands for each file).
+//! The documents hold: every repository path written in backticks in README.md,
+//! ARCHITECTURE.md and BENCHMARKS.md names a file that exists (`dir/{a,b}.rs` stands for each
+//! file), and every command of the README and of `meshroute --help` works as written.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::os::unix::process::CommandExt as _;
@@ -210,6 +211,7 @@ const NOT_RUN_HERE: &[(&str, &str)] = &[
     ("make run", "`meshroute demo`, which it starts: run::demo_answers_hello_v1_and_v2_per_the_example_rules"),
     ("make test", "the command running this test"),
     ("make wasm", "`make test` built the module used here"),
+    ("make fuzz", "`make test` runs every fuzz target briefly (`make fuzz-smoke`)"),
     ("meshroute iptables", "needs a pod: pods::capture_rules_installed_twice_are_there_once_and_remove_takes_them_away"),
     ("setpriv ", "needs a pod: pods::an_application_without_proxy_settings_gets_the_walkthrough_through_its_sidecar"),
     ("curl http://reviews:9080/", "needs a pod: pods::an_application_without_proxy_settings_gets_the_walkthrough_through_its_sidecar"),
@@ -285,6 +287,7 @@ impl Drop for Background {
         for (child, _, _) in &mut self.0 {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(std::process::Stdio::null())
                 .status();
             let _ = child.wait();
         }
@@ -301,6 +304,24 @@ impl Scratch {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
+    }
+
+    /// A directory laid out as a checkout after `make wasm`: `examples/` and the built module
+    /// at the path the Makefile gives.
+    fn checkout(index: usize) -> Self {
+        let dir = Self::new(index);
+        let root = meshroute_tests::repo_root();
+        std::os::unix::fs::symlink(root.join("examples"), dir.path().join("examples")).unwrap();
+        let module_dir = dir
+            .path()
+            .join("target/wasm32-unknown-unknown/wasm-release");
+        std::fs::create_dir_all(&module_dir).unwrap();
+        std::os::unix::fs::symlink(
+            meshroute_tests::wasm_path(),
+            module_dir.join("meshroute_filter.wasm"),
+        )
+        .unwrap();
+        dir
     }
 
     fn path(&self) -> &std::path::Path {
@@ -327,17 +348,7 @@ fn every_readme_command_works_as_written() {
     let mut ran = 0;
     let mut skipped = Vec::new();
     for (index, block) in blocks.iter().enumerate() {
-        let dir = Scratch::new(index);
-        std::os::unix::fs::symlink(root.join("examples"), dir.path().join("examples")).unwrap();
-        let module_dir = dir
-            .path()
-            .join("target/wasm32-unknown-unknown/wasm-release");
-        std::fs::create_dir_all(&module_dir).unwrap();
-        std::os::unix::fs::symlink(
-            meshroute_tests::wasm_path(),
-            module_dir.join("meshroute_filter.wasm"),
-        )
-        .unwrap();
+        let dir = Scratch::checkout(index);
         let ns = Namespace::new();
         let mut background = Background(Vec::new());
         for command in block {
@@ -417,4 +428,94 @@ fn every_readme_command_works_as_written() {
         "only {ran} commands found in {} blocks",
         blocks.len()
     );
+}
+
+/// The subcommands `meshroute --help` lists, and each one's `Example:` line.
+fn help_examples() -> Vec<(String, String)> {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(meshroute_tests::meshroute_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "meshroute {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    let names: Vec<String> = top
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        // A command's line starts two spaces in; a wrapped description is indented further.
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let text = help(&[&name, "--help"]);
+            // Help may be wrapped to the terminal's width: the example runs to its closing
+            // backtick, whatever lines it spans.
+            let example = text
+                .split_once("Example: `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(example, _)| example.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|| panic!("meshroute {name} --help shows no example:\n{text}"));
+            (name, example)
+        })
+        .collect()
+}
+
+/// Every subcommand's `--help` example works as written on the built tree, in a directory
+/// like a checkout's (`examples/`, the built module) inside a pod of its own: a command
+/// exits 0, a server is still up after its start-up and listens.
+#[test]
+fn every_help_example_works_as_written() {
+    let examples = help_examples();
+    assert!(examples.len() >= 10, "{examples:?}");
+    for (index, (name, example)) in examples.iter().enumerate() {
+        let dir = Scratch::checkout(1000 + index);
+        let ns = Namespace::new();
+        let log = dir.path().join("example.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = ns
+            .shell(dir.path(), 120, example)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut running = Background(vec![(child, log, example.clone())]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let listening = || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns.pod.ns, "ss", "-Hltn"])
+                .output()
+                .unwrap();
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        };
+        loop {
+            if let Some(status) = running.0[0].0.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "meshroute {name} --help: {example}\n{status}\n{}",
+                    running.log()
+                );
+                break;
+            }
+            // A server: up and listening is what its example promises.
+            if listening() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "meshroute {name} --help: {example}: still running, listening nowhere\n{}",
+                running.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        drop(running);
+    }
 }

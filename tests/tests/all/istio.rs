@@ -500,12 +500,23 @@ spec:
         )
         .apply(&list)
         .start(&[("10.244.0.190", good.port), ("10.244.0.196", bad.port)]);
-    let failures = (0..20)
-        .filter(|_| proxy.send(9080, &get("details", "/")).status == 500)
-        .count();
-    // Balanced over two pods, 20 requests all missing the failing one: 2^-20.
-    assert_eq!(bad.count(), 1, "ejected after its first 5xx");
-    assert_eq!(failures, 1);
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| proxy.send(9080, &get("details", "/")).status)
+        .collect();
+    // Balanced over two pods, 20 requests all missing the failing one: 2^-20. Envoy ejects
+    // from its main thread, so on a busy machine the next request may still reach the pod
+    // before the ejection is in force; after that, none does.
+    let failures = statuses.iter().filter(|s| **s == 500).count();
+    assert!(
+        (1..=2).contains(&bad.count()),
+        "ejected after its first 5xx: {} requests reached it ({statuses:?})",
+        bad.count()
+    );
+    assert_eq!(failures, bad.count(), "{statuses:?}");
+    assert!(
+        statuses[10..].iter().all(|s| *s == 200),
+        "the ejected pod gets nothing more: {statuses:?}"
+    );
 }
 
 #[test]

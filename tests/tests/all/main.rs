@@ -3,16 +3,20 @@
 //! wasmtime, hyper and rustls once instead of once per file.
 //!
 //! - `abi`: the host ABI answers as Envoy does, and misbehaving modules are contained;
+//! - `bench`: `make bench`'s report, its JSON and chart;
 //! - `conformance`, `conformance_l4`: the scenario suite on both hosts;
 //! - `hostile`: clients that try to steer, flood or stall the proxy;
 //! - `istio`: the filter inside the configuration istiod generates, loaded by the manifests;
 //! - `pods`: transparent sidecars in pods made of network namespaces and iptables rules;
 //! - `resilience`: retries, timeouts, circuit breaking and outlier detection;
 //! - `run`: the `meshroute` binary as a user runs it;
+//! - `soak`: a gateway under mixed load through reloads, upstream failures and hostile
+//!   clients, its memory, files and tasks measured;
 //! - `scenarios`, `seeds`: the traffic-management scenarios and the seed documents'
 //!   examples.
 
 mod abi;
+mod bench;
 mod conformance;
 mod conformance_l4;
 mod deviations;
@@ -24,3 +28,4 @@ mod resilience;
 mod run;
 mod scenarios;
 mod seeds;
+mod soak;

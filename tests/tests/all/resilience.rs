@@ -280,9 +280,9 @@ fn per_try_timeout_bounds_each_attempt_of_a_hanging_endpoint(host: Host) {
     assert_eq!(v1.count(), 3);
 }
 
-/// A WorkloadEntry of `web` on a loopback port where nothing listens.
+/// A WorkloadEntry of `web` on a loopback port that refuses connections.
 fn dead_endpoint() -> String {
-    let port = meshroute_tests::free_port();
+    let port = meshroute_tests::refusing_port();
     format!(
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: web-dead, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{http: {port}}}\n  labels: {{app: web, version: dead}}\n---\n"
     )

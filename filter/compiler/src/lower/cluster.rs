@@ -207,6 +207,14 @@ fn load_balancer(lb: Option<&api::LoadBalancerSettings>) -> ir::LoadBalancer {
                 name: c.name.clone(),
                 path: c.path.clone(),
                 ttl_ms: c.ttl.as_ref().and_then(api::Duration::ms),
+                attributes: c
+                    .attributes
+                    .iter()
+                    .map(|a| ir::CookieAttribute {
+                        name: a.name.clone(),
+                        value: a.value.clone(),
+                    })
+                    .collect(),
             }
         } else if ch.use_source_ip == Some(true) {
             ir::HashKey::SourceIp

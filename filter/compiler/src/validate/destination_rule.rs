@@ -74,6 +74,33 @@ pub(super) fn traffic_policy(
     {
         v.err(p, "traffic policy must have at least one field");
     }
+    if tp.tunnel.is_some() && tp.proxy_protocol.is_some() {
+        v.err(p, "tunnel and proxyProtocol must not be set together");
+    }
+    if let Some(t) = &tp.tunnel {
+        tunnel(v, &p.key("tunnel"), t);
+    }
+    if let Some(pp) = &tp.proxy_protocol {
+        let pp_path = p.key("proxyProtocol");
+        match pp.version.as_deref() {
+            None | Some("V1" | "V2") => {}
+            Some(other) => v.err(
+                &pp_path.key("version"),
+                format!("proxy protocol version is invalid: {other:?} (V1 or V2)"),
+            ),
+        }
+        v.warn(&pp_path, "proxyProtocol has no effect in meshroute: upstream connections carry no PROXY protocol header, so an upstream that requires one will refuse them");
+    }
+    if let Some(b) = &tp.retry_budget {
+        let b_path = p.key("retryBudget");
+        if let Some(pc) = b.percent.filter(|pc| !(0.0..=100.0).contains(pc)) {
+            v.err(
+                &b_path.key("percent"),
+                format!("percentage {pc} is not in range 0..100"),
+            );
+        }
+        v.warn(&b_path, "retryBudget has no effect in meshroute: retries are limited by the route's retry policy and connectionPool.http.maxRetries only");
+    }
     policy_blocks(
         v,
         p,
@@ -183,6 +210,30 @@ pub(super) fn load_balancer(v: &mut V<'_>, p: &FieldPath, lb: &api::LoadBalancer
                 );
             }
             v.duration(&cp.key("httpCookie").key("ttl"), c.ttl.as_ref(), true);
+            // Envoy's CookieAttribute: a non-empty token for the name; neither may carry the
+            // `;` that would start another attribute of the generated Set-Cookie.
+            for (i, a) in c.attributes.iter().enumerate() {
+                let ap = cp.key("httpCookie").key("attributes").idx(i);
+                let token = |s: &str| {
+                    s.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+                };
+                if a.name.is_empty() || !token(&a.name) {
+                    v.err(
+                        &ap.key("name"),
+                        format!(
+                            "cookie attribute name {:?} must be a non-empty token",
+                            a.name
+                        ),
+                    );
+                }
+                if a.value.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+                    v.err(
+                        &ap.key("value"),
+                        format!("cookie attribute value {:?} must not contain ';' or control characters", a.value),
+                    );
+                }
+            }
         }
         if ch.ring_hash.is_some() && ch.maglev.is_some() {
             v.err(&cp, "only one of ringHash or maglev may be set");
@@ -459,4 +510,36 @@ pub(super) fn client_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ClientTlsSetting
             "cannot specify CaCertificates or SubjectAltNames when InsecureSkipVerify is set",
         );
     }
+}
+
+/// `trafficPolicy.tunnel`, in istiod's words (`validateTunnelSettings`); meshroute does not
+/// tunnel, which it says.
+fn tunnel(v: &mut V<'_>, p: &FieldPath, t: &api::TunnelSettings) {
+    if !matches!(t.protocol.as_str(), "" | "CONNECT" | "POST") {
+        v.err(
+            &p.key("protocol"),
+            "tunnel protocol must be \"CONNECT\" or \"POST\"",
+        );
+    }
+    if t.target_host.parse::<std::net::IpAddr>().is_err() {
+        if let Err(e) = hosts::validate_fqdn(&t.target_host) {
+            v.err(
+                &p.key("targetHost"),
+                format!(
+                    "tunnel target host must be valid FQDN or IP address: {e}; {:?} is not a valid IP",
+                    t.target_host
+                ),
+            );
+        }
+    }
+    if !(1..=65535).contains(&t.target_port) {
+        v.err(
+            &p.key("targetPort"),
+            format!(
+                "tunnel target port is invalid: port number {} must be in the range 1..65535",
+                t.target_port
+            ),
+        );
+    }
+    v.warn(p, "tunnel has no effect in meshroute: connections go to the endpoints directly, not through the tunnel's proxy");
 }

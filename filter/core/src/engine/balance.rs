@@ -307,7 +307,12 @@ impl ClusterRt {
         };
         let value = match key {
             HashKey::Header(name) => req.header(name),
-            HashKey::Cookie { name, path, ttl_ms } => match req.cookie(name) {
+            HashKey::Cookie {
+                name,
+                path,
+                ttl_ms,
+                attributes,
+            } => match req.cookie(name) {
                 Some(v) => Some(Cow::Borrowed(v)),
                 // Envoy generates the cookie when a ttl is set, so the next request of this
                 // client lands on the same endpoint.
@@ -319,6 +324,14 @@ impl ClusterRt {
                     }
                     if let Some(p) = path {
                         cookie.push_str(&format!("; Path={p}"));
+                    }
+                    for a in attributes {
+                        cookie.push_str("; ");
+                        cookie.push_str(&a.name);
+                        if !a.value.is_empty() {
+                            cookie.push('=');
+                            cookie.push_str(&a.value);
+                        }
                     }
                     cookie.push_str("; HttpOnly");
                     return (Some(Cow::Owned(value)), Some(cookie));

@@ -321,7 +321,10 @@ pub fn call_end(answer: Option<&Answer>) -> AttemptEnd {
     match RouterReply::recognise(status, &a.body) {
         Some(RouterReply::Timeout) => AttemptEnd::Timeout,
         Some(
-            RouterReply::ConnectFailure | RouterReply::TlsFailure | RouterReply::TlsVerifyFailure,
+            RouterReply::ConnectFailure
+            | RouterReply::ConnectTimeout
+            | RouterReply::TlsFailure
+            | RouterReply::TlsVerifyFailure,
         ) => AttemptEnd::ConnectFailure,
         Some(RouterReply::Reset | RouterReply::Overflow) => AttemptEnd::Reset,
         _ => AttemptEnd::Response {
@@ -409,6 +412,7 @@ mod tests {
         };
         for (reply, end) in [
             (RouterReply::ConnectFailure, AttemptEnd::ConnectFailure),
+            (RouterReply::ConnectTimeout, AttemptEnd::ConnectFailure),
             (RouterReply::TlsVerifyFailure, AttemptEnd::ConnectFailure),
             (RouterReply::Timeout, AttemptEnd::Timeout),
             (RouterReply::Reset, AttemptEnd::Reset),

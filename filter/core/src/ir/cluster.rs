@@ -121,10 +121,22 @@ pub enum HashKey {
         name: String,
         path: Option<String>,
         ttl_ms: Option<u64>,
+        /// Added to the cookie the proxy generates, after `Path`, as Envoy adds them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attributes: Vec<CookieAttribute>,
     },
     #[default]
     SourceIp,
     QueryParameter(String),
+}
+
+/// An attribute of a generated cookie: `; name` or `; name=value`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieAttribute {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
 }
 
 /// Connection pool settings; zero means "unlimited / default" as in Istio.
