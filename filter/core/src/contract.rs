@@ -237,11 +237,16 @@ pub enum RouterReply {
     Timeout,
     /// The connection to the endpoint failed.
     ConnectFailure,
+    /// The endpoint refused the connection (nothing listens on its port).
+    ConnectRefused,
     /// The connection to the endpoint was not made within the cluster's connect timeout
     /// (a connect failure to Envoy's retry conditions and response flags).
     ConnectTimeout,
     /// TLS origination failed because the endpoint's certificate did not verify.
     TlsVerifyFailure,
+    /// TLS origination failed because the endpoint answered with something other than TLS
+    /// (a plaintext server).
+    TlsWrongVersion,
     /// TLS origination failed otherwise.
     TlsFailure,
     /// The connection or stream broke before the response started.
@@ -267,7 +272,7 @@ impl RouterReply {
             Self::NoCluster => "",
             Self::NoHealthyUpstream => "no healthy upstream",
             Self::Timeout => "upstream request timeout",
-            Self::ConnectFailure => "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            Self::ConnectFailure | Self::ConnectRefused | Self::TlsWrongVersion => "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
             Self::ConnectTimeout => "upstream connect error or disconnect/reset before headers. reset reason: connection timeout",
             Self::TlsVerifyFailure => "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: CERTIFICATE_VERIFY_FAILED",
             Self::TlsFailure => "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error: handshake failure",
@@ -282,8 +287,10 @@ impl RouterReply {
             Self::NoHealthyUpstream => ResponseFlag::NoHealthyUpstream,
             Self::Timeout => ResponseFlag::UpstreamRequestTimeout,
             Self::ConnectFailure
+            | Self::ConnectRefused
             | Self::ConnectTimeout
             | Self::TlsVerifyFailure
+            | Self::TlsWrongVersion
             | Self::TlsFailure => ResponseFlag::UpstreamConnectionFailure,
             Self::Reset => ResponseFlag::UpstreamConnectionTermination,
             Self::Overflow => ResponseFlag::UpstreamOverflow,
@@ -299,7 +306,9 @@ impl RouterReply {
             Self::ConnectFailure => {
                 "upstream_reset_before_response_started{remote_connection_failure}"
             }
+            Self::ConnectRefused => "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
             Self::ConnectTimeout => "upstream_reset_before_response_started{connection_timeout}",
+            Self::TlsWrongVersion => "upstream_reset_before_response_started{remote_connection_failure|TLS_error:|268435703:SSL_routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end}",
             Self::TlsVerifyFailure => "upstream_reset_before_response_started{remote_connection_failure|TLS_error:CERTIFICATE_VERIFY_FAILED}",
             Self::TlsFailure => {
                 "upstream_reset_before_response_started{remote_connection_failure|TLS_error}"
@@ -573,6 +582,14 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn router_replies_are_recognised_by_their_bodies() {
+        // A refused connection and a plaintext endpoint read as any connect failure (Envoy's
+        // body does not tell them apart; its access log does).
+        for r in [RouterReply::ConnectRefused, RouterReply::TlsWrongVersion] {
+            assert_eq!(
+                RouterReply::recognise(r.status(), r.body().as_bytes()),
+                Some(RouterReply::ConnectFailure)
+            );
+        }
         for r in [
             RouterReply::NoHealthyUpstream,
             RouterReply::Timeout,

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -449,7 +448,7 @@ async fn inbound(
                 async move { Ok::<_, std::convert::Infallible>(inbound.handle(req).await) }
             });
             let builder = listener_builder(limits);
-            graceful!(
+            let _ = graceful!(
                 builder.serve_connection(TokioIo::new(io), service),
                 proxy.draining()
             );
@@ -615,12 +614,12 @@ impl InboundHttp {
             None => None,
         };
         let attempt = if self.h2 {
-            self.send_h2(&headers, body.boxed()).await
+            self.send_h2(&headers, super::body::from_peer(body)).await
         } else {
             let endpoint = self.address.to_string();
             self.proxy
                 .client
-                .send_inbound(&endpoint, &headers, body.boxed())
+                .send_inbound(&endpoint, &headers, super::body::from_peer(body))
                 .await
         };
         match attempt {
@@ -628,6 +627,7 @@ impl InboundHttp {
             upstream::Attempt::ConnectFailure | upstream::Attempt::TlsFailure(_) => {
                 Err(RouterReply::ConnectFailure)
             }
+            upstream::Attempt::ConnectRefused => Err(RouterReply::ConnectRefused),
             upstream::Attempt::ConnectTimeout => Err(RouterReply::ConnectTimeout),
             upstream::Attempt::Timeout => Err(RouterReply::Timeout),
             upstream::Attempt::Reset => Err(RouterReply::Reset),
@@ -669,7 +669,7 @@ impl InboundHttp {
             return upstream::Attempt::Reset;
         }
         match sender.send_request(request).await {
-            Ok(r) => upstream::Attempt::Response(r.map(BodyExt::boxed)),
+            Ok(r) => upstream::Attempt::Response(r.map(super::body::from_peer)),
             Err(_) => upstream::Attempt::Reset,
         }
     }

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -217,6 +216,7 @@ pub(super) async fn serve_http<I>(
     let builder = listener_builder(spec.limits);
     let io = deadline::HeaderDeadline::new(io, spec.limits.header_timeout);
     let draining = proxy.draining();
+    let logged = Arc::clone(&proxy);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let spec = spec.clone();
@@ -226,10 +226,37 @@ pub(super) async fn serve_http<I>(
             )
         }
     });
-    graceful!(
+    let ended = graceful!(
         builder.serve_connection(TokioIo::new(io), service),
         draining
     );
+    if let Err(e) = ended {
+        log_codec_error(&logged, &*e, peer, local);
+    }
+}
+
+/// A request the HTTP codec refused before it reached the router: headers over the limits
+/// get Envoy's 431, logged as Envoy logs it (DPE, `http1.headers_too_large`).
+fn log_codec_error(
+    proxy: &Proxy,
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) {
+    let too_large = error
+        .downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_parse_too_large);
+    if too_large && proxy.access_log.enabled() {
+        proxy.access_log.log(Entry {
+            protocol: "HTTP/1.1",
+            status: 431,
+            flags: "DPE".to_owned(),
+            details: "http1.headers_too_large".to_owned(),
+            downstream_local: local,
+            downstream_remote: Some(peer),
+            ..Entry::new()
+        });
+    }
 }
 
 /// How long a connection still reads requests once the drain starts: a request already on
@@ -238,26 +265,33 @@ pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves a connection (a hyper server connection future). Once the drain starts, responses
 /// carry `Connection: close` (see [`close_when_draining`]); after [`DRAIN_GRACE`] the
-/// connection finishes what it is answering and closes (HTTP/2: GOAWAY).
+/// connection finishes what it is answering and closes (HTTP/2: GOAWAY). Evaluates to the
+/// connection's result.
 macro_rules! graceful {
     ($connection:expr, $draining:expr) => {{
         let connection = $connection;
         let draining = $draining;
         tokio::pin!(connection);
-        let finished = tokio::select! {
-            _ = connection.as_mut() => true,
-            () = draining => false,
+        let ended = tokio::select! {
+            r = connection.as_mut() => Some(r),
+            () = draining => None,
         };
-        if !finished {
-            let grace = tokio::time::sleep($crate::runtime::http::DRAIN_GRACE);
-            tokio::pin!(grace);
-            let finished = tokio::select! {
-                _ = connection.as_mut() => true,
-                () = &mut grace => false,
-            };
-            if !finished {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+        match ended {
+            Some(r) => r,
+            None => {
+                let grace = tokio::time::sleep($crate::runtime::http::DRAIN_GRACE);
+                tokio::pin!(grace);
+                let ended = tokio::select! {
+                    r = connection.as_mut() => Some(r),
+                    () = &mut grace => None,
+                };
+                match ended {
+                    Some(r) => r,
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
             }
         }
     }};
@@ -483,10 +517,6 @@ pub(super) async fn handle(
         spec.server_port.to_string(),
     ));
 
-    let received = Arc::new(AtomicU64::new(0));
-    let Ok(body) = body::read_prefix(body, BODY_BUFFER, Arc::clone(&received)).await else {
-        return reply_response(proxy.kind, local(400, "Bad Request"));
-    };
     let mut entry = proxy.access_log.enabled().then(|| {
         let header = |name: &str| {
             headers
@@ -509,6 +539,28 @@ pub(super) async fn handle(
         }
     });
     let request_size = header_bytes(&headers);
+    let received = Arc::new(AtomicU64::new(0));
+    let body = match body::read_prefix(body, BODY_BUFFER, Arc::clone(&received)).await {
+        Ok(body) => body,
+        Err(e) => {
+            // A body its framing cannot carry is a codec error (400); otherwise the client
+            // went away before its request was whole (Envoy: status 0, DC).
+            let (status, flags, details) = if body::malformed(&e) {
+                (400, "DPE", "http1.codec_error")
+            } else {
+                (0, "DC", "downstream_remote_disconnect")
+            };
+            if let Some(mut line) = entry {
+                line.status = status;
+                line.flags = flags.to_owned();
+                line.details = details.to_owned();
+                line.bytes_received = received.load(Ordering::Relaxed);
+                line.duration = started.elapsed();
+                proxy.access_log.log(line);
+            }
+            return reply_response(proxy.kind, local(400, "Bad Request"));
+        }
+    };
 
     let outcome = run_request(
         &proxy,
@@ -624,12 +676,22 @@ impl Completed {
             header_bytes: header_bytes_of(response.headers()),
         };
         let (parts, body) = response.into_parts();
-        let body = body::on_end(body, move |sent| self.finish(&answered, sent, entry));
+        let body = body::on_end(body, move |sent, cut| {
+            self.finish(&answered, sent, cut, entry);
+        });
         Response::from_parts(parts, body)
     }
 
-    /// Records the request (`sent` response body bytes) and queues its log line.
-    fn finish(self, answered: &Answered, sent: u64, entry: Option<Entry>) {
+    /// Records the request (`sent` response body bytes; `cut`: how the body broke off, if
+    /// it did) and queues its log line.
+    fn finish(
+        self,
+        answered: &Answered,
+        sent: u64,
+        cut: Option<body::CutShort>,
+        entry: Option<Entry>,
+    ) {
+        let flags = cut.map_or(self.flags, |c| c.flags);
         let received = self.received.load(Ordering::Relaxed);
         let elapsed = self.started.elapsed();
         let proxy = &self.proxy;
@@ -640,7 +702,7 @@ impl Completed {
         proxy.stats.record(
             peer,
             (answered.status, self.protocol, &answered.grpc_status),
-            self.flags,
+            flags,
             &super::admin::Measured {
                 elapsed,
                 request_bytes: self.request_size + received,
@@ -649,7 +711,10 @@ impl Completed {
         );
         if let Some(mut e) = entry {
             e.status = answered.status;
-            e.flags = self.flags.to_owned();
+            e.flags = flags.to_owned();
+            if let Some(c) = cut {
+                e.details = c.details.to_owned();
+            }
             e.bytes_received = received;
             e.bytes_sent = sent;
             e.duration = elapsed;
@@ -842,7 +907,7 @@ pub(super) async fn run_request(
         "server",
         http::HeaderValue::from_static(server_name(proxy.kind)),
     );
-    Ok((Response::from_parts(parts, body.boxed()), cluster))
+    Ok((Response::from_parts(parts, body), cluster))
 }
 
 /// A response as the filter's response callback sees it.

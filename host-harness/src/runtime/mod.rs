@@ -89,7 +89,7 @@ pub enum Error {
 use generation::{cluster_check, cluster_table, spawn_ticker, start_instance, Slot};
 pub use http::{bind, serve, serve_shared, SharedSpec};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, body::BodyError>;
 
 /// Request bodies up to this size are buffered so the filter sees them (mirrors) and retries
 /// can resend them; larger bodies stream through in bounded memory, as in Envoy.

@@ -95,13 +95,24 @@ pub(super) async fn forward(
     match run(&mut policy, &mut upstream).await {
         upstream::Attempt::Response(mut r) => {
             r.extensions_mut().insert(UpstreamHost(upstream.endpoint));
-            Ok(r)
+            Ok(match policy.deadline {
+                Some(deadline) => r.map(|b| body::until(b, deadline)),
+                None => r,
+            })
         }
         upstream::Attempt::Timeout => Err(RouterReply::Timeout),
         upstream::Attempt::ConnectFailure => Err(RouterReply::ConnectFailure),
+        upstream::Attempt::ConnectRefused => Err(RouterReply::ConnectRefused),
         upstream::Attempt::ConnectTimeout => Err(RouterReply::ConnectTimeout),
         upstream::Attempt::TlsFailure(reason) if reason.contains("CERTIFICATE_VERIFY_FAILED") => {
             Err(RouterReply::TlsVerifyFailure)
+        }
+        // A plaintext endpoint: what rustls calls a corrupt record, BoringSSL a wrong version.
+        upstream::Attempt::TlsFailure(reason)
+            if reason.contains("InvalidContentType")
+                || reason.contains("UnknownProtocolVersion") =>
+        {
+            Err(RouterReply::TlsWrongVersion)
         }
         upstream::Attempt::TlsFailure(_) => Err(RouterReply::TlsFailure),
         upstream::Attempt::Reset => Err(RouterReply::Reset),

@@ -93,7 +93,7 @@ struct ReleasingBody {
 
 impl http_body::Body for ReleasingBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = super::body::BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -108,7 +108,7 @@ impl http_body::Body for ReleasingBody {
             }
             _ => {}
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(super::body::BodyError::Peer)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -219,7 +219,7 @@ async fn connect(endpoint: &str, pool: &PoolSettings) -> Result<tokio::net::TcpS
     )
     .await
     .map_err(|_| Attempt::ConnectTimeout)?
-    .map_err(|_| Attempt::ConnectFailure)?;
+    .map_err(|e| connect_error(&e))?;
     let _ = tcp.set_nodelay(true);
     if let Some(k) = &pool.keepalive {
         set_keepalive(&tcp, k);
@@ -289,18 +289,25 @@ fn with_local(
     response
 }
 
-/// How a pooled request failed: a connect error that timed out, another connect error, or
-/// a reset of the connection.
+/// A failed connect: refused (nothing listens) or otherwise.
+fn connect_error(e: &std::io::Error) -> Attempt {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => Attempt::ConnectRefused,
+        std::io::ErrorKind::TimedOut => Attempt::ConnectTimeout,
+        _ => Attempt::ConnectFailure,
+    }
+}
+
+/// How a pooled request failed: a connect error (timed out, refused or another), or a
+/// reset of the connection.
 fn pool_failure(e: &hyper_util::client::legacy::Error) -> Attempt {
     if !e.is_connect() {
         return Attempt::Reset;
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(c) = cause {
-        if c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return Attempt::ConnectTimeout;
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return connect_error(io);
         }
         cause = c.source();
     }
@@ -312,6 +319,8 @@ pub enum Attempt {
     Response(Response<Body>),
     Timeout,
     ConnectFailure,
+    /// The endpoint refused the connection.
+    ConnectRefused,
     /// No connection within the pool's connect timeout.
     ConnectTimeout,
     /// TLS origination failed (handshake, certificate or name), with the reason.
@@ -374,7 +383,7 @@ impl Client {
             return Attempt::Reset;
         };
         match self.inbound.request(request).await {
-            Ok(resp) => Attempt::Response(resp.map(BodyExt::boxed)),
+            Ok(resp) => Attempt::Response(resp.map(super::body::from_peer)),
             Err(e) => pool_failure(&e),
         }
     }
@@ -404,13 +413,13 @@ impl Client {
             } else if h2 {
                 self.send_h2(endpoint, pool, request)
                     .await
-                    .map(|r| r.map(BodyExt::boxed))
+                    .map(|r| r.map(super::body::from_peer))
             } else {
                 match self.pool(pool) {
                     Some(pool) => match pool.request(request).await {
                         Ok(r) => {
                             let local = r.extensions().get::<HttpInfo>().map(HttpInfo::local_addr);
-                            Ok(with_local(r, local).map(BodyExt::boxed))
+                            Ok(with_local(r, local).map(super::body::from_peer))
                         }
                         Err(e) => Err(pool_failure(&e)),
                     },
@@ -454,7 +463,7 @@ impl Client {
                     Self::tls_stream(endpoint, origination, name, pool)
                 })
                 .await
-                .map(|r| r.map(BodyExt::boxed));
+                .map(|r| r.map(super::body::from_peer));
         }
         let (mut sender, local) = match self.idle_tls(&key, pool.idle_timeout).await {
             Some(idle) => idle,
@@ -601,9 +610,10 @@ impl Attempt {
                     .and_then(|v| v.parse().ok()),
             },
             Self::Timeout => AttemptEnd::Timeout,
-            Self::ConnectFailure | Self::ConnectTimeout | Self::TlsFailure(_) => {
-                AttemptEnd::ConnectFailure
-            }
+            Self::ConnectFailure
+            | Self::ConnectRefused
+            | Self::ConnectTimeout
+            | Self::TlsFailure(_) => AttemptEnd::ConnectFailure,
             Self::Reset => AttemptEnd::Reset,
         }
     }

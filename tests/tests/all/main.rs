@@ -5,6 +5,7 @@
 //! - `abi`: the host ABI answers as Envoy does, and misbehaving modules are contained;
 //! - `bench`: `make bench`'s report, its JSON and chart;
 //! - `conformance`, `conformance_l4`: the scenario suite on both hosts;
+//! - `faults`: the README's fault table, logged alike by both hosts;
 //! - `hostile`: clients that try to steer, flood or stall the proxy;
 //! - `istio`: the filter inside the configuration istiod generates, loaded by the manifests;
 //! - `pods`: transparent sidecars in pods made of network namespaces and iptables rules;
@@ -20,6 +21,7 @@ mod bench;
 mod conformance;
 mod conformance_l4;
 mod deviations;
+mod faults;
 mod docs;
 mod hostile;
 mod istio;

@@ -322,7 +322,9 @@ pub fn call_end(answer: Option<&Answer>) -> AttemptEnd {
         Some(RouterReply::Timeout) => AttemptEnd::Timeout,
         Some(
             RouterReply::ConnectFailure
+            | RouterReply::ConnectRefused
             | RouterReply::ConnectTimeout
+            | RouterReply::TlsWrongVersion
             | RouterReply::TlsFailure
             | RouterReply::TlsVerifyFailure,
         ) => AttemptEnd::ConnectFailure,
