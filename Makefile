@@ -41,9 +41,19 @@ test: fmt-check clippy wasm-check wasm-test wasm envoy pod-tools
 
 ## Every fuzz target for FUZZ_SECONDS (default 600) each, after its regression inputs
 ## (FUZZ_TARGETS="rules http1_front" narrows the run).
-fuzz: fuzz-build wasm
+## Then the generated-input tests at length: DIFF_CASES requests through both hosts,
+## ABI_FUZZ_CASES guest modules (their FUZZ_TARGETS names: differential, abi_fuzz).
+DIFF_CASES ?= 20000
+ABI_FUZZ_CASES ?= 20000
+fuzz: fuzz-build wasm envoy
 	$(CARGO) build -q -p meshroute-harness
 	MESHROUTE_WASM=$(abspath $(WASM)) ./scripts/fuzz.sh $(FUZZ_BIN) $(FUZZ_SECONDS) $(MESHROUTE)
+	for t in differential abi_fuzz; do \
+	  case " $${FUZZ_TARGETS:-$$t} " in *" $$t "*) ;; *) continue ;; esac; \
+	  MESHROUTE_WASM=$(abspath $(WASM)) MESHROUTE_ENVOY=$(abspath $(ENVOY)) \
+	  MESHROUTE_DIFF_CASES=$(DIFF_CASES) MESHROUTE_ABI_FUZZ_CASES=$(ABI_FUZZ_CASES) \
+	  $(CARGO) test -p meshroute-tests --test all -- $$t --nocapture || exit 1; \
+	done
 
 ## The soak test for SOAK_SECONDS (default 600): a gateway under mixed load through reloads,
 ## upstream failures and hostile clients (`make test` runs it for 60 s).

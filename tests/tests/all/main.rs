@@ -3,8 +3,10 @@
 //! wasmtime, hyper and rustls once instead of once per file.
 //!
 //! - `abi`: the host ABI answers as Envoy does, and misbehaving modules are contained;
+//! - `abi_fuzz`: generated guests calling every host function with arbitrary arguments;
 //! - `bench`: `make bench`'s report, its JSON and chart;
 //! - `conformance`, `conformance_l4`: the scenario suite on both hosts;
+//! - `differential`: generated configurations and requests, both hosts' answers compared;
 //! - `faults`: the README's fault table, logged alike by both hosts;
 //! - `hostile`: clients that try to steer, flood or stall the proxy;
 //! - `istio`: the filter inside the configuration istiod generates, loaded by the manifests;
@@ -17,12 +19,14 @@
 //!   examples.
 
 mod abi;
+mod abi_fuzz;
 mod bench;
 mod conformance;
 mod conformance_l4;
 mod deviations;
-mod faults;
+mod differential;
 mod docs;
+mod faults;
 mod hostile;
 mod istio;
 mod pods;
