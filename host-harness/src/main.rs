@@ -48,9 +48,15 @@ struct Identity {
     /// Labels of the proxy workload, `k=v,k2=v2` (gateway default: istio=ingressgateway).
     #[arg(long)]
     labels: Option<String>,
-    /// Mesh outboundTrafficPolicy (a Sidecar resource overrides it).
-    #[arg(long, value_enum, default_value = "allow-any")]
-    outbound: Outbound,
+    /// Mesh outboundTrafficPolicy (a Sidecar resource overrides it); default: the mesh
+    /// configuration's, else allow-any.
+    #[arg(long, value_enum)]
+    outbound: Option<Outbound>,
+    /// Istio's MeshConfig: the `istio` ConfigMap (its `data.mesh`) or a bare MeshConfig
+    /// YAML. outboundTrafficPolicy, rootNamespace, connectTimeout and defaultHttpRetryPolicy
+    /// act; other fields are reported as not applied.
+    #[arg(long, value_name = "FILE")]
+    mesh_config: Option<PathBuf>,
     /// Locality of the proxy, `region/zone/subzone`, for locality-aware balancing.
     #[arg(long, default_value = "")]
     locality: String,
@@ -194,13 +200,27 @@ impl Identity {
             proxy.labels = parse_labels(labels)?;
         }
         proxy.locality.clone_from(&self.locality);
-        let mesh = MeshOptions {
-            outbound_traffic_policy: match self.outbound {
-                Outbound::AllowAny => OutboundPolicy::AllowAny,
-                Outbound::RegistryOnly => OutboundPolicy::RegistryOnly,
-            },
-            ..MeshOptions::default()
+        let mut mesh = match &self.mesh_config {
+            None => MeshOptions::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+                let (mesh, diags) =
+                    meshroute_compiler::mesh_config::read(&path.display().to_string(), &text);
+                print_diags(&diags);
+                if diags.iter().any(Diagnostic::is_error) {
+                    return Err(CliError::Invalid(String::new()));
+                }
+                mesh
+            }
         };
+        match self.outbound {
+            Some(Outbound::AllowAny) => mesh.outbound_traffic_policy = OutboundPolicy::AllowAny,
+            Some(Outbound::RegistryOnly) => {
+                mesh.outbound_traffic_policy = OutboundPolicy::RegistryOnly;
+            }
+            None => {}
+        }
         Ok((proxy, mesh))
     }
 }
@@ -278,6 +298,10 @@ enum Command {
         /// messages with stable codes on standard output.
         #[arg(short = 'o', long, value_parser = ["text", "json", "yaml"], default_value = "text")]
         output: String,
+        /// Istio's MeshConfig (the `istio` ConfigMap or a bare MeshConfig YAML), validated
+        /// with the files.
+        #[arg(long, value_name = "FILE")]
+        mesh_config: Option<PathBuf>,
     },
     /// Validate and lower to the rules document for one proxy.
     ///
@@ -561,9 +585,19 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, CliError> {
     serde_json::to_string_pretty(value).map_err(|e| CliError::Io(format!("cannot serialize: {e}")))
 }
 
-fn validate(files: &[PathBuf], output: &str) -> Result<ExitCode, CliError> {
+fn validate(
+    files: &[PathBuf],
+    output: &str,
+    mesh_config: Option<&Path>,
+) -> Result<ExitCode, CliError> {
     let (config, loaded) = meshroute_compiler::load_files(files).map_err(CliError::Io)?;
     let mut diags: Vec<(Diagnostic, &str)> = loaded.into_iter().map(|d| (d, PARSE_ERROR)).collect();
+    if let Some(path) = mesh_config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+        let (_, said) = meshroute_compiler::mesh_config::read(&path.display().to_string(), &text);
+        diags.extend(said.into_iter().map(|d| (d, SCHEMA_VALIDATION)));
+    }
     diags.extend(
         meshroute_compiler::validate::validate(&config)
             .diagnostics
@@ -785,7 +819,11 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
                 .map_err(|e| CliError::Io(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { files, output } => validate(&files, &output),
+        Command::Validate {
+            files,
+            output,
+            mesh_config,
+        } => validate(&files, &output, mesh_config.as_deref()),
         Command::Compile {
             files,
             identity,

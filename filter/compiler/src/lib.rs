@@ -14,6 +14,7 @@ pub mod istio;
 pub mod load;
 pub mod lower;
 pub mod matches;
+pub mod mesh_config;
 pub mod options;
 pub mod registry;
 pub mod resolve;

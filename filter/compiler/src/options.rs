@@ -35,6 +35,8 @@ pub struct MeshOptions {
     pub outbound_traffic_policy: ir::OutboundPolicy,
     pub root_namespace: String,
     pub connect_timeout_ms: u64,
+    /// `defaultHttpRetryPolicy`: the retries of routes that set none (`None`: no retries).
+    pub default_http_retry: Option<ir::RetryPolicy>,
 }
 
 impl Default for MeshOptions {
@@ -43,6 +45,7 @@ impl Default for MeshOptions {
             outbound_traffic_policy: ir::OutboundPolicy::AllowAny,
             root_namespace: "istio-system".into(),
             connect_timeout_ms: 10_000,
+            default_http_retry: Some(crate::lower::default_retry_policy()),
         }
     }
 }

@@ -1060,3 +1060,84 @@ fn tls_origination_without_ca_certificates_trusts_the_system_store() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--mesh-config` with Istio's `istio` ConfigMap: its outbound policy and default retries
+/// shape what `compile` writes and what `run` does; a field it does not apply is a warning
+/// and a field MeshConfig lacks an error, each at its line in the ConfigMap.
+#[test]
+fn the_mesh_configuration_shapes_the_rules_of_every_command() {
+    let dir = std::env::temp_dir().join(format!("meshroute-mesh-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let flaky = Upstream::start("v1");
+    // Three 503s, then answers: only the mesh's retries on 5xx reach the answer (Istio's
+    // default policy does not retry a 503).
+    flaky.script(&[503, 503, 503]);
+    write_config(&dir, "web.yaml", &registry("web", 8000, &[&flaky]));
+    let configmap = |extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n    defaultHttpRetryPolicy:\n      attempts: 4\n      retryOn: 5xx\n{extra}"
+        )
+    };
+    let mesh_file = dir.join("mesh").join("istio.yaml");
+    std::fs::create_dir_all(mesh_file.parent().unwrap()).unwrap();
+    let web = dir.join("web.yaml");
+    let compile = |extra: &str| {
+        std::fs::write(&mesh_file, configmap(extra)).unwrap();
+        Command::new(binary())
+            .args(["compile", "-f", web.to_str().unwrap(), "--mesh-config"])
+            .arg(&mesh_file)
+            .output()
+            .unwrap()
+    };
+    let typo = compile("    conectTimeout: 1s\n");
+    let said = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(1), "{said}");
+    let file = mesh_file.display();
+    assert!(
+        said.contains(&format!("{file}:12:5: error: data.mesh.conectTimeout: unknown field \"conectTimeout\" in v1alpha1.MeshConfig")),
+        "{said}"
+    );
+    let ok = compile("");
+    let said = String::from_utf8_lossy(&ok.stderr);
+    assert!(ok.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("{file}:6:5: warning: data.mesh.accessLogFile")),
+        "{said}"
+    );
+    let rules: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(rules["outbound_traffic_policy"], "REGISTRY_ONLY");
+    let retries: Vec<_> = rules["route_tables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["virtual_hosts"].as_array().into_iter().flatten())
+        .flat_map(|v| v["routes"].as_array().into_iter().flatten())
+        .map(|r| r["retry"]["num_retries"].clone())
+        .collect();
+    assert!(
+        !retries.is_empty() && retries.iter().all(|n| n == 4),
+        "{retries:?}"
+    );
+    // `run`: the fourth try answers (Istio's default two retries would give the 503), and
+    // a host outside the registry is refused as REGISTRY_ONLY refuses it.
+    let (port, admin) = (free_port(), free_port());
+    let m = Meshroute::start(
+        &[
+            "run",
+            "-f",
+            web.to_str().unwrap(),
+            "--mesh-config",
+            mesh_file.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ],
+        port,
+    );
+    let r = get("web:8000", "/").send(port);
+    assert_eq!((r.status, flaky.count()), (200, 4), "{}", m.log());
+    let outside = get("elsewhere.example:8000", "/").send(port);
+    assert_eq!(outside.status, 502, "{}", m.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}

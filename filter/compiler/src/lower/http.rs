@@ -38,6 +38,44 @@ pub fn default_retry_policy() -> ir::RetryPolicy {
     }
 }
 
+/// A route's (or the mesh's default) `retries` as Envoy's retry policy; `None` when it
+/// makes no retries.
+pub fn retry_policy(r: &api::HttpRetry) -> Option<ir::RetryPolicy> {
+    if r.attempts.unwrap_or(0) <= 0 {
+        return None;
+    }
+    let mut policy = ir::RetryPolicy {
+        num_retries: u32::try_from(r.attempts.unwrap_or(0)).unwrap_or(0),
+        per_try_timeout_ms: r.per_try_timeout.as_ref().and_then(api::Duration::ms),
+        retry_on: Vec::new(),
+        retriable_status_codes: Vec::new(),
+        backoff_base_ms: r.backoff.as_ref().and_then(api::Duration::ms),
+        avoid_previous_hosts: r.retry_ignore_previous_hosts.unwrap_or(true),
+        retry_remote_localities: r.retry_remote_localities.unwrap_or(false),
+    };
+    match r.retry_on.as_deref() {
+        None => policy.retry_on = default_retry_policy().retry_on,
+        Some(on) => {
+            for tok in on.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if let Ok(code) = tok.parse::<u16>() {
+                    policy.retriable_status_codes.push(code);
+                } else if !policy.retry_on.iter().any(|x| x == tok) {
+                    policy.retry_on.push(tok.to_string());
+                }
+            }
+            if !policy.retriable_status_codes.is_empty()
+                && !policy
+                    .retry_on
+                    .iter()
+                    .any(|x| x == "retriable-status-codes")
+            {
+                policy.retry_on.push("retriable-status-codes".into());
+            }
+        }
+    }
+    Some(policy)
+}
+
 impl Lowering<'_> {
     pub(super) fn sidecar_routes(
         &mut self,
@@ -160,7 +198,7 @@ impl Lowering<'_> {
                 }],
                 rewrite: None,
             }),
-            retry: Some(default_retry_policy()),
+            retry: self.mesh.default_http_retry.clone(),
             ..Default::default()
         }
     }
@@ -391,40 +429,8 @@ impl Lowering<'_> {
             None
         } else {
             match &route.retries {
-                None => Some(default_retry_policy()),
-                Some(r) if r.attempts.unwrap_or(0) <= 0 => None,
-                Some(r) => {
-                    let mut policy = ir::RetryPolicy {
-                        num_retries: u32::try_from(r.attempts.unwrap_or(0)).unwrap_or(0),
-                        per_try_timeout_ms: r.per_try_timeout.as_ref().and_then(api::Duration::ms),
-                        retry_on: Vec::new(),
-                        retriable_status_codes: Vec::new(),
-                        backoff_base_ms: r.backoff.as_ref().and_then(api::Duration::ms),
-                        avoid_previous_hosts: r.retry_ignore_previous_hosts.unwrap_or(true),
-                        retry_remote_localities: r.retry_remote_localities.unwrap_or(false),
-                    };
-                    match r.retry_on.as_deref() {
-                        None => policy.retry_on = default_retry_policy().retry_on,
-                        Some(on) => {
-                            for tok in on.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                                if let Ok(code) = tok.parse::<u16>() {
-                                    policy.retriable_status_codes.push(code);
-                                } else if !policy.retry_on.iter().any(|x| x == tok) {
-                                    policy.retry_on.push(tok.to_string());
-                                }
-                            }
-                            if !policy.retriable_status_codes.is_empty()
-                                && !policy
-                                    .retry_on
-                                    .iter()
-                                    .any(|x| x == "retriable-status-codes")
-                            {
-                                policy.retry_on.push("retriable-status-codes".into());
-                            }
-                        }
-                    }
-                    Some(policy)
-                }
+                None => self.mesh.default_http_retry.clone(),
+                Some(r) => retry_policy(r),
             }
         };
         let fault = route.fault.as_ref().map(|f| ir::Fault {

@@ -21,7 +21,7 @@ pub(crate) mod http;
 mod inbound;
 mod l4;
 
-pub use http::default_retry_policy;
+pub use http::{default_retry_policy, retry_policy};
 
 /// The compiler's working state for one proxy.
 struct Lowering<'a> {

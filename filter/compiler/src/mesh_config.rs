@@ -1,0 +1,360 @@
+//! Istio's MeshConfig, given with `--mesh-config`: a bare MeshConfig YAML, or the `istio`
+//! ConfigMap that holds it under `data.mesh`. The fields that shape the rules act
+//! ([`ACTING`]); every other MeshConfig field is reported as having no effect here, and a
+//! field MeshConfig does not have is an error, each at its file:line.
+
+use crate::api;
+use crate::diag::{Diagnostic, Severity};
+use crate::options::MeshOptions;
+use crate::source::{parse_documents, FieldPath, Node, NodeValue, Pos, Seg};
+use meshroute_core::ir::OutboundPolicy;
+
+/// The MeshConfig fields the compiler applies.
+pub const ACTING: &[&str] = &[
+    "outboundTrafficPolicy",
+    "rootNamespace",
+    "connectTimeout",
+    "defaultHttpRetryPolicy",
+];
+
+/// The other fields of MeshConfig (istio/api `mesh/v1alpha1/config.proto`, Istio 1.28), by
+/// their JSON names: accepted as istiod accepts them, reported as not applied.
+const NOT_APPLIED: &[&str] = &[
+    "proxyListenPort",
+    "proxyInboundListenPort",
+    "proxyHttpPort",
+    "protocolDetectionTimeout",
+    "tcpKeepalive",
+    "ingressClass",
+    "ingressService",
+    "ingressControllerMode",
+    "ingressSelector",
+    "enableTracing",
+    "accessLogFile",
+    "accessLogFormat",
+    "accessLogEncoding",
+    "enableEnvoyAccessLogService",
+    "disableEnvoyListenerLog",
+    "defaultConfig",
+    "inboundTrafficPolicy",
+    "configSources",
+    "enableAutoMtls",
+    "trustDomain",
+    "trustDomainAliases",
+    "caCertificates",
+    "defaultServiceExportTo",
+    "defaultVirtualServiceExportTo",
+    "defaultDestinationRuleExportTo",
+    "localityLbSetting",
+    "dnsRefreshRate",
+    "h2UpgradePolicy",
+    "inboundClusterStatName",
+    "outboundClusterStatName",
+    "certificates",
+    "serviceSettings",
+    "enablePrometheusMerge",
+    "verifyCertificateAtClient",
+    "ca",
+    "extensionProviders",
+    "defaultProviders",
+    "discoverySelectors",
+    "pathNormalization",
+    "meshMTLS",
+    "tlsDefaults",
+    "serviceScopeConfigs",
+];
+
+/// The mesh settings in `text` (read from `file`), with what was said about them.
+pub fn read(file: &str, text: &str) -> (MeshOptions, Vec<Diagnostic>) {
+    let mut reader = Reader {
+        file,
+        line_offset: 0,
+        col_offset: 0,
+        prefix: String::new(),
+        diags: Vec::new(),
+    };
+    let mut mesh = MeshOptions::default();
+    if let Some(config) = reader.mesh_node(text) {
+        reader.apply(&config, &mut mesh);
+    }
+    (mesh, reader.diags)
+}
+
+struct Reader<'a> {
+    file: &'a str,
+    /// Lines before the MeshConfig text, and its indentation (a ConfigMap's `data.mesh`
+    /// block).
+    line_offset: u32,
+    col_offset: u32,
+    /// Field path of the MeshConfig inside the file (`data.mesh.` in a ConfigMap).
+    prefix: String,
+    diags: Vec<Diagnostic>,
+}
+
+impl Reader<'_> {
+    fn report(&mut self, severity: Severity, pos: Pos, path: &str, message: String) {
+        self.diags.push(Diagnostic {
+            severity,
+            file: self.file.to_owned(),
+            pos: Pos {
+                line: pos.line + self.line_offset,
+                col: pos.col + self.col_offset,
+            },
+            resource: None,
+            path: format!("{}{path}", self.prefix),
+            message,
+        });
+    }
+
+    fn one_document(&mut self, text: &str) -> Option<Node> {
+        match parse_documents(text) {
+            Err(e) => {
+                self.report(Severity::Error, e.pos, "", e.message);
+                None
+            }
+            Ok(mut docs) if docs.len() == 1 => docs.pop(),
+            Ok(docs) => {
+                let pos = docs.get(1).map_or(Pos { line: 1, col: 1 }, |d| d.pos);
+                self.report(
+                    Severity::Error,
+                    pos,
+                    "",
+                    format!("a mesh configuration is one document, found {}", docs.len()),
+                );
+                None
+            }
+        }
+    }
+
+    /// The MeshConfig itself: the document, or the ConfigMap's `data.mesh` text.
+    fn mesh_node(&mut self, text: &str) -> Option<Node> {
+        let doc = self.one_document(text)?;
+        if doc.get("kind").and_then(Node::as_str) != Some("ConfigMap") {
+            return Some(doc);
+        }
+        let Some(mesh) = doc.get("data").and_then(|d| d.get("mesh")) else {
+            self.report(
+                Severity::Error,
+                doc.pos,
+                "data.mesh",
+                "the ConfigMap holds no MeshConfig under data.mesh".into(),
+            );
+            return None;
+        };
+        let Some(inner) = mesh.as_str() else {
+            self.report(
+                Severity::Error,
+                mesh.pos,
+                "data.mesh",
+                "data.mesh must be a string holding the MeshConfig YAML".into(),
+            );
+            return None;
+        };
+        // The scalar's position is where its text starts (a block scalar's first line,
+        // whose indentation every line of it shares).
+        self.line_offset = mesh.pos.line.saturating_sub(1);
+        let first = text
+            .lines()
+            .nth(self.line_offset as usize)
+            .unwrap_or_default();
+        if !first.trim_start().starts_with("mesh:") {
+            let indent = first.len() - first.trim_start().len();
+            self.col_offset = u32::try_from(indent).unwrap_or(0);
+        }
+        self.prefix = "data.mesh.".into();
+        self.one_document(inner)
+    }
+
+    fn apply(&mut self, config: &Node, mesh: &mut MeshOptions) {
+        let NodeValue::Map(entries) = &config.value else {
+            if !matches!(config.value, NodeValue::Null) {
+                self.report(
+                    Severity::Error,
+                    config.pos,
+                    "",
+                    "a MeshConfig is a mapping of its fields".into(),
+                );
+            }
+            return;
+        };
+        for (key, key_pos, value) in entries {
+            match key.as_str() {
+                "outboundTrafficPolicy" => self.outbound(value, mesh),
+                "rootNamespace" => match value.as_str() {
+                    Some(ns) if !ns.is_empty() => mesh.root_namespace = ns.to_owned(),
+                    _ => self.report(
+                        Severity::Error,
+                        value.pos,
+                        key,
+                        "rootNamespace must be a namespace name".into(),
+                    ),
+                },
+                "connectTimeout" => match value.as_str().map(crate::duration::parse_ms) {
+                    Some(Ok(ms)) if ms >= 1 => mesh.connect_timeout_ms = ms,
+                    Some(Ok(_)) => self.report(
+                        Severity::Error,
+                        value.pos,
+                        key,
+                        "duration must be greater than 1ms".into(),
+                    ),
+                    Some(Err(e)) => self.report(Severity::Error, value.pos, key, e),
+                    None => self.report(
+                        Severity::Error,
+                        value.pos,
+                        key,
+                        "connectTimeout must be a duration such as 10s".into(),
+                    ),
+                },
+                "defaultHttpRetryPolicy" => self.retries(value, mesh),
+                k if NOT_APPLIED.contains(&k) => self.report(
+                    Severity::Warning,
+                    *key_pos,
+                    key,
+                    format!("MeshConfig {k} is not applied by meshroute: it has no effect here"),
+                ),
+                k => self.report(
+                    Severity::Error,
+                    *key_pos,
+                    key,
+                    format!("unknown field \"{k}\" in v1alpha1.MeshConfig"),
+                ),
+            }
+        }
+    }
+
+    fn outbound(&mut self, value: &Node, mesh: &mut MeshOptions) {
+        const FIELD: &str = "outboundTrafficPolicy";
+        if let NodeValue::Map(entries) = &value.value {
+            for (key, key_pos, _) in entries.iter().filter(|(k, _, _)| k != "mode") {
+                self.report(
+                    Severity::Error,
+                    *key_pos,
+                    &format!("{FIELD}.{key}"),
+                    format!("unknown field \"{key}\" in v1alpha1.MeshConfig.OutboundTrafficPolicy"),
+                );
+            }
+        }
+        // An absent mode is proto3's zero value, REGISTRY_ONLY.
+        match value.get("mode").map(|m| (m.pos, m.as_str())) {
+            None => mesh.outbound_traffic_policy = OutboundPolicy::RegistryOnly,
+            Some((_, Some("REGISTRY_ONLY"))) => {
+                mesh.outbound_traffic_policy = OutboundPolicy::RegistryOnly;
+            }
+            Some((_, Some("ALLOW_ANY"))) => mesh.outbound_traffic_policy = OutboundPolicy::AllowAny,
+            Some((pos, other)) => self.report(
+                Severity::Error,
+                pos,
+                &format!("{FIELD}.mode"),
+                format!(
+                    "invalid value {:?} for enum v1alpha1.MeshConfig.OutboundTrafficPolicy.Mode: REGISTRY_ONLY or ALLOW_ANY",
+                    other.unwrap_or_default()
+                ),
+            ),
+        }
+    }
+
+    fn retries(&mut self, value: &Node, mesh: &mut MeshOptions) {
+        const FIELD: &str = "defaultHttpRetryPolicy";
+        match serde_path_to_error::deserialize::<_, api::HttpRetry>(value) {
+            Ok(r) => mesh.default_http_retry = crate::lower::retry_policy(&r),
+            Err(e) => {
+                let message = e.inner().to_string();
+                let mut rel = FieldPath::parse(&e.path().to_string());
+                let mut pos = value.locate(&rel);
+                // An unknown field: point at its key.
+                if let Some(name) = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split('`').next())
+                {
+                    if rel.0.last() == Some(&Seg::Key(name.to_owned())) {
+                        rel.0.pop();
+                    }
+                    pos = value.locate_key(&rel, name).unwrap_or(pos);
+                    rel = rel.key(name);
+                }
+                let rel = rel.to_string();
+                let path = if rel.is_empty() {
+                    FIELD.to_owned()
+                } else {
+                    format!("{FIELD}.{rel}")
+                };
+                self.report(Severity::Error, pos, &path, message);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn acting_fields_shape_the_options() {
+        let (mesh, diags) = read(
+            "mesh.yaml",
+            "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\nrootNamespace: mesh-root\nconnectTimeout: 250ms\ndefaultHttpRetryPolicy: {attempts: 5, retryOn: 5xx}\n",
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(mesh.outbound_traffic_policy, OutboundPolicy::RegistryOnly);
+        assert_eq!(mesh.root_namespace, "mesh-root");
+        assert_eq!(mesh.connect_timeout_ms, 250);
+        let retry = mesh.default_http_retry.unwrap();
+        assert_eq!(
+            (retry.num_retries, retry.retry_on),
+            (5, vec!["5xx".to_string()])
+        );
+    }
+
+    #[test]
+    fn no_retries_by_default_when_the_mesh_says_zero_attempts() {
+        let (mesh, diags) = read("mesh.yaml", "defaultHttpRetryPolicy: {attempts: 0}\n");
+        assert!(diags.is_empty(), "{diags:?}");
+        assert!(mesh.default_http_retry.is_none());
+    }
+
+    #[test]
+    fn the_istio_configmap_is_read_with_positions_inside_it() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    accessLogFile: /dev/stdout\n    rootNamespace: other\n    conectTimeout: 1s\n";
+        let (mesh, diags) = read("istio.yaml", text);
+        assert_eq!(mesh.root_namespace, "other");
+        assert_eq!(diags.len(), 2, "{diags:?}");
+        assert_eq!(diags[0].severity, Severity::Warning);
+        assert_eq!(
+            (diags[0].pos.line, diags[0].pos.col, diags[0].path.as_str()),
+            (6, 5, "data.mesh.accessLogFile")
+        );
+        assert!(diags[1].is_error());
+        assert_eq!(
+            (diags[1].pos.line, diags[1].path.as_str()),
+            (8, "data.mesh.conectTimeout")
+        );
+        assert!(diags[1].message.contains("unknown field \"conectTimeout\""));
+    }
+
+    #[test]
+    fn invalid_values_are_errors_at_their_position() {
+        let (mesh, diags) = read(
+            "mesh.yaml",
+            "outboundTrafficPolicy:\n  mode: ALLOW_SOME\nconnectTimeout: 0s\ndefaultHttpRetryPolicy: {attempts: 2, retryOn: 5xx, perTry: 1s}\n",
+        );
+        let at: Vec<(u32, &str)> = diags
+            .iter()
+            .map(|d| (d.pos.line, d.path.as_str()))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                (2, "outboundTrafficPolicy.mode"),
+                (3, "connectTimeout"),
+                (4, "defaultHttpRetryPolicy.perTry")
+            ],
+            "{diags:?}"
+        );
+        assert!(diags.iter().all(Diagnostic::is_error));
+        assert_eq!(
+            mesh.connect_timeout_ms,
+            MeshOptions::default().connect_timeout_ms
+        );
+    }
+}
