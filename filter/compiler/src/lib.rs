@@ -14,6 +14,7 @@ pub mod istio;
 pub mod load;
 pub mod lower;
 pub mod matches;
+#[cfg(feature = "yaml")]
 pub mod mesh_config;
 pub mod options;
 pub mod registry;
@@ -41,6 +42,13 @@ impl Compiled {
 
 /// Validates `config` and, when it is valid, lowers it for one proxy.
 pub fn compile(config: &Config, proxy: &ProxyOptions, mesh: &MeshOptions) -> Compiled {
+    let defaulted;
+    let config = if mesh.default_export_to == options::DefaultExportTo::default() {
+        config
+    } else {
+        defaulted = mesh.default_export_to.apply(config);
+        &defaulted
+    };
     let validation = validate::validate(config);
     let valid = validation.validated();
     let mut diagnostics = validation.diagnostics;

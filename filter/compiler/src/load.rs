@@ -102,6 +102,9 @@ pub struct Config {
     pub services: Vec<Resource<api::KubeService>>,
     /// Source files, for `/config_dump` and `explain`.
     pub files: Vec<String>,
+    /// The `exportTo` of Kubernetes Services (MeshConfig `defaultServiceExportTo`; empty:
+    /// every namespace).
+    pub default_service_export_to: Vec<String>,
     next_order: usize,
 }
 

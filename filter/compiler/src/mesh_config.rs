@@ -15,6 +15,9 @@ pub const ACTING: &[&str] = &[
     "rootNamespace",
     "connectTimeout",
     "defaultHttpRetryPolicy",
+    "defaultServiceExportTo",
+    "defaultVirtualServiceExportTo",
+    "defaultDestinationRuleExportTo",
 ];
 
 /// The other fields of MeshConfig (istio/api `mesh/v1alpha1/config.proto`, Istio 1.28), by
@@ -42,9 +45,6 @@ const NOT_APPLIED: &[&str] = &[
     "trustDomain",
     "trustDomainAliases",
     "caCertificates",
-    "defaultServiceExportTo",
-    "defaultVirtualServiceExportTo",
-    "defaultDestinationRuleExportTo",
     "localityLbSetting",
     "dnsRefreshRate",
     "h2UpgradePolicy",
@@ -206,6 +206,15 @@ impl Reader<'_> {
                     ),
                 },
                 "defaultHttpRetryPolicy" => self.retries(value, mesh),
+                "defaultServiceExportTo" => {
+                    mesh.default_export_to.services = self.export_to(key, value);
+                }
+                "defaultVirtualServiceExportTo" => {
+                    mesh.default_export_to.virtual_services = self.export_to(key, value);
+                }
+                "defaultDestinationRuleExportTo" => {
+                    mesh.default_export_to.destination_rules = self.export_to(key, value);
+                }
                 k if NOT_APPLIED.contains(&k) => self.report(
                     Severity::Warning,
                     *key_pos,
@@ -251,6 +260,45 @@ impl Reader<'_> {
                 ),
             ),
         }
+    }
+
+    /// A default `exportTo`: namespaces, `.` (its own), `*` (all) or `~` (none).
+    fn export_to(&mut self, field: &str, value: &Node) -> Vec<String> {
+        let NodeValue::Seq(items) = &value.value else {
+            self.report(
+                Severity::Error,
+                value.pos,
+                field,
+                format!("{field} must be a list of namespaces, \".\", \"*\" or \"~\""),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let valid = item.as_str().filter(|ns| {
+                matches!(*ns, "." | "*" | "~")
+                    || (!ns.is_empty()
+                        && ns.len() <= 63
+                        && ns
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && !ns.starts_with('-')
+                        && !ns.ends_with('-'))
+            });
+            match valid {
+                Some(ns) => out.push(ns.to_owned()),
+                None => self.report(
+                    Severity::Error,
+                    item.pos,
+                    &format!("{field}[{i}]"),
+                    format!(
+                        "invalid exportTo value {:?}: a namespace name, \".\", \"*\" or \"~\"",
+                        item.as_str().unwrap_or_default()
+                    ),
+                ),
+            }
+        }
+        out
     }
 
     fn retries(&mut self, value: &Node, mesh: &mut MeshOptions) {
@@ -330,6 +378,18 @@ mod tests {
             (8, "data.mesh.conectTimeout")
         );
         assert!(diags[1].message.contains("unknown field \"conectTimeout\""));
+    }
+
+    #[test]
+    fn default_export_to_hides_what_sets_none_from_other_namespaces() {
+        let (mesh, diags) = read(
+            "mesh.yaml",
+            "defaultServiceExportTo: [\".\"]\ndefaultVirtualServiceExportTo: [\".\", other]\ndefaultDestinationRuleExportTo: [\"Bad_NS\"]\n",
+        );
+        assert_eq!(mesh.default_export_to.services, ["."]);
+        assert_eq!(mesh.default_export_to.virtual_services, [".", "other"]);
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].path, "defaultDestinationRuleExportTo[0]");
     }
 
     #[test]

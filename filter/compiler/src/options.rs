@@ -37,6 +37,41 @@ pub struct MeshOptions {
     pub connect_timeout_ms: u64,
     /// `defaultHttpRetryPolicy`: the retries of routes that set none (`None`: no retries).
     pub default_http_retry: Option<ir::RetryPolicy>,
+    /// `defaultServiceExportTo`, `defaultVirtualServiceExportTo`,
+    /// `defaultDestinationRuleExportTo`: the `exportTo` of what sets none (empty: `*`).
+    pub default_export_to: DefaultExportTo,
+}
+
+/// The mesh's default `exportTo` per kind; an empty list exports to every namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DefaultExportTo {
+    /// Kubernetes Services and ServiceEntries.
+    pub services: Vec<String>,
+    pub virtual_services: Vec<String>,
+    pub destination_rules: Vec<String>,
+}
+
+impl DefaultExportTo {
+    /// `config` with each of these defaults given to the objects that set no `exportTo`.
+    pub fn apply(&self, config: &crate::Config) -> crate::Config {
+        let mut out = config.clone();
+        let fill = |export_to: &mut Vec<String>, default: &[String]| {
+            if export_to.is_empty() {
+                export_to.extend_from_slice(default);
+            }
+        };
+        for vs in &mut out.virtual_services {
+            fill(&mut vs.spec.export_to, &self.virtual_services);
+        }
+        for dr in &mut out.destination_rules {
+            fill(&mut dr.spec.export_to, &self.destination_rules);
+        }
+        for se in &mut out.service_entries {
+            fill(&mut se.spec.export_to, &self.services);
+        }
+        out.default_service_export_to.clone_from(&self.services);
+        out
+    }
 }
 
 impl Default for MeshOptions {
@@ -46,6 +81,7 @@ impl Default for MeshOptions {
             root_namespace: "istio-system".into(),
             connect_timeout_ms: 10_000,
             default_http_retry: Some(crate::lower::default_retry_policy()),
+            default_export_to: DefaultExportTo::default(),
         }
     }
 }

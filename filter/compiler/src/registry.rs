@@ -218,7 +218,7 @@ pub fn build(config: &Config) -> Vec<Service> {
             ports,
             endpoints,
             resolution,
-            export_to: Vec::new(),
+            export_to: config.default_service_export_to.clone(),
             addresses: r
                 .spec
                 .cluster_ip

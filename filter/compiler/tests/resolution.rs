@@ -89,6 +89,65 @@ fn export_to_dot_hides_rules_from_other_namespaces() {
     );
 }
 
+/// MeshConfig's default `exportTo` lists stand in for objects that set none; one that sets
+/// its own keeps it.
+#[wasm_bindgen_test(unsupported = test)]
+fn the_meshs_default_export_to_applies_to_what_sets_none() {
+    let vs = |name: &str, export: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: a}}\nspec:\n  hosts: [{name}]\n{export}  http:\n  - route:\n    - destination: {{host: {name}}}\n    timeout: 3s\n---\n")
+    };
+    let y = format!(
+        "{}{}{}{}{}",
+        svc("reviews", "a", 9080),
+        svc("ratings", "a", 9080),
+        vs("reviews", ""),
+        vs("ratings", "  exportTo: ['*']\n"),
+        svc("private", "c", 9080)
+    );
+    let mut config = Config::default();
+    assert!(config.add_text("t.yaml", &y).iter().all(|d| !d.is_error()));
+    let (mesh, said) = meshroute_compiler::mesh_config::read(
+        "mesh.yaml",
+        "defaultVirtualServiceExportTo: ['.']\ndefaultServiceExportTo: ['.', b]\n",
+    );
+    assert!(said.is_empty(), "{said:?}");
+    let doc = |ns: &str, mesh: &MeshOptions| {
+        compile(&config, &sidecar(ns), mesh)
+            .document
+            .expect("document")
+    };
+    let timeout =
+        |d: &RulesDocument, host: &str| vhost(d, 9080, host).expect(host).routes[0].timeout_ms;
+    let elsewhere = doc("b", &mesh);
+    assert_eq!(
+        timeout(&elsewhere, "reviews.a"),
+        None,
+        "defaulted to '.': not visible in b"
+    );
+    assert_eq!(
+        timeout(&elsewhere, "ratings.a"),
+        Some(3000),
+        "its own exportTo stands"
+    );
+    assert!(
+        vhost(&elsewhere, 9080, "private.c").is_some(),
+        "exported to b by the default"
+    );
+    assert!(
+        vhost(&doc("d", &mesh), 9080, "private.c").is_none(),
+        "not exported to d"
+    );
+    assert_eq!(
+        timeout(&doc("a", &mesh), "reviews"),
+        Some(3000),
+        "visible at home"
+    );
+    // Without the mesh's defaults everything is exported everywhere.
+    let open = doc("d", &MeshOptions::default());
+    assert_eq!(timeout(&open, "reviews.a"), Some(3000));
+    assert!(vhost(&open, 9080, "private.c").is_some());
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
     let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: a}}\nspec:\n  egress:\n  - hosts: ['./*']\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n", svc("mine", "a", 80), svc("other", "b", 80));
