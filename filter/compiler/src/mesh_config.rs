@@ -18,6 +18,7 @@ pub const ACTING: &[&str] = &[
     "defaultServiceExportTo",
     "defaultVirtualServiceExportTo",
     "defaultDestinationRuleExportTo",
+    "localityLbSetting",
 ];
 
 /// The other fields of MeshConfig (istio/api `mesh/v1alpha1/config.proto`, Istio 1.28), by
@@ -45,7 +46,6 @@ const NOT_APPLIED: &[&str] = &[
     "trustDomain",
     "trustDomainAliases",
     "caCertificates",
-    "localityLbSetting",
     "dnsRefreshRate",
     "h2UpgradePolicy",
     "inboundClusterStatName",
@@ -205,7 +205,16 @@ impl Reader<'_> {
                         "connectTimeout must be a duration such as 10s".into(),
                     ),
                 },
-                "defaultHttpRetryPolicy" => self.retries(value, mesh),
+                "defaultHttpRetryPolicy" => {
+                    if let Some(r) = self.typed::<api::HttpRetry>(key, value) {
+                        mesh.default_http_retry = crate::lower::retry_policy(&r);
+                    }
+                }
+                "localityLbSetting" => {
+                    if let Some(l) = self.typed::<api::LocalityLbSetting>(key, value) {
+                        mesh.locality_lb_setting = Some(l);
+                    }
+                }
                 "defaultServiceExportTo" => {
                     mesh.default_export_to.services = self.export_to(key, value);
                 }
@@ -301,10 +310,11 @@ impl Reader<'_> {
         out
     }
 
-    fn retries(&mut self, value: &Node, mesh: &mut MeshOptions) {
-        const FIELD: &str = "defaultHttpRetryPolicy";
-        match serde_path_to_error::deserialize::<_, api::HttpRetry>(value) {
-            Ok(r) => mesh.default_http_retry = crate::lower::retry_policy(&r),
+    /// `value` read as the API type `T` (the same type the API field has), errors at
+    /// their position.
+    fn typed<T: serde::de::DeserializeOwned>(&mut self, field: &str, value: &Node) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(t) => Some(t),
             Err(e) => {
                 let message = e.inner().to_string();
                 let mut rel = FieldPath::parse(&e.path().to_string());
@@ -322,11 +332,12 @@ impl Reader<'_> {
                 }
                 let rel = rel.to_string();
                 let path = if rel.is_empty() {
-                    FIELD.to_owned()
+                    field.to_owned()
                 } else {
-                    format!("{FIELD}.{rel}")
+                    format!("{field}.{rel}")
                 };
                 self.report(Severity::Error, pos, &path, message);
+                None
             }
         }
     }
@@ -390,6 +401,28 @@ mod tests {
         assert_eq!(mesh.default_export_to.virtual_services, [".", "other"]);
         assert_eq!(diags.len(), 1, "{diags:?}");
         assert_eq!(diags[0].path, "defaultDestinationRuleExportTo[0]");
+    }
+
+    #[test]
+    fn the_meshs_locality_settings_are_read_as_a_destination_rules() {
+        let (mesh, diags) = read(
+            "mesh.yaml",
+            "localityLbSetting:\n  enabled: true\n  failover: [{from: us-east, to: eu-west}]\n",
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        let l = mesh.locality_lb_setting.unwrap();
+        assert_eq!(
+            (l.failover[0].from.as_str(), l.failover[0].to.as_str()),
+            ("us-east", "eu-west")
+        );
+        let (_, diags) = read("mesh.yaml", "localityLbSetting:\n  failovr: []\n");
+        assert_eq!(
+            diags
+                .iter()
+                .map(|d| (d.pos.line, d.path.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "localityLbSetting.failovr")]
+        );
     }
 
     #[test]

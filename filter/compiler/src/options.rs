@@ -40,6 +40,8 @@ pub struct MeshOptions {
     /// `defaultServiceExportTo`, `defaultVirtualServiceExportTo`,
     /// `defaultDestinationRuleExportTo`: the `exportTo` of what sets none (empty: `*`).
     pub default_export_to: DefaultExportTo,
+    /// `localityLbSetting`: the locality balancing of DestinationRules that set none.
+    pub locality_lb_setting: Option<crate::api::LocalityLbSetting>,
 }
 
 /// The mesh's default `exportTo` per kind; an empty list exports to every namespace.
@@ -82,6 +84,7 @@ impl Default for MeshOptions {
             connect_timeout_ms: 10_000,
             default_http_retry: Some(crate::lower::default_retry_policy()),
             default_export_to: DefaultExportTo::default(),
+            locality_lb_setting: None,
         }
     }
 }

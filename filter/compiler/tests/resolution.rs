@@ -148,6 +148,40 @@ fn the_meshs_default_export_to_applies_to_what_sets_none() {
     assert!(vhost(&open, 9080, "private.c").is_some());
 }
 
+/// MeshConfig's `localityLbSetting` is every cluster's unless its DestinationRule sets one.
+#[wasm_bindgen_test(unsupported = test)]
+fn the_meshs_locality_settings_apply_where_a_destination_rule_sets_none() {
+    let y = format!(
+        "{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: own, namespace: a}}\nspec:\n  host: own\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {{failover: [{{from: us-east, to: ap-south}}]}}\n",
+        svc("plain", "a", 80),
+        svc("own", "a", 80)
+    );
+    let mut config = Config::default();
+    assert!(config.add_text("t.yaml", &y).iter().all(|d| !d.is_error()));
+    let (mesh, said) = meshroute_compiler::mesh_config::read(
+        "mesh.yaml",
+        "localityLbSetting: {failover: [{from: us-east, to: eu-west}]}\n",
+    );
+    assert!(said.is_empty(), "{said:?}");
+    let failover = |mesh: &MeshOptions, service: &str| {
+        let doc = compile(&config, &sidecar("a"), mesh)
+            .document
+            .expect("document");
+        doc.clusters
+            .iter()
+            .find(|c| c.service.starts_with(service))
+            .expect(service)
+            .lb
+            .locality
+            .failover
+            .clone()
+    };
+    let pair = |to: &str| vec![("us-east".to_string(), to.to_string())];
+    assert_eq!(failover(&mesh, "plain."), pair("eu-west"));
+    assert_eq!(failover(&mesh, "own."), pair("ap-south"));
+    assert!(failover(&MeshOptions::default(), "plain.").is_empty());
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
     let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: a}}\nspec:\n  egress:\n  - hosts: ['./*']\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n", svc("mine", "a", 80), svc("other", "b", 80));

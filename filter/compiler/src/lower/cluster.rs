@@ -55,7 +55,7 @@ impl Lowering<'_> {
             // The host's cluster of this name has the endpoints and the policies; the filter
             // only needs to know it exists, and its hash key (the route that takes the
             // filter's decision carries it, as istiod's routes do).
-            let hashed = load_balancer(policy.load_balancer.as_ref()).consistent_hash;
+            let hashed = load_balancer(policy.load_balancer.as_ref(), None).consistent_hash;
             return ir::Cluster {
                 lb: ir::LoadBalancer {
                     consistent_hash: hashed,
@@ -102,7 +102,10 @@ impl Lowering<'_> {
             protocol: ir::Protocol::parse(&port.protocol).unwrap_or_default(),
             connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref()))
                 .unwrap_or(self.mesh.connect_timeout_ms),
-            lb: load_balancer(policy.load_balancer.as_ref()),
+            lb: load_balancer(
+                policy.load_balancer.as_ref(),
+                self.mesh.locality_lb_setting.as_ref(),
+            ),
             connection_pool: ir::ConnectionPool {
                 max_connections: n(tcp.and_then(|t| t.max_connections)),
                 http1_max_pending_requests: n(http.and_then(|h| h.http1_max_pending_requests)),
@@ -189,9 +192,17 @@ impl Lowering<'_> {
     }
 }
 
-fn load_balancer(lb: Option<&api::LoadBalancerSettings>) -> ir::LoadBalancer {
+/// A DestinationRule's load balancer; its locality settings default to the mesh's
+/// (MeshConfig `localityLbSetting`).
+fn load_balancer(
+    lb: Option<&api::LoadBalancerSettings>,
+    mesh_locality: Option<&api::LocalityLbSetting>,
+) -> ir::LoadBalancer {
     let Some(lb) = lb else {
-        return ir::LoadBalancer::default();
+        return ir::LoadBalancer {
+            locality: mesh_locality.map_or_else(ir::LocalityLb::default, locality),
+            ..ir::LoadBalancer::default()
+        };
     };
     let policy = match lb.simple.as_deref() {
         Some("ROUND_ROBIN") => ir::LbPolicy::RoundRobin,
@@ -248,30 +259,35 @@ fn load_balancer(lb: Option<&api::LoadBalancerSettings>) -> ir::LoadBalancer {
     let locality = lb
         .locality_lb_setting
         .as_ref()
-        .map_or_else(ir::LocalityLb::default, |l| ir::LocalityLb {
-            disabled: l.enabled == Some(false),
-            distribute: l
-                .distribute
-                .iter()
-                .map(|d| {
-                    let to =
-                        d.to.iter()
-                            .filter_map(|(k, v)| Some((k.clone(), u32::try_from(*v).ok()?)))
-                            .collect();
-                    (d.from.clone(), to)
-                })
-                .collect(),
-            failover: l
-                .failover
-                .iter()
-                .map(|f| (f.from.clone(), f.to.clone()))
-                .collect(),
-            failover_priority: l.failover_priority.clone(),
-        });
+        .or(mesh_locality)
+        .map_or_else(ir::LocalityLb::default, locality);
     ir::LoadBalancer {
         policy,
         consistent_hash,
         warmup_ms,
         locality,
+    }
+}
+
+fn locality(l: &api::LocalityLbSetting) -> ir::LocalityLb {
+    ir::LocalityLb {
+        disabled: l.enabled == Some(false),
+        distribute: l
+            .distribute
+            .iter()
+            .map(|d| {
+                let to =
+                    d.to.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), u32::try_from(*v).ok()?)))
+                        .collect();
+                (d.from.clone(), to)
+            })
+            .collect(),
+        failover: l
+            .failover
+            .iter()
+            .map(|f| (f.from.clone(), f.to.clone()))
+            .collect(),
+        failover_priority: l.failover_priority.clone(),
     }
 }
