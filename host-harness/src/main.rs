@@ -54,8 +54,8 @@ struct Identity {
     outbound: Option<Outbound>,
     /// Istio's MeshConfig: the `istio` ConfigMap (its `data.mesh`) or a bare MeshConfig
     /// YAML. outboundTrafficPolicy, rootNamespace, connectTimeout, defaultHttpRetryPolicy,
-    /// localityLbSetting and the default exportTo lists act; other fields are reported as
-    /// not applied.
+    /// localityLbSetting, h2UpgradePolicy and the default exportTo lists act; other fields
+    /// are reported as not applied.
     #[arg(long, value_name = "FILE")]
     mesh_config: Option<PathBuf>,
     /// Locality of the proxy, `region/zone/subzone`, for locality-aware balancing.

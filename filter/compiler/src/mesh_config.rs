@@ -19,6 +19,7 @@ pub const ACTING: &[&str] = &[
     "defaultVirtualServiceExportTo",
     "defaultDestinationRuleExportTo",
     "localityLbSetting",
+    "h2UpgradePolicy",
 ];
 
 /// The other fields of MeshConfig (istio/api `mesh/v1alpha1/config.proto`, Istio 1.28), by
@@ -47,7 +48,6 @@ const NOT_APPLIED: &[&str] = &[
     "trustDomainAliases",
     "caCertificates",
     "dnsRefreshRate",
-    "h2UpgradePolicy",
     "inboundClusterStatName",
     "outboundClusterStatName",
     "certificates",
@@ -210,6 +210,19 @@ impl Reader<'_> {
                         mesh.default_http_retry = crate::lower::retry_policy(&r);
                     }
                 }
+                "h2UpgradePolicy" => match value.as_str() {
+                    Some("UPGRADE") => mesh.h2_upgrade = true,
+                    Some("DO_NOT_UPGRADE") => mesh.h2_upgrade = false,
+                    other => self.report(
+                        Severity::Error,
+                        value.pos,
+                        key,
+                        format!(
+                            "invalid value {:?} for enum v1alpha1.MeshConfig.H2UpgradePolicy: DO_NOT_UPGRADE or UPGRADE",
+                            other.unwrap_or_default()
+                        ),
+                    ),
+                },
                 "localityLbSetting" => {
                     if let Some(l) = self.typed::<api::LocalityLbSetting>(key, value) {
                         mesh.locality_lb_setting = Some(l);

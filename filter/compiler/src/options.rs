@@ -42,6 +42,9 @@ pub struct MeshOptions {
     pub default_export_to: DefaultExportTo,
     /// `localityLbSetting`: the locality balancing of DestinationRules that set none.
     pub locality_lb_setting: Option<crate::api::LocalityLbSetting>,
+    /// `h2UpgradePolicy: UPGRADE`: HTTP/1.1 ports are sent HTTP/2 unless a DestinationRule
+    /// says `DO_NOT_UPGRADE`.
+    pub h2_upgrade: bool,
 }
 
 /// The mesh's default `exportTo` per kind; an empty list exports to every namespace.
@@ -85,6 +88,7 @@ impl Default for MeshOptions {
             default_http_retry: Some(crate::lower::default_retry_policy()),
             default_export_to: DefaultExportTo::default(),
             locality_lb_setting: None,
+            h2_upgrade: false,
         }
     }
 }

@@ -182,6 +182,41 @@ fn the_meshs_locality_settings_apply_where_a_destination_rule_sets_none() {
     assert!(failover(&MeshOptions::default(), "plain.").is_empty());
 }
 
+/// MeshConfig `h2UpgradePolicy: UPGRADE` upgrades HTTP/1.1 ports, not TCP ones, and a
+/// DestinationRule's DO_NOT_UPGRADE keeps its service on HTTP/1.1.
+#[wasm_bindgen_test(unsupported = test)]
+fn the_meshs_h2_upgrade_policy_upgrades_http_ports_a_destination_rule_does_not_refuse() {
+    let tcp = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: a}\nspec:\n  ports: [{name: tcp, port: 5432}]\n---\n";
+    let y = format!(
+        "{}{}{tcp}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: legacy, namespace: a}}\nspec:\n  host: legacy\n  trafficPolicy: {{connectionPool: {{http: {{h2UpgradePolicy: DO_NOT_UPGRADE}}}}}}\n",
+        svc("web", "a", 80),
+        svc("legacy", "a", 80)
+    );
+    let mut config = Config::default();
+    assert!(config.add_text("t.yaml", &y).iter().all(|d| !d.is_error()));
+    let (mesh, said) =
+        meshroute_compiler::mesh_config::read("mesh.yaml", "h2UpgradePolicy: UPGRADE\n");
+    assert!(said.is_empty(), "{said:?}");
+    let upgraded = |mesh: &MeshOptions, service: &str| {
+        let doc = compile(&config, &sidecar("a"), mesh)
+            .document
+            .expect("document");
+        doc.clusters
+            .iter()
+            .find(|c| c.service.starts_with(service))
+            .expect(service)
+            .connection_pool
+            .h2_upgrade
+    };
+    assert!(upgraded(&mesh, "web."));
+    assert!(!upgraded(&mesh, "legacy."), "the DestinationRule refuses");
+    assert!(!upgraded(&mesh, "db."), "not an HTTP port");
+    assert!(
+        !upgraded(&MeshOptions::default(), "web."),
+        "Istio's default: no upgrade"
+    );
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
     let y = format!("{}{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: a}}\nspec:\n  egress:\n  - hosts: ['./*']\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n", svc("mine", "a", 80), svc("other", "b", 80));

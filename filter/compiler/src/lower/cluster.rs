@@ -119,7 +119,15 @@ impl Lowering<'_> {
                 max_concurrent_streams: http
                     .and_then(|h| h.max_concurrent_streams)
                     .and_then(|v| u32::try_from(v).ok()),
-                h2_upgrade: http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE"),
+                h2_upgrade: match http.and_then(|h| h.h2_upgrade_policy.as_deref()) {
+                    Some("UPGRADE") => true,
+                    Some("DO_NOT_UPGRADE") => false,
+                    // DEFAULT or unset: the mesh's policy, which Istio applies to HTTP ports.
+                    _ => {
+                        self.mesh.h2_upgrade
+                            && ir::Protocol::parse(&port.protocol) == Some(ir::Protocol::Http)
+                    }
+                },
                 tcp_keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(|k| {
                     let secs = |d: Option<&api::Duration>| {
                         ms(d).map(|ms| u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX))
