@@ -54,8 +54,8 @@ struct Identity {
     outbound: Option<Outbound>,
     /// Istio's MeshConfig: the `istio` ConfigMap (its `data.mesh`) or a bare MeshConfig
     /// YAML. outboundTrafficPolicy, rootNamespace, connectTimeout, defaultHttpRetryPolicy,
-    /// localityLbSetting, h2UpgradePolicy and the default exportTo lists act; other fields
-    /// are reported as not applied.
+    /// localityLbSetting, h2UpgradePolicy, the default exportTo lists, accessLogFile and
+    /// accessLogEncoding act; other fields are reported as not applied.
     #[arg(long, value_name = "FILE")]
     mesh_config: Option<PathBuf>,
     /// Locality of the proxy, `region/zone/subzone`, for locality-aware balancing.
@@ -90,13 +90,14 @@ struct HostArgs {
     /// `tls`): `<dir>/<name>/tls.crt|tls.key|ca.crt`.
     #[arg(long)]
     credentials_dir: Option<PathBuf>,
-    /// Access log: `off`, `stdout` or a file to append to.
-    #[arg(long, default_value = "stdout")]
-    access_log: String,
+    /// Access log: `off`, `stdout` or a file to append to (default: the mesh
+    /// configuration's accessLogFile, else stdout).
+    #[arg(long)]
+    access_log: Option<String>,
     /// Access-log encoding, as MeshConfig's `accessLogEncoding`: Istio's default TEXT
-    /// format or its JSON encoding.
-    #[arg(long, value_enum, default_value_t = meshroute_harness::runtime::access_log::Encoding::Text)]
-    access_log_encoding: meshroute_harness::runtime::access_log::Encoding,
+    /// format or its JSON encoding (default: the mesh configuration's, else text).
+    #[arg(long, value_enum)]
+    access_log_encoding: Option<meshroute_harness::runtime::access_log::Encoding>,
     /// Downstream connections per listener; more are closed at once.
     #[arg(long, default_value_t = 100_000)]
     max_connections: usize,
@@ -247,6 +248,15 @@ fn run_options(
             outbound: listen,
             inbound: host.inbound_listen,
         });
+    // An explicit flag, else the mesh's accessLogFile (empty: off), else stdout.
+    let access_log = host
+        .access_log
+        .unwrap_or_else(|| match mesh.access_log_file.as_deref() {
+            None | Some("/dev/stdout") => "stdout".into(),
+            Some("") => "off".into(),
+            Some(file) => file.into(),
+        });
+    let access_log_encoding = encoding(host.access_log_encoding, &mesh);
     meshroute_harness::runtime::launch::RunOptions {
         files,
         proxy,
@@ -260,8 +270,8 @@ fn run_options(
         workers: host.workers,
         reload_interval: std::time::Duration::from_secs(1),
         credentials: host.credentials_dir,
-        access_log: host.access_log,
-        access_log_encoding: host.access_log_encoding,
+        access_log,
+        access_log_encoding,
         limits: meshroute_harness::runtime::Limits {
             max_connections: host.max_connections.max(1),
             header_timeout: std::time::Duration::from_secs(host.header_timeout_s.max(1)),
@@ -344,9 +354,9 @@ enum Command {
         #[arg(long)]
         credentials_dir: Option<PathBuf>,
         /// Access-log encoding, as MeshConfig's `accessLogEncoding`: Istio's default TEXT
-        /// format or its JSON encoding.
-        #[arg(long, value_enum, default_value_t = meshroute_harness::runtime::access_log::Encoding::Text)]
-        access_log_encoding: meshroute_harness::runtime::access_log::Encoding,
+        /// format or its JSON encoding (default: the mesh configuration's, else text).
+        #[arg(long, value_enum)]
+        access_log_encoding: Option<meshroute_harness::runtime::access_log::Encoding>,
         /// Write the bootstrap to this file instead of standard output.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -549,12 +559,21 @@ fn print_diags(diags: &[Diagnostic]) {
 
 /// Loads, validates and lowers; diagnostics go to stderr.
 fn compile_rules(files: &[PathBuf], identity: &Identity) -> Result<RulesDocument, CliError> {
+    compile_rules_and_mesh(files, identity).map(|(doc, _)| doc)
+}
+
+/// As [`compile_rules`], with the mesh settings the rules were compiled with.
+fn compile_rules_and_mesh(
+    files: &[PathBuf],
+    identity: &Identity,
+) -> Result<(RulesDocument, MeshOptions), CliError> {
     let (proxy, mesh) = identity.options()?;
     let compiled = meshroute_compiler::compile_files(files, &proxy, &mesh).map_err(CliError::Io)?;
     print_diags(&compiled.diagnostics);
     // The diagnostics say it all; nothing is added to them.
     compiled
         .document
+        .map(|doc| (doc, mesh))
         .ok_or_else(|| CliError::Invalid(String::new()))
 }
 
@@ -792,15 +811,34 @@ fn istio_manifest(
     }
 }
 
+/// The access-log encoding: the flag's, else the mesh configuration's, else text.
+fn encoding(
+    flag: Option<meshroute_harness::runtime::access_log::Encoding>,
+    mesh: &MeshOptions,
+) -> meshroute_harness::runtime::access_log::Encoding {
+    use meshroute_harness::runtime::access_log::Encoding;
+    flag.unwrap_or(match mesh.access_log_json {
+        Some(true) => Encoding::Json,
+        _ => Encoding::Text,
+    })
+}
+
+/// The bootstrap for the rules of `files`; `opts`' access-log encoding is `encoding_flag`,
+/// else the mesh configuration's.
 fn envoy_bootstrap(
     files: &[PathBuf],
     identity: &Identity,
     opts: &envoy_config::Options<'_>,
+    encoding_flag: Option<meshroute_harness::runtime::access_log::Encoding>,
     output: Option<&Path>,
 ) -> Result<ExitCode, CliError> {
-    let doc = compile_rules(files, identity)?;
+    let (doc, mesh) = compile_rules_and_mesh(files, identity)?;
+    let opts = envoy_config::Options {
+        access_log_encoding: encoding(encoding_flag, &mesh),
+        ..*opts
+    };
     let (bootstrap, warnings) =
-        envoy_config::bootstrap(&doc, opts).map_err(|e| CliError::Failed(e.to_string()))?;
+        envoy_config::bootstrap(&doc, &opts).map_err(|e| CliError::Failed(e.to_string()))?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
@@ -942,8 +980,9 @@ fn dispatch(command: Command) -> Result<ExitCode, CliError> {
                 admin: admin.as_ref(),
                 failure_policy,
                 credentials: credentials_dir.as_deref(),
-                access_log_encoding,
+                access_log_encoding: Default::default(),
             },
+            access_log_encoding,
             output.as_deref(),
         ),
     }

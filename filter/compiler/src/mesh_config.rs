@@ -20,6 +20,8 @@ pub const ACTING: &[&str] = &[
     "defaultDestinationRuleExportTo",
     "localityLbSetting",
     "h2UpgradePolicy",
+    "accessLogFile",
+    "accessLogEncoding",
 ];
 
 /// The other fields of MeshConfig (istio/api `mesh/v1alpha1/config.proto`, Istio 1.28), by
@@ -35,9 +37,7 @@ const NOT_APPLIED: &[&str] = &[
     "ingressControllerMode",
     "ingressSelector",
     "enableTracing",
-    "accessLogFile",
     "accessLogFormat",
-    "accessLogEncoding",
     "enableEnvoyAccessLogService",
     "disableEnvoyListenerLog",
     "defaultConfig",
@@ -73,7 +73,11 @@ pub fn read(file: &str, text: &str) -> (MeshOptions, Vec<Diagnostic>) {
         prefix: String::new(),
         diags: Vec::new(),
     };
-    let mut mesh = MeshOptions::default();
+    let mut mesh = MeshOptions {
+        // MeshConfig's default: an empty accessLogFile, no access log.
+        access_log_file: Some(String::new()),
+        ..MeshOptions::default()
+    };
     if let Some(config) = reader.mesh_node(text) {
         reader.apply(&config, &mut mesh);
     }
@@ -210,6 +214,28 @@ impl Reader<'_> {
                         mesh.default_http_retry = crate::lower::retry_policy(&r);
                     }
                 }
+                "accessLogFile" => match value.as_str() {
+                    Some(f) => mesh.access_log_file = Some(f.to_owned()),
+                    None => self.report(
+                        Severity::Error,
+                        value.pos,
+                        key,
+                        "accessLogFile must be a file name such as /dev/stdout".into(),
+                    ),
+                },
+                "accessLogEncoding" => match value.as_str() {
+                    Some("TEXT") => mesh.access_log_json = Some(false),
+                    Some("JSON") => mesh.access_log_json = Some(true),
+                    other => self.report(
+                        Severity::Error,
+                        value.pos,
+                        key,
+                        format!(
+                            "invalid value {:?} for enum v1alpha1.MeshConfig.AccessLogEncoding: TEXT or JSON",
+                            other.unwrap_or_default()
+                        ),
+                    ),
+                },
                 "h2UpgradePolicy" => match value.as_str() {
                     Some("UPGRADE") => mesh.h2_upgrade = true,
                     Some("DO_NOT_UPGRADE") => mesh.h2_upgrade = false,
@@ -387,14 +413,14 @@ mod tests {
 
     #[test]
     fn the_istio_configmap_is_read_with_positions_inside_it() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    accessLogFile: /dev/stdout\n    rootNamespace: other\n    conectTimeout: 1s\n";
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    accessLogFormat: \"%START_TIME%\"\n    rootNamespace: other\n    conectTimeout: 1s\n";
         let (mesh, diags) = read("istio.yaml", text);
         assert_eq!(mesh.root_namespace, "other");
         assert_eq!(diags.len(), 2, "{diags:?}");
         assert_eq!(diags[0].severity, Severity::Warning);
         assert_eq!(
             (diags[0].pos.line, diags[0].pos.col, diags[0].path.as_str()),
-            (6, 5, "data.mesh.accessLogFile")
+            (6, 5, "data.mesh.accessLogFormat")
         );
         assert!(diags[1].is_error());
         assert_eq!(

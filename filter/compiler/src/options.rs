@@ -45,6 +45,10 @@ pub struct MeshOptions {
     /// `h2UpgradePolicy: UPGRADE`: HTTP/1.1 ports are sent HTTP/2 unless a DestinationRule
     /// says `DO_NOT_UPGRADE`.
     pub h2_upgrade: bool,
+    /// `accessLogFile` (`None`: no mesh configuration says; empty: logging off) and
+    /// `accessLogEncoding: JSON`, for the proxies that log.
+    pub access_log_file: Option<String>,
+    pub access_log_json: Option<bool>,
 }
 
 /// The mesh's default `exportTo` per kind; an empty list exports to every namespace.
@@ -89,6 +93,8 @@ impl Default for MeshOptions {
             default_export_to: DefaultExportTo::default(),
             locality_lb_setting: None,
             h2_upgrade: false,
+            access_log_file: None,
+            access_log_json: None,
         }
     }
 }

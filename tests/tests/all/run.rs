@@ -1073,9 +1073,11 @@ fn the_mesh_configuration_shapes_the_rules_of_every_command() {
     // default policy does not retry a 503).
     flaky.script(&[503, 503, 503]);
     write_config(&dir, "web.yaml", &registry("web", 8000, &[&flaky]));
+    let log = dir.join("access.json");
     let configmap = |extra: &str| {
         format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n    defaultHttpRetryPolicy:\n      attempts: 4\n      retryOn: 5xx\n{extra}"
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    enableTracing: true\n    accessLogFile: {}\n    accessLogEncoding: JSON\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n    defaultHttpRetryPolicy:\n      attempts: 4\n      retryOn: 5xx\n{extra}",
+            log.display()
         )
     };
     let mesh_file = dir.join("mesh").join("istio.yaml");
@@ -1094,14 +1096,14 @@ fn the_mesh_configuration_shapes_the_rules_of_every_command() {
     assert_eq!(typo.status.code(), Some(1), "{said}");
     let file = mesh_file.display();
     assert!(
-        said.contains(&format!("{file}:12:5: error: data.mesh.conectTimeout: unknown field \"conectTimeout\" in v1alpha1.MeshConfig")),
+        said.contains(&format!("{file}:14:5: error: data.mesh.conectTimeout: unknown field \"conectTimeout\" in v1alpha1.MeshConfig")),
         "{said}"
     );
     let ok = compile("");
     let said = String::from_utf8_lossy(&ok.stderr);
     assert!(ok.status.success(), "{said}");
     assert!(
-        said.contains(&format!("{file}:6:5: warning: data.mesh.accessLogFile")),
+        said.contains(&format!("{file}:6:5: warning: data.mesh.enableTracing")),
         "{said}"
     );
     let rules: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
@@ -1139,5 +1141,20 @@ fn the_mesh_configuration_shapes_the_rules_of_every_command() {
     assert_eq!((r.status, flaky.count()), (200, 4), "{}", m.log());
     let outside = get("elsewhere.example:8000", "/").send(port);
     assert_eq!(outside.status, 502, "{}", m.log());
+    // The mesh's access log: its file, in its JSON encoding.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= 2 || Instant::now() > deadline {
+            break lines;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let codes: Vec<_> = lines.iter().map(|l| l["response_code"].clone()).collect();
+    assert_eq!(codes, [200, 502], "{}", m.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
