@@ -108,6 +108,36 @@ pub fn refusing_port() -> u16 {
     port
 }
 
+/// A number from the environment variable `name` (a test's size or seed knob), else
+/// `default`.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sends raw bytes to a loopback port and reads the answer to the connection's end; its
+/// status code, 0 when there is none.
+pub fn raw_status(port: u16, request: &[u8]) -> u16 {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let _ = conn.write_all(request);
+    status_of(conn)
+}
+
+/// The status code of the answer read from `conn` to its end, 0 when there is none.
+pub fn status_of(mut conn: TcpStream) -> u16 {
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A loopback port whose connection attempts go unanswered: a listener with an accept
 /// queue of one, filled by a connection of its own and never accepted, so the kernel drops
 /// every further SYN (`tcp_abort_on_overflow` is 0 by default) and a client's connect waits

@@ -346,10 +346,10 @@ impl Config {
 }
 
 /// A typed-deserialization failure, positioned.
-struct TypedError {
-    pos: Pos,
-    path: String,
-    message: String,
+pub(crate) struct TypedError {
+    pub pos: Pos,
+    pub path: String,
+    pub message: String,
 }
 
 impl TypedError {
@@ -366,7 +366,7 @@ impl TypedError {
 }
 
 /// Deserializes `node` (found at `rel` inside the object) as `T`, mapping errors to positions.
-fn typed<T: DeserializeOwned>(
+pub(crate) fn typed<T: DeserializeOwned>(
     node: &Node,
     origin: &Origin,
     rel: &FieldPath,

@@ -5,8 +5,9 @@
 
 use crate::api;
 use crate::diag::{Diagnostic, Severity};
+use crate::load::Origin;
 use crate::options::MeshOptions;
-use crate::source::{parse_documents, FieldPath, Node, NodeValue, Pos, Seg};
+use crate::source::{parse_documents, FieldPath, Node, NodeValue, Pos};
 use meshroute_core::ir::OutboundPolicy;
 
 /// The MeshConfig fields the compiler applies.
@@ -223,32 +224,18 @@ impl Reader<'_> {
                         "accessLogFile must be a file name such as /dev/stdout".into(),
                     ),
                 },
-                "accessLogEncoding" => match value.as_str() {
-                    Some("TEXT") => mesh.access_log_json = Some(false),
-                    Some("JSON") => mesh.access_log_json = Some(true),
-                    other => self.report(
-                        Severity::Error,
-                        value.pos,
-                        key,
-                        format!(
-                            "invalid value {:?} for enum v1alpha1.MeshConfig.AccessLogEncoding: TEXT or JSON",
-                            other.unwrap_or_default()
-                        ),
-                    ),
-                },
-                "h2UpgradePolicy" => match value.as_str() {
-                    Some("UPGRADE") => mesh.h2_upgrade = true,
-                    Some("DO_NOT_UPGRADE") => mesh.h2_upgrade = false,
-                    other => self.report(
-                        Severity::Error,
-                        value.pos,
-                        key,
-                        format!(
-                            "invalid value {:?} for enum v1alpha1.MeshConfig.H2UpgradePolicy: DO_NOT_UPGRADE or UPGRADE",
-                            other.unwrap_or_default()
-                        ),
-                    ),
-                },
+                "accessLogEncoding" => {
+                    let json = self.choice(key, value, "AccessLogEncoding", ["TEXT", "JSON"]);
+                    if json.is_some() {
+                        mesh.access_log_json = json;
+                    }
+                }
+                "h2UpgradePolicy" => {
+                    let names = ["DO_NOT_UPGRADE", "UPGRADE"];
+                    if let Some(upgrade) = self.choice(key, value, "H2UpgradePolicy", names) {
+                        mesh.h2_upgrade = upgrade;
+                    }
+                }
                 "localityLbSetting" => {
                     if let Some(l) = self.typed::<api::LocalityLbSetting>(key, value) {
                         mesh.locality_lb_setting = Some(l);
@@ -292,21 +279,42 @@ impl Reader<'_> {
             }
         }
         // An absent mode is proto3's zero value, REGISTRY_ONLY.
-        match value.get("mode").map(|m| (m.pos, m.as_str())) {
-            None => mesh.outbound_traffic_policy = OutboundPolicy::RegistryOnly,
-            Some((_, Some("REGISTRY_ONLY"))) => {
-                mesh.outbound_traffic_policy = OutboundPolicy::RegistryOnly;
-            }
-            Some((_, Some("ALLOW_ANY"))) => mesh.outbound_traffic_policy = OutboundPolicy::AllowAny,
-            Some((pos, other)) => self.report(
-                Severity::Error,
-                pos,
+        let allow_any = match value.get("mode") {
+            None => Some(false),
+            Some(mode) => self.choice(
                 &format!("{FIELD}.mode"),
-                format!(
-                    "invalid value {:?} for enum v1alpha1.MeshConfig.OutboundTrafficPolicy.Mode: REGISTRY_ONLY or ALLOW_ANY",
-                    other.unwrap_or_default()
-                ),
+                mode,
+                "OutboundTrafficPolicy.Mode",
+                ["REGISTRY_ONLY", "ALLOW_ANY"],
             ),
+        };
+        match allow_any {
+            Some(true) => mesh.outbound_traffic_policy = OutboundPolicy::AllowAny,
+            Some(false) => mesh.outbound_traffic_policy = OutboundPolicy::RegistryOnly,
+            None => {}
+        }
+    }
+
+    /// A two-valued MeshConfig enum `name`: whether `value` is the second of `names`, or
+    /// `None` (reported in istiod's words) when it is neither.
+    fn choice(
+        &mut self,
+        field: &str,
+        value: &Node,
+        name: &str,
+        [first, second]: [&str; 2],
+    ) -> Option<bool> {
+        match value.as_str() {
+            Some(v) if v == first => Some(false),
+            Some(v) if v == second => Some(true),
+            other => {
+                let message = format!(
+                    "invalid value {:?} for enum v1alpha1.MeshConfig.{name}: {first} or {second}",
+                    other.unwrap_or_default()
+                );
+                self.report(Severity::Error, value.pos, field, message);
+                None
+            }
         }
     }
 
@@ -352,30 +360,20 @@ impl Reader<'_> {
     /// `value` read as the API type `T` (the same type the API field has), errors at
     /// their position.
     fn typed<T: serde::de::DeserializeOwned>(&mut self, field: &str, value: &Node) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
+        let origin = Origin {
+            file: self.file.into(),
+            doc: std::sync::Arc::new(value.clone()),
+            base: FieldPath::root(),
+        };
+        match crate::load::typed::<T>(value, &origin, &FieldPath::root()) {
             Ok(t) => Some(t),
             Err(e) => {
-                let message = e.inner().to_string();
-                let mut rel = FieldPath::parse(&e.path().to_string());
-                let mut pos = value.locate(&rel);
-                // An unknown field: point at its key.
-                if let Some(name) = message
-                    .strip_prefix("unknown field `")
-                    .and_then(|r| r.split('`').next())
-                {
-                    if rel.0.last() == Some(&Seg::Key(name.to_owned())) {
-                        rel.0.pop();
-                    }
-                    pos = value.locate_key(&rel, name).unwrap_or(pos);
-                    rel = rel.key(name);
-                }
-                let rel = rel.to_string();
-                let path = if rel.is_empty() {
+                let path = if e.path.is_empty() {
                     field.to_owned()
                 } else {
-                    format!("{field}.{rel}")
+                    format!("{field}.{}", e.path)
                 };
-                self.report(Severity::Error, pos, &path, message);
+                self.report(Severity::Error, e.pos, &path, e.message);
                 None
             }
         }

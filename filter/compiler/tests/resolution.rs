@@ -10,10 +10,7 @@ use meshroute_core::ir::{self, Action, RulesDocument};
 use wasm_bindgen_test::wasm_bindgen_test;
 
 fn build(yaml: &str, proxy: ProxyOptions) -> (RulesDocument, Vec<String>) {
-    let mut c = Config::default();
-    let load = c.add_text("t.yaml", yaml);
-    assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
-    let out = compile(&c, &proxy, &MeshOptions::default());
+    let out = compile(&loaded(yaml), &proxy, &MeshOptions::default());
     assert!(!out.has_errors(), "{:?}", out.diagnostics);
     (
         out.document.expect("document"),
@@ -44,6 +41,29 @@ fn vhost<'a>(doc: &'a RulesDocument, port: u16, domain: &str) -> Option<&'a ir::
         .virtual_hosts
         .iter()
         .find(|v| v.domains.iter().any(|d| d == domain))
+}
+
+/// The objects of `yaml`, which must load without errors.
+fn loaded(yaml: &str) -> Config {
+    let mut config = Config::default();
+    let load = config.add_text("t.yaml", yaml);
+    assert!(load.iter().all(|d| !d.is_error()), "{load:?}");
+    config
+}
+
+/// The mesh options of a MeshConfig text, which must read without a word.
+fn mesh_of(text: &str) -> MeshOptions {
+    let (mesh, said) = meshroute_compiler::mesh_config::read("mesh.yaml", text);
+    assert!(said.is_empty(), "{said:?}");
+    mesh
+}
+
+/// The cluster of the service whose host starts with `service`.
+fn cluster_of<'a>(doc: &'a RulesDocument, service: &str) -> &'a ir::Cluster {
+    doc.clusters
+        .iter()
+        .find(|c| c.service.starts_with(service))
+        .expect(service)
 }
 
 fn first_dest(vh: &ir::VirtualHost, route: usize) -> &ir::Destination {
@@ -104,13 +124,8 @@ fn the_meshs_default_export_to_applies_to_what_sets_none() {
         vs("ratings", "  exportTo: ['*']\n"),
         svc("private", "c", 9080)
     );
-    let mut config = Config::default();
-    assert!(config.add_text("t.yaml", &y).iter().all(|d| !d.is_error()));
-    let (mesh, said) = meshroute_compiler::mesh_config::read(
-        "mesh.yaml",
-        "defaultVirtualServiceExportTo: ['.']\ndefaultServiceExportTo: ['.', b]\n",
-    );
-    assert!(said.is_empty(), "{said:?}");
+    let config = loaded(&y);
+    let mesh = mesh_of("defaultVirtualServiceExportTo: ['.']\ndefaultServiceExportTo: ['.', b]\n");
     let doc = |ns: &str, mesh: &MeshOptions| {
         compile(&config, &sidecar(ns), mesh)
             .document
@@ -156,25 +171,13 @@ fn the_meshs_locality_settings_apply_where_a_destination_rule_sets_none() {
         svc("plain", "a", 80),
         svc("own", "a", 80)
     );
-    let mut config = Config::default();
-    assert!(config.add_text("t.yaml", &y).iter().all(|d| !d.is_error()));
-    let (mesh, said) = meshroute_compiler::mesh_config::read(
-        "mesh.yaml",
-        "localityLbSetting: {failover: [{from: us-east, to: eu-west}]}\n",
-    );
-    assert!(said.is_empty(), "{said:?}");
+    let config = loaded(&y);
+    let mesh = mesh_of("localityLbSetting: {failover: [{from: us-east, to: eu-west}]}\n");
     let failover = |mesh: &MeshOptions, service: &str| {
         let doc = compile(&config, &sidecar("a"), mesh)
             .document
             .expect("document");
-        doc.clusters
-            .iter()
-            .find(|c| c.service.starts_with(service))
-            .expect(service)
-            .lb
-            .locality
-            .failover
-            .clone()
+        cluster_of(&doc, service).lb.locality.failover.clone()
     };
     let pair = |to: &str| vec![("us-east".to_string(), to.to_string())];
     assert_eq!(failover(&mesh, "plain."), pair("eu-west"));
@@ -192,21 +195,13 @@ fn the_meshs_h2_upgrade_policy_upgrades_http_ports_a_destination_rule_does_not_r
         svc("web", "a", 80),
         svc("legacy", "a", 80)
     );
-    let mut config = Config::default();
-    assert!(config.add_text("t.yaml", &y).iter().all(|d| !d.is_error()));
-    let (mesh, said) =
-        meshroute_compiler::mesh_config::read("mesh.yaml", "h2UpgradePolicy: UPGRADE\n");
-    assert!(said.is_empty(), "{said:?}");
+    let config = loaded(&y);
+    let mesh = mesh_of("h2UpgradePolicy: UPGRADE\n");
     let upgraded = |mesh: &MeshOptions, service: &str| {
         let doc = compile(&config, &sidecar("a"), mesh)
             .document
             .expect("document");
-        doc.clusters
-            .iter()
-            .find(|c| c.service.starts_with(service))
-            .expect(service)
-            .connection_pool
-            .h2_upgrade
+        cluster_of(&doc, service).connection_pool.h2_upgrade
     };
     assert!(upgraded(&mesh, "web."));
     assert!(!upgraded(&mesh, "legacy."), "the DestinationRule refuses");

@@ -284,14 +284,8 @@ fn run_one(plugin: &Plugin) -> Outcome {
 
 #[test]
 fn generated_guests_calling_every_import_with_arbitrary_arguments_are_contained() {
-    let cases: u64 = std::env::var("MESHROUTE_ABI_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
-    let seed: u64 = std::env::var("MESHROUTE_ABI_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x0061_6269);
+    let cases: u64 = meshroute_tests::env_number("MESHROUTE_ABI_FUZZ_CASES", 600);
+    let seed: u64 = meshroute_tests::env_number("MESHROUTE_ABI_FUZZ_SEED", 0x0061_6269);
     let dir = std::env::temp_dir().join(format!("meshroute-abi-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (mut started, mut trapped, mut clean) = (0u64, 0u64, 0u64);

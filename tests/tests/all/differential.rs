@@ -662,14 +662,8 @@ fn scenario(name: &str, g: &Generated, req: &Request, envoy: &Observed) -> Strin
 
 #[test]
 fn both_hosts_answer_generated_configurations_and_requests_alike() {
-    let cases: usize = std::env::var("MESHROUTE_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_500);
-    let seed: u64 = std::env::var("MESHROUTE_DIFF_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x6d65_7368);
+    let cases: usize = meshroute_tests::env_number("MESHROUTE_DIFF_CASES", 1_500);
+    let seed: u64 = meshroute_tests::env_number("MESHROUTE_DIFF_SEED", 0x6d65_7368);
     let upstreams: Vec<Upstream> = (0..SERVICES)
         .flat_map(|i| ["v1", "v2"].map(|v| Upstream::start(&format!("{}-{v}", service(i)))))
         .collect();

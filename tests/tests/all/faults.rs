@@ -13,7 +13,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
-use meshroute_tests::{free_port, refusing_port, repo_root, Envoy, Unanswered, Upstream};
+use meshroute_tests::{
+    raw_status, refusing_port, repo_root, status_of, Envoy, Unanswered, Upstream,
+};
 
 use crate::run::{write_config, Meshroute};
 
@@ -144,44 +146,25 @@ const FAULTS: &[&str] = &[
 type Client = fn(u16) -> u16;
 
 fn plain_get(port: u16) -> u16 {
-    raw(
+    raw_status(
         port,
         b"GET /fault HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\n\r\n",
-        false,
     )
 }
 
-/// The status of the answer read to the connection's end, 0 when there is none.
-fn status_of(mut conn: TcpStream) -> u16 {
-    let mut answer = Vec::new();
-    let _ = conn.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Raw bytes to the proxy; the status of the answer, 0 when there is none.
-fn raw(port: u16, bytes: &[u8], then_close: bool) -> u16 {
+/// Sends `bytes` and leaves before the request is whole: the proxy sees the client
+/// disconnect. No answer: 0.
+fn leave_after(port: u16, bytes: &[u8]) -> u16 {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     let _ = conn.write_all(bytes);
-    if then_close {
-        // Gone before the request is whole: the proxy sees the client disconnect.
-        thread::sleep(Duration::from_millis(100));
-        drop(conn);
-        return 0;
-    }
-    status_of(conn)
+    thread::sleep(Duration::from_millis(100));
+    0
 }
 
 fn client_resets_mid_body(port: u16) -> u16 {
-    raw(
+    leave_after(
         port,
         b"POST /fault HTTP/1.1\r\nhost: web:8000\r\ncontent-length: 100\r\n\r\nonly ten b",
-        true,
     )
 }
 
@@ -201,10 +184,9 @@ fn slow_body(port: u16) -> u16 {
 
 fn oversized_headers(port: u16) -> u16 {
     let big = "x".repeat(70 * 1024);
-    raw(
+    raw_status(
         port,
         format!("GET /fault HTTP/1.1\r\nhost: web:8000\r\nx-big: {big}\r\n\r\n").as_bytes(),
-        false,
     )
 }
 
@@ -212,66 +194,58 @@ fn oversized_headers(port: u16) -> u16 {
 /// client's part.
 struct Fault {
     config: String,
-    _keep: Vec<Box<dyn std::any::Any>>,
+    _keep: Box<dyn std::any::Any>,
     client: Client,
 }
 
+/// A fault behind the endpoint at `port` (kept alive by `keep`), reached through a route
+/// with `timeout` and the traffic policy `policy`.
+fn behind(
+    port: u16,
+    keep: impl std::any::Any,
+    timeout: &str,
+    policy: &str,
+    client: Client,
+) -> Fault {
+    Fault {
+        config: format!("{}{}", service_on(port), route(timeout, policy)),
+        _keep: Box::new(keep),
+        client,
+    }
+}
+
 fn fault(name: &str) -> Option<Fault> {
-    let (config, keep, client): (String, Vec<Box<dyn std::any::Any>>, Client) = match name {
-        "upstream refuses the connection" => (
-            format!("{}{}", service_on(refusing_port()), route("5s", NO_POLICY)),
-            vec![],
-            plain_get,
-        ),
+    let echo = || Upstream::start("web");
+    Some(match name {
+        "upstream refuses the connection" => {
+            behind(refusing_port(), (), "5s", NO_POLICY, plain_get)
+        }
         "upstream never answers the handshake (connectTimeout 200ms)" => {
             let u = Unanswered::start();
-            (
-                format!(
-                    "{}{}",
-                    service_on(u.port),
-                    route("5s", "{connectionPool: {tcp: {connectTimeout: 200ms}}}")
-                ),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            let policy = "{connectionPool: {tcp: {connectTimeout: 200ms}}}";
+            behind(u.port, u, "5s", policy, plain_get)
         }
         "upstream closes before answering" => {
-            let u = Upstream::start("web");
+            let u = echo();
             u.reset_always(true);
-            (
-                format!("{}{}", service_on(u.port), route("5s", NO_POLICY)),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            behind(u.port, u, "5s", NO_POLICY, plain_get)
         }
         "upstream closes in the middle of the body" => {
             let u = Scripted::start(
                 &[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf of it"],
                 Duration::ZERO,
             );
-            (
-                format!("{}{}", service_on(u.port), route("5s", NO_POLICY)),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            behind(u.port, u, "5s", NO_POLICY, plain_get)
         }
         "upstream answers 503" => {
-            let u = Upstream::start("web");
+            let u = echo();
             u.fail_with(Some(503));
-            (
-                format!("{}{}", service_on(u.port), route("5s", NO_POLICY)),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            behind(u.port, u, "5s", NO_POLICY, plain_get)
         }
         "upstream headers later than the route timeout (500ms)" => {
-            let u = Upstream::start("web");
+            let u = echo();
             u.delay_by(2_000);
-            (
-                format!("{}{}", service_on(u.port), route("500ms", NO_POLICY)),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            behind(u.port, u, "500ms", NO_POLICY, plain_get)
         }
         "upstream body later than the route timeout (500ms)" => {
             let u = Scripted::start(
@@ -281,11 +255,7 @@ fn fault(name: &str) -> Option<Fault> {
                 ],
                 Duration::from_millis(2_000),
             );
-            (
-                format!("{}{}", service_on(u.port), route("500ms", NO_POLICY)),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            behind(u.port, u, "500ms", NO_POLICY, plain_get)
         }
         "upstream TLS handshake fails (plaintext endpoint, tls SIMPLE)" => {
             let u = Scripted::start_answering(
@@ -293,46 +263,21 @@ fn fault(name: &str) -> Option<Fault> {
                 Duration::ZERO,
                 true,
             );
-            (
-                format!(
-                    "{}{}",
-                    service_on(u.port),
-                    route("5s", "{tls: {mode: SIMPLE}}")
-                ),
-                vec![Box::new(u)],
-                plain_get,
-            )
+            behind(u.port, u, "5s", "{tls: {mode: SIMPLE}}", plain_get)
         }
         "client sends its body over 1s (route timeout 500ms)" => {
-            let u = Upstream::start("web");
-            (
-                format!("{}{}", service_on(u.port), route("500ms", NO_POLICY)),
-                vec![Box::new(u)],
-                slow_body,
-            )
+            let u = echo();
+            behind(u.port, u, "500ms", NO_POLICY, slow_body)
         }
         "client disconnects in the middle of its body" => {
-            let u = Upstream::start("web");
-            (
-                format!("{}{}", service_on(u.port), route("5s", NO_POLICY)),
-                vec![Box::new(u)],
-                client_resets_mid_body,
-            )
+            let u = echo();
+            behind(u.port, u, "5s", NO_POLICY, client_resets_mid_body)
         }
         "client sends headers over 60 KiB" => {
-            let u = Upstream::start("web");
-            (
-                format!("{}{}", service_on(u.port), route("5s", NO_POLICY)),
-                vec![Box::new(u)],
-                oversized_headers,
-            )
+            let u = echo();
+            behind(u.port, u, "5s", NO_POLICY, oversized_headers)
         }
         _ => return None,
-    };
-    Some(Fault {
-        config,
-        _keep: keep,
-        client,
     })
 }
 
@@ -394,20 +339,9 @@ fn on_meshroute_run(row: &Row, f: &Fault, dir: &Path) -> Option<String> {
     write_config(dir, "web.yaml", &f.config);
     let log = dir.join("access.log");
     let _ = std::fs::remove_file(&log);
-    let (port, admin) = (free_port(), free_port());
-    let _run = Meshroute::start(
-        &[
-            "run",
-            "-f",
-            dir.join("web.yaml").to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-            "--access-log",
-            log.to_str().unwrap(),
-        ],
-        port,
+    let (_run, port, _) = Meshroute::run_on_fresh_ports(
+        &dir.join("web.yaml"),
+        &["--access-log", log.to_str().unwrap()],
     );
     let saw = (f.client)(port);
     let line = first_line(|| std::fs::read_to_string(&log).unwrap_or_default());

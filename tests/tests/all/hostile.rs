@@ -11,22 +11,7 @@ use std::time::Duration;
 
 use meshroute_core::contract::{CLUSTER_HEADER, ENDPOINT_HEADER};
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
-use meshroute_tests::{get, registry, rules, start, Host, Upstream};
-
-/// Sends raw bytes and returns the status code of the answer (0 when the connection closed).
-fn raw(port: u16, request: &[u8]) -> u16 {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _ = conn.write_all(request);
-    let mut buf = Vec::new();
-    let _ = conn.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
+use meshroute_tests::{get, raw_status, registry, rules, start, Host, Upstream};
 
 fn hostile_requests_get_envoy_answers(host: Host) {
     let up = Upstream::start("web");
@@ -57,30 +42,38 @@ fn hostile_requests_get_envoy_answers(host: Host) {
     };
     let big = "x".repeat(70 * 1024);
     let oversized = format!("GET / HTTP/1.1\r\nhost: web:8000\r\nx-big: {big}\r\n\r\n");
-    assert_eq!(raw(port, oversized.as_bytes()), 431, "headers above 60 KiB");
+    assert_eq!(
+        raw_status(port, oversized.as_bytes()),
+        431,
+        "headers above 60 KiB"
+    );
     let mut many = String::from("GET / HTTP/1.1\r\nhost: web:8000\r\n");
     for i in 0..150 {
         many.push_str(&format!("x-h{i}: v\r\n"));
     }
     many.push_str("\r\n");
     assert_eq!(
-        raw(port, many.as_bytes()),
+        raw_status(port, many.as_bytes()),
         431,
         "more than 100 header fields"
     );
     let conflicting =
         b"POST / HTTP/1.1\r\nhost: web:8000\r\ncontent-length: 5\r\ncontent-length: 7\r\n\r\nhello";
-    assert_eq!(raw(port, conflicting), 400, "conflicting Content-Length");
+    assert_eq!(
+        raw_status(port, conflicting),
+        400,
+        "conflicting Content-Length"
+    );
     let folded =
         b"GET / HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\nx-a: one\r\n two\r\n\r\n";
-    let status = raw(port, folded);
+    let status = raw_status(port, folded);
     match host {
         // Envoy 1.40 unfolds obsolete line folding and serves the request.
         Host::Envoy => assert_eq!(status, 200, "Envoy unfolds"),
         Host::Harness => assert_eq!(status, 400, "obsolete line folding is refused"),
     }
     let smuggle = b"POST / HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: web:8000\r\n\r\n";
-    let _ = raw(port, smuggle);
+    let _ = raw_status(port, smuggle);
     assert!(
         up.received().iter().all(|r| r.path != "/smuggled"),
         "a request hidden in a body never reaches the upstream"
@@ -109,12 +102,12 @@ fn harness_rejects_absolute_form_host_disagreeing_with_host_header() {
         OutboundPolicy::AllowAny,
     );
     let proxy = start(Host::Harness, &doc);
-    let status = raw(
+    let status = raw_status(
         proxy.port(),
         b"GET http://web:8000/ HTTP/1.1\r\nhost: other.example\r\n\r\n",
     );
     assert_eq!(status, 400);
-    let status = raw(
+    let status = raw_status(
         proxy.port(),
         b"GET http://web:8000/ HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\n\r\n",
     );
@@ -233,7 +226,7 @@ fn harness_closes_slow_clients_and_connections_over_the_cap() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut over = 200;
     while over != 0 && std::time::Instant::now() < deadline {
-        over = raw(
+        over = raw_status(
             h.port,
             b"GET / HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\n\r\n",
         );
@@ -246,7 +239,7 @@ fn harness_closes_slow_clients_and_connections_over_the_cap() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut status = 0;
     while std::time::Instant::now() < deadline {
-        status = raw(
+        status = raw_status(
             h.port,
             b"GET / HTTP/1.1\r\nhost: web:8000\r\nconnection: close\r\n\r\n",
         );

@@ -73,6 +73,25 @@ impl Meshroute {
         m
     }
 
+    /// `meshroute run -f CONFIG` listening on fresh loopback ports, with `extra` arguments:
+    /// the process, its listener's port and its admin port.
+    pub(crate) fn run_on_fresh_ports(config: &Path, extra: &[&str]) -> (Self, u16, u16) {
+        let (port, admin) = (free_port(), free_port());
+        let (listen, admin_addr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin}"));
+        let config = config.to_str().expect("a UTF-8 path");
+        let mut args = vec![
+            "run",
+            "-f",
+            config,
+            "--listen",
+            &listen,
+            "--admin",
+            &admin_addr,
+        ];
+        args.extend_from_slice(extra);
+        (Self::start(&args, port), port, admin)
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -143,21 +162,7 @@ fn sidecar_serves_explicit_proxy_clients_and_reloads_under_load_without_failures
         ),
     );
     write_config(&dir, "vs.yaml", &route_to("v1"));
-    let (port, admin) = (free_port(), free_port());
-    let listen = format!("127.0.0.1:{port}");
-    let admin_addr = format!("127.0.0.1:{admin}");
-    let m = Meshroute::start(
-        &[
-            "run",
-            "-f",
-            dir.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--admin",
-            &admin_addr,
-        ],
-        port,
-    );
+    let (m, port, admin) = Meshroute::run_on_fresh_ports(&dir, &[]);
     let (status, body) = via_proxy(port, "http://web:8000/hello");
     assert_eq!(status, 200, "{body}\n{}", m.log());
     assert!(body.contains("\"upstream\":\"v1\""), "{body}");
@@ -295,20 +300,7 @@ fn a_100_mb_body_streams_through_in_bounded_memory() {
     let dir = std::env::temp_dir().join(format!("meshroute-stream-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_config(&dir, "registry.yaml", &registry("web", 8000, &[&up]));
-    let (port, admin) = (free_port(), free_port());
-    let (listen, admin_addr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin}"));
-    let m = Meshroute::start(
-        &[
-            "run",
-            "-f",
-            dir.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--admin",
-            &admin_addr,
-        ],
-        port,
-    );
+    let (m, port, _) = Meshroute::run_on_fresh_ports(&dir, &[]);
     // Warm up (instances, pools) before measuring.
     assert_eq!(
         via_proxy(port, "http://web:8000/warm").0,
@@ -734,29 +726,14 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
         OutboundPolicy::AllowAny,
     );
     let envoy = meshroute_tests::Envoy::start(&doc);
-    let (port, admin) = (free_port(), free_port());
     let (text_log, json_log) = (dir.join("access.log"), dir.join("access.json"));
-    let run = |port: u16, admin: u16, log: &Path, encoding: &str| {
-        Meshroute::start(
-            &[
-                "run",
-                "-f",
-                dir.join("web.yaml").to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin",
-                &format!("127.0.0.1:{admin}"),
-                "--access-log",
-                log.to_str().unwrap(),
-                "--access-log-encoding",
-                encoding,
-            ],
-            port,
-        )
+    let run = |log: &Path, encoding: &str| {
+        let log = log.to_str().unwrap();
+        let args = ["--access-log", log, "--access-log-encoding", encoding];
+        Meshroute::run_on_fresh_ports(&dir.join("web.yaml"), &args)
     };
-    let harness = run(port, admin, &text_log, "text");
-    let (json_port, json_admin) = (free_port(), free_port());
-    let harness_json = run(json_port, json_admin, &json_log, "json");
+    let (harness, port, admin) = run(&text_log, "text");
+    let (harness_json, json_port, _) = run(&json_log, "json");
 
     let send = |port: u16, path: &str| {
         get("web:8000", path)
@@ -938,23 +915,8 @@ fn the_process_log_is_levelled_json_and_logging_changes_the_filters_level_at_run
     let dir = std::env::temp_dir().join(format!("meshroute-logging-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_config(&dir, "registry.yaml", &registry("web", 8000, &[&up]));
-    let (port, admin) = (free_port(), free_port());
-    let m = Meshroute::start(
-        &[
-            "run",
-            "-f",
-            dir.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-            "--access-log",
-            "off",
-            "--log-format",
-            "json",
-        ],
-        port,
-    );
+    let (m, port, admin) =
+        Meshroute::run_on_fresh_ports(&dir, &["--access-log", "off", "--log-format", "json"]);
     // Every process-log line is a JSON object with a timestamp, a level and a message.
     let wait_for = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1122,21 +1084,8 @@ fn the_mesh_configuration_shapes_the_rules_of_every_command() {
     );
     // `run`: the fourth try answers (Istio's default two retries would give the 503), and
     // a host outside the registry is refused as REGISTRY_ONLY refuses it.
-    let (port, admin) = (free_port(), free_port());
-    let m = Meshroute::start(
-        &[
-            "run",
-            "-f",
-            web.to_str().unwrap(),
-            "--mesh-config",
-            mesh_file.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-        ],
-        port,
-    );
+    let (m, port, _) =
+        Meshroute::run_on_fresh_ports(&web, &["--mesh-config", mesh_file.to_str().unwrap()]);
     let r = get("web:8000", "/").send(port);
     assert_eq!((r.status, flaky.count()), (200, 4), "{}", m.log());
     let outside = get("elsewhere.example:8000", "/").send(port);

@@ -26,10 +26,7 @@ use meshroute_tests::{free_port, get, meshroute_binary, Upstream};
 use crate::run::{https_get, write_config, Meshroute};
 
 fn soak_seconds() -> u64 {
-    std::env::var("MESHROUTE_SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60)
+    meshroute_tests::env_number("MESHROUTE_SOAK_SECONDS", 60)
 }
 
 /// A port offset under which the gateway's ports 80, 443 and 9000 are all free.
