@@ -14,6 +14,8 @@ pub trait Host {
 
     fn plugin_configuration(&self) -> Vec<u8>;
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Sets a per-request property (Envoy keeps it as filter state `wasm.<path>`).
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status>;
 
     fn request_headers(&self) -> Vec<(String, String)>;
     fn set_request_header(&self, name: &str, value: Option<&str>);
@@ -105,6 +107,10 @@ impl Host for ProxyWasm {
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status> {
+        hostcalls::set_property(path.to_vec(), Some(value))
     }
 
     fn request_headers(&self) -> Vec<(String, String)> {

@@ -233,6 +233,12 @@ impl<H: Host> FilterHttp<H> {
         };
         let decision = engine.decide_with(&view, &mut rng, &state);
         self.shared.rng.set(rng.0);
+        if let Some(name) = decision.route.filter(|n| !n.is_empty()) {
+            let path = [contract::ROUTE_NAME_PROPERTY];
+            if let Err(status) = self.host().set_property(&path, name.as_bytes()) {
+                debug!("route name not kept: {status:?}");
+            }
+        }
         if log::log_enabled!(log::Level::Debug) {
             match &decision.outcome {
                 Outcome::Forward(f) => debug!(

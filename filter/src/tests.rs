@@ -143,6 +143,12 @@ impl Host for Fake {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.0.borrow().properties.get(&path.join(".")).cloned()
     }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status> {
+        self.state()
+            .properties
+            .insert(path.join("."), value.to_vec());
+        Ok(())
+    }
     fn request_headers(&self) -> Pairs {
         self.0.borrow().request.clone()
     }
@@ -296,7 +302,8 @@ metadata: {name: web, namespace: default}
 spec:
   hosts: [web]
   http:
-  - timeout: 2s
+  - name: primary
+    timeout: 2s
     headers:
       request: {set: {x-added: "1"}}
       response: {set: {x-served-by: meshroute}}
@@ -326,6 +333,14 @@ spec:
     );
     assert_eq!(get(&request, TIMEOUT_HEADER), Some("2000"));
     assert_eq!(get(&request, "x-added"), Some("1"));
+    // The route's name is left for the host's access log, as Istio names it.
+    assert_eq!(
+        fake.state()
+            .properties
+            .get(meshroute_core::contract::ROUTE_NAME_PROPERTY)
+            .map(Vec::as_slice),
+        Some(&b"primary"[..])
+    );
     assert_eq!(
         request.iter().filter(|(k, _)| k == CLUSTER_HEADER).count(),
         1,

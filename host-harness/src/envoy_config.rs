@@ -13,7 +13,7 @@ use crate::runtime::access_log::Encoding;
 use meshroute_core::contract::{
     l4_root_id, BLACKHOLE_CLUSTER, CLUSTER_HEADER, CONTROL_HEADERS, ENDPOINT_HEADER,
     EXPLICIT_PROXY_PORT, HTTP_ROOT_ID, ISTIO_METRICS_NODE_KEY, LISTENER_PORT_HEADER,
-    PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_CLUSTER, ROUTE_NAME_PROPERTY,
 };
 use meshroute_core::ir::{
     ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode, TlsVersion,
@@ -154,14 +154,26 @@ const ISTIO_JSON_FIELDS: &[(&str, &str)] = &[
     ),
 ];
 
-/// The stdout access log in Istio's format.
+/// The stdout access log in Istio's format. Envoy's own route here is one that hands the
+/// decision to the filter, so `ROUTE_NAME` is read from what the filter left: the name
+/// Istio gives the route that decided (inside Istio, istiod's routes carry those names).
 fn access_log(encoding: Encoding) -> Value {
+    let route_name = format!("%FILTER_STATE(wasm.{ROUTE_NAME_PROPERTY}:PLAIN)%");
     let format = match encoding {
-        Encoding::Text => json!({"text_format_source": {"inline_string": ISTIO_TEXT_FORMAT}}),
+        Encoding::Text => json!({"text_format_source": {
+            "inline_string": ISTIO_TEXT_FORMAT.replace("%ROUTE_NAME%", &route_name),
+        }}),
         Encoding::Json => {
             let fields: serde_json::Map<String, Value> = ISTIO_JSON_FIELDS
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+                .map(|(k, v)| {
+                    let v = if *v == "%ROUTE_NAME%" {
+                        &route_name
+                    } else {
+                        *v
+                    };
+                    ((*k).to_owned(), Value::from(v))
+                })
                 .collect();
             json!({"json_format": fields})
         }

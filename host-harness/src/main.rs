@@ -90,8 +90,9 @@ struct HostArgs {
     /// `tls`): `<dir>/<name>/tls.crt|tls.key|ca.crt`.
     #[arg(long)]
     credentials_dir: Option<PathBuf>,
-    /// Access log: `off`, `stdout` or a file to append to (default: the mesh
-    /// configuration's accessLogFile, else stdout).
+    /// Access log: `off`, `stdout` (also `/dev/stdout`, `/dev/stderr`: the process's own
+    /// streams) or a file to append to (default: the mesh configuration's accessLogFile,
+    /// else stdout).
     #[arg(long)]
     access_log: Option<String>,
     /// Access-log encoding, as MeshConfig's `accessLogEncoding`: Istio's default TEXT
@@ -252,7 +253,7 @@ fn run_options(
     let access_log = host
         .access_log
         .unwrap_or_else(|| match mesh.access_log_file.as_deref() {
-            None | Some("/dev/stdout") => "stdout".into(),
+            None => "stdout".into(),
             Some("") => "off".into(),
             Some(file) => file.into(),
         });

@@ -86,6 +86,16 @@ pub fn is_control_header(name: &str) -> bool {
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// Cluster of traffic nothing routes (REGISTRY_ONLY, a TCP proxy's placeholder).
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Istio's name of the catch-all route (and virtual host) of an `ALLOW_ANY` sidecar.
+pub const ALLOW_ANY_ROUTE: &str = "allow_any";
+/// Istio's name of the catch-all route (and virtual host) of a `REGISTRY_ONLY` sidecar.
+pub const BLOCK_ALL_ROUTE: &str = "block_all";
+/// Istio's name of a route no VirtualService made: a service's default outbound route and
+/// the route of an inbound (server side) HTTP listener.
+pub const DEFAULT_ROUTE: &str = "default";
+/// Property (Envoy: filter state `wasm.meshroute_route_name`) in which the filter leaves the
+/// name of the route that decided, as Istio names it, for the access log's `ROUTE_NAME`.
+pub const ROUTE_NAME_PROPERTY: &str = "meshroute_route_name";
 
 /// Root id of the HTTP filter.
 pub const HTTP_ROOT_ID: &str = "meshroute";

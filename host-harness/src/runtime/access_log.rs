@@ -213,11 +213,14 @@ pub struct Opened {
 }
 
 impl AccessLog {
-    /// `off`, `stdout`, or a file path to append to.
+    /// `off`, `stdout`, or a file path to append to. `/dev/stdout` and `/dev/stderr`
+    /// (Istio's usual `accessLogFile`) are the process's own streams, not reopened: a proxy
+    /// running under another user may not open the descriptor it was handed.
     pub fn open(spec: &str, encoding: Encoding) -> std::io::Result<Opened> {
         let sink: Option<Box<dyn Write + Send>> = match spec {
             "off" => None,
-            "stdout" => Some(Box::new(std::io::stdout())),
+            "stdout" | "/dev/stdout" => Some(Box::new(std::io::stdout())),
+            "/dev/stderr" => Some(Box::new(std::io::stderr())),
             file => Some(Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)

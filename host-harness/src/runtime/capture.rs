@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use meshroute_core::contract::{RouterReply, PASSTHROUGH_CLUSTER};
+use meshroute_core::contract::{RouterReply, DEFAULT_ROUTE, PASSTHROUGH_CLUSTER};
 use meshroute_core::ir::{InboundPort, OutboundPolicy, Protocol};
 
 use super::access_log::{self, Entry, TcpEntry};
@@ -576,6 +576,8 @@ impl InboundHttp {
             authority,
             upstream_host: self.address.to_string(),
             upstream_cluster: self.cluster.clone(),
+            // Istio's inbound listener routes every request with its route named `default`.
+            route_name: DEFAULT_ROUTE.to_owned(),
             ..Entry::new()
         });
         // The request body goes to the workload as it arrives; its declared length is

@@ -569,6 +569,7 @@ pub(super) async fn handle(
         body,
         (peer, local_addr, spec.original_destination),
         connection_id,
+        entry.as_mut().map(|e| &mut e.route_name),
     )
     .await;
     let (mut response, cluster, flags, details) = match outcome {
@@ -738,6 +739,7 @@ pub(super) async fn run_request(
     body: body::RequestBody,
     (peer, local_addr, original): (SocketAddr, Option<SocketAddr>, Option<SocketAddr>),
     connection_id: u64,
+    route_name: Option<&mut String>,
 ) -> Outcome {
     let index = generation.next_slot.fetch_add(1, Ordering::Relaxed) % generation.slots.len();
     let slot = &generation.slots[index];
@@ -770,6 +772,13 @@ pub(super) async fn run_request(
     let started = with_vm(proxy, generation, index, |vm| {
         let id = vm.open_stream(stream)?;
         let action = vm.on_request_headers(id, end_of_stream)?;
+        // The filter decides in its request-headers callback and leaves the route's name.
+        if let (Some(name), Some(set)) = (
+            route_name,
+            vm.stream_property(id, contract::ROUTE_NAME_PROPERTY),
+        ) {
+            *name = String::from_utf8_lossy(set).into_owned();
+        }
         Ok((id, action))
     });
     let Some((id, action)) = started else {

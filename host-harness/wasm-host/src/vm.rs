@@ -557,9 +557,7 @@ impl Vm {
                 result = self.call(id, |s| f.call(s, id as i32));
             }
         }
-        let state = self.store.data_mut();
-        state.streams.remove(&id);
-        state.set_properties.retain(|(ctx, _), _| *ctx != id);
+        self.store.data_mut().streams.remove(&id);
         result
     }
 
@@ -573,6 +571,16 @@ impl Vm {
 
     pub fn stream_mut(&mut self, id: u32) -> Option<&mut abi::Stream> {
         self.store.data_mut().streams.get_mut(&id)
+    }
+
+    /// A value stream `id` set with `proxy_set_property` (a single-segment path).
+    pub fn stream_property(&self, id: u32, name: &str) -> Option<&[u8]> {
+        let stream = self.store.data().streams.get(&id)?;
+        stream
+            .properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 

@@ -93,11 +93,12 @@ fn sidecar(node: &Node, pod: &Pod, config: &Path, extra: &[&str]) -> Process {
         wasm.to_str().unwrap(),
         "--cache-dir",
         cache.to_str().unwrap(),
-        "--access-log",
-        "off",
         "-f",
         config.to_str().unwrap(),
     ];
+    if !extra.contains(&"--access-log") {
+        args.extend(["--access-log", "off"]);
+    }
     args.extend_from_slice(extra);
     let mut process = node.spawn(pod, Some(PROXY_UID), &bin, &args);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -561,7 +562,12 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         &s.node,
         &s.server,
         &s.config,
-        &["--labels", "app=reviews,version=v1"],
+        &[
+            "--labels",
+            "app=reviews,version=v1",
+            "--access-log",
+            "/dev/stdout",
+        ],
     );
     let pod_http = format!("{}:9080", s.server.ip);
     for _ in 0..5 {
@@ -586,6 +592,22 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         assert_eq!(r.header("x-forwarded-proto"), Some("http"));
         assert!(r.header("x-request-id").is_some_and(|id| !id.is_empty()));
     }
+    // Logged as Istio's inbound listener logs: its cluster, and its route named `default`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let inbound_line = loop {
+        let log = proxy.log();
+        let line = log
+            .lines()
+            .filter_map(meshroute_tests::parse_istio_access_log)
+            .find(|l| l["upstream_cluster"] == "inbound|9080||");
+        if let Some(line) = line {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no inbound log line:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(inbound_line["route_name"], "default", "{inbound_line:?}");
+    assert_eq!(inbound_line["response_code"], "200", "{inbound_line:?}");
     // TCP ports are handed over byte for byte; so are ports no service declares.
     assert_eq!(
         tcp_exchange(&s.bare, &format!("{}:5432", s.server.ip)).as_deref(),

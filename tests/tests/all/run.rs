@@ -713,7 +713,7 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
     use meshroute_core::ir::{OutboundPolicy, ProxyKind};
     let v1 = Upstream::start("v1");
     let config = format!(
-        "{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - match: [{{uri: {{prefix: /none}}}}]\n    route: [{{destination: {{host: web, subset: v9}}}}]\n  - route: [{{destination: {{host: web, subset: v1}}}}]\n",
+        "{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\nspec:\n  hosts: [web]\n  http:\n  - name: nowhere\n    match: [{{name: v9, uri: {{prefix: /none}}}}]\n    route: [{{destination: {{host: web, subset: v9}}}}]\n  - name: primary\n    route: [{{destination: {{host: web, subset: v1}}}}]\n",
         registry("web", 8000, &[&v1]),
         subsets("web", &["v1", "v9"])
     );
@@ -811,6 +811,8 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
                 "upstream_cluster",
                 "outbound|8000|v1|web.default.svc.cluster.local",
             ),
+            // Istio's route name: the HTTP route's name.
+            ("route_name", "primary"),
         ] {
             assert_eq!(served[field], want, "{field}: {context}");
         }
@@ -843,6 +845,8 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
             ("upstream_host", "-"),
             ("response_flags", "-"),
             ("upstream_cluster", "-"),
+            // The route's name, a dot, the match's name.
+            ("route_name", "nowhere.v9"),
         ] {
             assert_eq!(failed[field], want, "{field}: {context}");
         }
@@ -863,6 +867,7 @@ fn both_hosts_write_istios_access_log_format_with_the_same_fields() {
     assert_eq!(v["response_code"], 200, "{line}");
     assert_eq!(v["bytes_received"], 5, "{line}");
     assert_eq!(v["method"], "POST", "{line}");
+    assert_eq!(v["route_name"], "primary", "{line}");
     assert_eq!(
         v["requested_server_name"],
         serde_json::Value::Null,

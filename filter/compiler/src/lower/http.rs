@@ -188,7 +188,7 @@ impl Lowering<'_> {
 
     fn default_route(&self, svc: &Service, port: &ServicePort) -> ir::Route {
         ir::Route {
-            name: "default".into(),
+            name: meshroute_core::contract::DEFAULT_ROUTE.into(),
             action: ir::Action::Route(ir::RouteAction {
                 destinations: vec![ir::Destination {
                     host: svc.host.clone(),

@@ -105,6 +105,9 @@ struct CompiledQuery {
 /// One `match` block: every condition present must hold.
 #[derive(Debug)]
 pub(crate) struct CompiledMatch {
+    /// Istio's name of the Envoy route this block becomes: the HTTP route's name, then
+    /// `.` and the match's name when it has one (what `%ROUTE_NAME%` logs).
+    pub(crate) route_name: String,
     pub(crate) uri: Option<Matcher>,
     ignore_uri_case: bool,
     scheme: Option<Matcher>,
@@ -116,10 +119,15 @@ pub(crate) struct CompiledMatch {
 }
 
 impl CompiledMatch {
-    pub(crate) fn build(m: &RouteMatch) -> Result<Self, BuildError> {
+    pub(crate) fn build(route_name: &str, m: &RouteMatch) -> Result<Self, BuildError> {
         let plain =
             |m: &Option<StringMatch>| m.as_ref().map(|m| Matcher::build(m, false)).transpose();
         Ok(Self {
+            route_name: if m.name.is_empty() {
+                route_name.to_owned()
+            } else {
+                format!("{route_name}.{}", m.name)
+            },
             uri: m
                 .uri
                 .as_ref()

@@ -22,7 +22,10 @@ use std::fmt;
 use base64::Engine as _;
 use regex::Regex;
 
-use crate::contract::{ResponseFlag, RouterReply, EXPLICIT_PROXY_PORT, PASSTHROUGH_CLUSTER};
+use crate::contract::{
+    ResponseFlag, RouterReply, ALLOW_ANY_ROUTE, BLOCK_ALL_ROUTE, EXPLICIT_PROXY_PORT,
+    PASSTHROUGH_CLUSTER,
+};
 use crate::ir::{self, Action, HeaderOps, OutboundPolicy, ProxyKind, RetryPolicy, RulesDocument};
 
 use balance::ClusterRt;
@@ -148,7 +151,8 @@ pub struct Trace<'e> {
 /// What the host must do with the request.
 #[derive(Debug)]
 pub struct Decision<'e> {
-    /// Virtual host and route that decided, for logs and `explain`.
+    /// Virtual host and route that decided, for logs and `explain`. The route is named as
+    /// Istio names its Envoy route (see [`Decision::route_name`]).
     pub vhost: Option<&'e str>,
     pub route: Option<&'e str>,
     /// Fault delay to apply before the outcome.
@@ -536,7 +540,7 @@ impl Engine {
         };
         let mut decision = Decision {
             vhost: Some(&vhost.name),
-            route: Some(&route.name),
+            route: Some(matched.map_or(&route.name, |m| &m.route_name)),
             delay_ms: None,
             outcome: Outcome::Reply(Reply::empty(500, None, "")),
         };
@@ -882,9 +886,14 @@ impl Engine {
                 })
             }
         };
+        let catch_all = match (self.kind, self.outbound) {
+            (ProxyKind::Gateway, _) => None,
+            (ProxyKind::Sidecar, OutboundPolicy::RegistryOnly) => Some(BLOCK_ALL_ROUTE),
+            (ProxyKind::Sidecar, OutboundPolicy::AllowAny) => Some(ALLOW_ANY_ROUTE),
+        };
         Decision {
             vhost: None,
-            route: None,
+            route: catch_all,
             delay_ms: None,
             outcome,
         }
@@ -990,7 +999,7 @@ fn build_route(route: ir::Route) -> Result<RouteRt, BuildError> {
     let matches = route
         .matches
         .iter()
-        .map(CompiledMatch::build)
+        .map(|m| CompiledMatch::build(&route.name, m))
         .collect::<Result<_, _>>()?;
     let (route_authority, route_req) = split_authority(&route.request_headers);
     let mut reply_edits = Vec::new();

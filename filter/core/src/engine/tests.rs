@@ -247,7 +247,11 @@ fn the_first_matching_route_decides() {
             "api",
             vec![
                 uri(StringMatch::Prefix("/api".into())),
-                uri(StringMatch::Regex("/v[0-9]+/.*".into())),
+                // A named match: Istio names its Envoy route `<route>.<match>`.
+                RouteMatch {
+                    name: "versioned".into(),
+                    ..uri(StringMatch::Regex("/v[0-9]+/.*".into()))
+                },
             ],
             to("b.svc", ""),
         ),
@@ -276,7 +280,7 @@ fn the_first_matching_route_decides() {
     let cases = [
         (req("a", "/").header("end-user", "jason"), "jason"),
         (req("a", "/api/x").header("end-user", "bob"), "api"),
-        (req("a", "/v2/items"), "api"),
+        (req("a", "/v2/items"), "api.versioned"),
         (req("a", "/login"), "case"),
         (req("a", "/apix?x=1"), "api"),
         (req("a", "/other"), "no-debug"),
@@ -459,26 +463,46 @@ fn faults_are_sampled_per_million() {
 
 #[wasm_bindgen_test(unsupported = test)]
 fn unknown_hosts_follow_the_proxy_and_its_outbound_policy() {
+    // With the route Istio's catch-all virtual host names (`allow_any`, `block_all`).
     let cases = [
         (
             ProxyKind::Sidecar,
             OutboundPolicy::AllowAny,
             "forward PassthroughCluster example.org:8080",
+            Some("allow_any"),
         ),
         (
             ProxyKind::Sidecar,
             OutboundPolicy::RegistryOnly,
             "reply 502",
+            Some("block_all"),
         ),
-        (ProxyKind::Gateway, OutboundPolicy::AllowAny, "reply 404 NR"),
+        (
+            ProxyKind::Gateway,
+            OutboundPolicy::AllowAny,
+            "reply 404 NR",
+            None,
+        ),
     ];
-    for (kind, outbound, expected) in cases {
+    for (kind, outbound, expected, route) in cases {
         let engine = Engine::new(doc(kind, outbound, vec![])).unwrap();
+        let r = req("example.org:8080", "/");
         assert_eq!(
-            outcome(&engine, &req("example.org:8080", "/"), &mut SplitMix64(1)),
+            outcome(&engine, &r, &mut SplitMix64(1)),
             expected,
             "{kind:?} {outbound:?}"
         );
+        let view = RequestView {
+            method: r.method,
+            scheme: "http",
+            authority: r.authority,
+            path: r.path,
+            port: 80,
+            headers: &r.headers,
+            source_ip: None,
+            transparent: false,
+        };
+        assert_eq!(engine.decide(&view, &mut SplitMix64(1)).route, route);
     }
 }
 

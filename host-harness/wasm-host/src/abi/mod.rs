@@ -120,6 +120,9 @@ pub struct Stream {
     pub close_connection: bool,
     /// The root context this stream belongs to (0: the HTTP filter's).
     pub root: u32,
+    /// Values the guest set with `proxy_set_property`, by serialized path (Envoy keeps them
+    /// as the stream's filter state, gone with it).
+    pub properties: Vec<(String, Vec<u8>)>,
 }
 
 impl Stream {
@@ -150,6 +153,7 @@ impl Stream {
             upstream_data: Vec::new(),
             close_connection: false,
             root: 0,
+            properties: Vec::new(),
         }
     }
 }
@@ -246,8 +250,6 @@ pub struct HostState {
     /// instance of a plugin so that it can change at run time.
     pub log_level: Arc<std::sync::atomic::AtomicI32>,
     pub now: fn() -> SystemTime,
-    /// Values a stream set with `proxy_set_property`.
-    pub set_properties: HashMap<(u32, String), Vec<u8>>,
 }
 
 impl HostState {
@@ -281,7 +283,6 @@ impl HostState {
             logs: Vec::new(),
             log_level: Arc::new(std::sync::atomic::AtomicI32::new(2)),
             now: SystemTime::now,
-            set_properties: HashMap::new(),
         }
     }
 

@@ -25,11 +25,8 @@ fn lookup(state: &HostState, path: &[&str]) -> Result<Value, i32> {
     let text = |s: String| Ok(Value::Bytes(s.into_bytes()));
     // Envoy keeps set values as filter state named by the whole path, and reads filter state
     // only through a single-segment path (`["a.b"]`, not `["a", "b"]`).
-    if let [name] = path {
-        if let Some(v) = state
-            .set_properties
-            .get(&(state.context(), (*name).to_owned()))
-        {
+    if let ([name], Some(s)) = (path, state.stream()) {
+        if let Some((_, v)) = s.properties.iter().find(|(k, _)| k == name) {
             return Ok(Value::Bytes(v.clone()));
         }
     }
@@ -99,17 +96,18 @@ fn get(mut c: Caller<'_, HostState>, ptr: i32, len: i32, ptr_out: i32, size_out:
 }
 
 fn set(mut c: Caller<'_, HostState>, pp: i32, pl: i32, vp: i32, vl: i32) -> i32 {
-    // Envoy has no stream info in root contexts and answers NOT_FOUND there.
-    if c.data().stream().is_none() {
-        return status::NOT_FOUND;
-    }
     let (path, value) = match (read(&mut c, pp, pl), read(&mut c, vp, vl)) {
         (Ok(p), Ok(v)) => (String::from_utf8_lossy(&p).into_owned(), v),
         (Err(s), _) | (_, Err(s)) => return s,
     };
-    let state = c.data_mut();
-    let key = (state.context(), path);
-    state.set_properties.insert(key, value);
+    // Envoy has no stream info in root contexts and answers NOT_FOUND there.
+    let Some(stream) = c.data_mut().stream_mut() else {
+        return status::NOT_FOUND;
+    };
+    match stream.properties.iter_mut().find(|(k, _)| *k == path) {
+        Some((_, v)) => *v = value,
+        None => stream.properties.push((path, value)),
+    }
     status::OK
 }
 
