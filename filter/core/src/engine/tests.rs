@@ -135,22 +135,26 @@ impl Req<'_> {
         self.headers.push((k.into(), v.into()));
         self
     }
+
+    /// The request as the engine sees it, on port 80.
+    fn view(&self) -> RequestView<'_> {
+        RequestView {
+            method: self.method,
+            scheme: "http",
+            authority: self.authority,
+            path: self.path,
+            port: 80,
+            headers: &self.headers,
+            source_ip: None,
+            transparent: false,
+        }
+    }
 }
 
 /// What a decision comes to, in one line: `forward CLUSTER ENDPOINT [path] [authority]` or
 /// `reply STATUS [FLAG]`.
 fn outcome(engine: &Engine, r: &Req<'_>, rng: &mut dyn Rng) -> String {
-    let view = RequestView {
-        method: r.method,
-        scheme: "http",
-        authority: r.authority,
-        path: r.path,
-        port: 80,
-        headers: &r.headers,
-        source_ip: None,
-        transparent: false,
-    };
-    match engine.decide(&view, rng).outcome {
+    match engine.decide(&r.view(), rng).outcome {
         Outcome::Forward(f) => {
             let mut s = format!("forward {} {}", f.cluster, f.endpoint.unwrap_or_default());
             if let Some(p) = f.path {
@@ -287,18 +291,8 @@ fn the_first_matching_route_decides() {
         (req("a", "/other").header("x-debug", ""), "rest"),
     ];
     for (r, expected) in cases {
-        let view = RequestView {
-            method: r.method,
-            scheme: "http",
-            authority: r.authority,
-            path: r.path,
-            port: 80,
-            headers: &r.headers,
-            source_ip: None,
-            transparent: false,
-        };
         assert_eq!(
-            engine.decide(&view, &mut SplitMix64(1)).route,
+            engine.decide(&r.view(), &mut SplitMix64(1)).route,
             Some(expected),
             "{}",
             r.path
@@ -492,17 +486,7 @@ fn unknown_hosts_follow_the_proxy_and_its_outbound_policy() {
             expected,
             "{kind:?} {outbound:?}"
         );
-        let view = RequestView {
-            method: r.method,
-            scheme: "http",
-            authority: r.authority,
-            path: r.path,
-            port: 80,
-            headers: &r.headers,
-            source_ip: None,
-            transparent: false,
-        };
-        assert_eq!(engine.decide(&view, &mut SplitMix64(1)).route, route);
+        assert_eq!(engine.decide(&r.view(), &mut SplitMix64(1)).route, route);
     }
 }
 
