@@ -388,6 +388,7 @@ async fn inbound(
     let Some(original) = original_destination(&stream) else {
         return;
     };
+    let peer = stream.peer_addr().ok();
     let generation = proxy.current();
     let port = generation
         .doc
@@ -448,10 +449,13 @@ async fn inbound(
                 async move { Ok::<_, std::convert::Infallible>(inbound.handle(req).await) }
             });
             let builder = listener_builder(limits);
-            let _ = graceful!(
+            let ended = graceful!(
                 builder.serve_connection(TokioIo::new(io), service),
                 proxy.draining()
             );
+            if let (Err(e), Some(peer)) = (ended, peer) {
+                super::http::log_codec_error(&proxy, &*e, peer, Some(original));
+            }
         }
         // TCP connections are counted and logged under the service's inbound cluster, so
         // that the metrics name the service as Istio's do.
@@ -569,7 +573,7 @@ impl InboundHttp {
             method: parts.method.as_str().to_owned(),
             path,
             protocol: access_log::protocol(version),
-            details: if flags.is_empty() { "via_upstream" } else { "" }.to_owned(),
+            details: flags.is_empty().then(|| "via_upstream".to_owned()),
             forwarded_for: header(&parts.headers, "x-forwarded-for"),
             user_agent: header(&parts.headers, "user-agent"),
             request_id,

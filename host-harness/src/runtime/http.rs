@@ -1,6 +1,7 @@
 //! Serving HTTP: each request through the filter's callbacks, forwarded as the filter
 //! decided, and the response through the filter again.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -237,7 +238,7 @@ pub(super) async fn serve_http<I>(
 
 /// A request the HTTP codec refused before it reached the router: headers over the limits
 /// get Envoy's 431, logged as Envoy logs it (DPE, `http1.headers_too_large`).
-fn log_codec_error(
+pub(super) fn log_codec_error(
     proxy: &Proxy,
     error: &(dyn std::error::Error + Send + Sync + 'static),
     peer: SocketAddr,
@@ -251,7 +252,7 @@ fn log_codec_error(
             protocol: "HTTP/1.1",
             status: 431,
             flags: "DPE".to_owned(),
-            details: "http1.headers_too_large".to_owned(),
+            details: Some("http1.headers_too_large".to_owned()),
             downstream_local: local,
             downstream_remote: Some(peer),
             ..Entry::new()
@@ -553,7 +554,7 @@ pub(super) async fn handle(
             if let Some(mut line) = entry {
                 line.status = status;
                 line.flags = flags.to_owned();
-                line.details = details.to_owned();
+                line.details = Some(details.to_owned());
                 line.bytes_received = received.load(Ordering::Relaxed);
                 line.duration = started.elapsed();
                 proxy.access_log.log(line);
@@ -573,9 +574,22 @@ pub(super) async fn handle(
     )
     .await;
     let (mut response, cluster, flags, details) = match outcome {
-        Ok((resp, cluster)) => (resp, cluster, "", "via_upstream"),
-        Err((reply, cluster, flags, details)) => {
-            (reply_response(proxy.kind, reply), cluster, flags, details)
+        Ok((resp, cluster)) => (resp, cluster, "", Some(Cow::Borrowed("via_upstream"))),
+        Err(mut refused) => {
+            if refused.before_body {
+                received.store(0, Ordering::Relaxed);
+            }
+            // The guest's details as it gave them (Envoy logs an empty string as given).
+            let details = match refused.reply.details.take() {
+                Some(given) => Some(Cow::Owned(given)),
+                None => (!refused.details.is_empty()).then_some(Cow::Borrowed(refused.details)),
+            };
+            (
+                reply_response(proxy.kind, refused.reply),
+                refused.cluster,
+                refused.flags,
+                details,
+            )
         }
     };
     close_when_draining(&proxy, version, &mut response);
@@ -585,7 +599,7 @@ pub(super) async fn handle(
         .map(|UpstreamHost(h)| h.clone())
         .unwrap_or_default();
     if let Some(e) = entry.as_mut() {
-        e.details = details.to_owned();
+        e.details = details.map(Cow::into_owned);
         e.upstream_service_time = response
             .headers()
             .get(UPSTREAM_SERVICE_TIME_HEADER)
@@ -714,7 +728,7 @@ impl Completed {
             e.status = answered.status;
             e.flags = flags.to_owned();
             if let Some(c) = cut {
-                e.details = c.details.to_owned();
+                e.details = Some(c.details.to_owned());
             }
             e.bytes_received = received;
             e.bytes_sent = sent;
@@ -727,10 +741,31 @@ impl Completed {
     }
 }
 
-/// A request's response and cluster, or the local reply in its place with its cluster,
-/// response flags and response code details.
-pub(super) type Outcome =
-    Result<(Response<Body>, String), (LocalReply, String, &'static str, &'static str)>;
+/// A request's response and cluster, or the local reply in its place.
+pub(super) type Outcome = Result<(Response<Body>, String), Refused>;
+
+/// A local reply in place of the upstream's response, with what the access log says of it.
+pub(super) struct Refused {
+    reply: LocalReply,
+    cluster: String,
+    flags: &'static str,
+    /// The host's response code details (empty: none); the guest's own come with its reply.
+    details: &'static str,
+    /// The filter answered from the request's headers, before the body was handed to it.
+    before_body: bool,
+}
+
+impl Refused {
+    fn new(reply: LocalReply, cluster: String, flags: &'static str, details: &'static str) -> Self {
+        Self {
+            reply,
+            cluster,
+            flags,
+            details,
+            before_body: false,
+        }
+    }
+}
 
 pub(super) async fn run_request(
     proxy: &Arc<Proxy>,
@@ -746,7 +781,7 @@ pub(super) async fn run_request(
     if proxy.fail_policy == FailPolicy::FailOpen && instance_failed(generation, index) {
         return match forward(proxy, generation, headers, body, true).await {
             Ok(r) => Ok((r, String::new())),
-            Err(reply) => Err((
+            Err(reply) => Err(Refused::new(
                 router_local(reply),
                 String::new(),
                 reply.flag().code(),
@@ -755,7 +790,7 @@ pub(super) async fn run_request(
         };
     }
     if let Some(reply) = check_failed(proxy, generation, index) {
-        return Err((reply, String::new(), "UH", ""));
+        return Err(Refused::new(reply, String::new(), "UH", ""));
     }
     let mut stream = abi::Stream::new(headers);
     // The filter sees buffered bodies; a streamed body never passes through guest memory.
@@ -782,7 +817,7 @@ pub(super) async fn run_request(
         Ok((id, action))
     });
     let Some((id, action)) = started else {
-        return Err((local(503, ""), String::new(), "UH", ""));
+        return Err(Refused::new(local(503, ""), String::new(), "UH", ""));
     };
     let _close = CloseOnDrop {
         proxy,
@@ -803,20 +838,24 @@ pub(super) async fn run_request(
         }
     }
     if let Some(reply) = take_reply(generation, index, id) {
-        return Err((reply, String::new(), "", ""));
+        // Answered from the request's headers: as in Envoy, the body was never read.
+        return Err(Refused {
+            before_body: true,
+            ..Refused::new(reply, String::new(), "", "")
+        });
     }
     if buffered.as_ref().is_some_and(|b| !b.is_empty()) {
         with_vm(proxy, generation, index, |vm| vm.on_request_body(id, true));
         if let Some(reply) = take_reply(generation, index, id) {
-            return Err((reply, String::new(), "", ""));
+            return Err(Refused::new(reply, String::new(), "", ""));
         }
     }
     let upstream_headers = {
         let Ok(mut guard) = slot.vm.lock() else {
-            return Err((local(503, ""), String::new(), "UH", ""));
+            return Err(Refused::new(local(503, ""), String::new(), "UH", ""));
         };
         let Some(s) = guard.as_mut().and_then(|vm| vm.stream_mut(id)) else {
-            return Err((local(503, ""), String::new(), "UH", ""));
+            return Err(Refused::new(local(503, ""), String::new(), "UH", ""));
         };
         s.phase = Phase::Upstream;
         std::mem::take(&mut s.request_headers)
@@ -856,7 +895,7 @@ pub(super) async fn run_request(
             };
             let final_headers = match response_phase(proxy, generation, index, id, seen).await {
                 Ok(h) => h,
-                Err(replaced) => return Err((replaced, cluster, "", "")),
+                Err(replaced) => return Err(Refused::new(replaced, cluster, "", "")),
             };
             let mut local = router_local(reply);
             for (k, v) in final_headers.unwrap_or_default() {
@@ -866,7 +905,7 @@ pub(super) async fn run_request(
                     _ => local.headers.push((k, v)),
                 }
             }
-            return Err((local, cluster, flag, reply.details()));
+            return Err(Refused::new(local, cluster, flag, reply.details()));
         }
     };
     let (mut parts, body) = response.into_parts();
@@ -888,10 +927,10 @@ pub(super) async fn run_request(
     };
     let final_headers = match response_phase(proxy, generation, index, id, seen).await {
         Ok(h) => h,
-        Err(reply) => return Err((reply, cluster, "", "")),
+        Err(reply) => return Err(Refused::new(reply, cluster, "", "")),
     };
     let Some(final_headers) = final_headers else {
-        return Err((local(503, ""), cluster, "UH", ""));
+        return Err(Refused::new(local(503, ""), cluster, "UH", ""));
     };
     parts.headers.clear();
     for (k, v) in &final_headers {

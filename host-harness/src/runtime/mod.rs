@@ -396,5 +396,6 @@ fn local(status: u16, body: &str) -> LocalReply {
         headers: Vec::new(),
         body: body.as_bytes().to_vec(),
         grpc_status: None,
+        details: None,
     }
 }

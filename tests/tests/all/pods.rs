@@ -608,6 +608,31 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
     };
     assert_eq!(inbound_line["route_name"], "default", "{inbound_line:?}");
     assert_eq!(inbound_line["response_code"], "200", "{inbound_line:?}");
+    // Headers over the codec's limit are refused and logged as Envoy's inbound listener
+    // logs them, as on the outbound path.
+    let huge: &'static str = Box::leak("h".repeat(70 * 1024).into_boxed_str());
+    let headers: &'static [(&str, &str)] = Box::leak(Box::new([("x-huge", huge)]));
+    let refused = request(&s.bare, &pod_http, "reviews", "/huge", headers);
+    assert_eq!(refused.map(|r| r.0), Some(431), "{}", proxy.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = proxy.log();
+        let line = log
+            .lines()
+            .filter_map(meshroute_tests::parse_istio_access_log)
+            .find(|l| l["response_code"] == "431");
+        if let Some(line) = line {
+            assert_eq!(line["response_flags"], "DPE", "{line:?}");
+            assert_eq!(
+                line["response_code_details"], "http1.headers_too_large",
+                "{line:?}"
+            );
+            assert_eq!(line["downstream_local_address"], pod_http, "{line:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 431 log line:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
     // TCP ports are handed over byte for byte; so are ports no service declares.
     assert_eq!(
         tcp_exchange(&s.bare, &format!("{}:5432", s.server.ip)).as_deref(),

@@ -83,6 +83,9 @@ pub struct LocalReply {
     pub headers: Headers,
     pub body: Vec<u8>,
     pub grpc_status: Option<u32>,
+    /// The response code details the guest gave (Envoy logs them, an empty string
+    /// included); `None` for the host's own replies.
+    pub details: Option<String>,
 }
 
 /// Per-stream state the host functions read and write.

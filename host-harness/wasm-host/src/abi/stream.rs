@@ -48,6 +48,7 @@ fn close_stream(mut c: Caller<'_, HostState>, kind: i32) -> i32 {
             headers: Vec::new(),
             body: Vec::new(),
             grpc_status: None,
+            details: None,
         });
     }
     status::OK
@@ -57,20 +58,21 @@ fn close_stream(mut c: Caller<'_, HostState>, kind: i32) -> i32 {
 fn send_local_response(
     mut c: Caller<'_, HostState>,
     code: i32,
-    _details_ptr: i32,
-    _details_len: i32,
+    details_ptr: i32,
+    details_len: i32,
     body_ptr: i32,
     body_len: i32,
     headers_ptr: i32,
     headers_len: i32,
     grpc_status: i32,
 ) -> i32 {
-    let (body, headers) = match (
+    let (details, body, headers) = match (
+        read(&mut c, details_ptr, details_len),
         read(&mut c, body_ptr, body_len),
         read(&mut c, headers_ptr, headers_len),
     ) {
-        (Ok(b), Ok(h)) => (b, parse_pairs(&h).unwrap_or_default()),
-        (Err(s), _) | (_, Err(s)) => return s,
+        (Ok(d), Ok(b), Ok(h)) => (d, b, parse_pairs(&h).unwrap_or_default()),
+        (Err(s), _, _) | (_, Err(s), _) | (_, _, Err(s)) => return s,
     };
     let Some(stream) = c.data_mut().stream_mut() else {
         return status::BAD_ARGUMENT;
@@ -88,6 +90,7 @@ fn send_local_response(
         grpc_status: u32::try_from(grpc_status)
             .ok()
             .filter(|g| *g <= 16 && stream.grpc_request),
+        details: Some(String::from_utf8_lossy(&details).into_owned()),
     });
     status::OK
 }
