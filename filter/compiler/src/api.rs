@@ -658,7 +658,7 @@ pub struct ServerTlsSettings {
     #[serde(default)]
     pub credential_names: Vec<String>,
     #[serde(default)]
-    pub tls_certificates: Vec<serde_json::Value>,
+    pub tls_certificates: Vec<TlsCertificate>,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
     #[serde(default)]
@@ -669,6 +669,18 @@ pub struct ServerTlsSettings {
     pub max_protocol_version: Option<String>,
     #[serde(default)]
     pub cipher_suites: Vec<String>,
+    /// Verify client certificates but let failures in (Gateway API's
+    /// AllowInsecureFallback).
+    pub insecure_skip_verify: Option<bool>,
+}
+
+/// `ServerTLSSettings.tlsCertificates[]`: one of several certificates a server serves.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsCertificate {
+    pub server_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
 }
 
 // === ServiceEntry / WorkloadEntry ===

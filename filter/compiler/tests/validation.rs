@@ -546,3 +546,82 @@ fn cookie_attributes_are_tokens_that_cannot_add_attributes_of_their_own() {
         .iter()
         .any(|e| e.contains("flag")));
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn client_certificate_constraints_the_servers_cannot_enforce_are_refused() {
+    let server = |mode: &str, t: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: g\nspec:\n  servers:\n  - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [a.com]\n    tls: {{mode: {mode}, serverCertificate: /c, privateKey: /k, caCertificates: /ca, {t}}}\n")
+    };
+    let warnings = |yaml: &str| -> Vec<String> {
+        diags(yaml)
+            .into_iter()
+            .filter(|d| !d.is_error())
+            .map(|d| d.to_string())
+            .collect()
+    };
+    // Dropping any of these under MUTUAL would admit every certificate the CA signed.
+    for (t, field) in [
+        (
+            "subjectAltNames: [spiffe://td/ns/a/sa/b]",
+            "subjectAltNames",
+        ),
+        (
+            "verifyCertificateSpki: [Dm7w2Le6tnRVm3JG8HSpGJ2E4/5ihJ5i0EHq8vyo4GU=]",
+            "verifyCertificateSpki",
+        ),
+        (
+            "verifyCertificateHash: ['DF:6F:F7:2F']",
+            "verifyCertificateHash",
+        ),
+        ("caCrl: /crl.pem", "caCrl"),
+    ] {
+        for mode in ["MUTUAL", "OPTIONAL_MUTUAL"] {
+            assert_error(
+                &server(mode, t),
+                &format!("spec.servers[0].tls.{field}"),
+                "every certificate the CA signed would be accepted",
+            );
+        }
+        // SIMPLE asks for no client certificate: the setting is ignored, and said to be.
+        let y = server("SIMPLE", t);
+        assert!(errors(&y).is_empty(), "{t}: {:?}", errors(&y));
+        assert!(
+            warnings(&y)
+                .iter()
+                .any(|w| w.contains(&format!("tls.{field}"))
+                    && w.contains("has no effect in SIMPLE mode")),
+            "{t}: {:?}",
+            warnings(&y)
+        );
+    }
+    assert_error(
+        &server("SIMPLE", "credentialNames: [a, b]"),
+        "spec.servers[0].tls.credentialNames",
+        "serves one certificate",
+    );
+    assert_error(
+        &server(
+            "SIMPLE",
+            "tlsCertificates: [{serverCertificate: /c2, privateKey: /k2}]",
+        ),
+        "spec.servers[0].tls.tlsCertificates",
+        "serves one certificate",
+    );
+    // Typed: a misspelt key inside tlsCertificates is an error.
+    assert!(
+        errors(&server("SIMPLE", "tlsCertificates: [{serverCert: /c2}]"))
+            .iter()
+            .any(|e| e.contains("serverCert"))
+    );
+    let skip = server("MUTUAL", "insecureSkipVerify: true");
+    assert!(errors(&skip).is_empty(), "{:?}", errors(&skip));
+    assert!(warnings(&skip)
+        .iter()
+        .any(|w| w.contains("tls.insecureSkipVerify") && w.contains("is refused")));
+    // Upstream TLS: a revocation list the proxy cannot apply is refused as well.
+    assert_error(
+        &dr("  host: a\n  trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /ca, caCrl: /crl.pem}}\n"),
+        "spec.trafficPolicy.tls.caCrl",
+        "a revoked certificate the CA signed would be accepted",
+    );
+}

@@ -510,6 +510,19 @@ pub(super) fn client_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ClientTlsSetting
             "cannot specify CaCertificates or SubjectAltNames when InsecureSkipVerify is set",
         );
     }
+    if t.ca_crl.is_some() {
+        if matches!(mode, "SIMPLE" | "MUTUAL") && t.insecure_skip_verify != Some(true) {
+            v.err(
+                &p.key("caCrl"),
+                "caCrl is not supported by meshroute: upstream certificates are not checked for revocation, so a revoked certificate the CA signed would be accepted",
+            );
+        } else {
+            v.warn(
+                &p.key("caCrl"),
+                format!("caCrl has no effect in {mode} mode: the upstream's certificate is not verified"),
+            );
+        }
+    }
 }
 
 /// `trafficPolicy.tunnel`, in istiod's words (`validateTunnelSettings`); meshroute does not

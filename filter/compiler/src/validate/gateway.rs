@@ -161,6 +161,7 @@ pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSetting
         }
         other => v.err(&p.key("mode"), format!("unknown TLS mode {other:?}")),
     }
+    client_certificate_constraints(v, p, t, mode);
     if t.ca_cert_credential_name.is_some() && !matches!(mode, "MUTUAL" | "OPTIONAL_MUTUAL") {
         v.warn(
             &p.key("caCertCredentialName"),
@@ -213,6 +214,80 @@ pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSetting
                     "cipher suite {suite:?} is not supported by meshroute (it serves {})",
                     meshroute_core::ir::TLS12_CIPHER_SUITES.join(", ")
                 ),
+            );
+        }
+    }
+}
+
+/// What a server's TLS settings ask beyond one certificate and one client CA. meshroute's
+/// servers verify a client certificate against the CA alone and serve one certificate, so
+/// each such setting is refused where it would narrow who gets in (accepting it would let
+/// in every certificate the CA signed) and reported where it would only be ignored.
+fn client_certificate_constraints(
+    v: &mut V<'_>,
+    p: &FieldPath,
+    t: &api::ServerTlsSettings,
+    mode: &str,
+) {
+    let verifies = matches!(mode, "MUTUAL" | "OPTIONAL_MUTUAL");
+    let terminates = verifies || mode == "SIMPLE";
+    let constraints = [
+        (
+            "subjectAltNames",
+            !t.subject_alt_names.is_empty(),
+            "the names of a client certificate are not checked",
+        ),
+        (
+            "verifyCertificateSpki",
+            !t.verify_certificate_spki.is_empty(),
+            "client certificates are not pinned by public key",
+        ),
+        (
+            "verifyCertificateHash",
+            !t.verify_certificate_hash.is_empty(),
+            "client certificates are not pinned by hash",
+        ),
+        (
+            "caCrl",
+            t.ca_crl.is_some(),
+            "client certificates are not checked for revocation",
+        ),
+    ];
+    for (field, set, what) in constraints {
+        if !set {
+            continue;
+        }
+        if verifies {
+            v.err(
+                &p.key(field),
+                format!("{field} is not supported by meshroute: {what}, so every certificate the CA signed would be accepted"),
+            );
+        } else if terminates {
+            v.warn(
+                &p.key(field),
+                format!(
+                    "{field} has no effect in {mode} mode: client certificates are not requested"
+                ),
+            );
+        }
+    }
+    if t.insecure_skip_verify == Some(true) && verifies {
+        v.warn(
+            &p.key("insecureSkipVerify"),
+            "insecureSkipVerify has no effect in meshroute: a client certificate that fails verification is refused",
+        );
+    }
+    if terminates {
+        if !t.credential_names.is_empty() {
+            v.err(
+                &p.key("credentialNames"),
+                "credentialNames is not supported by meshroute: a server serves one certificate; name it with credentialName",
+            );
+        }
+        if !t.tls_certificates.is_empty() {
+            v.err(
+                &p.key("tlsCertificates"),
+                "tlsCertificates is not supported by meshroute: a server serves one certificate; give it with serverCertificate and privateKey",
             );
         }
     }
