@@ -324,6 +324,16 @@ pub async fn read_prefix(
     }
 }
 
+/// A downstream body streamed on as it arrives, its bytes counted in `received`.
+pub fn counted(body: Incoming, received: Arc<AtomicU64>) -> Body {
+    Prefixed {
+        prefix: None,
+        rest: body,
+        received,
+    }
+    .boxed()
+}
+
 /// The bytes already read, then the rest of the downstream body.
 struct Prefixed {
     prefix: Option<Bytes>,

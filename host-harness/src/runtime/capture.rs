@@ -556,6 +556,9 @@ impl InboundHttp {
             }
         };
         let request_size = header_bytes(&headers);
+        // The request body goes to the workload as it arrives, counted as it passes.
+        let received = Arc::new(AtomicU64::new(0));
+        let body = super::body::counted(body, Arc::clone(&received));
         let (response, flags) = match self.send(headers, body).await {
             Ok(r) => (r, ""),
             Err(reply) => {
@@ -584,13 +587,6 @@ impl InboundHttp {
             route_name: DEFAULT_ROUTE.to_owned(),
             ..Entry::new()
         });
-        // The request body goes to the workload as it arrives; its declared length is
-        // what was received.
-        let received = Arc::new(AtomicU64::new(
-            header(&parts.headers, "content-length")
-                .parse()
-                .unwrap_or(0),
-        ));
         // The server side reports its own workload: no endpoint labels.
         let done = Completed {
             proxy: Arc::clone(&self.proxy),
@@ -608,7 +604,7 @@ impl InboundHttp {
     async fn send(
         &self,
         headers: Vec<(String, String)>,
-        body: Incoming,
+        body: Body,
     ) -> Result<Response<Body>, RouterReply> {
         // `http.http2MaxRequests`: a request over the limit gets Envoy's overflow answer.
         let _permit = match &self.requests {
@@ -620,12 +616,12 @@ impl InboundHttp {
             None => None,
         };
         let attempt = if self.h2 {
-            self.send_h2(&headers, super::body::from_peer(body)).await
+            self.send_h2(&headers, body).await
         } else {
             let endpoint = self.address.to_string();
             self.proxy
                 .client
-                .send_inbound(&endpoint, &headers, super::body::from_peer(body))
+                .send_inbound(&endpoint, &headers, body)
                 .await
         };
         match attempt {

@@ -633,6 +633,32 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         assert!(Instant::now() < deadline, "no 431 log line:\n{log}");
         thread::sleep(Duration::from_millis(50));
     }
+    // A chunked body declares no length: the bytes received are the bytes that passed.
+    let to: SocketAddr = pod_http.parse().unwrap();
+    let answer = s.bare.run(move || {
+        let mut c = TcpStream::connect(to).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"POST /chunked HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = proxy.log();
+        let line = log
+            .lines()
+            .filter_map(meshroute_tests::parse_istio_access_log)
+            .find(|l| l["path"] == "/chunked");
+        if let Some(line) = line {
+            assert_eq!(line["bytes_received"], "11", "{line:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no /chunked log line:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
     // TCP ports are handed over byte for byte; so are ports no service declares.
     assert_eq!(
         tcp_exchange(&s.bare, &format!("{}:5432", s.server.ip)).as_deref(),
@@ -656,9 +682,10 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         "request_protocol=\"http\"",
         "response_code=\"200\"",
     ];
+    // The five GETs and the chunked POST (the 431 never reached the application).
     assert_eq!(
         metric(&stats, "istio_requests_total", &inbound),
-        5,
+        6,
         "{stats}"
     );
     assert_eq!(
