@@ -625,3 +625,70 @@ fn client_certificate_constraints_the_servers_cannot_enforce_are_refused() {
         "a revoked certificate the CA signed would be accepted",
     );
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn upstream_settings_meshroute_does_not_apply_are_said() {
+    let warnings = |yaml: &str| -> Vec<String> {
+        diags(yaml)
+            .into_iter()
+            .filter(|d| !d.is_error())
+            .map(|d| d.to_string())
+            .collect()
+    };
+    for (tp, path, says) in [
+        (
+            "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 60s}}}",
+            "loadBalancer.warmup",
+            "no slow start",
+        ),
+        (
+            "{loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}}",
+            "loadBalancer.warmupDurationSecs",
+            "no slow start",
+        ),
+        (
+            "{connectionPool: {tcp: {maxConnectionDuration: 60s}}}",
+            "connectionPool.tcp.maxConnectionDuration",
+            "Envoy bootstrap only",
+        ),
+        (
+            "{connectionPool: {http: {maxRequestsPerConnection: 10}}}",
+            "connectionPool.http.maxRequestsPerConnection",
+            "Envoy bootstrap only",
+        ),
+        (
+            "{connectionPool: {http: {maxConcurrentStreams: 10}}}",
+            "connectionPool.http.maxConcurrentStreams",
+            "Envoy bootstrap only",
+        ),
+        (
+            "{connectionPool: {http: {useClientProtocol: true}}}",
+            "connectionPool.http.useClientProtocol",
+            "has no effect",
+        ),
+    ] {
+        for at in ["trafficPolicy", "subsets[0].trafficPolicy"] {
+            let yaml = if at == "trafficPolicy" {
+                dr(&format!("  host: a\n  trafficPolicy: {tp}\n"))
+            } else {
+                dr(&format!("  host: a\n  subsets: [{{name: v1, labels: {{v: '1'}}, trafficPolicy: {tp}}}]\n"))
+            };
+            assert!(errors(&yaml).is_empty(), "{tp}: {:?}", errors(&yaml));
+            let w = warnings(&yaml);
+            assert!(
+                w.iter()
+                    .any(|d| d.contains(&format!("spec.{at}.{path}")) && d.contains(says)),
+                "{tp} at {at}: {w:#?}"
+            );
+        }
+    }
+    let sidecar = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: s\n  namespace: ns\nspec:\n  outboundTrafficPolicy:\n    mode: ALLOW_ANY\n    egressProxy: {host: egress.example.com, port: {number: 443}}\n";
+    assert!(
+        warnings(sidecar)
+            .iter()
+            .any(|w| w.contains("spec.outboundTrafficPolicy.egressProxy")
+                && w.contains("has no effect")),
+        "{:?}",
+        diags(sidecar)
+    );
+}

@@ -161,6 +161,60 @@ pub(super) fn policy_blocks(
     if let Some(t) = tls {
         client_tls(v, &p.key("tls"), t);
     }
+    unapplied(v, p, lb, cp);
+}
+
+/// Upstream settings istiod would apply that meshroute does not (or only in the Envoy
+/// bootstrap it generates): each is said, not dropped in silence.
+fn unapplied(
+    v: &mut V<'_>,
+    p: &FieldPath,
+    lb: Option<&api::LoadBalancerSettings>,
+    cp: Option<&api::ConnectionPoolSettings>,
+) {
+    if let Some(lb) = lb {
+        for (set, field) in [
+            (lb.warmup.is_some(), "warmup"),
+            (lb.warmup_duration_secs.is_some(), "warmupDurationSecs"),
+        ] {
+            if set {
+                v.warn(
+                    &p.key("loadBalancer").key(field),
+                    format!("{field} has no effect in meshroute: a new endpoint gets its full share of requests at once (no slow start)"),
+                );
+            }
+        }
+    }
+    let Some(cp) = cp else { return };
+    if let Some(t) = &cp.tcp {
+        if t.max_connection_duration.is_some() {
+            v.warn(
+                &p.key("connectionPool").key("tcp").key("maxConnectionDuration"),
+                "maxConnectionDuration is applied by the generated Envoy bootstrap only: meshroute run keeps upstream connections until they idle out",
+            );
+        }
+    }
+    if let Some(h) = &cp.http {
+        let hp = p.key("connectionPool").key("http");
+        if h.max_requests_per_connection.is_some_and(|n| n > 0) {
+            v.warn(
+                &hp.key("maxRequestsPerConnection"),
+                "maxRequestsPerConnection is applied by the generated Envoy bootstrap only: meshroute run reuses an upstream connection without a request limit",
+            );
+        }
+        if h.max_concurrent_streams.is_some() {
+            v.warn(
+                &hp.key("maxConcurrentStreams"),
+                "maxConcurrentStreams is applied by the generated Envoy bootstrap only: meshroute run takes the upstream's own HTTP/2 stream limit",
+            );
+        }
+        if h.use_client_protocol == Some(true) {
+            v.warn(
+                &hp.key("useClientProtocol"),
+                "useClientProtocol has no effect in meshroute: the upstream protocol follows the port's protocol and h2UpgradePolicy",
+            );
+        }
+    }
 }
 
 pub(super) fn load_balancer(v: &mut V<'_>, p: &FieldPath, lb: &api::LoadBalancerSettings) {

@@ -113,6 +113,10 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
         }
         if let Some(d) = &o.egress_proxy {
             v.destination(&op.key("egressProxy"), Some(d));
+            v.warn(
+                &op.key("egressProxy"),
+                "egressProxy has no effect in meshroute: traffic to unknown hosts goes to its original destination directly",
+            );
         }
     }
     if let Some(cp) = &sc.inbound_connection_pool {
