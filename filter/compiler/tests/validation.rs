@@ -692,3 +692,36 @@ fn upstream_settings_meshroute_does_not_apply_are_said() {
         diags(sidecar)
     );
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn fields_without_effect_in_meshroute_are_said() {
+    let warned = |yaml: &str, path: &str| {
+        let d = diags(yaml);
+        assert!(d.iter().all(|d| !d.is_error()), "{d:?}");
+        assert!(
+            d.iter()
+                .any(|d| d.to_string().contains(path) && d.to_string().contains("no effect")),
+            "{path}: {d:#?}"
+        );
+    };
+    warned(
+        &vs("  hosts: [a]\n  http:\n  - match: [{statPrefix: a, uri: {prefix: /}}]\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].match[0].statPrefix",
+    );
+    warned(
+        &vs("  hosts: [a]\n  tcp:\n  - match: [{sourceSubnet: 10.0.0.0/8}]\n    route: [{destination: {host: a}}]\n"),
+        "spec.tcp[0].match[0].sourceSubnet",
+    );
+    let se = |extra: &str, endpoint: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: e\n  namespace: ns\nspec:\n  hosts: [api.example.com]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: STATIC\n{extra}  endpoints: [{{address: 10.0.0.1{endpoint}}}]\n")
+    };
+    warned(
+        &se("  subjectAltNames: [spiffe://td/ns/a/sa/b]\n", ""),
+        "spec.subjectAltNames",
+    );
+    warned(&se("", ", network: n2"), "spec.endpoints[0].network");
+    warned(
+        &se("", ", serviceAccount: sa"),
+        "spec.endpoints[0].serviceAccount",
+    );
+}

@@ -29,6 +29,12 @@ pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagn
             );
         }
     }
+    if !se.subject_alt_names.is_empty() {
+        v.warn(
+            &spec.key("subjectAltNames"),
+            "subjectAltNames has no effect in meshroute: it verifies the ISTIO_MUTUAL peers of the service, and meshroute does not originate ISTIO_MUTUAL",
+        );
+    }
     if se.hosts.is_empty() {
         v.err(
             &spec.key("hosts"),
@@ -193,6 +199,18 @@ pub(super) fn workload_entry(
         v.port_number(&pp, Some(*port), true);
     }
     v.labels(&p.key("labels"), &e.labels);
+    if !e.network.is_empty() {
+        v.warn(
+            &p.key("network"),
+            "network has no effect in meshroute: every endpoint is reached directly, not through its network's gateway",
+        );
+    }
+    if !e.service_account.is_empty() {
+        v.warn(
+            &p.key("serviceAccount"),
+            "serviceAccount has no effect in meshroute: it names the workload's mesh identity for ISTIO_MUTUAL, which meshroute does not originate",
+        );
+    }
     if let Some(w) = e.weight {
         if w < 0 || w > i64::from(u32::MAX) {
             v.err(

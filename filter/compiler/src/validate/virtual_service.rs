@@ -101,6 +101,10 @@ pub(super) fn virtual_service(r: &Resource<api::VirtualService>, out: &mut Vec<D
             }
             if let Some(s) = &m.source_subnet {
                 cidr(&mut v, &mp.key("sourceSubnet"), s);
+                v.warn(
+                    &mp.key("sourceSubnet"),
+                    "sourceSubnet has no effect: istiod does not apply it either",
+                );
             }
             v.port_number(&mp.key("port"), m.port, false);
             v.labels(&mp.key("sourceLabels"), &m.source_labels);
@@ -285,6 +289,12 @@ pub(super) fn http_match(v: &mut V<'_>, p: &FieldPath, m: &api::HttpMatchRequest
                 format!("invalid sourceNamespace {ns:?}"),
             );
         }
+    }
+    if m.stat_prefix.is_some() {
+        v.warn(
+            &p.key("statPrefix"),
+            "statPrefix has no effect in meshroute: routes keep no statistics of their own",
+        );
     }
 }
 
