@@ -796,6 +796,34 @@ spec:
     assert!((850..=1150).contains(&aborted), "{aborted} of 4000 aborted");
 }
 
+/// The deprecated integer `delay.percent` still samples, as istiod lowers it when
+/// `percentage` is not given.
+#[wasm_bindgen_test(unsupported = test)]
+fn the_deprecated_integer_delay_percent_samples() {
+    let e = engine(
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{uri: {prefix: /half}}]
+    fault:
+      delay: {fixedDelay: 2s, percent: 50}
+    route: [{destination: {host: ratings}}]
+  - fault:
+      delay: {fixedDelay: 2s, percent: 0}
+    route: [{destination: {host: ratings}}]
+",
+    );
+    let delayed = (0..2000)
+        .filter(|&seed| get("ratings:9080", "/half").run(&e, seed).delay_ms == Some(2000))
+        .count();
+    assert!((850..=1150).contains(&delayed), "{delayed} of 2000 delayed");
+    assert!((0..200).all(|seed| get("ratings:9080", "/").run(&e, seed).delay_ms.is_none()));
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn mirrors_sample_per_target_and_timeouts_carry_over() {
     let e = engine(

@@ -643,3 +643,104 @@ fn a_named_target_port_is_said_to_be_taken_as_the_service_port() {
         "{diags:?}"
     );
 }
+
+/// `sourceLabels` and `sourceNamespace` of HTTP, TCP and TLS matches: a proxy gets the
+/// routes whose source it is, as istiod builds each proxy's routes for its own labels.
+#[wasm_bindgen_test(unsupported = test)]
+fn source_labels_and_namespace_keep_a_route_for_the_proxies_they_name() {
+    let yaml = format!(
+        "{}{}{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{sourceLabels: {{app: productpage}}}}]\n    route: [{{destination: {{host: reviews, subset: v2}}}}]\n  - match: [{{sourceNamespace: other}}]\n    route: [{{destination: {{host: reviews, subset: v3}}}}]\n  - route: [{{destination: {{host: reviews, subset: v1}}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: default}}\nspec:\n  selector: {{app: db}}\n  ports: [{{name: tcp, port: 5432}}, {{name: tls, port: 8443}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: default}}\nspec:\n  hosts: [db]\n  tcp:\n  - match: [{{port: 5432, sourceLabels: {{app: productpage}}}}, {{port: 5432, sourceNamespace: other}}]\n    route: [{{destination: {{host: db}}}}]\n  tls:\n  - match: [{{port: 8443, sniHosts: [db], sourceLabels: {{app: productpage}}}}, {{port: 8443, sniHosts: [db], sourceNamespace: other}}]\n    route: [{{destination: {{host: db}}}}]\n---\n",
+        svc("reviews", "default", 9080),
+        we("r1", "default", "reviews", "v1", 9001),
+        we("db1", "default", "db", "v1", 5432),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}, {name: v3, labels: {version: v3}}]\n---\n",
+    );
+    let proxy = |ns: &str, app: &str| ProxyOptions {
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ..sidecar(ns)
+    };
+    let subsets = |doc: &RulesDocument| -> Vec<String> {
+        let vh = vhost(doc, 9080, "reviews.default.svc.cluster.local").expect("reviews");
+        (0..vh.routes.len())
+            .map(|i| first_dest(vh, i).subset.clone())
+            .collect()
+    };
+    let l4_routes = |doc: &RulesDocument, port: u16| {
+        doc.l4_tables
+            .iter()
+            .find(|t| t.port == port)
+            .map_or(0, |t| {
+                // The VirtualService's routes; the Service's own default route is always there.
+                t.routes
+                    .iter()
+                    .filter(|r| {
+                        r.source
+                            .as_ref()
+                            .is_some_and(|s| s.kind == "VirtualService")
+                    })
+                    .count()
+            })
+    };
+    let (named, _) = build(&yaml, proxy("default", "productpage"));
+    assert_eq!(subsets(&named), ["v2", "v1"]);
+    let (elsewhere, _) = build(&yaml, proxy("other", "ratings"));
+    assert_eq!(subsets(&elsewhere), ["v3", "v1"]);
+    let (neither, _) = build(&yaml, proxy("default", "ratings"));
+    assert_eq!(subsets(&neither), ["v1"]);
+    for port in [5432, 8443] {
+        assert_eq!(l4_routes(&named, port), 1, "{port}");
+        assert_eq!(l4_routes(&elsewhere, port), 1, "{port}");
+        assert_eq!(l4_routes(&neither, port), 0, "{port}");
+    }
+}
+
+/// Fields lowered into the rules as the engine reads them: retry host and locality
+/// choices, ring sizes, local-origin outlier errors, CORS preflights that match no origin.
+#[wasm_bindgen_test(unsupported = test)]
+fn retry_ring_outlier_and_cors_fields_reach_the_rules() {
+    let yaml = |vs: &str, dr: &str| {
+        format!(
+            "{}{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - {vs}\n    route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy: {dr}\n",
+            svc("reviews", "default", 9080),
+            we("r1", "default", "reviews", "v1", 9001),
+        )
+    };
+    let route =
+        |doc: &RulesDocument| vhost(doc, 9080, "reviews").expect("reviews").routes[0].clone();
+    let (set, _) = build(
+        &yaml(
+            "retries: {attempts: 2, retryIgnorePreviousHosts: false, retryRemoteLocalities: true}\n    corsPolicy: {allowOrigins: [{exact: a.com}], unmatchedPreflights: IGNORE}",
+            "{loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 4096}}}, outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}}",
+        ),
+        sidecar("default"),
+    );
+    let (unset, _) = build(
+        &yaml(
+            "retries: {attempts: 2}\n    corsPolicy: {allowOrigins: [{exact: a.com}]}",
+            "{loadBalancer: {consistentHash: {httpHeaderName: x-user, minimumRingSize: 2048}}, outlierDetection: {consecutive5xxErrors: 2}}",
+        ),
+        sidecar("default"),
+    );
+    let retry = |doc: &RulesDocument| route(doc).retry.expect("retry policy");
+    assert!(!retry(&set).avoid_previous_hosts && retry(&set).retry_remote_localities);
+    assert!(retry(&unset).avoid_previous_hosts && !retry(&unset).retry_remote_localities);
+    let cors = |doc: &RulesDocument| route(doc).cors.expect("cors");
+    assert!(cors(&set).ignore_unmatched_preflights);
+    assert!(!cors(&unset).ignore_unmatched_preflights);
+    let ring = |doc: &RulesDocument| {
+        cluster_of(doc, "reviews")
+            .lb
+            .consistent_hash
+            .as_ref()
+            .and_then(|c| c.minimum_ring_size)
+    };
+    assert_eq!(ring(&set), Some(4096), "ringHash.minimumRingSize");
+    assert_eq!(ring(&unset), Some(2048), "the deprecated minimumRingSize");
+    let split = |doc: &RulesDocument| {
+        cluster_of(doc, "reviews")
+            .outlier_detection
+            .as_ref()
+            .is_some_and(|o| o.split_external_local_origin_errors)
+    };
+    assert!(split(&set) && !split(&unset));
+}

@@ -637,7 +637,7 @@ fn upstream_settings_meshroute_does_not_apply_are_said() {
     };
     for (tp, path, says) in [
         (
-            "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 60s}}}",
+            "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 60s, minimumPercent: {value: 10}, aggression: 2}}}",
             "loadBalancer.warmup",
             "no slow start",
         ),
@@ -723,5 +723,19 @@ fn fields_without_effect_in_meshroute_are_said() {
     warned(
         &se("", ", serviceAccount: sa"),
         "spec.endpoints[0].serviceAccount",
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn fault_kinds_istiod_does_not_support_are_refused_in_its_words() {
+    assert_error(
+        &vs("  hosts: [a]\n  http:\n  - fault: {delay: {exponentialDelay: 1s, percentage: {value: 10}}}\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].fault.delay.exponentialDelay",
+        "exponentialDelay not supported yet",
+    );
+    assert_error(
+        &vs("  hosts: [a]\n  http:\n  - fault: {abort: {http2Error: REFUSED_STREAM, percentage: {value: 10}}}\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].fault.abort.http2Error",
+        "HTTP/2 abort fault injection not supported yet",
     );
 }

@@ -942,6 +942,42 @@ fn mutual_origination_from_credential_name(host: Host) {
     assert_eq!(r.text(), "external");
 }
 
+/// DestinationRule MUTUAL origination with `clientCertificate`, `privateKey` and
+/// `caCertificates` files: an upstream that requires a client certificate answers, and one
+/// without the client certificate configured is refused (istio-semantics TL1, TL2).
+fn mutual_origination_from_certificate_files(host: Host) {
+    let ca = TestCa::new("file-origination");
+    let server = ca.issue("external", &["mtls.external.test"]);
+    let client = ca.issue("client", &["client.mesh.test"]);
+    let external = EchoServer::tls_verifying("external", &server, Some(&ca.cert_pem));
+    let sidecar = |tls: String| {
+        let yaml = external_with_tls("mtls.external.test", external.port, &tls);
+        start(
+            host,
+            &rules(
+                &[("l4.yaml", yaml)],
+                ProxyKind::Sidecar,
+                OutboundPolicy::AllowAny,
+            ),
+        )
+    };
+    let with = sidecar(format!(
+        "{{mode: MUTUAL, clientCertificate: {}, privateKey: {}, caCertificates: {}, sni: mtls.external.test}}",
+        path_text(&client.cert_file),
+        path_text(&client.key_file),
+        path_text(&ca.ca_file()),
+    ));
+    let r = with.send(&get("mtls.external.test", "/"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "external");
+    drop(with);
+    let without = sidecar(format!(
+        "{{mode: SIMPLE, caCertificates: {}, sni: mtls.external.test}}",
+        path_text(&ca.ca_file()),
+    ));
+    assert_eq!(without.send(&get("mtls.external.test", "/")).status, 503);
+}
+
 /// `insecureSkipVerify: true`: TLS is originated to an upstream whose certificate no
 /// configured CA vouches for (istio-semantics TL2).
 fn tls_origination_can_skip_verification(host: Host) {
@@ -1059,6 +1095,7 @@ on_both_hosts!(
     tls_origination_can_skip_verification,
     mutual_gateway_from_credential_name,
     mutual_origination_from_credential_name,
+    mutual_origination_from_certificate_files,
     tcp_idle_timeout_closes_quiet_connections,
     tcp_route_originates_tls,
     passthrough_port_survives_broken_client_hellos,

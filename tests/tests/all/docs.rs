@@ -519,3 +519,106 @@ fn every_help_example_works_as_written() {
         drop(running);
     }
 }
+
+/// `docs/istio-api.md` has one row per spec field of Istio's networking API
+/// (`docs/istio-api-fields.tsv`), each `acts` or `reported`, each naming a test that
+/// exists; a reported field quotes words the compiler says.
+#[test]
+fn the_istio_api_coverage_table_has_a_row_per_field() {
+    let root = meshroute_tests::repo_root();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let fields: Vec<String> = read("docs/istio-api-fields.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split('\t').nth(1).unwrap().to_owned())
+        .collect();
+    assert!(fields.len() > 250, "{} fields", fields.len());
+    let compiler: String = walk(&root.join("filter/compiler/src"))
+        .into_iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let table = read("docs/istio-api.md");
+    let mut rows = std::collections::BTreeMap::new();
+    let mut problems = Vec::new();
+    for line in table.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+        let [field, class, shown, reason] = cells[..] else {
+            problems.push(format!("not four cells: {line}"));
+            continue;
+        };
+        let field = field.trim_matches('`').to_owned();
+        if rows.insert(field.clone(), class.to_owned()).is_some() {
+            problems.push(format!("{field}: two rows"));
+        }
+        match class {
+            "acts" => {}
+            "reported" => {
+                let words = reason
+                    .split('“')
+                    .nth(1)
+                    .and_then(|r| r.split('”').next())
+                    .unwrap_or_default();
+                if words.is_empty() || !compiler.contains(words) {
+                    problems.push(format!("{field}: the compiler never says {words:?}"));
+                }
+            }
+            other => problems.push(format!("{field}: class {other:?}")),
+        }
+        let names: Vec<&str> = shown.split('`').skip(1).step_by(2).collect();
+        let exists = match names[..] {
+            [scenario] if shown.starts_with("conformance ") => {
+                let file = shown
+                    .rsplit('(')
+                    .next()
+                    .and_then(|f| f.strip_suffix(')'))
+                    .unwrap_or_default();
+                std::fs::read_to_string(root.join("tests/conformance").join(file))
+                    .is_ok_and(|t| t.contains(&format!("- name: {scenario}\n")))
+            }
+            [path, function] => std::fs::read_to_string(root.join(path))
+                .is_ok_and(|t| t.contains(&format!("fn {function}("))),
+            _ => false,
+        };
+        if !exists {
+            problems.push(format!("{field}: no test {shown}"));
+        }
+    }
+    for f in &fields {
+        if !rows.contains_key(f) {
+            problems.push(format!("{f}: no row"));
+        }
+    }
+    for f in rows.keys() {
+        if !fields.contains(f) {
+            problems.push(format!("{f}: not a field of the API"));
+        }
+    }
+    let reported = rows.values().filter(|c| *c == "reported").count();
+    let summary = format!(
+        "{} fields: {} act, {reported} are reported, 0 accepted in silence.",
+        rows.len(),
+        rows.len() - reported
+    );
+    if !table.contains(&summary) {
+        problems.push(format!("the summary line should read {summary:?}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/istio-api.md (regenerate with python3 scripts/istio-api-coverage.py):\n{}",
+        problems.join("\n")
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
