@@ -23,6 +23,14 @@ fn errors(yaml: &str) -> Vec<String> {
         .collect()
 }
 
+fn warnings(yaml: &str) -> Vec<String> {
+    diags(yaml)
+        .into_iter()
+        .filter(|d| !d.is_error())
+        .map(|d| d.to_string())
+        .collect()
+}
+
 fn vs(spec: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n  namespace: ns\nspec:\n{spec}")
 }
@@ -454,13 +462,6 @@ fn thousands_of_documents_load() {
 #[wasm_bindgen_test(unsupported = test)]
 fn tunnel_proxy_protocol_and_retry_budget_are_checked_and_reported() {
     let policy = |tp: &str| dr(&format!("  host: a\n  trafficPolicy: {tp}\n"));
-    let warnings = |yaml: &str| -> Vec<String> {
-        diags(yaml)
-            .into_iter()
-            .filter(|d| !d.is_error())
-            .map(|d| d.to_string())
-            .collect()
-    };
     for (tp, field) in [
         (
             "{tunnel: {targetHost: proxy.example.com, targetPort: 3128}}",
@@ -552,13 +553,6 @@ fn client_certificate_constraints_the_servers_cannot_enforce_are_refused() {
     let server = |mode: &str, t: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: g\nspec:\n  servers:\n  - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [a.com]\n    tls: {{mode: {mode}, serverCertificate: /c, privateKey: /k, caCertificates: /ca, {t}}}\n")
     };
-    let warnings = |yaml: &str| -> Vec<String> {
-        diags(yaml)
-            .into_iter()
-            .filter(|d| !d.is_error())
-            .map(|d| d.to_string())
-            .collect()
-    };
     // Dropping any of these under MUTUAL would admit every certificate the CA signed.
     for (t, field) in [
         (
@@ -628,13 +622,6 @@ fn client_certificate_constraints_the_servers_cannot_enforce_are_refused() {
 
 #[wasm_bindgen_test(unsupported = test)]
 fn upstream_settings_meshroute_does_not_apply_are_said() {
-    let warnings = |yaml: &str| -> Vec<String> {
-        diags(yaml)
-            .into_iter()
-            .filter(|d| !d.is_error())
-            .map(|d| d.to_string())
-            .collect()
-    };
     for (tp, path, says) in [
         (
             "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 60s, minimumPercent: {value: 10}, aggression: 2}}}",

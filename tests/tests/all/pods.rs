@@ -161,6 +161,27 @@ fn request(
     })
 }
 
+/// The first access-log line of `proxy` that `wanted` picks, waiting up to 10 s for it.
+fn logged_line(
+    proxy: &Process,
+    what: &str,
+    wanted: impl Fn(&std::collections::BTreeMap<&'static str, String>) -> bool,
+) -> std::collections::BTreeMap<&'static str, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = proxy.log();
+        if let Some(line) = log
+            .lines()
+            .filter_map(meshroute_tests::parse_istio_access_log)
+            .find(|l| wanted(l))
+        {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no {what} log line:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A TCP echo server as `pod`'s application on `port`: answers each chunk with
 /// `NAME:` and the chunk.
 fn echo_server(pod: &Pod, name: &'static str, port: u16) {
@@ -593,19 +614,9 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         assert!(r.header("x-request-id").is_some_and(|id| !id.is_empty()));
     }
     // Logged as Istio's inbound listener logs: its cluster, and its route named `default`.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let inbound_line = loop {
-        let log = proxy.log();
-        let line = log
-            .lines()
-            .filter_map(meshroute_tests::parse_istio_access_log)
-            .find(|l| l["upstream_cluster"] == "inbound|9080||");
-        if let Some(line) = line {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no inbound log line:\n{log}");
-        thread::sleep(Duration::from_millis(50));
-    };
+    let inbound_line = logged_line(&proxy, "inbound", |l| {
+        l["upstream_cluster"] == "inbound|9080||"
+    });
     assert_eq!(inbound_line["route_name"], "default", "{inbound_line:?}");
     assert_eq!(inbound_line["response_code"], "200", "{inbound_line:?}");
     // Headers over the codec's limit are refused and logged as Envoy's inbound listener
@@ -614,25 +625,13 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
     let headers: &'static [(&str, &str)] = Box::leak(Box::new([("x-huge", huge)]));
     let refused = request(&s.bare, &pod_http, "reviews", "/huge", headers);
     assert_eq!(refused.map(|r| r.0), Some(431), "{}", proxy.log());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = proxy.log();
-        let line = log
-            .lines()
-            .filter_map(meshroute_tests::parse_istio_access_log)
-            .find(|l| l["response_code"] == "431");
-        if let Some(line) = line {
-            assert_eq!(line["response_flags"], "DPE", "{line:?}");
-            assert_eq!(
-                line["response_code_details"], "http1.headers_too_large",
-                "{line:?}"
-            );
-            assert_eq!(line["downstream_local_address"], pod_http, "{line:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no 431 log line:\n{log}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    let line = logged_line(&proxy, "431", |l| l["response_code"] == "431");
+    assert_eq!(line["response_flags"], "DPE", "{line:?}");
+    assert_eq!(
+        line["response_code_details"], "http1.headers_too_large",
+        "{line:?}"
+    );
+    assert_eq!(line["downstream_local_address"], pod_http, "{line:?}");
     // A chunked body declares no length: the bytes received are the bytes that passed.
     let to: SocketAddr = pod_http.parse().unwrap();
     let answer = s.bare.run(move || {
@@ -645,20 +644,8 @@ fn a_server_pods_sidecar_hands_inbound_traffic_to_its_application() {
         out
     });
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = proxy.log();
-        let line = log
-            .lines()
-            .filter_map(meshroute_tests::parse_istio_access_log)
-            .find(|l| l["path"] == "/chunked");
-        if let Some(line) = line {
-            assert_eq!(line["bytes_received"], "11", "{line:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no /chunked log line:\n{log}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    let line = logged_line(&proxy, "/chunked", |l| l["path"] == "/chunked");
+    assert_eq!(line["bytes_received"], "11", "{line:?}");
     // TCP ports are handed over byte for byte; so are ports no service declares.
     assert_eq!(
         tcp_exchange(&s.bare, &format!("{}:5432", s.server.ip)).as_deref(),
