@@ -18,6 +18,7 @@ import re
 
 # Field -> the words of the compiler's warning or error for it.
 REPORTED = {
+    "Server.bind": "bind has no effect in meshroute",
     "TrafficPolicy.tunnel": "tunnel has no effect in meshroute",
     "TrafficPolicy.TunnelSettings.protocol": "tunnel has no effect in meshroute",
     "TrafficPolicy.TunnelSettings.targetHost": "tunnel has no effect in meshroute",

@@ -459,7 +459,8 @@ pub struct LoadBalancerSettings {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WarmupConfiguration {
     pub duration: Option<Duration>,
-    pub minimum_percent: Option<Percent>,
+    /// A `google.protobuf.DoubleValue`, 0 to 100.
+    pub minimum_percent: Option<f64>,
     pub aggression: Option<f64>,
 }
 

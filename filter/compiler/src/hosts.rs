@@ -35,24 +35,48 @@ pub fn validate_fqdn(host: &str) -> Result<(), String> {
 }
 
 /// Validates `*`, `*.example.com` or an FQDN; partial wildcards (`*bar.com`, `foo.*.com`) fail.
+/// The words are istiod's (`ValidateWildcardDomain`, `ValidatePartialWildCard`).
 pub fn validate_wildcard_domain(host: &str) -> Result<(), String> {
     if host == "*" {
         return Ok(());
     }
-    if let Some(rest) = host.strip_prefix("*.") {
-        if rest.contains('*') {
-            return Err(format!(
-                "invalid host {host:?}: wildcard is only allowed as the whole first label"
-            ));
-        }
+    let (first, rest) = host.split_once('.').unwrap_or((host, ""));
+    if let Some(label) = rest.split('.').find(|l| l.contains('*')) {
+        return Err(format!(
+            "domain name {host:?} invalid (label {label:?} invalid): a wildcard is only allowed as the whole first label"
+        ));
+    }
+    if first == "*" {
         return validate_fqdn(rest).map_err(|e| format!("invalid host {host:?}: {e}"));
     }
-    if host.contains('*') {
+    if first.contains('*') {
         return Err(format!(
-            "invalid host {host:?}: partial wildcard is not allowed; use `*` as the whole first label (`*.example.com`)"
+            "partial wildcard {host:?} not allowed; use `*` as the whole first label (`*.example.com`)"
         ));
     }
     validate_fqdn(host)
+}
+
+/// An SNI name Envoy generates for AUTO_PASSTHROUGH, `outbound_.PORT_._.HOST`, which istiod
+/// allows as a host of a VirtualService bound to a gateway with SNI matches.
+pub fn validate_auto_sni_domain(host: &str) -> Result<(), String> {
+    let format = "outbound_.<port>_._.<hostname>";
+    let invalid = |label: &str| {
+        format!(
+            "domain name {host:?} invalid (label {label:?} invalid). should follow {format} format"
+        )
+    };
+    let rest = host
+        .strip_prefix("outbound_.")
+        .ok_or_else(|| invalid("outbound_"))?;
+    let (port, hostname) = rest.split_once("_._.").ok_or_else(|| invalid(rest))?;
+    if !port.contains(|c: char| c.is_ascii_digit()) {
+        return Err(invalid(port));
+    }
+    if !hostname.contains(|c: char| c.is_ascii_alphabetic()) {
+        return Err(invalid(hostname));
+    }
+    Ok(())
 }
 
 pub fn is_ip(host: &str) -> bool {

@@ -141,9 +141,10 @@ pub(crate) fn sidecar_scope(
         .spec
         .outbound_traffic_policy
         .as_ref()
+        // An unset mode is the enum's zero value, REGISTRY_ONLY, as in istiod.
         .map(|o| match o.mode.as_deref() {
-            Some("REGISTRY_ONLY") => ir::OutboundPolicy::RegistryOnly,
-            _ => ir::OutboundPolicy::AllowAny,
+            Some("ALLOW_ANY") => ir::OutboundPolicy::AllowAny,
+            _ => ir::OutboundPolicy::RegistryOnly,
         });
     if sc.spec.egress.is_empty() {
         return (Scope::all(), policy);
@@ -162,6 +163,8 @@ pub(crate) fn sidecar_scope(
             };
             let namespace = if nsf == "." {
                 ns.clone()
+            } else if exclude && nsf.is_empty() {
+                "*".to_string()
             } else {
                 nsf.to_string()
             };

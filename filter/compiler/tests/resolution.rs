@@ -232,6 +232,35 @@ fn sidecar_egress_scopes_services_and_sets_outbound_policy() {
 }
 
 #[wasm_bindgen_test(unsupported = test)]
+fn sidecar_exclusions_and_the_unset_outbound_mode_are_istiods() {
+    // `~/*` leaves every namespace out (import nothing), `~/host` one host everywhere; an
+    // outboundTrafficPolicy without a mode is the enum's zero value, REGISTRY_ONLY.
+    let y = |hosts: &str, policy: &str| {
+        format!("{}{}{}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: a}}\nspec:\n  egress:\n  - hosts: {hosts}\n{policy}", svc("mine", "a", 80), svc("other", "b", 80), svc("third", "b", 80))
+    };
+    let (doc, _) = build(&y("['~/*']", ""), sidecar("a"));
+    assert!(vhost(&doc, 80, "mine").is_none(), "~/* imports nothing");
+    assert!(vhost(&doc, 80, "other.b").is_none());
+    let (doc, _) = build(
+        &y(
+            "['*/*', '~/other.b.svc.cluster.local']",
+            "  outboundTrafficPolicy: {}\n",
+        ),
+        sidecar("a"),
+    );
+    assert!(vhost(&doc, 80, "mine").is_some());
+    assert!(vhost(&doc, 80, "third.b").is_some());
+    assert!(
+        vhost(&doc, 80, "other.b").is_none(),
+        "left out in every namespace"
+    );
+    assert_eq!(
+        doc.outbound_traffic_policy,
+        ir::OutboundPolicy::RegistryOnly
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
 fn sidecar_uses_the_oldest_virtual_service_for_a_host() {
     let vs = |name: &str, ts: &str, subset: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: a, creationTimestamp: '{ts}'}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: {subset}}}\n---\n")

@@ -128,7 +128,9 @@ impl Lowering<'_> {
                             ca_cert_credential_name: t.ca_cert_credential_name.clone(),
                             min_protocol_version: tls_version(t.min_protocol_version.as_deref()),
                             max_protocol_version: tls_version(t.max_protocol_version.as_deref()),
-                            cipher_suites: t.cipher_suites.clone(),
+                            cipher_suites: crate::validate::gateway::filter_cipher_suites(
+                                &t.cipher_suites,
+                            ),
                         }),
                 });
                 if server.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")

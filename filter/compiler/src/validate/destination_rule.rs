@@ -14,7 +14,10 @@ pub(super) fn destination_rule(r: &Resource<api::DestinationRule>, out: &mut Vec
     let dr = &r.spec;
     let spec = FieldPath::root().key("spec");
     if dr.host.is_empty() {
-        v.err(&spec.key("host"), "host is required");
+        v.err(
+            &spec.key("host"),
+            "host is required: empty domain name not allowed",
+        );
     } else if let Err(e) = hosts::validate_wildcard_domain(&dr.host) {
         v.err(&spec.key("host"), e);
     }
@@ -25,7 +28,7 @@ pub(super) fn destination_rule(r: &Resource<api::DestinationRule>, out: &mut Vec
     for (i, s) in dr.subsets.iter().enumerate() {
         let sp = spec.key("subsets").idx(i);
         if s.name.is_empty() {
-            v.err(&sp.key("name"), "subset name is required");
+            v.err(&sp.key("name"), "subset name cannot be empty");
         } else if !hosts::is_dns1123_label(&s.name) {
             v.err(
                 &sp.key("name"),
@@ -119,7 +122,7 @@ pub(super) fn traffic_policy(
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
         let pp = p.key("portLevelSettings").idx(i);
         match pl.port.as_ref().and_then(|p| p.number) {
-            None => v.err(&pp.key("port"), "port must be specified"),
+            None => v.err(&pp.key("port"), "portTrafficPolicy must have valid port"),
             Some(n) => {
                 v.port_number(&pp.key("port").key("number"), Some(n), true);
                 if !ports.insert(n) {
@@ -345,15 +348,28 @@ pub(super) fn load_balancer(v: &mut V<'_>, p: &FieldPath, lb: &api::LoadBalancer
         v.duration(&p.key("warmupDurationSecs"), Some(w), false);
     }
     if let Some(w) = &lb.warmup {
-        v.duration(&p.key("warmup").key("duration"), w.duration.as_ref(), false);
-        v.percentage(
-            &p.key("warmup").key("minimumPercent"),
-            w.minimum_percent.as_ref(),
-        );
-        if w.aggression.is_some_and(|a| a < 1.0) {
+        // The CRD schema's rules, in its words: duration required, 0 <= minimumPercent <= 100,
+        // aggression >= 1.
+        let wp = p.key("warmup");
+        match &w.duration {
+            None => v.err(
+                &wp.key("duration"),
+                "Required value: warmup duration is required",
+            ),
+            Some(d) => {
+                v.duration(&wp.key("duration"), Some(d), false);
+            }
+        }
+        if let Some(m) = w.minimum_percent.filter(|m| !(0.0..=100.0).contains(m)) {
             v.err(
-                &p.key("warmup").key("aggression"),
-                "aggression must be at least 1.0",
+                &wp.key("minimumPercent"),
+                format!("Invalid value: {m}: minimumPercent must be between 0 and 100"),
+            );
+        }
+        if let Some(a) = w.aggression.filter(|&a| a < 1.0) {
+            v.err(
+                &wp.key("aggression"),
+                format!("Invalid value: {a}: aggression must be at least 1.0"),
             );
         }
     }
@@ -375,7 +391,7 @@ pub(super) fn is_prime(n: u64) -> bool {
 
 pub(super) fn connection_pool(v: &mut V<'_>, p: &FieldPath, cp: &api::ConnectionPoolSettings) {
     if cp.tcp.is_none() && cp.http.is_none() {
-        v.err(p, "must set either tcp or http or both");
+        v.err(p, "connection pool must have at least one field");
     }
     let non_neg = |v: &mut V<'_>, path: FieldPath, n: Option<i64>, what: &str| {
         if let Some(n) = n {
@@ -503,7 +519,7 @@ pub(super) fn outlier(v: &mut V<'_>, p: &FieldPath, od: &api::OutlierDetection) 
         if !(0..=100).contains(&m) {
             v.err(
                 &p.key("maxEjectionPercent"),
-                "max ejection percent must be in range [0, 100]",
+                format!("max ejection percent: percentage {m} is not in range 0..100"),
             );
         }
     }
@@ -511,7 +527,7 @@ pub(super) fn outlier(v: &mut V<'_>, p: &FieldPath, od: &api::OutlierDetection) 
         if !(0..=100).contains(&m) {
             v.err(
                 &p.key("minHealthPercent"),
-                "minimum health percent must be in range [0, 100]",
+                format!("minimum health percent: percentage {m} is not in range 0..100"),
             );
         }
     }
@@ -550,19 +566,26 @@ pub(super) fn client_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ClientTlsSetting
             format!("unknown TLS mode {other:?}: expected DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"),
         ),
     }
-    if t.credential_name.is_some() && has_files {
+    if t.credential_name.is_some() && (has_files || t.ca_crl.is_some()) {
         v.err(
             &p.key("credentialName"),
-            "cannot specify client certificates or CA certificate when credentialName is set",
+            "cannot specify client certificates or CA certificate or CA CRL If credentialName is set",
         );
     }
-    if t.insecure_skip_verify == Some(true)
-        && (t.ca_certificates.is_some() || !t.subject_alt_names.is_empty())
-    {
-        v.err(
-            &p.key("insecureSkipVerify"),
-            "cannot specify CaCertificates or SubjectAltNames when InsecureSkipVerify is set",
-        );
+    if t.insecure_skip_verify == Some(true) {
+        let ca_or_sans = t.ca_certificates.is_some() || !t.subject_alt_names.is_empty();
+        // In SIMPLE mode a credentialName can only name a CA, so it conflicts as well.
+        if mode == "SIMPLE" && (ca_or_sans || t.credential_name.is_some()) {
+            v.err(
+                &p.key("insecureSkipVerify"),
+                "cannot specify CaCertificates or CredentialName or SubjectAltNames when InsecureSkipVerify is set true",
+            );
+        } else if mode != "SIMPLE" && ca_or_sans {
+            v.err(
+                &p.key("insecureSkipVerify"),
+                "cannot specify CaCertificates or SubjectAltNames when InsecureSkipVerify is set true",
+            );
+        }
     }
     if t.ca_crl.is_some() {
         if matches!(mode, "SIMPLE" | "MUTUAL") && t.insecure_skip_verify != Some(true) {

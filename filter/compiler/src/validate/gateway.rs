@@ -1,6 +1,6 @@
 //! Gateway: servers, ports, hosts and TLS settings.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{GATEWAY_PROTOCOLS, V};
 use crate::api;
@@ -77,11 +77,21 @@ pub(super) fn gateway(r: &Resource<api::Gateway>, out: &mut Vec<Diagnostic>) {
             );
         }
         if let Some(b) = &s.bind {
-            if !hosts::is_ip(b) && !b.starts_with("unix://") {
-                v.err(
-                    &sp.key("bind"),
-                    format!("{b:?} is not a valid IP address or unix:// socket"),
-                );
+            if let Some(socket) = b.strip_prefix("unix://") {
+                if let Err(e) = super::unix_address(socket) {
+                    v.err(&sp.key("bind"), e);
+                }
+                if port.number.is_some_and(|n| n != 0) {
+                    v.err(
+                        &pp.key("number"),
+                        format!("port number must be 0 for unix domain socket: {b}"),
+                    );
+                }
+                v.err(&sp.key("bind"), "a bind to a unix domain socket is not supported by meshroute: its gateways listen on TCP ports only");
+            } else if !hosts::is_ip(b) {
+                v.err(&sp.key("bind"), format!("{b} is not a valid IP"));
+            } else {
+                v.warn(&sp.key("bind"), "bind has no effect in meshroute: a gateway listens for each server port on the address it was started with, not on a server's own");
             }
         }
         let tls_proto = proto == "HTTPS" || proto == "TLS";
@@ -118,48 +128,112 @@ pub(super) fn gateway(r: &Resource<api::Gateway>, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// istiod's `validateTLSOptions`, in its words, then what meshroute's servers cannot do.
 pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSettings) {
     let mode = t.mode.as_deref().unwrap_or("PASSTHROUGH");
-    let has_cred = t.credential_name.is_some()
+    let files = t.server_certificate.is_some() || t.private_key.is_some();
+    let any_cert = files
+        || t.ca_certificates.is_some()
+        || t.ca_crl.is_some()
+        || t.credential_name.is_some()
         || !t.credential_names.is_empty()
         || !t.tls_certificates.is_empty();
     match mode {
-        "PASSTHROUGH" | "AUTO_PASSTHROUGH" => {}
-        "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL" => {
-            if !has_cred {
-                if t.server_certificate.is_none() {
-                    v.err(
-                        &p.key("serverCertificate"),
-                        format!("{mode} TLS requires a server certificate"),
-                    );
-                }
-                if t.private_key.is_none() {
-                    v.err(
-                        &p.key("privateKey"),
-                        format!("{mode} TLS requires a private key"),
-                    );
-                }
-                if mode != "SIMPLE"
-                    && t.ca_certificates.is_none()
-                    && t.ca_cert_credential_name.is_none()
-                {
-                    v.err(
-                        &p.key("caCertificates"),
-                        format!("{mode} TLS requires a client CA bundle"),
-                    );
-                }
-            }
-        }
         "ISTIO_MUTUAL" => {
-            if t.server_certificate.is_some()
-                || t.private_key.is_some()
-                || t.ca_certificates.is_some()
-                || has_cred
-            {
-                v.err(p, "cannot have associated private key/server certificate/credentialName in ISTIO_MUTUAL mode");
+            for (set, what) in [
+                (t.server_certificate.is_some(), "server certificate"),
+                (t.private_key.is_some(), "private key"),
+                (t.ca_certificates.is_some(), "CA bundle"),
+                (!t.tls_certificates.is_empty(), "tlsCertificates"),
+                (t.credential_name.is_some(), "credentialName"),
+                (!t.credential_names.is_empty(), "credentialNames"),
+            ] {
+                if set {
+                    v.err(p, format!("ISTIO_MUTUAL TLS cannot have associated {what}"));
+                }
             }
         }
+        "PASSTHROUGH" | "AUTO_PASSTHROUGH" if any_cert => v.warn(
+            p,
+            format!("{mode} mode does not use certificates, they will be ignored"),
+        ),
+        "PASSTHROUGH" | "AUTO_PASSTHROUGH" | "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL" => {}
         other => v.err(&p.key("mode"), format!("unknown TLS mode {other:?}")),
+    }
+    if mode != "ISTIO_MUTUAL" {
+        let sources = [
+            t.server_certificate.is_some() && t.private_key.is_some(),
+            t.credential_name.is_some(),
+            !t.credential_names.is_empty(),
+            !t.tls_certificates.is_empty(),
+        ];
+        if sources.iter().filter(|&&s| s).count() > 1 {
+            v.err(p, "only one of credential_name, credential_names, server_certificate/private_key, tls_certificates should be specified");
+        }
+        let terminates = matches!(mode, "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL");
+        let from_credential = t.credential_name.is_some() || !t.credential_names.is_empty();
+        // istiod stops here for a credential: its files (and CRL) come with the secret.
+        let checks_files = !(terminates && from_credential);
+        if terminates && !from_credential {
+            let prefix = if mode == "SIMPLE" {
+                "SIMPLE TLS"
+            } else {
+                "MUTUAL TLS"
+            };
+            if mode != "SIMPLE"
+                && t.ca_certificates.is_none()
+                && t.ca_cert_credential_name.is_none()
+            {
+                v.err(
+                    &p.key("caCertificates"),
+                    format!("{prefix} requires a client CA bundle"),
+                );
+            }
+            if t.tls_certificates.len() > 2 {
+                v.warn(
+                    &p.key("tlsCertificates"),
+                    format!("{prefix} can support up to 2 server certificates"),
+                );
+            }
+            let pairs: Vec<(bool, bool, FieldPath)> = if t.tls_certificates.is_empty() {
+                vec![(
+                    t.server_certificate.is_some(),
+                    t.private_key.is_some(),
+                    p.clone(),
+                )]
+            } else {
+                t.tls_certificates
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let cp = p.key("tlsCertificates").idx(i);
+                        (c.server_certificate.is_some(), c.private_key.is_some(), cp)
+                    })
+                    .collect()
+            };
+            for (cert, key, cp) in pairs {
+                if !cert {
+                    v.err(
+                        &cp.key("serverCertificate"),
+                        format!("{prefix} requires a server certificate"),
+                    );
+                }
+                if !key {
+                    v.err(
+                        &cp.key("privateKey"),
+                        format!("{prefix} requires a private key"),
+                    );
+                }
+            }
+        }
+        if t.ca_crl.is_some() && checks_files {
+            if t.credential_name.is_some() {
+                v.err(&p.key("caCrl"), "CRL is not supported with credentialName. CRL has to be specified in the credential");
+            }
+            if mode == "SIMPLE" {
+                v.err(&p.key("caCrl"), "CRL is not supported with SIMPLE TLS");
+            }
+        }
     }
     client_certificate_constraints(v, p, t, mode);
     if t.ca_cert_credential_name.is_some() && !matches!(mode, "MUTUAL" | "OPTIONAL_MUTUAL") {
@@ -206,16 +280,81 @@ pub(super) fn server_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ServerTlsSetting
             );
         }
     }
-    for (i, suite) in t.cipher_suites.iter().enumerate() {
-        if !meshroute_core::ir::TLS12_CIPHER_SUITES.contains(&suite.as_str()) {
-            v.err(
-                &p.key("cipherSuites").idx(i),
+    cipher_suites(v, &p.key("cipherSuites"), &t.cipher_suites);
+}
+
+/// The suites Istio accepts in `cipherSuites` (istio/istio 1.30.3,
+/// `pkg/config/security/security.go` `ValidCipherSuites`: BoringSSL's, without PSK).
+const ISTIO_CIPHER_SUITES: [&str; 15] = [
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "DES-CBC3-SHA",
+];
+
+/// istiod's `IsValidCipherSuite`: a known suite, `ALL`, or an expression with a leading
+/// operator (`-X`, `+X`, `!X`) that Envoy's BoringSSL reads.
+fn is_valid_cipher_suite(suite: &str) -> bool {
+    suite.is_empty()
+        || suite == "ALL"
+        || !suite.starts_with(|c: char| c.is_alphanumeric())
+        || ISTIO_CIPHER_SUITES.contains(&suite)
+}
+
+/// The suites handed to the hosts, as istiod filters them: invalid ones and repeats dropped.
+pub(crate) fn filter_cipher_suites(suites: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(suites.len());
+    for s in suites {
+        if is_valid_cipher_suite(s) && !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+fn cipher_suites(v: &mut V<'_>, p: &FieldPath, suites: &[String]) {
+    let mut invalid = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut duplicate = BTreeSet::new();
+    for (i, suite) in suites.iter().enumerate() {
+        if !is_valid_cipher_suite(suite) {
+            invalid.insert(suite.as_str());
+        } else if !seen.insert(suite.as_str()) {
+            duplicate.insert(suite.as_str());
+        } else if !meshroute_core::ir::TLS12_CIPHER_SUITES.contains(&suite.as_str()) {
+            v.warn(
+                &p.idx(i),
                 format!(
-                    "cipher suite {suite:?} is not supported by meshroute (it serves {})",
+                    "cipher suite {suite:?} is applied by the generated Envoy bootstrap only: meshroute run serves TLS 1.2 with {} alone",
                     meshroute_core::ir::TLS12_CIPHER_SUITES.join(", ")
                 ),
             );
         }
+    }
+    // Go's `%v` of a sorted list: `[a b]`.
+    let list = |set: BTreeSet<&str>| set.into_iter().collect::<Vec<_>>().join(" ");
+    if !invalid.is_empty() {
+        v.warn(
+            p,
+            format!("ignoring invalid cipher suites: [{}]", list(invalid)),
+        );
+    }
+    if !duplicate.is_empty() {
+        v.warn(
+            p,
+            format!("ignoring duplicate cipher suites: [{}]", list(duplicate)),
+        );
     }
 }
 

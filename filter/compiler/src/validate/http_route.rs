@@ -118,10 +118,7 @@ fn actions(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute, delegate_vs: bo
         && route.delegate.is_none()
         && route.direct_response.is_none()
     {
-        v.err(
-            p,
-            "HTTP route, redirect, delegate or directResponse is required",
-        );
+        v.err(p, "HTTP route, redirect or direct_response is required");
     }
     if route.mirror.is_some() && !route.mirrors.is_empty() {
         v.err(
@@ -164,7 +161,7 @@ fn rewrite(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute) {
         if rw.uri.is_none() && rw.authority.is_none() && rw.uri_regex_rewrite.is_none() {
             v.err(
                 &rp,
-                "rewrite must specify URI, authority, or uriRegexRewrite",
+                "rewrite must specify at least one of URI, UriRegexRewrite, or authority. Only one of URI or UriRegexRewrite may be specified",
             );
         }
         if rw.uri.is_some() && rw.uri_regex_rewrite.is_some() {
@@ -209,20 +206,19 @@ fn redirect(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute) {
         if r.uri.is_some() && r.prefix_rewrite.is_some() {
             v.err(
                 &rp.key("prefixRewrite"),
-                "only one of uri or prefixRewrite may be set",
+                "redirect may only specify one of uri or prefix_rewrite",
             );
         }
-        if r.prefix_rewrite.is_some() {
-            let all_prefix = route
-                .matches
-                .iter()
-                .all(|m| m.uri.as_ref().is_some_and(|u| u.prefix.is_some()));
-            if route.matches.is_empty() || !all_prefix {
-                v.err(
-                    &rp.key("prefixRewrite"),
-                    "prefixRewrite requires every match of the route to have a uri prefix",
-                );
-            }
+        // A match without a uri is Envoy's prefix `/`, so only exact and regex uris conflict.
+        let uri_not_prefix = route
+            .matches
+            .iter()
+            .any(|m| m.uri.as_ref().is_some_and(|u| u.prefix.is_none()));
+        if r.prefix_rewrite.is_some() && uri_not_prefix {
+            v.err(
+                &rp.key("prefixRewrite"),
+                "redirect prefix_rewrite requires all URI matches to use prefix match type",
+            );
         }
         if r.uri.is_none()
             && r.prefix_rewrite.is_none()
@@ -247,7 +243,7 @@ fn redirect(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute) {
             if s != "http" && s != "https" {
                 v.err(
                     &rp.key("scheme"),
-                    "invalid redirect scheme, must be http or https",
+                    r#"invalid redirect scheme, must be "http" or "https""#,
                 );
             }
         }
@@ -279,9 +275,9 @@ fn direct_response(v: &mut V<'_>, p: &FieldPath, route: &api::HttpRoute) {
             Some(s) if (200..=599).contains(&s) => {}
             Some(s) => v.err(
                 &dp.key("status"),
-                format!("status {s} must be in range 200-599"),
+                format!("HTTP status {s} is not in range 200-599"),
             ),
-            None => v.err(&dp.key("status"), "status must be in range 200-599"),
+            None => v.err(&dp.key("status"), "HTTP status 0 is not in range 200-599"),
         }
         if let Some(b) = &d.body {
             let bp = dp.key("body");

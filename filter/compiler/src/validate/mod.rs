@@ -11,7 +11,7 @@ use crate::load::{Config, Resource};
 use crate::source::FieldPath;
 
 mod destination_rule;
-mod gateway;
+pub(crate) mod gateway;
 mod http_route;
 mod service_entry;
 mod sidecar;
@@ -138,7 +138,13 @@ fn diagnostics(config: &Config) -> Vec<Diagnostic> {
     }
     for r in &config.workload_entries {
         let mut v = V::new(r, &mut out);
-        service_entry::workload_entry(&mut v, &r.spec, &FieldPath::root().key("spec"), None, true);
+        service_entry::workload_entry(
+            &mut v,
+            &r.spec,
+            &FieldPath::root().key("spec"),
+            None,
+            service_entry::Addresses::Any,
+        );
     }
     for r in &config.services {
         let mut v = V::new(r, &mut out);
@@ -242,10 +248,9 @@ impl<'a> V<'a> {
         match port {
             None if required => self.err(path, "port number is required"),
             None => {}
-            Some(p) if !(1..=65535).contains(&p) => self.err(
-                path,
-                format!("port number {p} must be in the range 1..65535"),
-            ),
+            Some(p) if !(1..=65535).contains(&p) => {
+                self.err(path, format!("port must be between 1-65535 (got {p})"))
+            }
             Some(_) => {}
         }
     }
@@ -269,7 +274,10 @@ impl<'a> V<'a> {
                 }
                 let d = &d.text;
                 if ns < 1_000_000 {
-                    self.err(path, format!("duration {d:?} must be at least 1ms"));
+                    self.err(
+                        path,
+                        format!("must be a valid duration greater than 1ms (got {d:?})"),
+                    );
                     return None;
                 }
                 if ns % 1_000_000 != 0 {
@@ -407,12 +415,12 @@ impl<'a> V<'a> {
                 prefix.is_none_or(|p| hosts::validate_fqdn(p).is_ok()) && qualified_name(name)
             };
             if !key_ok {
-                self.err(&path.key(k), format!("invalid label key {k:?}"));
+                self.err(&path.key(k), format!("invalid tag key: {k:?}"));
             }
             if !(v.is_empty() || qualified_name(v)) {
                 self.err(
                     &path.key(k),
-                    format!("invalid label value {v:?} for key {k:?}"),
+                    format!("invalid tag value: {v:?} (for key {k:?})"),
                 );
             }
         }
@@ -480,4 +488,26 @@ pub(crate) fn qualified_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
         && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// A `unix://` socket path, as istiod checks it: absolute and not a directory, or abstract
+/// (`@name`). The words in brackets are the CRD schema's.
+pub(crate) fn unix_address(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("unix address must not be empty".into());
+    }
+    if path.starts_with('@') {
+        return Ok(());
+    }
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path} is not an absolute path to a file (UDS must be an absolute path or abstract socket)"
+        ));
+    }
+    if path.ends_with('/') {
+        return Err(format!(
+            "{path} is not an absolute path to a file (UDS may not be a dir)"
+        ));
+    }
+    Ok(())
 }

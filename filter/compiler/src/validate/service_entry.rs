@@ -54,8 +54,17 @@ pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagn
             }
             Err(e) => v.err(&hp, e),
         }
-        if resolution == "DNS" && se.endpoints.is_empty() && hosts::is_wildcard(h) {
-            v.err(&hp, format!("hosts must be FQDN if no endpoints are provided for resolution mode DNS: {h:?}"));
+        if matches!(resolution, "DNS" | "DNS_ROUND_ROBIN")
+            && se.endpoints.is_empty()
+            && hosts::validate_fqdn(h).is_err()
+        {
+            v.err(&hp, format!("hosts must be FQDN or contain only prefix wildcards if no endpoints are provided for resolution mode {resolution}: {h:?}"));
+        }
+        if resolution == "DYNAMIC_DNS" && !hosts::is_wildcard(h) {
+            v.err(
+                &hp,
+                "host must be wildcarded for resolution mode DYNAMIC_DNS",
+            );
         }
     }
     for (i, a) in se.addresses.iter().enumerate() {
@@ -68,9 +77,9 @@ pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagn
         }
     }
     if se.ports.is_empty() && resolution != "NONE" {
-        v.err(
+        v.warn(
             &spec.key("ports"),
-            "service entry must have at least one port",
+            "service entry has no ports, so it adds no listener, route or cluster",
         );
     }
     let mut numbers = BTreeSet::new();
@@ -85,7 +94,9 @@ pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagn
             if !numbers.insert(n) {
                 v.err(
                     &pp.key("number"),
-                    format!("service entry port {n} already defined"),
+                    format!(
+                        "port number cannot be duplicated: service entry port {n} already defined"
+                    ),
                 );
             }
         }
@@ -95,13 +106,16 @@ pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagn
             if !hosts::is_dns1123_label(&p.name) {
                 v.err(
                     &pp.key("name"),
-                    format!("invalid port name {:?}: must be a DNS-1123 label", p.name),
+                    format!("invalid port name: {} (port name must be valid)", p.name),
                 );
             }
             if !names.insert(p.name.as_str()) {
                 v.err(
                     &pp.key("name"),
-                    format!("service entry port name {:?} already defined", p.name),
+                    format!(
+                        "Duplicate value: service entry port name {:?} already defined",
+                        p.name
+                    ),
                 );
             }
             port_names.insert(p.name.clone());
@@ -135,27 +149,78 @@ pub(super) fn service_entry(r: &Resource<api::ServiceEntry>, out: &mut Vec<Diagn
     match resolution {
         "NONE" if !se.endpoints.is_empty() => v.err(
             &spec.key("endpoints"),
-            "no endpoints should be provided for resolution type none",
+            "no endpoints should be provided for resolution type none (NONE mode cannot set endpoints)",
         ),
-        "STATIC" if se.endpoints.is_empty() && se.workload_selector.is_none() => v.err(
+        "NONE" if se.workload_selector.is_some() => v.warn(
+            &spec.key("workloadSelector"),
+            "workloadSelector should not be set when resolution mode is NONE",
+        ),
+        "STATIC" if se.endpoints.is_empty() && se.workload_selector.is_none() => v.warn(
             &spec.key("endpoints"),
-            "endpoints must be provided for resolution type static",
+            "a STATIC service entry without endpoints or workloadSelector has no endpoints of its own: requests get 503 unless WorkloadEntries are selected",
         ),
         "DNS_ROUND_ROBIN" if se.endpoints.len() > 1 => v.err(
             &spec.key("endpoints"),
-            "there must only be 0 or 1 endpoint for resolution type DNS_ROUND_ROBIN",
+            "there must only be 0 or 1 endpoint for resolution mode DNS_ROUND_ROBIN (DNS_ROUND_ROBIN mode cannot have multiple endpoints)",
         ),
-        "DYNAMIC_DNS" if !se.endpoints.is_empty() || !se.addresses.is_empty() => v.err(
-            &spec,
-            "DYNAMIC_DNS resolution allows neither endpoints nor addresses",
-        ),
+        "DYNAMIC_DNS" => {
+            if !se.addresses.is_empty() {
+                v.err(&spec.key("addresses"), "addresses cannot be set for resolution type DYNAMIC_DNS. HTTP route domains will only be generated from the hosts field values");
+            }
+            if !se.endpoints.is_empty() {
+                v.err(&spec.key("endpoints"), "endpoints cannot be set for resolution type DYNAMIC_DNS. Destination IP address determined from hosts field values");
+            }
+            for (i, p) in se.ports.iter().enumerate() {
+                let proto = p.protocol.to_ascii_uppercase();
+                if !matches!(proto.as_str(), "HTTP" | "TLS" | "GRPC" | "HTTP2") {
+                    v.err(&spec.key("ports").idx(i).key("protocol"), "only HTTP, TLS, GRPC, and HTTP2 protocols are supported for resolution type DYNAMIC_DNS");
+                }
+            }
+            if se.location.as_deref() == Some("MESH_INTERNAL") && uses_waypoint(&r.labels) {
+                v.err(&spec.key("location"), "location MESH_INTERNAL with resolution type DYNAMIC_DNS is not supported when using waypoints");
+            }
+        }
         _ => {}
+    }
+    let unix = se
+        .endpoints
+        .iter()
+        .any(|e| e.address.starts_with(UNIX_PREFIX));
+    if unix && resolution == "STATIC" && se.ports.len() != 1 {
+        v.err(
+            &spec.key("ports"),
+            "exactly 1 service port required for unix endpoints",
+        );
     }
     for (i, e) in se.endpoints.iter().enumerate() {
         let ep = spec.key("endpoints").idx(i);
-        workload_entry(&mut v, e, &ep, Some(&port_names), resolution == "STATIC");
+        let addresses = match resolution {
+            "STATIC" | "NONE" => Addresses::Ip,
+            _ => Addresses::IpOrFqdn,
+        };
+        workload_entry(&mut v, e, &ep, Some(&port_names), addresses);
     }
     v.export_to(&spec.key("exportTo"), &se.export_to, true);
+}
+
+const UNIX_PREFIX: &str = "unix://";
+
+/// What an endpoint's address may be, as istiod allows it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Addresses {
+    /// A STATIC ServiceEntry's endpoints: IPs or unix sockets.
+    Ip,
+    /// A DNS ServiceEntry's endpoints: IPs or host names.
+    IpOrFqdn,
+    /// A WorkloadEntry of its own: any of the three.
+    Any,
+}
+
+/// `istio.io/use-waypoint` set to a waypoint (anything but `none`).
+fn uses_waypoint(labels: &api::Labels) -> bool {
+    labels
+        .get("istio.io/use-waypoint")
+        .is_some_and(|w| !w.is_empty() && !w.eq_ignore_ascii_case("none"))
 }
 
 pub(super) fn workload_entry(
@@ -163,31 +228,57 @@ pub(super) fn workload_entry(
     e: &api::WorkloadEntry,
     p: &FieldPath,
     port_names: Option<&BTreeSet<String>>,
-    require_ip: bool,
+    addresses: Addresses,
 ) {
     if e.address.is_empty() {
-        if port_names.is_none() {
-            v.err(&p.key("address"), "address must be set");
-        }
-    } else if let Some(uds) = e.address.strip_prefix("unix://") {
-        if uds.is_empty() {
-            v.err(
+        if e.network.is_empty() {
+            v.err(&p.key("address"), "address is required");
+        } else {
+            v.warn(
                 &p.key("address"),
-                "unix domain socket path must not be empty",
+                format!("address is unset with network {:?}", e.network),
             );
         }
-    } else if require_ip && !hosts::is_ip(&e.address) {
+    } else if let Some(uds) = e
+        .address
+        .strip_prefix(UNIX_PREFIX)
+        .filter(|_| addresses != Addresses::IpOrFqdn)
+    {
+        if let Err(err) = super::unix_address(uds) {
+            v.err(&p.key("address"), err);
+        }
+        if !e.ports.is_empty() {
+            v.err(
+                &p.key("ports"),
+                format!(
+                    "unix endpoint {} must not include ports (UDS may not include ports)",
+                    e.address
+                ),
+            );
+        }
+    } else if hosts::is_ip(&e.address) {
+    } else if addresses == Addresses::Ip {
         v.err(
             &p.key("address"),
             format!("endpoint address {:?} is not a valid IP address", e.address),
         );
-    } else if !hosts::is_ip(&e.address) {
-        if let Err(err) = hosts::validate_fqdn(&e.address) {
-            v.err(&p.key("address"), err);
-        }
+    } else if hosts::validate_fqdn(&e.address).is_err() {
+        v.err(
+            &p.key("address"),
+            format!(
+                "endpoint address {:?} is not a valid FQDN or an IP address",
+                e.address
+            ),
+        );
     }
     for (name, port) in &e.ports {
         let pp = p.key("ports").key(name);
+        if !hosts::is_dns1123_label(name) {
+            v.err(
+                &pp,
+                format!("invalid port name: {name} (port name must be valid)"),
+            );
+        }
         if let Some(names) = port_names {
             if !names.contains(name) {
                 v.err(

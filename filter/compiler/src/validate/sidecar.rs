@@ -70,18 +70,26 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
         }
         for (j, h) in e.hosts.iter().enumerate() {
             let hp = ep.key("hosts").idx(j);
-            let Some((ns, dns)) = h.split_once('/') else {
+            let Some((raw_ns, dns)) = h.split_once('/') else {
                 v.err(
                     &hp,
-                    format!("sidecar: host {h:?} must be of form namespace/dnsName"),
+                    format!("sidecar: host must be of form namespace/dnsName: {h:?}"),
                 );
                 continue;
             };
-            let ns = ns.strip_prefix('~').unwrap_or(ns);
-            if ns != "*" && ns != "." && !hosts::is_dns1123_label(ns) {
+            if raw_ns.is_empty() || dns.is_empty() {
                 v.err(
                     &hp,
-                    format!("sidecar: invalid namespace {ns:?} in host {h:?}"),
+                    "sidecar: config namespace and dnsName in host entry cannot be empty",
+                );
+                continue;
+            }
+            // `~ns/host` leaves a host out; a bare `~` leaves it out of every namespace.
+            let ns = raw_ns.strip_prefix('~').unwrap_or(raw_ns);
+            if !ns.is_empty() && ns != "*" && ns != "." && !hosts::is_dns1123_label(ns) {
+                v.err(
+                    &hp,
+                    format!("sidecar: invalid namespace value {raw_ns:?} in sidecar"),
                 );
             }
             if let Err(e) = hosts::validate_wildcard_domain(dns) {
@@ -96,12 +104,13 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
     }
     if let Some(o) = &sc.outbound_traffic_policy {
         let op = spec.key("outboundTrafficPolicy");
-        let mode = o.mode.as_deref().unwrap_or("ALLOW_ANY");
+        // Unset is the enum's zero value, REGISTRY_ONLY.
+        let mode = o.mode.as_deref().unwrap_or("REGISTRY_ONLY");
         match mode {
             "ALLOW_ANY" | "REGISTRY_ONLY" => {}
             "ALLOW_ANY_DYNAMIC_DNS" => v.err(
                 &op.key("mode"),
-                "ALLOW_ANY_DYNAMIC_DNS is only allowed in MeshConfig, not in a Sidecar",
+                "sidecar: ALLOW_ANY_DYNAMIC_DNS mode is only supported in MeshConfig, not in Sidecar resource",
             ),
             other => v.err(
                 &op.key("mode"),
@@ -113,6 +122,12 @@ pub(super) fn sidecar(r: &Resource<api::Sidecar>, out: &mut Vec<Diagnostic>) {
         }
         if let Some(d) = &o.egress_proxy {
             v.destination(&op.key("egressProxy"), Some(d));
+            if d.port.is_none() {
+                v.err(
+                    &op.key("egressProxy").key("port"),
+                    "sidecar: egress_proxy port must be non-nil",
+                );
+            }
             v.warn(
                 &op.key("egressProxy"),
                 "egressProxy has no effect in meshroute: traffic to unknown hosts goes to its original destination directly",
@@ -141,16 +156,10 @@ fn ingress(v: &mut V<'_>, spec: &FieldPath, sc: &api::Sidecar) {
             );
         }
         if !port.name.is_empty() && !hosts::is_dns1123_label(&port.name) {
-            v.err(
-                &pp.key("name"),
-                format!(
-                    "invalid port name {:?}: must be a DNS-1123 label",
-                    port.name
-                ),
-            );
+            v.err(&pp.key("name"), format!("invalid port name: {}", port.name));
         }
         let protocol = port.protocol.to_ascii_uppercase();
-        if !SERVICE_PROTOCOLS.contains(&protocol.as_str()) {
+        if !protocol.is_empty() && !SERVICE_PROTOCOLS.contains(&protocol.as_str()) {
             v.err(
                 &pp.key("protocol"),
                 format!("unrecognized protocol {:?}", port.protocol),
@@ -204,10 +213,8 @@ const HTTP_PROTOCOLS: &[&str] = &["HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTP_PRO
 /// `127.0.0.1:PORT`, `0.0.0.0:PORT`, `[::1]:PORT`, `[::]:PORT` or `unix://PATH`.
 fn default_endpoint(v: &mut V<'_>, path: &FieldPath, e: &str) {
     if let Some(socket) = e.strip_prefix("unix://") {
-        if socket.is_empty() {
-            v.err(path, "unix address must not be empty");
-        } else if !socket.starts_with('/') && !socket.starts_with('@') {
-            v.err(path, format!("{socket} is not an absolute path to a file"));
+        if let Err(err) = super::unix_address(socket) {
+            v.err(path, err);
         }
         return;
     }

@@ -36,9 +36,19 @@ pub(super) fn virtual_service(r: &Resource<api::VirtualService>, out: &mut Vec<D
             );
         }
     }
+    // istiod lets a gateway's SNI routes name Envoy's generated `outbound_.PORT_._.HOST`.
+    let auto_sni = vs.gateways.iter().any(|g| g != "mesh")
+        && vs
+            .tls
+            .iter()
+            .any(|t| t.matches.iter().any(|m| !m.sni_hosts.is_empty()));
     for (i, h) in vs.hosts.iter().enumerate() {
         let p = spec.key("hosts").idx(i);
-        if h == "*" && bound_to_mesh {
+        if auto_sni && h.starts_with("outbound_") {
+            if let Err(e) = hosts::validate_auto_sni_domain(h) {
+                v.err(&p, e);
+            }
+        } else if h == "*" && bound_to_mesh {
             v.err(
                 &p,
                 "wildcard host * is not allowed for virtual services bound to the mesh gateway",
@@ -141,7 +151,12 @@ pub(super) fn virtual_service(r: &Resource<api::VirtualService>, out: &mut Vec<D
                     );
                     continue;
                 }
-                if let Err(e) = hosts::validate_wildcard_domain(sni) {
+                let checked = if auto_sni && sni.starts_with("outbound_") {
+                    hosts::validate_auto_sni_domain(sni)
+                } else {
+                    hosts::validate_wildcard_domain(sni)
+                };
+                if let Err(e) = checked {
                     v.err(&sp, e);
                     continue;
                 }
