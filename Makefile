@@ -91,8 +91,9 @@ conformance: wasm envoy
 	  $(CARGO) test -p meshroute-tests --test all -- conformance --nocapture
 
 ## What the pod tests use (network namespaces, capture rules, a real client): Debian's
-## iproute2, iptables, curl and util-linux (setpriv).
-POD_TOOLS := ip:iproute2 iptables-restore:iptables curl:curl setpriv:util-linux
+## iproute2, iptables, curl and util-linux (setpriv); and openssl, which makes the RSA keys
+## of the TLS tests.
+POD_TOOLS := ip:iproute2 iptables-restore:iptables curl:curl setpriv:util-linux openssl:openssl
 pod-tools:
 	@missing=""; for t in $(POD_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \

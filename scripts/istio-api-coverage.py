@@ -43,11 +43,7 @@ REPORTED = {
     "ServerTLSSettings.subjectAltNames": "so every certificate the CA signed would be accepted",
     "ServerTLSSettings.verifyCertificateSpki": "so every certificate the CA signed would be accepted",
     "ServerTLSSettings.verifyCertificateHash": "so every certificate the CA signed would be accepted",
-    "ServerTLSSettings.credentialNames": "credentialNames is not supported by meshroute",
-    "ServerTLSSettings.tlsCertificates": "tlsCertificates is not supported by meshroute",
-    "ServerTLSSettings.TLSCertificate.serverCertificate": "tlsCertificates is not supported by meshroute",
-    "ServerTLSSettings.TLSCertificate.privateKey": "tlsCertificates is not supported by meshroute",
-    "ServerTLSSettings.TLSCertificate.caCertificates": "tlsCertificates is not supported by meshroute",
+    "ServerTLSSettings.TLSCertificate.caCertificates": "caCertificates of a tlsCertificates entry has no effect",
     "ServerTLSSettings.insecureSkipVerify": "insecureSkipVerify has no effect in meshroute",
     "IstioIngressListener.tls": "ingress tls is not supported by meshroute",
     "IstioIngressListener.bind": "has no effect in meshroute: every port is served on the sidecar's capture",
@@ -69,6 +65,10 @@ REPORTED = {
 # Where the search above cannot see the field (the test builds the YAML in a helper), the
 # test that shows it.
 SHOWN_BY = {
+    "ServerTLSSettings.credentialNames": "`tests/tests/all/conformance_l4.rs` `gateway_serves_the_certificate_each_client_can_verify`",
+    "ServerTLSSettings.tlsCertificates": "`tests/tests/all/conformance_l4.rs` `gateway_serves_the_certificate_each_client_can_verify`",
+    "ServerTLSSettings.TLSCertificate.serverCertificate": "`tests/tests/all/conformance_l4.rs` `gateway_serves_the_certificate_each_client_can_verify`",
+    "ServerTLSSettings.TLSCertificate.privateKey": "`tests/tests/all/conformance_l4.rs` `gateway_serves_the_certificate_each_client_can_verify`",
     "ClientTLSSettings.credentialName": "`tests/tests/all/conformance_l4.rs` `mutual_origination_from_credential_name`",
     "ClientTLSSettings.clientCertificate": "`tests/tests/all/conformance_l4.rs` `mutual_origination_from_certificate_files`",
     "ClientTLSSettings.privateKey": "`tests/tests/all/conformance_l4.rs` `mutual_origination_from_certificate_files`",

@@ -16,12 +16,28 @@ pub enum CredentialError {
     NoCertificate(ServerTlsMode),
 }
 
-/// A Gateway server's certificate, key and (MUTUAL) client CA.
+/// A Gateway server's certificates with their keys (one, or an RSA and an ECDSA one) and
+/// (MUTUAL) client CA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerFiles {
+    pub keys: Vec<KeyFiles>,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
+}
+
+impl KeyFiles {
+    fn in_secret(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        }
+    }
 }
 
 /// A DestinationRule's client certificate and key (MUTUAL) and the CA to verify with.
@@ -49,22 +65,46 @@ pub fn server_files(
         (Some(name), true) => Some(secret_dir(credentials, name)?.join("ca.crt")),
         _ => None,
     };
-    if let Some(name) = &tls.credential_name {
-        let dir = secret_dir(credentials, name)?;
+    // As istiod: several secrets share the first one's CA.
+    let names: Vec<&String> = if tls.credential_names.is_empty() {
+        tls.credential_name.iter().collect()
+    } else {
+        tls.credential_names.iter().collect()
+    };
+    if !names.is_empty() {
+        let dirs = names
+            .iter()
+            .map(|n| secret_dir(credentials, n))
+            .collect::<Result<Vec<_>, _>>()?;
         let ca = ca_secret
             .or_else(|| tls.ca_certificates.as_ref().map(PathBuf::from))
-            .or_else(|| mutual.then(|| dir.join("ca.crt")));
+            .or_else(|| dirs.first().filter(|_| mutual).map(|d| d.join("ca.crt")));
         return Ok(ServerFiles {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
+            keys: dirs.iter().map(|d| KeyFiles::in_secret(d)).collect(),
             client_ca: ca,
+        });
+    }
+    let client_ca = ca_secret.or_else(|| tls.ca_certificates.as_ref().map(PathBuf::from));
+    if !tls.tls_certificates.is_empty() {
+        return Ok(ServerFiles {
+            keys: tls
+                .tls_certificates
+                .iter()
+                .map(|c| KeyFiles {
+                    cert: PathBuf::from(&c.server_certificate),
+                    key: PathBuf::from(&c.private_key),
+                })
+                .collect(),
+            client_ca,
         });
     }
     match (&tls.server_certificate, &tls.private_key) {
         (Some(c), Some(k)) => Ok(ServerFiles {
-            cert: PathBuf::from(c),
-            key: PathBuf::from(k),
-            client_ca: ca_secret.or_else(|| tls.ca_certificates.as_ref().map(PathBuf::from)),
+            keys: vec![KeyFiles {
+                cert: PathBuf::from(c),
+                key: PathBuf::from(k),
+            }],
+            client_ca,
         }),
         _ => Err(CredentialError::NoCertificate(tls.mode)),
     }
@@ -104,8 +144,8 @@ mod tests {
             ..Default::default()
         };
         let files = server_files(&tls, Some(Path::new("/creds"))).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(files.cert, Path::new("/creds/gw-cert/tls.crt"));
-        assert_eq!(files.key, Path::new("/creds/gw-cert/tls.key"));
+        assert_eq!(files.keys[0].cert, Path::new("/creds/gw-cert/tls.crt"));
+        assert_eq!(files.keys[0].key, Path::new("/creds/gw-cert/tls.key"));
         assert_eq!(
             files.client_ca.as_deref(),
             Some(Path::new("/creds/gw-cert/ca.crt"))
@@ -120,5 +160,46 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("serverCertificate"));
+    }
+
+    #[test]
+    fn two_certificates_come_from_two_secrets_or_two_file_pairs() {
+        let tls = ServerTls {
+            mode: ServerTlsMode::Mutual,
+            credential_names: vec!["rsa".into(), "ecdsa".into()],
+            ..Default::default()
+        };
+        let files = server_files(&tls, Some(Path::new("/creds"))).unwrap_or_else(|e| panic!("{e}"));
+        let certs: Vec<_> = files.keys.iter().map(|k| k.cert.clone()).collect();
+        assert_eq!(
+            certs,
+            [
+                Path::new("/creds/rsa/tls.crt"),
+                Path::new("/creds/ecdsa/tls.crt")
+            ]
+        );
+        // The first secret's CA verifies clients, as istiod has it.
+        assert_eq!(
+            files.client_ca.as_deref(),
+            Some(Path::new("/creds/rsa/ca.crt"))
+        );
+        let pairs = ServerTls {
+            mode: ServerTlsMode::Simple,
+            tls_certificates: vec![
+                meshroute_core::ir::CertificateFiles {
+                    server_certificate: "/a.crt".into(),
+                    private_key: "/a.key".into(),
+                },
+                meshroute_core::ir::CertificateFiles {
+                    server_certificate: "/b.crt".into(),
+                    private_key: "/b.key".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let files = server_files(&pairs, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(files.keys.len(), 2);
+        assert_eq!(files.keys[1].key, Path::new("/b.key"));
+        assert_eq!(files.client_ca, None);
     }
 }

@@ -444,11 +444,18 @@ fn gateway_listener(
                         source,
                     }
                 })?;
+            let certificates: Vec<_> = files
+                .keys
+                .iter()
+                .map(|k| {
+                    json!({
+                        "certificate_chain": {"filename": k.cert},
+                        "private_key": {"filename": k.key},
+                    })
+                })
+                .collect();
             let mut common = json!({
-                "tls_certificates": [{
-                    "certificate_chain": {"filename": files.cert},
-                    "private_key": {"filename": files.key},
-                }],
+                "tls_certificates": certificates,
                 "alpn_protocols": if server.serves_http() { json!(["h2", "http/1.1"]) } else { json!([]) },
             });
             if tls.mode.verifies_clients() {

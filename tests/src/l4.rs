@@ -72,13 +72,36 @@ impl TestCa {
         creds
     }
 
-    /// A leaf certificate for `names` (DNS SANs), saved as `<file>.crt` / `<file>.key`.
+    /// A leaf certificate for `names` (DNS SANs) with an ECDSA P-256 key, saved as
+    /// `<file>.crt` / `<file>.key`.
     pub fn issue(&self, file: &str, names: &[&str]) -> Issued {
+        self.issue_with(file, names, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// As [`TestCa::issue`], with a 2048-bit RSA key made by `openssl genpkey` (the crypto
+    /// backend signs with RSA keys but does not make them).
+    pub fn issue_rsa(&self, file: &str, names: &[&str]) -> Issued {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl genpkey: {out:?}");
+        let pem = String::from_utf8(out.stdout).unwrap();
+        let key = rcgen::KeyPair::from_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap();
+        self.issue_with(file, names, key)
+    }
+
+    fn issue_with(&self, file: &str, names: &[&str], key: rcgen::KeyPair) -> Issued {
         let params = rcgen::CertificateParams::new(
             names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
         )
         .unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (cert_file, key_file) = (
             self.dir.join(format!("{file}.crt")),
@@ -344,6 +367,95 @@ impl TlsClient {
         tls.read_exact(&mut body).map_err(|e| e.to_string())?;
         out.extend_from_slice(&body);
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// The certificate a TLS server at 127.0.0.1:`port` presents for `sni` to a client that
+/// verifies signatures with `schemes` only (all the provider's when `None`), as PEM-decoded
+/// DER: which of several certificates the server chose.
+pub fn presented_certificate(
+    port: u16,
+    ca_pem: &str,
+    sni: &str,
+    schemes: Option<&[rustls::SignatureScheme]>,
+) -> Result<CertificateDer<'static>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+    let verifier = Arc::new(OfferedSchemes {
+        inner,
+        schemes: schemes.map(<[_]>::to_vec),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())
+        .ok_or_else(|| "no certificate".to_owned())
+}
+
+/// A verifier that offers the server only some signature schemes (what a client that
+/// supports RSA only, or ECDSA only, sends).
+#[derive(Debug)]
+struct OfferedSchemes {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    schemes: Option<Vec<rustls::SignatureScheme>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for OfferedSchemes {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes
+            .clone()
+            .unwrap_or_else(|| self.inner.supported_verify_schemes())
     }
 }
 

@@ -377,6 +377,11 @@ fn listeners() -> Vec<Listener> {
                     private_key: Some("/etc/key.pem".into()),
                     ca_certificates: Some("/etc/ca.pem".into()),
                     credential_name: Some("web-credential".into()),
+                    credential_names: vec!["web-rsa".into(), "web-ecdsa".into()],
+                    tls_certificates: vec![CertificateFiles {
+                        server_certificate: "/etc/rsa.pem".into(),
+                        private_key: "/etc/rsa-key.pem".into(),
+                    }],
                     ca_cert_credential_name: Some("web-ca".into()),
                     min_protocol_version: Some(TlsVersion::Tls12),
                     max_protocol_version: Some(TlsVersion::Tls13),

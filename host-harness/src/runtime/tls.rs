@@ -108,28 +108,49 @@ fn file_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> TlsError + '_ {
     }
 }
 
+/// A server's certificates: one, or an RSA and an ECDSA one (Istio's `tlsCertificates` and
+/// `credentialNames`), of which a handshake gets the first the client can verify.
+type Keys = Arc<[Arc<CertifiedKey>]>;
+
 /// Certificates by server host: exact names, `*.suffix` wildcards, then `*`.
 #[derive(Debug, Default)]
 struct SniResolver {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// `.suffix` → key, longest first.
-    wildcard: Vec<(String, Arc<CertifiedKey>)>,
-    any: Option<Arc<CertifiedKey>>,
+    exact: HashMap<String, Keys>,
+    /// `.suffix` → keys, longest first.
+    wildcard: Vec<(String, Keys)>,
+    any: Option<Keys>,
+}
+
+impl SniResolver {
+    fn keys_for(&self, hello: &ClientHello<'_>) -> Option<&Keys> {
+        let Some(name) = hello.server_name().map(str::to_ascii_lowercase) else {
+            return self.any.as_ref();
+        };
+        self.exact
+            .get(&name)
+            .or_else(|| {
+                self.wildcard
+                    .iter()
+                    .find(|(suffix, _)| name.ends_with(suffix.as_str()))
+                    .map(|(_, k)| k)
+            })
+            .or(self.any.as_ref())
+    }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = hello.server_name().map(str::to_ascii_lowercase) else {
-            return self.any.clone();
-        };
-        if let Some(k) = self.exact.get(&name) {
-            return Some(Arc::clone(k));
-        }
-        self.wildcard
-            .iter()
-            .find(|(suffix, _)| name.ends_with(suffix.as_str()))
-            .map(|(_, k)| Arc::clone(k))
-            .or_else(|| self.any.clone())
+        let keys = self.keys_for(&hello)?;
+        // As Envoy: an ECDSA certificate for a client that can verify it, else the first
+        // certificate whose key signs with a scheme the client offers.
+        let offered = hello.signature_schemes();
+        let usable = |k: &&Arc<CertifiedKey>| k.key.choose_scheme(offered).is_some();
+        keys.iter()
+            .filter(usable)
+            .find(|k| k.key.algorithm() == rustls::SignatureAlgorithm::ECDSA)
+            .or_else(|| keys.iter().find(usable))
+            .or_else(|| keys.first())
+            .map(Arc::clone)
     }
 }
 
@@ -185,8 +206,12 @@ pub fn server_config(
         }
         any_tls = true;
         let files = crate::credentials::server_files(tls, credentials)?;
-        let (cert, key) = (files.cert, files.key);
-        let key = load_key(&cert, &key)?;
+        let key: Keys = files
+            .keys
+            .iter()
+            .map(|k| load_key(&k.cert, &k.key))
+            .collect::<Result<Vec<_>, _>>()?
+            .into();
         for host in &server.hosts {
             let host = host
                 .rsplit_once('/')

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
-use meshroute_tests::l4::{path_text, tcp_exchange, EchoServer, TestCa, TlsClient};
+use meshroute_tests::l4::{
+    path_text, presented_certificate, tcp_exchange, EchoServer, TestCa, TlsClient,
+};
 use meshroute_tests::{
     get, on_both_hosts, rules, start, start_with_credentials, Envoy, Harness, Host, Running,
     Upstream,
@@ -875,6 +877,90 @@ spec:
     assert_eq!(up.count(), 1);
 }
 
+/// Istio's `tlsCertificates` and `credentialNames` (an RSA and an ECDSA certificate for one
+/// server): as Envoy documents `tls_certificates`, a client that can verify ECDSA gets the
+/// ECDSA certificate, one that verifies RSA only gets the RSA one, whatever the order.
+fn gateway_serves_the_certificate_each_client_can_verify(host: Host) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::SignatureScheme as S;
+    let ca = TestCa::new("two-certs");
+    let names = ["a.example.com", "b.example.com"];
+    let rsa = ca.issue_rsa("rsa", &names);
+    let ecdsa = ca.issue("ecdsa", &names);
+    ca.credential("b-rsa", &rsa);
+    let creds = ca.credential("b-ecdsa", &ecdsa);
+    let up = Upstream::start("app");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https-files, protocol: HTTPS}}
+    hosts: [a.example.com]
+    tls:
+      mode: SIMPLE
+      tlsCertificates:
+      - {{serverCertificate: {rsa_cert}, privateKey: {rsa_key}}}
+      - {{serverCertificate: {ecdsa_cert}, privateKey: {ecdsa_key}}}
+  - port: {{number: 8443, name: https-secrets, protocol: HTTPS}}
+    hosts: [b.example.com]
+    tls: {{mode: SIMPLE, credentialNames: [b-rsa, b-ecdsa]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: app, namespace: default}}
+spec:
+  hosts: [a.example.com, b.example.com]
+  gateways: [istio-system/gw]
+  http:
+  - route: [{{destination: {{host: app, port: {{number: 8000}}}}}}]
+",
+        service("app", "http", 8000, &[("v1", up.port)]),
+        rsa_cert = path_text(&rsa.cert_file),
+        rsa_key = path_text(&rsa.key_file),
+        ecdsa_cert = path_text(&ecdsa.cert_file),
+        ecdsa_key = path_text(&ecdsa.key_file),
+    );
+    let proxy = start_with_credentials(host, &gateway(yaml), &creds);
+    let der =
+        |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let rsa_only: &[S] = &[
+        S::RSA_PSS_SHA256,
+        S::RSA_PSS_SHA384,
+        S::RSA_PSS_SHA512,
+        S::RSA_PKCS1_SHA256,
+        S::RSA_PKCS1_SHA384,
+        S::RSA_PKCS1_SHA512,
+    ];
+    let ecdsa_only: &[S] = &[S::ECDSA_NISTP256_SHA256, S::ECDSA_NISTP384_SHA384];
+    for (port, sni) in [(443, "a.example.com"), (8443, "b.example.com")] {
+        let port = proxy.port_for(port);
+        let presented = |schemes| presented_certificate(port, &ca.cert_pem, sni, schemes);
+        assert_eq!(
+            presented(Some(rsa_only)),
+            Ok(der(&rsa.cert_pem)),
+            "{sni}: RSA-only client"
+        );
+        assert_eq!(
+            presented(Some(ecdsa_only)),
+            Ok(der(&ecdsa.cert_pem)),
+            "{sni}: ECDSA-only client"
+        );
+        assert_eq!(
+            presented(None),
+            Ok(der(&ecdsa.cert_pem)),
+            "{sni}: a client of both"
+        );
+        let r = TlsClient::new(&ca.cert_pem, None)
+            .get(port, sni, "/")
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{sni}: {r}");
+    }
+    assert_eq!(up.count(), 2);
+}
+
 /// Istio 1.28's `caCertCredentialName`: the client CA comes from a secret of its own, so
 /// a server secret without `ca.crt` still verifies clients.
 fn mutual_gateway_with_a_separate_ca_secret(host: Host) {
@@ -1089,6 +1175,7 @@ spec:
 }
 
 on_both_hosts!(
+    gateway_serves_the_certificate_each_client_can_verify,
     istio_tcp_metrics_count_connections_and_bytes,
     tls_versions_and_cipher_suites_are_enforced,
     mutual_gateway_with_a_separate_ca_secret,

@@ -125,6 +125,18 @@ impl Lowering<'_> {
                             private_key: t.private_key.clone(),
                             ca_certificates: t.ca_certificates.clone(),
                             credential_name: t.credential_name.clone(),
+                            credential_names: t.credential_names.clone(),
+                            tls_certificates: t
+                                .tls_certificates
+                                .iter()
+                                .map(|c| ir::CertificateFiles {
+                                    server_certificate: c
+                                        .server_certificate
+                                        .clone()
+                                        .unwrap_or_default(),
+                                    private_key: c.private_key.clone().unwrap_or_default(),
+                                })
+                                .collect(),
                             ca_cert_credential_name: t.ca_cert_credential_name.clone(),
                             min_protocol_version: tls_version(t.min_protocol_version.as_deref()),
                             max_protocol_version: tls_version(t.max_protocol_version.as_deref()),

@@ -416,17 +416,11 @@ fn client_certificate_constraints(
             "insecureSkipVerify has no effect in meshroute: a client certificate that fails verification is refused",
         );
     }
-    if terminates {
-        if !t.credential_names.is_empty() {
-            v.err(
-                &p.key("credentialNames"),
-                "credentialNames is not supported by meshroute: a server serves one certificate; name it with credentialName",
-            );
-        }
-        if !t.tls_certificates.is_empty() {
-            v.err(
-                &p.key("tlsCertificates"),
-                "tlsCertificates is not supported by meshroute: a server serves one certificate; give it with serverCertificate and privateKey",
+    for (i, c) in t.tls_certificates.iter().enumerate() {
+        if c.ca_certificates.is_some() {
+            v.warn(
+                &p.key("tlsCertificates").idx(i).key("caCertificates"),
+                "caCertificates of a tlsCertificates entry has no effect, as in istiod: client certificates are verified with the server's caCertificates",
             );
         }
     }

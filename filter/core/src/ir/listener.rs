@@ -140,6 +140,13 @@ pub struct ServerTls {
     pub ca_certificates: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+    /// `credentialNames`: up to two secrets (an RSA and an ECDSA certificate); the client CA
+    /// comes from the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credential_names: Vec<String>,
+    /// `tlsCertificates`: up to two certificate files with their keys (RSA and ECDSA).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_certificates: Vec<CertificateFiles>,
     /// `caCertCredentialName`: the secret whose `ca.crt` verifies client certificates (it
     /// takes precedence over `credentialName`'s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +161,14 @@ pub struct ServerTls {
     /// are not configurable, as in Envoy); empty: the defaults.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cipher_suites: Vec<String>,
+}
+
+/// A server certificate and its private key, as files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    pub server_certificate: String,
+    pub private_key: String,
 }
 
 /// A TLS protocol version a server may be limited to.
