@@ -16,7 +16,8 @@ use meshroute_core::contract::{
     PASSTHROUGH_CLUSTER, ROUTE_NAME_PROPERTY,
 };
 use meshroute_core::ir::{
-    ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTlsMode, TlsVersion,
+    ClientTls, Cluster, Discovery, Listener, ProxyKind, RulesDocument, ServerTls, ServerTlsMode,
+    TlsVersion,
 };
 use meshroute_core::telemetry;
 
@@ -460,7 +461,7 @@ fn gateway_listener(
             });
             if tls.mode.verifies_clients() {
                 if let Some(ca) = &files.client_ca {
-                    common["validation_context"] = json!({"trusted_ca": {"filename": ca}});
+                    common["validation_context"] = client_validation(ca, tls);
                 }
             }
             let mut params = json!({});
@@ -781,6 +782,36 @@ fn upstream_filters() -> Value {
             },
         },
     ])
+}
+
+/// A MUTUAL server's `CertificateValidationContext`, as istiod writes it: the CA, then the
+/// `subjectAltNames` (exact, for each name type Envoy matches), pins and CRL.
+fn client_validation(ca: &Path, tls: &ServerTls) -> Value {
+    let mut context = json!({"trusted_ca": {"filename": ca}});
+    if !tls.subject_alt_names.is_empty() {
+        let matchers: Vec<Value> = tls
+            .subject_alt_names
+            .iter()
+            .flat_map(|san| {
+                let ip = san.parse::<std::net::IpAddr>().is_ok();
+                ["DNS", "URI", "EMAIL", "IP_ADDRESS"]
+                    .into_iter()
+                    .filter(move |t| *t != "IP_ADDRESS" || ip)
+                    .map(move |t| json!({"san_type": t, "matcher": {"exact": san}}))
+            })
+            .collect();
+        context["match_typed_subject_alt_names"] = json!(matchers);
+    }
+    if !tls.verify_certificate_spki.is_empty() {
+        context["verify_certificate_spki"] = json!(tls.verify_certificate_spki);
+    }
+    if !tls.verify_certificate_hash.is_empty() {
+        context["verify_certificate_hash"] = json!(tls.verify_certificate_hash);
+    }
+    if let Some(crl) = &tls.ca_crl {
+        context["crl"] = json!({"filename": crl});
+    }
+    context
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub struct TestCa {
 
 /// A certificate and key issued by a [`TestCa`], as PEM and as files.
 pub struct Issued {
+    /// The DER SubjectPublicKeyInfo of the key, which `verifyCertificateSpki` pins.
+    pub spki_der: Vec<u8>,
     pub cert_pem: String,
     pub key_pem: String,
     pub cert_file: PathBuf,
@@ -43,6 +45,7 @@ impl TestCa {
         );
         params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
             rcgen::KeyUsagePurpose::DigitalSignature,
         ];
         let key = rcgen::KeyPair::generate().unwrap();
@@ -102,6 +105,45 @@ impl TestCa {
             names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
         )
         .unwrap();
+        self.sign(file, params, key)
+    }
+
+    /// A client certificate whose only name is the URI `uri` (a SPIFFE identity, as Istio's
+    /// workloads carry), with serial number `serial`.
+    pub fn issue_uri(&self, file: &str, uri: &str, serial: u64) -> Issued {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        self.sign(file, params, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// A revocation list of this CA revoking `serials`, saved as `<file>.pem`.
+    pub fn revocation_list(&self, file: &str, serials: &[u64]) -> PathBuf {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(s),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).unwrap();
+        let path = self.dir.join(format!("{file}.pem"));
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
+    }
+
+    fn sign(&self, file: &str, params: rcgen::CertificateParams, key: rcgen::KeyPair) -> Issued {
+        use rcgen::PublicKeyData as _;
+        let spki_der = key.subject_public_key_info();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (cert_file, key_file) = (
             self.dir.join(format!("{file}.crt")),
@@ -110,6 +152,7 @@ impl TestCa {
         std::fs::write(&cert_file, cert.pem()).unwrap();
         std::fs::write(&key_file, key.serialize_pem()).unwrap();
         Issued {
+            spki_der,
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             cert_file,
@@ -457,6 +500,22 @@ impl rustls::client::danger::ServerCertVerifier for OfferedSchemes {
             .clone()
             .unwrap_or_else(|| self.inner.supported_verify_schemes())
     }
+}
+
+/// Istio's pins of `issued`: its `verifyCertificateSpki` (base64 SHA-256 of the public key
+/// info) and `verifyCertificateHash` (SHA-256 of the certificate, as `AB:CD:…`).
+pub fn pins(issued: &Issued) -> (String, String) {
+    use base64::Engine as _;
+    let sha = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+    let spki = base64::engine::general_purpose::STANDARD.encode(sha(&issued.spki_der));
+    let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+    let hash = sha(der.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    (spki, hash)
 }
 
 /// The path as text, for YAML.

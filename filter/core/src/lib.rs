@@ -7,4 +7,5 @@ pub mod client_hello;
 pub mod contract;
 pub mod engine;
 pub mod ir;
+pub mod pins;
 pub mod telemetry;

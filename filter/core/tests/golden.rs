@@ -383,6 +383,14 @@ fn listeners() -> Vec<Listener> {
                         private_key: "/etc/rsa-key.pem".into(),
                     }],
                     ca_cert_credential_name: Some("web-ca".into()),
+                    subject_alt_names: vec!["spiffe://cluster.local/ns/web/sa/client".into()],
+                    verify_certificate_spki: vec![
+                        "NvqYIYSbgK2vCJpQhObf77vv+bQWtc5ek5RIOwPiC9A=".into()
+                    ],
+                    verify_certificate_hash: vec![
+                        "df6ff72fe9116521268f6f2dd4966f51df47883fd012c7b4f39b62d6e50bb5ea".into(),
+                    ],
+                    ca_crl: Some("/etc/crl.pem".into()),
                     min_protocol_version: Some(TlsVersion::Tls12),
                     max_protocol_version: Some(TlsVersion::Tls13),
                     cipher_suites: vec!["ECDHE-RSA-AES128-GCM-SHA256".into()],

@@ -14,6 +14,7 @@ pub mod access_log;
 pub mod admin;
 mod body;
 pub mod capture;
+mod client_auth;
 mod deadline;
 pub mod demo;
 mod generation;

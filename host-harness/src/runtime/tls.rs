@@ -2,7 +2,8 @@
 //!
 //! Termination (`tls.mode` SIMPLE, MUTUAL, OPTIONAL_MUTUAL): certificates from files or from
 //! a `credentialName` directory, chosen by SNI the way the servers' hosts are written; client
-//! certificates verified against the server's `caCertificates`. Origination (DestinationRule
+//! certificates verified against the server's `caCertificates`, then its `subjectAltNames`,
+//! pins and `caCrl` (`client_auth`). Origination (DestinationRule
 //! `tls` SIMPLE, MUTUAL): the server verified against the CA and `subjectAltNames`.
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use meshroute_core::ir::{ClientTls, ListenerServer, ServerTlsMode, TlsVersion};
 
+use super::client_auth::{ClientConstraints, ConstrainedVerifier};
 use crate::credentials::CredentialError;
 
 /// Why a listener's or a cluster's TLS cannot be set up.
@@ -32,7 +34,7 @@ pub enum TlsError {
     File { path: String, reason: String },
     #[error("{0} TLS needs caCertificates (or a credentialName with ca.crt)")]
     NoClientCa(ServerTlsMode),
-    #[error("servers on one port verify clients differently ({0} and {1}): meshroute run needs one client CA per port")]
+    #[error("servers on one port verify clients differently ({0} and {1}): meshroute run needs one client CA and one set of subjectAltNames, pins and CRL per port")]
     ClientCaConflict(String, String),
     #[error("servers on one port ask for different TLS versions or cipher suites: meshroute run applies one set per port")]
     ParamsConflict,
@@ -179,8 +181,9 @@ pub fn server_config(
     let mut resolver = SniResolver::default();
     let mut any_tls = false;
     let mut params: Option<TlsParams> = None;
-    // One client CA per listener: rustls verifies client certificates per configuration.
-    let mut client_ca: Option<(PathBuf, bool)> = None;
+    // One client CA (and one set of constraints) per listener: rustls verifies client
+    // certificates per configuration.
+    let mut client_ca: Option<(PathBuf, bool, ClientConstraints)> = None;
     for server in servers {
         // Only terminating servers carry TLS settings; the others are routed on their SNI
         // by the connection-level filter.
@@ -190,14 +193,15 @@ pub fn server_config(
             let Some(ca) = crate::credentials::server_files(tls, credentials)?.client_ca else {
                 return Err(TlsError::NoClientCa(tls.mode));
             };
+            let constraints = ClientConstraints::of(tls);
             match &client_ca {
-                Some((c, o)) if *c != ca || *o != optional => {
+                Some((c, o, k)) if *c != ca || *o != optional || *k != constraints => {
                     return Err(TlsError::ClientCaConflict(
                         c.display().to_string(),
                         ca.display().to_string(),
                     ))
                 }
-                _ => client_ca = Some((ca, optional)),
+                _ => client_ca = Some((ca, optional, constraints)),
             }
         }
         match &params {
@@ -244,18 +248,20 @@ pub fn server_config(
         .with_protocol_versions(&params.versions())?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some((ca, optional)) => {
+        Some((ca, optional, constraints)) => {
             let roots = root_store(&ca)?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             );
-            let verifier = if optional {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| file_error(&ca)(&e))?)
+            if optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            if let Some(crl) = &constraints.crl {
+                verifier = verifier.with_crls(revocation_lists(crl)?);
+            }
+            let verifier = verifier.build().map_err(|e| file_error(&ca)(&e))?;
+            builder.with_client_cert_verifier(ConstrainedVerifier::wrap(verifier, constraints))
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
@@ -263,6 +269,22 @@ pub fn server_config(
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
     Ok(Some(Arc::new(config)))
+}
+
+/// The certificate revocation lists of a PEM file (`caCrl`).
+fn revocation_lists(
+    path: &Path,
+) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    let crls: Vec<_> = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| file_error(path)(&e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path)(&e))?;
+    if crls.is_empty() {
+        return Err(file_error(path)(
+            &"no certificate revocation list in the file",
+        ));
+    }
+    Ok(crls)
 }
 
 /// Trusted roots from a PEM bundle.

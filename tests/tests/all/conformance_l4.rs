@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use meshroute_core::ir::{OutboundPolicy, ProxyKind};
 use meshroute_tests::l4::{
-    path_text, presented_certificate, tcp_exchange, EchoServer, TestCa, TlsClient,
+    path_text, pins, presented_certificate, tcp_exchange, EchoServer, TestCa, TlsClient,
 };
 use meshroute_tests::{
     get, on_both_hosts, rules, start, start_with_credentials, Envoy, Harness, Host, Running,
@@ -877,6 +877,82 @@ spec:
     assert_eq!(up.count(), 1);
 }
 
+/// A MUTUAL server's constraints beyond its CA, as Envoy applies Istio's settings: the
+/// client's SPIFFE URI must be one of `subjectAltNames` and its serial not on `caCrl`'s list;
+/// on the second port a certificate gets in by either pin (`verifyCertificateHash`,
+/// `verifyCertificateSpki`) and by no other way.
+fn mutual_gateway_checks_names_pins_and_revocation(host: Host) {
+    let ca = TestCa::new("client-constraints");
+    let server = ca.issue("app", &["app.example.com"]);
+    let sa = |name: &str| format!("spiffe://cluster.local/ns/default/sa/{name}");
+    let good = ca.issue_uri("good", &sa("good"), 11);
+    let revoked = ca.issue_uri("revoked", &sa("revoked"), 12);
+    let stranger = ca.issue_uri("stranger", &sa("stranger"), 13);
+    let crl = ca.revocation_list("crl", &[12]);
+    let (_, good_hash) = pins(&good);
+    let (stranger_spki, _) = pins(&stranger);
+    let up = Upstream::start("app");
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https-names, protocol: HTTPS}}
+    hosts: [app.example.com]
+    tls:
+      mode: MUTUAL
+      serverCertificate: {cert}
+      privateKey: {key}
+      caCertificates: {ca}
+      subjectAltNames: ['{good_sa}', '{revoked_sa}']
+      caCrl: {crl}
+  - port: {{number: 8443, name: https-pins, protocol: HTTPS}}
+    hosts: [app.example.com]
+    tls:
+      mode: MUTUAL
+      serverCertificate: {cert}
+      privateKey: {key}
+      caCertificates: {ca}
+      verifyCertificateHash: ['{good_hash}']
+      verifyCertificateSpki: ['{stranger_spki}']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: app, namespace: default}}
+spec:
+  hosts: [app.example.com]
+  gateways: [istio-system/gw]
+  http:
+  - route: [{{destination: {{host: app, port: {{number: 8000}}}}}}]
+",
+        service("app", "http", 8000, &[("v1", up.port)]),
+        cert = path_text(&server.cert_file),
+        key = path_text(&server.key_file),
+        ca = path_text(&ca.ca_file()),
+        crl = path_text(&crl),
+        good_sa = sa("good"),
+        revoked_sa = sa("revoked"),
+    );
+    let proxy = start(host, &gateway(yaml));
+    let get = |port: u16, client| {
+        TlsClient::new(&ca.cert_pem, Some(client))
+            .get(proxy.port_for(port), "app.example.com", "/")
+            .map(|r| r.starts_with("HTTP/1.1 200"))
+    };
+    assert_eq!(get(443, &good), Ok(true), "a listed name, not revoked");
+    assert!(
+        !get(443, &revoked).unwrap_or(false),
+        "a listed name, revoked"
+    );
+    assert!(!get(443, &stranger).unwrap_or(false), "a name not listed");
+    assert_eq!(get(8443, &good), Ok(true), "pinned by its hash");
+    assert_eq!(get(8443, &stranger), Ok(true), "pinned by its public key");
+    assert!(!get(8443, &revoked).unwrap_or(false), "pinned by neither");
+    assert_eq!(up.count(), 3);
+}
+
 /// Istio's `tlsCertificates` and `credentialNames` (an RSA and an ECDSA certificate for one
 /// server): as Envoy documents `tls_certificates`, a client that can verify ECDSA gets the
 /// ECDSA certificate, one that verifies RSA only gets the RSA one, whatever the order.
@@ -1175,6 +1251,7 @@ spec:
 }
 
 on_both_hosts!(
+    mutual_gateway_checks_names_pins_and_revocation,
     gateway_serves_the_certificate_each_client_can_verify,
     istio_tcp_metrics_count_connections_and_bytes,
     tls_versions_and_cipher_suites_are_enforced,

@@ -138,6 +138,10 @@ impl Lowering<'_> {
                                 })
                                 .collect(),
                             ca_cert_credential_name: t.ca_cert_credential_name.clone(),
+                            subject_alt_names: t.subject_alt_names.clone(),
+                            verify_certificate_spki: t.verify_certificate_spki.clone(),
+                            verify_certificate_hash: t.verify_certificate_hash.clone(),
+                            ca_crl: t.ca_crl.clone(),
                             min_protocol_version: tls_version(t.min_protocol_version.as_deref()),
                             max_protocol_version: tls_version(t.max_protocol_version.as_deref()),
                             cipher_suites: crate::validate::gateway::filter_cipher_suites(

@@ -358,10 +358,9 @@ fn cipher_suites(v: &mut V<'_>, p: &FieldPath, suites: &[String]) {
     }
 }
 
-/// What a server's TLS settings ask beyond one certificate and one client CA. meshroute's
-/// servers verify a client certificate against the CA alone and serve one certificate, so
-/// each such setting is refused where it would narrow who gets in (accepting it would let
-/// in every certificate the CA signed) and reported where it would only be ignored.
+/// The constraints on client certificates beyond the CA: both hosts apply them to MUTUAL
+/// and OPTIONAL_MUTUAL servers; a SIMPLE server requests no certificate, which is said.
+/// Pins must be well-formed, as Envoy refuses a listener whose pins are not.
 fn client_certificate_constraints(
     v: &mut V<'_>,
     p: &FieldPath,
@@ -371,42 +370,39 @@ fn client_certificate_constraints(
     let verifies = matches!(mode, "MUTUAL" | "OPTIONAL_MUTUAL");
     let terminates = verifies || mode == "SIMPLE";
     let constraints = [
-        (
-            "subjectAltNames",
-            !t.subject_alt_names.is_empty(),
-            "the names of a client certificate are not checked",
-        ),
+        ("subjectAltNames", !t.subject_alt_names.is_empty()),
         (
             "verifyCertificateSpki",
             !t.verify_certificate_spki.is_empty(),
-            "client certificates are not pinned by public key",
         ),
         (
             "verifyCertificateHash",
             !t.verify_certificate_hash.is_empty(),
-            "client certificates are not pinned by hash",
-        ),
-        (
-            "caCrl",
-            t.ca_crl.is_some(),
-            "client certificates are not checked for revocation",
         ),
     ];
-    for (field, set, what) in constraints {
-        if !set {
-            continue;
-        }
-        if verifies {
-            v.err(
-                &p.key(field),
-                format!("{field} is not supported by meshroute: {what}, so every certificate the CA signed would be accepted"),
-            );
-        } else if terminates {
+    for (field, set) in constraints {
+        if set && terminates && !verifies {
             v.warn(
                 &p.key(field),
                 format!(
                     "{field} has no effect in {mode} mode: client certificates are not requested"
                 ),
+            );
+        }
+    }
+    for (i, pin) in t.verify_certificate_spki.iter().enumerate() {
+        if meshroute_core::pins::spki_pin(pin).is_none() {
+            v.err(
+                &p.key("verifyCertificateSpki").idx(i),
+                format!("{pin:?} is not a base64-encoded SHA-256 hash of a SubjectPublicKeyInfo"),
+            );
+        }
+    }
+    for (i, pin) in t.verify_certificate_hash.iter().enumerate() {
+        if meshroute_core::pins::certificate_hash(pin).is_none() {
+            v.err(
+                &p.key("verifyCertificateHash").idx(i),
+                format!("{pin:?} is not a hex-encoded SHA-256 hash of a certificate (64 hex digits, colons allowed)"),
             );
         }
     }

@@ -151,6 +151,19 @@ pub struct ServerTls {
     /// takes precedence over `credentialName`'s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_credential_name: Option<String>,
+    /// MUTUAL / OPTIONAL_MUTUAL: a client certificate must also carry one of these subject
+    /// alternative names (DNS, URI, IP or email; exact match), ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// ... have one of these base64 SHA-256 hashes of its SubjectPublicKeyInfo, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_spki: Vec<String>,
+    /// ... have one of these hex SHA-256 hashes of the whole certificate (colons optional),
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_hash: Vec<String>,
+    /// ... and not be revoked by the CRLs in this PEM file (one per CA of the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
     /// `minProtocolVersion` (`TLSV1_2`, `TLSV1_3`; `None`: TLS 1.2, Envoy's server default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_protocol_version: Option<TlsVersion>,
