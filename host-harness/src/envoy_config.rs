@@ -717,10 +717,13 @@ fn cluster(c: &Cluster, credentials: Option<&Path>) -> Result<Value, ConfigError
                 source,
             })?;
         if tls.sni.is_none() {
-            // Istio: without `sni`, the SNI is the request's Host.
+            // Istio: without `sni`, the SNI is the request's Host, and without
+            // `subjectAltNames` either, the certificate must be for that name.
+            let verifies = !tls.insecure_skip_verify && tls.subject_alt_names.is_empty();
             out["typed_extension_protocol_options"]
                 ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-                ["upstream_http_protocol_options"] = json!({"auto_sni": true});
+                ["upstream_http_protocol_options"] =
+                json!({"auto_sni": true, "auto_san_validation": verifies});
         }
     }
     Ok(out)
@@ -742,11 +745,10 @@ fn upstream_tls(tls: &ClientTls, credentials: Option<&Path>) -> Result<Value, Cr
             .unwrap_or_else(|| std::path::PathBuf::from(SYSTEM_CA_BUNDLE));
         let mut validation = json!({"trusted_ca": {"filename": ca}});
         if !tls.subject_alt_names.is_empty() {
-            validation["match_typed_subject_alt_names"] = tls
-                .subject_alt_names
-                .iter()
-                .map(|san| json!({"san_type": "DNS", "matcher": {"exact": san}}))
-                .collect();
+            validation["match_typed_subject_alt_names"] = san_matchers(&tls.subject_alt_names);
+        }
+        if let Some(crl) = &tls.ca_crl {
+            validation["crl"] = json!({"filename": crl});
         }
         common["validation_context"] = validation;
     }
@@ -786,21 +788,25 @@ fn upstream_filters() -> Value {
 
 /// A MUTUAL server's `CertificateValidationContext`, as istiod writes it: the CA, then the
 /// `subjectAltNames` (exact, for each name type Envoy matches), pins and CRL.
+/// Istio's `subjectAltNames` as Envoy matchers: each name matches exactly as a DNS, URI
+/// (`spiffe://…`) or email name, and as an IP address where it is one.
+fn san_matchers(names: &[String]) -> Value {
+    names
+        .iter()
+        .flat_map(|san| {
+            let ip = san.parse::<std::net::IpAddr>().is_ok();
+            ["DNS", "URI", "EMAIL", "IP_ADDRESS"]
+                .into_iter()
+                .filter(move |t| *t != "IP_ADDRESS" || ip)
+                .map(move |t| json!({"san_type": t, "matcher": {"exact": san}}))
+        })
+        .collect()
+}
+
 fn client_validation(ca: &Path, tls: &ServerTls) -> Value {
     let mut context = json!({"trusted_ca": {"filename": ca}});
     if !tls.subject_alt_names.is_empty() {
-        let matchers: Vec<Value> = tls
-            .subject_alt_names
-            .iter()
-            .flat_map(|san| {
-                let ip = san.parse::<std::net::IpAddr>().is_ok();
-                ["DNS", "URI", "EMAIL", "IP_ADDRESS"]
-                    .into_iter()
-                    .filter(move |t| *t != "IP_ADDRESS" || ip)
-                    .map(move |t| json!({"san_type": t, "matcher": {"exact": san}}))
-            })
-            .collect();
-        context["match_typed_subject_alt_names"] = json!(matchers);
+        context["match_typed_subject_alt_names"] = san_matchers(&tls.subject_alt_names);
     }
     if !tls.verify_certificate_spki.is_empty() {
         context["verify_certificate_spki"] = json!(tls.verify_certificate_spki);

@@ -236,6 +236,7 @@ fn cluster(discovery: Discovery, policy: LbPolicy, key: HashKey, tls: ClientTlsM
             client_certificate: Some("/etc/cert.pem".into()),
             private_key: Some("/etc/key.pem".into()),
             insecure_skip_verify: true,
+            ca_crl: Some("/etc/ca.crl".into()),
             credential_name: Some("web-client".into()),
         }),
         source: source(),

@@ -11,6 +11,7 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use meshroute_core::ir::ServerTls;
@@ -61,35 +62,39 @@ impl ClientConstraints {
                 return Err("the client certificate matches none of the pinned hashes".into());
             }
         }
-        if !self.subject_alt_names.is_empty() {
-            let names = match cert.subject_alternative_name() {
-                Ok(Some(ext)) => ext.value.general_names.clone(),
-                Ok(None) => Vec::new(),
-                Err(e) => {
-                    return Err(format!(
-                        "the client certificate's names cannot be read: {e}"
-                    ))
-                }
-            };
-            if !names.iter().any(|n| self.accepts(n)) {
-                return Err(format!(
-                    "the client certificate matches none of subjectAltNames {:?}",
-                    self.subject_alt_names
-                ));
-            }
+        if !self.subject_alt_names.is_empty() && !carries_any(&cert, &self.subject_alt_names)? {
+            return Err(format!(
+                "the client certificate matches none of subjectAltNames {:?}",
+                self.subject_alt_names
+            ));
         }
         Ok(())
     }
+}
 
-    fn accepts(&self, name: &GeneralName<'_>) -> bool {
-        self.subject_alt_names.iter().any(|want| match name {
+/// Whether a certificate carries one of `wanted` as a subject alternative name of any type,
+/// compared exactly, as the typed `exact` matchers Istio's settings become in Envoy.
+pub(super) fn has_any_name(der: &CertificateDer<'_>, wanted: &[String]) -> Result<bool, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("the certificate cannot be read: {e}"))?;
+    carries_any(&cert, wanted)
+}
+
+fn carries_any(cert: &X509Certificate<'_>, wanted: &[String]) -> Result<bool, String> {
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext.value.general_names.as_slice(),
+        Ok(None) => &[],
+        Err(e) => return Err(format!("the certificate's names cannot be read: {e}")),
+    };
+    Ok(names.iter().any(|name| {
+        wanted.iter().any(|want| match name {
             GeneralName::DNSName(n) | GeneralName::URI(n) | GeneralName::RFC822Name(n) => n == want,
             GeneralName::IPAddress(bytes) => {
                 ip_of(bytes).is_some_and(|ip| want.parse::<IpAddr>().is_ok_and(|w| w == ip))
             }
             _ => false,
         })
-    }
+    }))
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {

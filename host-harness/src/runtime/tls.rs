@@ -339,14 +339,18 @@ pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origin
             Some(ca) => (root_store(ca)?, ca.clone()),
             None => (system_roots()?, PathBuf::from("the system trust store")),
         };
-        let inner =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| file_error(&source)(&e))?;
-        Arc::new(SanVerifier {
-            inner,
-            subject_alt_names: tls.subject_alt_names.clone(),
-        })
+        let mut builder =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider);
+        if let Some(crl) = &tls.ca_crl {
+            builder = builder.with_crls(revocation_lists(Path::new(crl))?);
+        }
+        let inner = builder.build().map_err(|e| file_error(&source)(&e))?;
+        let names = match (&tls.sni, tls.subject_alt_names.is_empty()) {
+            (_, false) => NameCheck::Listed(tls.subject_alt_names.clone()),
+            (None, true) => NameCheck::SniSent,
+            (Some(_), true) => NameCheck::ChainOnly,
+        };
+        Arc::new(SanVerifier { inner, names })
     };
     let builder = builder
         .dangerous()
@@ -370,12 +374,21 @@ pub fn origination(tls: &ClientTls, credentials: Option<&Path>) -> Result<Origin
     })
 }
 
-/// Verifies the chain against the CA, and the name against `subjectAltNames` when given
-/// (any one must match), else against the SNI sent, as Envoy's validation context does.
+/// Which name an upstream certificate must carry, as Istio sets Envoy's validation up: one
+/// of `subjectAltNames` when given; else, when `sni` is unset too, the SNI sent (Envoy's
+/// `auto_san_validation`); else none — the CA's signature alone.
+#[derive(Debug)]
+enum NameCheck {
+    Listed(Vec<String>),
+    SniSent,
+    ChainOnly,
+}
+
+/// Verifies the chain against the CA, then the name as [`NameCheck`] says.
 #[derive(Debug)]
 struct SanVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
-    subject_alt_names: Vec<String>,
+    names: NameCheck,
 }
 
 impl ServerCertVerifier for SanVerifier {
@@ -387,36 +400,23 @@ impl ServerCertVerifier for SanVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.subject_alt_names.is_empty() {
-            return self.inner.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp,
-                now,
-            );
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let wanted = match (&self.names, verified) {
+            (NameCheck::SniSent, verified) => return verified,
+            (_, Err(e)) if !is_name_mismatch(&e) => return Err(e),
+            (NameCheck::ChainOnly, _) => return Ok(ServerCertVerified::assertion()),
+            (NameCheck::Listed(wanted), _) => wanted,
+        };
+        // Any name type: Istio's `spiffe://` identities are URI names.
+        if super::client_auth::has_any_name(end_entity, wanted).map_err(rustls::Error::General)? {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the certificate matches none of subjectAltNames {wanted:?}"
+            )))
         }
-        let mut last = None;
-        for san in &self.subject_alt_names {
-            let Ok(name) = ServerName::try_from(san.clone()) else {
-                continue;
-            };
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
-            {
-                Ok(v) => return Ok(v),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(match last {
-            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | None => rustls::Error::General(format!(
-                "the certificate matches none of subjectAltNames {:?}",
-                self.subject_alt_names
-            )),
-            Some(e) => e,
-        })
     }
 
     fn verify_tls12_signature(
@@ -440,6 +440,17 @@ impl ServerCertVerifier for SanVerifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Whether verification failed only because the certificate is for another name.
+fn is_name_mismatch(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. }
+        )
+    )
 }
 
 /// `insecureSkipVerify`: any certificate is accepted; signatures are still checked.

@@ -1162,6 +1162,56 @@ fn tls_origination_can_skip_verification(host: Host) {
     assert_eq!(r.text(), "legacy");
 }
 
+/// DestinationRule `subjectAltNames` holding an Istio identity (`spiffe://…`, a URI name)
+/// match a certificate that carries only that URI, whatever SNI was sent; a `caCrl` turns
+/// away a certificate the CA revoked; another identity is refused (Envoy's typed SAN
+/// matchers and `crl`, istio-semantics TL2).
+fn origination_matches_spiffe_names_and_checks_revocation(host: Host) {
+    const IDENTITY: &str = "spiffe://cluster.local/ns/payments/sa/api";
+    let ca = TestCa::new("identities");
+    let good = EchoServer::tls("good", &ca.issue_uri("good", IDENTITY, 7));
+    let revoked = EchoServer::tls("revoked", &ca.issue_uri("revoked", IDENTITY, 9));
+    let crl = ca.revocation_list("crl", &[9]);
+    let proxy_for = |port: u16, san: &str| {
+        let tls = format!(
+            "{{mode: SIMPLE, caCertificates: {}, subjectAltNames: [{san}], caCrl: {}}}",
+            path_text(&ca.ca_file()),
+            path_text(&crl),
+        );
+        let yaml = external_with_tls("payments.external.test", port, &tls);
+        start(
+            host,
+            &rules(
+                &[("l4.yaml", yaml)],
+                ProxyKind::Sidecar,
+                OutboundPolicy::AllowAny,
+            ),
+        )
+    };
+    let proxy = proxy_for(good.port, IDENTITY);
+    let r = proxy.send(&get("payments.external.test", "/"));
+    assert_eq!(r.status, 200, "the URI name matches: {}", r.text());
+    assert_eq!(r.text(), "good");
+    drop(proxy);
+    let proxy = proxy_for(good.port, "spiffe://cluster.local/ns/payments/sa/other");
+    let r = proxy.send(&get("payments.external.test", "/"));
+    assert_eq!(r.status, 503, "another identity is refused: {}", r.text());
+    drop(proxy);
+    let before = revoked.connections();
+    let proxy = proxy_for(revoked.port, IDENTITY);
+    let r = proxy.send(&get("payments.external.test", "/"));
+    assert_eq!(
+        r.status,
+        503,
+        "the revoked certificate is refused: {}",
+        r.text()
+    );
+    assert!(
+        revoked.connections() > before,
+        "the handshake reached the upstream and failed there"
+    );
+}
+
 /// The TLS version and TLS 1.2 cipher suite a client gets from 127.0.0.1:`port`, offering
 /// only `versions`; `Err` when the handshake fails.
 fn negotiated(
@@ -1251,6 +1301,7 @@ spec:
 }
 
 on_both_hosts!(
+    origination_matches_spiffe_names_and_checks_revocation,
     mutual_gateway_checks_names_pins_and_revocation,
     gateway_serves_the_certificate_each_client_can_verify,
     istio_tcp_metrics_count_connections_and_bytes,

@@ -193,6 +193,7 @@ impl Lowering<'_> {
                     client_certificate: t.client_certificate.clone(),
                     private_key: t.private_key.clone(),
                     insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+                    ca_crl: t.ca_crl.clone(),
                     credential_name: t.credential_name.clone(),
                 }),
             source: Some(svc.source.clone()),

@@ -189,28 +189,8 @@ fn unapplied(
         }
     }
     let Some(cp) = cp else { return };
-    if let Some(t) = &cp.tcp {
-        if t.max_connection_duration.is_some() {
-            v.warn(
-                &p.key("connectionPool").key("tcp").key("maxConnectionDuration"),
-                "maxConnectionDuration is applied by the generated Envoy bootstrap only: meshroute run keeps upstream connections until they idle out",
-            );
-        }
-    }
     if let Some(h) = &cp.http {
         let hp = p.key("connectionPool").key("http");
-        if h.max_requests_per_connection.is_some_and(|n| n > 0) {
-            v.warn(
-                &hp.key("maxRequestsPerConnection"),
-                "maxRequestsPerConnection is applied by the generated Envoy bootstrap only: meshroute run reuses an upstream connection without a request limit",
-            );
-        }
-        if h.max_concurrent_streams.is_some() {
-            v.warn(
-                &hp.key("maxConcurrentStreams"),
-                "maxConcurrentStreams is applied by the generated Envoy bootstrap only: meshroute run takes the upstream's own HTTP/2 stream limit",
-            );
-        }
         if h.use_client_protocol == Some(true) {
             v.warn(
                 &hp.key("useClientProtocol"),
@@ -587,18 +567,14 @@ pub(super) fn client_tls(v: &mut V<'_>, p: &FieldPath, t: &api::ClientTlsSetting
             );
         }
     }
-    if t.ca_crl.is_some() {
-        if matches!(mode, "SIMPLE" | "MUTUAL") && t.insecure_skip_verify != Some(true) {
-            v.err(
-                &p.key("caCrl"),
-                "caCrl is not supported by meshroute: upstream certificates are not checked for revocation, so a revoked certificate the CA signed would be accepted",
-            );
-        } else {
-            v.warn(
-                &p.key("caCrl"),
-                format!("caCrl has no effect in {mode} mode: the upstream's certificate is not verified"),
-            );
-        }
+    let verifies = matches!(mode, "SIMPLE" | "MUTUAL") && t.insecure_skip_verify != Some(true);
+    if t.ca_crl.is_some() && !verifies {
+        v.warn(
+            &p.key("caCrl"),
+            format!(
+                "caCrl has no effect in {mode} mode: the upstream's certificate is not verified"
+            ),
+        );
     }
 }
 

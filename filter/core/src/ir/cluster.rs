@@ -253,6 +253,9 @@ pub struct ClientTls {
     pub private_key: Option<String>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub insecure_skip_verify: bool,
+    /// Revocation lists the upstream's chain is checked against (`caCrl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
     /// A secret holding the client certificate, key and CA (`tls.crt`, `tls.key`, `ca.crt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
