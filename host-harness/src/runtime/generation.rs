@@ -99,60 +99,71 @@ pub(super) fn cluster_table(
     doc: &RulesDocument,
     credentials: Option<&std::path::Path>,
 ) -> Result<HashMap<String, ClusterInfo>, super::Error> {
-    let mut clusters: HashMap<String, ClusterInfo> =
-        doc.clusters
-            .iter()
-            .map(|c| {
-                let tls = c
-                    .tls
-                    .as_ref()
-                    .map(|t| tls::origination(t, credentials))
-                    .transpose()
-                    .map_err(|source| super::Error::ClusterTls {
-                        cluster: c.name.clone(),
-                        source,
-                    })?;
-                let endpoints = c
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.weight > 0)
-                    .map(|e| {
-                        if e.address.contains(':') {
-                            format!("[{}]:{}", e.address, e.port)
-                        } else {
-                            format!("{}:{}", e.address, e.port)
-                        }
-                    })
-                    .collect();
-                Ok((
-                    c.name.clone(),
-                    ClusterInfo {
-                        tls,
-                        service: c.service.clone(),
-                        discovery: c.discovery,
-                        endpoints,
-                        next: AtomicUsize::new(0),
-                        pool: super::upstream::PoolSettings {
-                            connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
-                            idle_timeout: Duration::from_millis(
-                                c.connection_pool
-                                    .idle_timeout_ms
-                                    .unwrap_or(3_600_000)
-                                    .max(1),
-                            ),
-                            keepalive: c.connection_pool.tcp_keepalive,
-                        },
-                        h2: c.upstream_h2(),
-                        connections: (c.connection_pool.max_connections > 0 && !c.upstream_h2())
-                            .then(|| {
-                                Arc::new(tokio::sync::Semaphore::new(
-                                    c.connection_pool.max_connections as usize,
-                                ))
-                            }),
+    let mut clusters: HashMap<String, ClusterInfo> = doc
+        .clusters
+        .iter()
+        .map(|c| {
+            let tls = c
+                .tls
+                .as_ref()
+                .map(|t| tls::origination(t, credentials))
+                .transpose()
+                .map_err(|source| super::Error::ClusterTls {
+                    cluster: c.name.clone(),
+                    source,
+                })?;
+            let endpoints = c
+                .endpoints
+                .iter()
+                .filter(|e| e.weight > 0)
+                .map(|e| {
+                    if e.address.contains(':') {
+                        format!("[{}]:{}", e.address, e.port)
+                    } else {
+                        format!("{}:{}", e.address, e.port)
+                    }
+                })
+                .collect();
+            Ok((
+                c.name.clone(),
+                ClusterInfo {
+                    tls,
+                    service: c.service.clone(),
+                    discovery: c.discovery,
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                    pool: super::upstream::PoolSettings {
+                        connect_timeout: Duration::from_millis(c.connect_timeout_ms.max(1)),
+                        idle_timeout: Duration::from_millis(
+                            c.connection_pool
+                                .idle_timeout_ms
+                                .unwrap_or(3_600_000)
+                                .max(1),
+                        ),
+                        keepalive: c.connection_pool.tcp_keepalive,
+                        max_requests_per_connection: c.connection_pool.max_requests_per_connection,
+                        max_connection_duration: c
+                            .connection_pool
+                            .max_connection_duration_ms
+                            .filter(|&ms| ms > 0)
+                            .map(Duration::from_millis),
+                        max_concurrent_streams: c
+                            .connection_pool
+                            .max_concurrent_streams
+                            .unwrap_or(0),
                     },
-                ))
-            })
-            .collect::<Result<_, super::Error>>()?;
+                    h2: c.upstream_h2(),
+                    connections: (c.connection_pool.max_connections > 0 && !c.upstream_h2()).then(
+                        || {
+                            Arc::new(tokio::sync::Semaphore::new(
+                                c.connection_pool.max_connections as usize,
+                            ))
+                        },
+                    ),
+                },
+            ))
+        })
+        .collect::<Result<_, super::Error>>()?;
     clusters.insert(
         PASSTHROUGH_CLUSTER.to_owned(),
         ClusterInfo {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,63 +20,97 @@ use meshroute_core::ir::TcpKeepalive;
 use meshroute_wasm_host::abi::Headers;
 
 type Pool = hyper_util::client::legacy::Client<HttpConnector, Body>;
-type H2Connection = (
-    hyper::client::conn::http2::SendRequest<Body>,
-    Option<SocketAddr>,
-);
 type Http1Sender = hyper::client::conn::http1::SendRequest<Body>;
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-/// Free TLS connections with their local address and since when each is free.
-type IdleTls = HashMap<TlsKey, Vec<(Http1Sender, Option<SocketAddr>, Instant)>>;
+/// Free HTTP/1.1 connections of our own pools (TLS, or limited in requests or lifetime).
+type IdleH1 = HashMap<ConnKey, Vec<FreeConnection>>;
 
-/// At most this many free TLS connections are kept per endpoint, name and configuration.
-const IDLE_TLS_PER_KEY: usize = 64;
+/// At most this many free connections are kept per endpoint, name and configuration.
+const IDLE_PER_KEY: usize = 64;
 
 /// How long a pooled connection whose response was just read may take to be ready again;
 /// one that is not by then is closed.
 const READY_WAIT: Duration = Duration::from_secs(1);
 
-/// A pooled TLS connection in use, and where it goes back when its response is read.
-struct FreeTls {
+/// An HTTP/1.1 connection of our own pools: its sender, local address, when it was made and
+/// how many requests it has carried.
+struct Connection {
     sender: Http1Sender,
     local: Option<SocketAddr>,
-    key: TlsKey,
-    pools: Arc<Mutex<IdleTls>>,
-    idle_timeout: Duration,
+    born: Instant,
+    requests: u32,
+}
+
+/// A connection waiting in the pool, and since when.
+struct FreeConnection {
+    connection: Connection,
+    since: Instant,
+}
+
+impl Connection {
+    /// Whether the pool's limits still let it carry a request: `maxRequestsPerConnection`
+    /// and `maxConnectionDuration`, as Envoy retires a connection that reached either.
+    fn reusable(&self, settings: &PoolSettings) -> bool {
+        (settings.max_requests_per_connection == 0
+            || self.requests < settings.max_requests_per_connection)
+            && settings
+                .max_connection_duration
+                .is_none_or(|d| self.born.elapsed() < d)
+    }
+}
+
+/// A pooled connection in use, and where it goes back when its response is read.
+struct InUse {
+    connection: Connection,
+    key: ConnKey,
+    pools: Arc<Mutex<IdleH1>>,
 }
 
 /// Returns its connection to the pool once, when the response body has ended; a body
 /// dropped before its end takes the connection with it (it cannot be reused).
 struct FreeOnEnd {
-    connection: Option<FreeTls>,
+    connection: Option<InUse>,
 }
 
 impl FreeOnEnd {
     fn release(&mut self) {
-        let Some(FreeTls {
-            sender,
-            local,
+        let Some(InUse {
+            connection,
             key,
             pools,
-            idle_timeout,
         }) = self.connection.take()
         else {
             return;
         };
+        let settings = key.settings;
+        // One that reached its limits is closed (dropped) instead.
+        if !connection.reusable(&settings) {
+            return;
+        }
+        let lifetime_left = settings
+            .max_connection_duration
+            .map(|d| d.saturating_sub(connection.born.elapsed()));
         if let Ok(mut free) = pools.lock() {
             let free = free.entry(key.clone()).or_default();
-            if free.len() >= IDLE_TLS_PER_KEY {
+            if free.len() >= IDLE_PER_KEY {
                 return;
             }
-            free.push((sender, local, Instant::now()));
+            free.push(FreeConnection {
+                connection,
+                since: Instant::now(),
+            });
         }
-        // `http.idleTimeout` later, the connection is closed (dropped) if it is still free,
-        // as the plain pools close theirs.
+        // `http.idleTimeout` (or the end of its `maxConnectionDuration`) later, the
+        // connection is closed if it is still free, as the plain pools close theirs.
+        let wait = lifetime_left.map_or(settings.idle_timeout, |l| l.min(settings.idle_timeout));
         tokio::spawn(async move {
-            tokio::time::sleep(idle_timeout).await;
+            tokio::time::sleep(wait).await;
             if let Ok(mut all) = pools.lock() {
                 if let Some(free) = all.get_mut(&key) {
-                    free.retain(|(_, _, since)| since.elapsed() < idle_timeout);
+                    free.retain(|f| {
+                        f.since.elapsed() < settings.idle_timeout
+                            && f.connection.reusable(&settings)
+                    });
                     if free.is_empty() {
                         all.remove(&key);
                     }
@@ -129,40 +164,114 @@ impl Drop for ReleasingBody {
     }
 }
 
-/// What a pooled TLS connection can be reused for: the endpoint, the server name it was
-/// made for and the client configuration (certificates, verification) it was made with.
-/// The configuration is compared by identity; the key holds it, so that a configuration
-/// built later (a reload) can never take the address of one a pooled connection used.
-#[derive(Clone)]
-struct TlsKey {
-    endpoint: String,
-    name: String,
-    config: Arc<rustls::ClientConfig>,
+/// A multiplexed HTTP/2 connection: its sender, local address, when it was made, how many
+/// requests it has carried and how many streams are open on it now.
+struct H2Connection {
+    sender: hyper::client::conn::http2::SendRequest<Body>,
+    local: Option<SocketAddr>,
+    born: Instant,
+    requests: u32,
+    open_streams: Arc<AtomicU32>,
 }
 
-impl PartialEq for TlsKey {
+impl H2Connection {
+    /// Whether it may still take new requests (`maxRequestsPerConnection`,
+    /// `maxConnectionDuration`); one that may not is forgotten, and closes when its last
+    /// stream ends.
+    fn reusable(&self, settings: &PoolSettings) -> bool {
+        !self.sender.is_closed()
+            && (settings.max_requests_per_connection == 0
+                || self.requests < settings.max_requests_per_connection)
+            && settings
+                .max_connection_duration
+                .is_none_or(|d| self.born.elapsed() < d)
+    }
+
+    /// Whether a stream may open on it now (`maxConcurrentStreams`, as Envoy's pool opens
+    /// another connection when every one is at the limit).
+    fn has_room(&self, settings: &PoolSettings) -> bool {
+        settings.max_concurrent_streams == 0
+            || self.open_streams.load(Ordering::Relaxed) < settings.max_concurrent_streams
+    }
+
+    /// Takes a stream: counts the request and the open stream until the slot is dropped.
+    fn take_stream(&mut self) -> OpenStream {
+        self.requests = self.requests.saturating_add(1);
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(Arc::clone(&self.open_streams))
+    }
+}
+
+/// One open stream of an HTTP/2 connection, until its response body ends or is dropped.
+struct OpenStream(Arc<AtomicU32>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its stream open.
+struct StreamBody {
+    body: hyper::body::Incoming,
+    _stream: OpenStream,
+}
+
+impl http_body::Body for StreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What a pooled connection can be reused for: the endpoint, the pool settings it was made
+/// under and, over TLS, the server name and client configuration (certificates,
+/// verification) it was made with. The configuration is compared by identity; the key
+/// holds it, so that a configuration built later (a reload) can never take the address of
+/// one a pooled connection used.
+#[derive(Clone)]
+struct ConnKey {
+    endpoint: String,
+    settings: PoolSettings,
+    tls: Option<(String, Arc<rustls::ClientConfig>)>,
+}
+
+impl PartialEq for ConnKey {
     fn eq(&self, other: &Self) -> bool {
         self.endpoint == other.endpoint
-            && self.name == other.name
-            && Arc::ptr_eq(&self.config, &other.config)
+            && self.settings == other.settings
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some((a, x)), Some((b, y))) => a == b && Arc::ptr_eq(x, y),
+                _ => false,
+            }
     }
 }
 
-impl Eq for TlsKey {}
+impl Eq for ConnKey {}
 
-impl std::hash::Hash for TlsKey {
+impl std::hash::Hash for ConnKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.endpoint.hash(state);
-        self.name.hash(state);
-        Arc::as_ptr(&self.config).hash(state);
+        self.settings.hash(state);
+        if let Some((name, config)) = &self.tls {
+            name.hash(state);
+            Arc::as_ptr(config).hash(state);
+        }
     }
-}
-
-/// The multiplexed HTTP/2 connection to an endpoint, plain or over TLS.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum H2Key {
-    Plain(String),
-    Tls(TlsKey),
 }
 
 /// How a cluster's connections are made and kept (its DestinationRule `connectionPool`):
@@ -174,6 +283,20 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// `tcp.tcpKeepalive`.
     pub keepalive: Option<TcpKeepalive>,
+    /// `http.maxRequestsPerConnection` (0: unlimited).
+    pub max_requests_per_connection: u32,
+    /// `tcp.maxConnectionDuration`.
+    pub max_connection_duration: Option<Duration>,
+    /// `http.maxConcurrentStreams` on an HTTP/2 connection (0: the peer's limit alone).
+    pub max_concurrent_streams: u32,
+}
+
+impl PoolSettings {
+    /// Whether connections retire after a number of requests or a lifetime, which the
+    /// plain HTTP/1.1 pool cannot do; such clusters use our own pool.
+    fn limits_connections(&self) -> bool {
+        self.max_requests_per_connection > 0 || self.max_connection_duration.is_some()
+    }
 }
 
 impl Default for PoolSettings {
@@ -182,6 +305,9 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             keepalive: None,
+            max_requests_per_connection: 0,
+            max_connection_duration: None,
+            max_concurrent_streams: 0,
         }
     }
 }
@@ -207,8 +333,8 @@ pub struct Client {
     /// To the workload behind a transparent sidecar, from the inbound source address.
     inbound: Pool,
     /// Each with its local address.
-    h2: Mutex<HashMap<H2Key, H2Connection>>,
-    tls_idle: Arc<Mutex<IdleTls>>,
+    h2: Mutex<HashMap<ConnKey, Vec<H2Connection>>>,
+    idle_h1: Arc<Mutex<IdleH1>>,
 }
 
 /// A new connection to `endpoint` with the pool's connect timeout and keepalive.
@@ -225,6 +351,18 @@ async fn connect(endpoint: &str, pool: &PoolSettings) -> Result<tokio::net::TcpS
         set_keepalive(&tcp, k);
     }
     Ok(tcp)
+}
+
+/// An HTTP/1.1 client connection over `stream`, its connection task running.
+async fn h1_handshake<S>(stream: S) -> Result<Http1Sender, Attempt>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| Attempt::ConnectFailure)?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// A header's value (a pseudo-header's, mostly); empty when absent.
@@ -343,7 +481,7 @@ impl Client {
                 .build(connector),
             pools: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
-            tls_idle: Arc::default(),
+            idle_h1: Arc::default(),
         }
     }
 
@@ -411,9 +549,9 @@ impl Client {
                 self.send_tls(endpoint, origination, name, pool, h2, request)
                     .await
             } else if h2 {
-                self.send_h2(endpoint, pool, request)
-                    .await
-                    .map(|r| r.map(super::body::from_peer))
+                self.send_h2(endpoint, pool, request).await
+            } else if pool.limits_connections() {
+                self.send_h1_pooled(endpoint, None, pool, request).await
             } else {
                 match self.pool(pool) {
                     Some(pool) => match pool.request(request).await {
@@ -452,28 +590,57 @@ impl Client {
         h2: bool,
         request: hyper::Request<Body>,
     ) -> Result<Response<Body>, Attempt> {
-        let key = TlsKey {
-            endpoint: endpoint.to_owned(),
-            name: name.to_owned(),
-            config: Arc::clone(&origination.config),
-        };
         if h2 {
+            let key = ConnKey {
+                endpoint: endpoint.to_owned(),
+                settings: *pool,
+                tls: Some((name.to_owned(), Arc::clone(&origination.config))),
+            };
             return self
-                .send_h2_over(H2Key::Tls(key), request, || {
+                .send_h2_over(key, request, || {
                     Self::tls_stream(endpoint, origination, name, pool)
                 })
-                .await
-                .map(|r| r.map(super::body::from_peer));
+                .await;
         }
-        let (mut sender, local) = match self.idle_tls(&key, pool.idle_timeout).await {
-            Some(idle) => idle,
+        self.send_h1_pooled(endpoint, Some((origination, name)), pool, request)
+            .await
+    }
+
+    /// One HTTP/1.1 request over a connection of our own pool: a free one of the same
+    /// endpoint, settings and TLS when there is one, else a new one.
+    async fn send_h1_pooled(
+        &self,
+        endpoint: &str,
+        tls: Option<(&Origination, &str)>,
+        pool: &PoolSettings,
+        request: hyper::Request<Body>,
+    ) -> Result<Response<Body>, Attempt> {
+        let key = ConnKey {
+            endpoint: endpoint.to_owned(),
+            settings: *pool,
+            tls: tls.map(|(o, name)| (name.to_owned(), Arc::clone(&o.config))),
+        };
+        let mut connection = match self.idle_h1(&key).await {
+            Some(free) => free,
             None => {
-                let (stream, local) = Self::tls_stream(endpoint, origination, name, pool).await?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|_| Attempt::ConnectFailure)?;
-                tokio::spawn(conn);
-                (sender, local)
+                let (sender, local) = match tls {
+                    Some((origination, name)) => {
+                        let (stream, local) =
+                            Self::tls_stream(endpoint, origination, name, pool).await?;
+                        (h1_handshake(stream).await?, local)
+                    }
+                    None => {
+                        let tcp = connect(endpoint, pool).await?;
+                        let local = tcp.local_addr().ok();
+                        (h1_handshake(tcp).await?, local)
+                    }
+                };
+                Connection {
+                    sender,
+                    local,
+                    born: Instant::now(),
+                    requests: 0,
+                }
             }
         };
         // HTTP/1.1 over a connection of our own: the request line takes the path only.
@@ -481,7 +648,10 @@ impl Client {
         if let Some(pq) = parts.uri.path_and_query().cloned() {
             parts.uri = pq.as_str().parse().unwrap_or_default();
         }
-        let response = sender
+        connection.requests = connection.requests.saturating_add(1);
+        let local = connection.local;
+        let response = connection
+            .sender
             .send_request(hyper::Request::from_parts(parts, body))
             .await
             .map(|r| with_local(r, local))
@@ -489,35 +659,32 @@ impl Client {
         // The connection is free again the moment this response's body has been read, before
         // its end reaches the client: a client's next request then finds it in the pool.
         let free = FreeOnEnd {
-            connection: Some(FreeTls {
-                sender,
-                local,
+            connection: Some(InUse {
+                connection,
                 key,
-                pools: Arc::clone(&self.tls_idle),
-                idle_timeout: pool.idle_timeout,
+                pools: Arc::clone(&self.idle_h1),
             }),
         };
         Ok(response.map(|body| ReleasingBody { body, free }.boxed()))
     }
 
-    /// A free pooled TLS connection for `key`, dropping those idle longer than `idle_timeout`
-    /// or closed by the upstream. A connection is pooled as soon as its last response is
-    /// read, so it may need a moment to be ready for the next request.
-    async fn idle_tls(
-        &self,
-        key: &TlsKey,
-        idle_timeout: Duration,
-    ) -> Option<(Http1Sender, Option<SocketAddr>)> {
+    /// A free pooled connection for `key`, dropping those idle longer than `idle_timeout`,
+    /// past their limits or closed by the upstream. A connection is pooled as soon as its
+    /// last response is read, so it may need a moment to be ready for the next request.
+    async fn idle_h1(&self, key: &ConnKey) -> Option<Connection> {
         loop {
-            let (mut sender, local, since) = {
-                let mut pools = self.tls_idle.lock().ok()?;
+            let FreeConnection {
+                mut connection,
+                since,
+            } = {
+                let mut pools = self.idle_h1.lock().ok()?;
                 pools.get_mut(key)?.pop()?
             };
-            if since.elapsed() >= idle_timeout {
+            if since.elapsed() >= key.settings.idle_timeout || !connection.reusable(&key.settings) {
                 continue;
             }
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Some((sender, local));
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, connection.sender.ready()).await {
+                return Some(connection);
             }
         }
     }
@@ -546,8 +713,13 @@ impl Client {
         endpoint: &str,
         pool: &PoolSettings,
         request: hyper::Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, Attempt> {
-        self.send_h2_over(H2Key::Plain(endpoint.to_owned()), request, || async {
+    ) -> Result<Response<Body>, Attempt> {
+        let key = ConnKey {
+            endpoint: endpoint.to_owned(),
+            settings: *pool,
+            tls: None,
+        };
+        self.send_h2_over(key, request, || async {
             let tcp = connect(endpoint, pool).await?;
             let local = tcp.local_addr().ok();
             Ok((tcp, local))
@@ -558,20 +730,22 @@ impl Client {
     /// One multiplexed HTTP/2 connection per `key`, made by `open` when there is none open.
     async fn send_h2_over<S, F>(
         &self,
-        key: H2Key,
+        key: ConnKey,
         request: hyper::Request<Body>,
         open: impl FnOnce() -> F,
-    ) -> Result<Response<hyper::body::Incoming>, Attempt>
+    ) -> Result<Response<Body>, Attempt>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: std::future::Future<Output = Result<(S, Option<SocketAddr>), Attempt>>,
     {
-        let cached = self
-            .h2
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&key).filter(|(s, _)| !s.is_closed()).cloned());
-        let (mut sender, local) = match cached {
+        let settings = key.settings;
+        let cached = self.h2.lock().ok().and_then(|mut all| {
+            let connections = all.get_mut(&key)?;
+            connections.retain(|c| c.reusable(&settings));
+            let c = connections.iter_mut().find(|c| c.has_room(&settings))?;
+            Some((c.sender.clone(), c.local, c.take_stream()))
+        });
+        let (mut sender, local, stream) = match cached {
             Some(s) => s,
             None => {
                 let (stream, local) = open().await?;
@@ -582,18 +756,32 @@ impl Client {
                 .await
                 .map_err(|_| Attempt::ConnectFailure)?;
                 tokio::spawn(conn);
-                if let Ok(mut m) = self.h2.lock() {
-                    m.insert(key, (sender.clone(), local));
+                let mut connection = H2Connection {
+                    sender: sender.clone(),
+                    local,
+                    born: Instant::now(),
+                    requests: 0,
+                    open_streams: Arc::default(),
+                };
+                let stream = connection.take_stream();
+                if let Ok(mut all) = self.h2.lock() {
+                    all.entry(key).or_default().push(connection);
                 }
-                (sender, local)
+                (sender, local, stream)
             }
         };
         sender.ready().await.map_err(|_| Attempt::Reset)?;
-        sender
+        let response = sender
             .send_request(request)
             .await
             .map(|r| with_local(r, local))
-            .map_err(|_| Attempt::Reset)
+            .map_err(|_| Attempt::Reset)?;
+        Ok(response.map(|body| {
+            super::body::from_peer(StreamBody {
+                body,
+                _stream: stream,
+            })
+        }))
     }
 }
 

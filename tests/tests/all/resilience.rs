@@ -454,6 +454,58 @@ fn idle_upstream_connections_close_after_the_pool_idle_timeout(host: Host) {
     assert_eq!(closed, 0, "a connection without idleTimeout closed");
 }
 
+/// `http.maxRequestsPerConnection` and `tcp.maxConnectionDuration`: an upstream connection
+/// that carried its requests, or lived its time, is closed and a new one made (Envoy's
+/// `common_http_protocol_options`); without them one connection carries every request.
+fn upstream_connections_retire_after_their_requests_and_lifetime(host: Host) {
+    let connections_of = |up: &Upstream| {
+        up.received()
+            .iter()
+            .map(|r| r.peer.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    let (limited, unlimited) = (Upstream::start("limited"), Upstream::start("unlimited"));
+    let proxy = web(
+        host,
+        &[&limited],
+        "{connectionPool: {http: {maxRequestsPerConnection: 2}}}",
+    );
+    let plain = web(host, &[&unlimited], "{loadBalancer: {simple: ROUND_ROBIN}}");
+    for _ in 0..6 {
+        assert_eq!(proxy.send(&get(HOST, "/")).status, 200);
+        assert_eq!(plain.send(&get(HOST, "/")).status, 200);
+    }
+    assert_eq!(
+        connections_of(&limited),
+        3,
+        "six requests, two per connection"
+    );
+    assert_eq!(connections_of(&unlimited), 1);
+    let aged = Upstream::start("aged");
+    let proxy = web(
+        host,
+        &[&aged],
+        "{connectionPool: {tcp: {maxConnectionDuration: 400ms}}}",
+    );
+    assert_eq!(proxy.send(&get(HOST, "/")).status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while aged.connections().1 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the connection outlived maxConnectionDuration: {:?}",
+            aged.connections()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(proxy.send(&get(HOST, "/")).status, 200);
+    assert_eq!(
+        connections_of(&aged),
+        2,
+        "a new connection after the first one's time"
+    );
+}
+
 /// `tcp.tcpKeepalive`: keepalive probes on the proxy's connections to the endpoints, with
 /// the configured time (seen in the kernel's socket timers, `ss -o`).
 fn tcp_keepalive_is_set_on_upstream_connections(host: Host) {
@@ -491,6 +543,7 @@ fn tcp_keepalive_is_set_on_upstream_connections(host: Host) {
 }
 
 meshroute_tests::on_both_hosts!(
+    upstream_connections_retire_after_their_requests_and_lifetime,
     idle_upstream_connections_close_after_the_pool_idle_timeout,
     tcp_keepalive_is_set_on_upstream_connections,
     requests_beyond_max_connections_wait_for_a_connection,

@@ -576,6 +576,7 @@ fn harness_invalid_rules_are_rejected_with_the_reason() {
 }
 
 meshroute_tests::on_both_hosts!(
+    http2_upstream_connections_follow_the_pool_limits,
     http2_upstreams_of_grpc_ports_get_http2,
     http2_cleartext_clients_are_served,
     outcomes_404_503_nc_503_uh_and_unknown_hosts,
@@ -591,10 +592,21 @@ meshroute_tests::on_both_hosts!(
 
 /// An upstream that only speaks HTTP/2 (prior knowledge), answering with what it saw.
 fn h2_upstream() -> u16 {
+    h2_upstream_recording().0
+}
+
+/// As [`h2_upstream`], recording the peer address (the proxy's connection) of each request;
+/// a path under `/slow` is answered after 600 ms.
+fn h2_upstream_recording() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&peers);
     thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -603,25 +615,32 @@ fn h2_upstream() -> u16 {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
+                let seen = std::sync::Arc::clone(&seen);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            let text = format!(
-                                "h2 {:?} authority={} host={} path={}",
-                                req.version(),
-                                req.uri().authority().map_or("", |a| a.as_str()),
-                                req.headers()
-                                    .get("host")
-                                    .and_then(|h| h.to_str().ok())
-                                    .unwrap_or(""),
-                                req.uri().path(),
-                            );
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(text)),
-                            ))
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            seen.lock().unwrap().push(peer);
+                            async move {
+                                if req.uri().path().starts_with("/slow") {
+                                    tokio::time::sleep(Duration::from_millis(600)).await;
+                                }
+                                let text = format!(
+                                    "h2 {:?} authority={} host={} path={}",
+                                    req.version(),
+                                    req.uri().authority().map_or("", |a| a.as_str()),
+                                    req.headers()
+                                        .get("host")
+                                        .and_then(|h| h.to_str().ok())
+                                        .unwrap_or(""),
+                                    req.uri().path(),
+                                );
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from(text)),
+                                ))
+                            }
                         },
                     );
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -631,7 +650,84 @@ fn h2_upstream() -> u16 {
             }
         });
     });
-    port
+    (port, peers)
+}
+
+/// A gRPC service `grpc:9000` on the HTTP/2 upstream at `port`, with a DestinationRule
+/// `trafficPolicy` when given.
+fn grpc_service(port: u16, policy: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: default}}\nspec:\n  selector: {{app: grpc}}\n  ports: [{{name: grpc, port: 9000, protocol: TCP, appProtocol: grpc}}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: grpc-1, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{grpc: {port}}}\n  labels: {{app: grpc}}\n"
+    );
+    if !policy.is_empty() {
+        yaml.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: default}}\nspec:\n  host: grpc\n  trafficPolicy: {policy}\n"
+        ));
+    }
+    yaml
+}
+
+/// `http.maxConcurrentStreams` and `http.maxRequestsPerConnection` on an HTTP/2 upstream:
+/// a connection at its stream limit makes the proxy open another (Envoy's HTTP/2 pool), and
+/// one that carried its requests is replaced; without them one connection carries all.
+fn http2_upstream_connections_follow_the_pool_limits(host: Host) {
+    let distinct = |peers: &[std::net::SocketAddr]| {
+        peers
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    let concurrently = |policy: &str| {
+        let (port, peers) = h2_upstream_recording();
+        let doc = rules(
+            &[("g.yaml", grpc_service(port, policy))],
+            ProxyKind::Sidecar,
+            OutboundPolicy::AllowAny,
+        );
+        let proxy = start(host, &doc);
+        // A first request makes the connection; three slow ones then overlap.
+        assert_eq!(proxy.send(&get("grpc:9000", "/first")).status, 200);
+        let proxy_port = proxy.port();
+        let clients: Vec<_> = (0..3)
+            .map(|_| thread::spawn(move || get("grpc:9000", "/slow").send(proxy_port)))
+            .collect();
+        for c in clients {
+            assert_eq!(c.join().unwrap().status, 200);
+        }
+        let peers = peers.lock().unwrap().clone();
+        distinct(&peers[1..])
+    };
+    assert_eq!(
+        concurrently("{connectionPool: {http: {maxConcurrentStreams: 1}}}"),
+        3,
+        "one stream per connection"
+    );
+    assert_eq!(
+        concurrently(""),
+        1,
+        "the overlapping requests share a connection"
+    );
+    let (port, peers) = h2_upstream_recording();
+    let doc = rules(
+        &[(
+            "g.yaml",
+            grpc_service(
+                port,
+                "{connectionPool: {http: {maxRequestsPerConnection: 2}}}",
+            ),
+        )],
+        ProxyKind::Sidecar,
+        OutboundPolicy::AllowAny,
+    );
+    let proxy = start(host, &doc);
+    for _ in 0..4 {
+        assert_eq!(proxy.send(&get("grpc:9000", "/")).status, 200);
+    }
+    assert_eq!(
+        distinct(&peers.lock().unwrap()),
+        2,
+        "four requests, two per connection"
+    );
 }
 
 fn http2_upstreams_of_grpc_ports_get_http2(host: Host) {
