@@ -33,12 +33,8 @@ REPORTED = {
     "WarmupConfiguration.duration": "a new endpoint gets its full share of requests at once",
     "WarmupConfiguration.minimumPercent": "a new endpoint gets its full share of requests at once",
     "WarmupConfiguration.aggression": "a new endpoint gets its full share of requests at once",
-    "ConnectionPoolSettings.TCPSettings.maxConnectionDuration": "maxConnectionDuration is applied by the generated Envoy bootstrap only",
-    "ConnectionPoolSettings.HTTPSettings.maxRequestsPerConnection": "maxRequestsPerConnection is applied by the generated Envoy bootstrap only",
-    "ConnectionPoolSettings.HTTPSettings.maxConcurrentStreams": "maxConcurrentStreams is applied by the generated Envoy bootstrap only",
     "ConnectionPoolSettings.HTTPSettings.useClientProtocol": "useClientProtocol has no effect in meshroute",
     "OutlierDetection.consecutiveErrors": "outlier detection consecutive errors is deprecated",
-    "ClientTLSSettings.caCrl": "caCrl is not supported by meshroute",
     "ServerTLSSettings.TLSCertificate.caCertificates": "caCertificates of a tlsCertificates entry has no effect",
     "ServerTLSSettings.insecureSkipVerify": "insecureSkipVerify has no effect in meshroute",
     "IstioIngressListener.tls": "ingress tls is not supported by meshroute",
@@ -56,6 +52,21 @@ REPORTED = {
     "HTTPFaultInjection.Abort.http2Error": "HTTP/2 abort fault injection not supported yet",
     "Port.targetPort": "targetPort has no impact on Gateways",
     "SidecarPort.targetPort": "targetPort has no impact on Sidecars",
+    "ServiceSpec.externalIPs": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.loadBalancerIP": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.loadBalancerSourceRanges": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.loadBalancerClass": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.externalTrafficPolicy": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.healthCheckNodePort": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.allocateLoadBalancerNodePorts": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "KubeServicePort.nodePort": "has no effect in meshroute: it exposes the Service outside the cluster",
+    "ServiceSpec.sessionAffinity": "client IP affinity is a DestinationRule consistentHash with useSourceIp",
+    "ServiceSpec.sessionAffinityConfig": "client IP affinity is a DestinationRule consistentHash with useSourceIp",
+    "ServiceSpec.internalTrafficPolicy": "meshroute knows no nodes, and every endpoint is used",
+    "ServiceSpec.trafficDistribution": "locality preference is a DestinationRule localityLbSetting",
+    "ServiceSpec.publishNotReadyAddresses": "endpoints are the WorkloadEntries given, ready or not",
+    "ServiceSpec.ipFamilyPolicy": "the Service's addresses are its clusterIPs",
+    "ServiceSpec.ipFamilies": "the Service's addresses are its clusterIPs",
 }
 
 # Where the search above cannot see the field (the test builds the YAML in a helper), the
@@ -73,6 +84,7 @@ SHOWN_BY = {
     "ClientTLSSettings.clientCertificate": "`tests/tests/all/conformance_l4.rs` `mutual_origination_from_certificate_files`",
     "ClientTLSSettings.privateKey": "`tests/tests/all/conformance_l4.rs` `mutual_origination_from_certificate_files`",
     "ClientTLSSettings.insecureSkipVerify": "`tests/tests/all/conformance_l4.rs` `tls_origination_can_skip_verification`",
+    "ClientTLSSettings.caCrl": "`tests/tests/all/conformance_l4.rs` `origination_matches_spiffe_names_and_checks_revocation`",
     "WorkloadEntry.locality": "`filter/compiler/tests/balancing.rs` `locality_failover_prefers_the_nearest_healthy_endpoints`",
 }
 
@@ -83,6 +95,7 @@ KINDS = {
     "sidecar.proto": ["Sidecar"],
     "virtual_service.proto": ["VirtualService"],
     "workload_entry.proto": ["WorkloadEntry", "ServiceEntry"],
+    "k8s:core/v1": ["Service"],
 }
 
 
@@ -165,13 +178,13 @@ def main():
             for label, text in group:
                 if not key.search(text):
                     continue
-                if group is sources[0] and not any(f"kind: {k}" in text for k in kinds):
+                if group is sources[0] and not any(re.search(rf"kind: {k}\b", text) for k in kinds):
                     continue
                 # A nested message's field counts where the message itself is written.
                 if within and not any(w.search(text) for w in within):
                     continue
                 # A test that writes YAML of other kinds only does not show this kind.
-                if not reported and "kind: " in text and not any(f"kind: {k}" in text for k in kinds):
+                if not reported and "kind: " in text and not any(re.search(rf"kind: {k}\b", text) for k in kinds):
                     continue
                 # A reported field's test names the field where it checks what is said.
                 named = [leaf] + sorted(owners.get(message, ()))
@@ -194,7 +207,8 @@ def main():
     with open("docs/istio-api.md", "w") as out:
         out.write("# Istio's networking API in meshroute\n\n")
         out.write(
-            "Every spec field of istio/api `networking/v1alpha3` (tag 1.30.3; the list is "
+            "Every spec field of istio/api `networking/v1alpha3` (tag 1.30.3) and of the Kubernetes "
+            "Service the registry reads (core/v1 `ServiceSpec`, and `ServicePort` as `KubeServicePort`; the list is "
             "`docs/istio-api-fields.tsv`), whether meshroute **acts** on it or **reports** it "
             "at its file, line and field path with the reason (the quoted words), and a test "
             "that shows it. Conformance scenarios run on Envoy + filter and on `meshroute run`. "

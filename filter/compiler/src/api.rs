@@ -798,8 +798,11 @@ pub struct OutboundTrafficPolicy {
 
 // === Kubernetes Service (only what the registry needs; other fields are accepted) ===
 
+/// A Kubernetes Service's `spec` (core/v1 `ServiceSpec`, Kubernetes 1.34): every field,
+/// so that none is taken in silence; the registry reads the ones that shape mesh traffic
+/// and the validator says which of the others have no effect.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubeService {
     #[serde(default)]
     pub selector: Labels,
@@ -809,11 +812,32 @@ pub struct KubeService {
     pub service_type: Option<String>,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", default)]
+    pub cluster_ips: Vec<String>,
     pub external_name: Option<String>,
+    #[serde(rename = "externalIPs", default)]
+    pub external_ips: Vec<String>,
+    pub session_affinity: Option<String>,
+    pub session_affinity_config: Option<serde_json::Value>,
+    #[serde(rename = "loadBalancerIP")]
+    pub load_balancer_ip: Option<String>,
+    #[serde(default)]
+    pub load_balancer_source_ranges: Vec<String>,
+    pub load_balancer_class: Option<String>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub health_check_node_port: Option<i64>,
+    pub publish_not_ready_addresses: Option<bool>,
+    #[serde(default)]
+    pub ip_families: Vec<String>,
+    pub ip_family_policy: Option<String>,
+    pub allocate_load_balancer_node_ports: Option<bool>,
+    pub traffic_distribution: Option<String>,
 }
 
+/// A Kubernetes `ServicePort`.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubeServicePort {
     #[serde(default)]
     pub name: String,
@@ -821,4 +845,25 @@ pub struct KubeServicePort {
     pub app_protocol: Option<String>,
     pub port: Option<i64>,
     pub target_port: Option<serde_json::Value>,
+    pub node_port: Option<i64>,
+}
+
+impl KubeService {
+    /// Whether it is an `ExternalName` Service with a name to resolve: istiod makes it a
+    /// DNS-resolved service whose one endpoint is that name.
+    pub fn external_name(&self) -> Option<&str> {
+        (self.service_type.as_deref() == Some("ExternalName"))
+            .then_some(self.external_name.as_deref())
+            .flatten()
+            .filter(|n| !n.is_empty())
+    }
+}
+
+impl KubeServicePort {
+    /// Whether the port carries TCP: istiod builds no listener for UDP or SCTP ports.
+    pub fn is_tcp(&self) -> bool {
+        self.protocol
+            .as_deref()
+            .is_none_or(|p| p.eq_ignore_ascii_case("TCP"))
+    }
 }

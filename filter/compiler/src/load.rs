@@ -37,6 +37,7 @@ pub struct Resource<T> {
     pub name: String,
     pub namespace: String,
     pub labels: api::Labels,
+    pub annotations: api::Labels,
     pub creation_timestamp: Option<String>,
     /// Position in load order; objects without a creation timestamp count as created in this order.
     pub order: usize,
@@ -324,6 +325,7 @@ impl Config {
                         name: meta.name.clone(),
                         namespace: id.namespace.clone(),
                         labels: meta.labels.clone(),
+                        annotations: meta.annotations.clone(),
                         creation_timestamp: meta.creation_timestamp.clone(),
                         order,
                         spec,

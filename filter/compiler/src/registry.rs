@@ -150,6 +150,9 @@ pub(crate) fn selects(selector: &api::Labels, labels: &api::Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// The annotation that sets a Kubernetes Service's `exportTo`, comma-separated.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
 /// Builds the registry from every Service and ServiceEntry (visibility is decided later).
 pub fn build(config: &Config) -> Vec<Service> {
     let mut out = Vec::new();
@@ -174,6 +177,7 @@ pub fn build(config: &Config) -> Vec<Service> {
         let ports: Vec<ServicePort> = svc
             .ports
             .iter()
+            .filter(|p| p.is_tcp())
             .filter_map(|p| {
                 let number = port_u16(p.port)?;
                 let protocol = match &p.app_protocol {
@@ -192,7 +196,16 @@ pub fn build(config: &Config) -> Vec<Service> {
                 })
             })
             .collect();
-        let endpoints = if svc.selector.is_empty() {
+        let endpoints = if let Some(name) = svc.external_name() {
+            // istiod: one endpoint, the external name, on each Service port.
+            vec![ServiceEndpoint {
+                address: name.to_ascii_lowercase(),
+                ports: ports.iter().map(|p| (p.name.clone(), p.number)).collect(),
+                labels: BTreeMap::new(),
+                weight: 1,
+                locality: String::new(),
+            }]
+        } else if svc.selector.is_empty() {
             Vec::new()
         } else {
             entries_in(&r.namespace)
@@ -218,14 +231,26 @@ pub fn build(config: &Config) -> Vec<Service> {
             ports,
             endpoints,
             resolution,
-            export_to: config.default_service_export_to.clone(),
-            addresses: r
-                .spec
-                .cluster_ip
-                .iter()
-                .filter(|ip| hosts::is_ip(ip))
-                .cloned()
-                .collect(),
+            // istiod reads a Service's visibility from this annotation.
+            export_to: match r.annotations.get(EXPORT_TO_ANNOTATION) {
+                Some(list) => list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|ns| !ns.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                None => config.default_service_export_to.clone(),
+            },
+            addresses: {
+                // `clusterIPs` holds `clusterIP` first and, dual-stack, the other family's.
+                let mut ips: Vec<String> = Vec::new();
+                for ip in svc.cluster_ip.iter().chain(&svc.cluster_ips) {
+                    if hosts::is_ip(ip) && !ips.contains(ip) {
+                        ips.push(ip.clone());
+                    }
+                }
+                ips
+            },
             source: source_of(r),
         });
     }

@@ -83,6 +83,85 @@ fn sidecar_tcp_ports_route_by_destination_address_then_by_port() {
     assert!(route(&e, 6000, "", "10.9.3.4:6000", 1).starts_with("closed"));
 }
 
+/// A Kubernetes Service's `clusterIPs` (dual-stack: one per family) all route to it on a
+/// shared TCP port, as istiod matches every cluster IP; a UDP port is not proxied.
+#[wasm_bindgen_test(unsupported = test)]
+fn dual_stack_cluster_ips_route_to_their_service_and_udp_ports_are_left_alone() {
+    let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: pg, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, 'fd00::20']
+  selector: {app: pg}
+  ports: [{name: tcp-pg, port: 5432}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: pg-1, namespace: default}
+spec: {address: 10.1.0.5, labels: {app: pg}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cache, namespace: default}
+spec:
+  hosts: [cache.internal]
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  endpoints: [{address: 10.8.0.1}]
+";
+    let out = compiled(yaml, ProxyKind::Sidecar);
+    assert!(out
+        .diagnostics
+        .iter()
+        .any(|d| d.to_string().contains("spec.ports[1].protocol")
+            && d.to_string().contains("only TCP ports are proxied")));
+    let e = Engine::new(out.document.clone().unwrap()).unwrap();
+    for vip in ["10.96.0.20:5432", "[fd00::20]:5432"] {
+        assert_eq!(
+            route(&e, 5432, "", vip, 1),
+            "outbound|5432||pg.default.svc.cluster.local 10.1.0.5:5432",
+            "{vip}"
+        );
+    }
+    assert!(route(&e, 5432, "", "10.96.0.99:5432", 1).contains("cache.internal"));
+    let doc = out.document.unwrap();
+    assert!(
+        doc.clusters.iter().all(|c| c.port != 53),
+        "no cluster for the UDP port: {:?}",
+        doc.clusters.iter().map(|c| &c.name).collect::<Vec<_>>()
+    );
+}
+
+/// `type: ExternalName`: istiod's DNS-resolved service whose one endpoint is the external
+/// name, on the Service's own port.
+#[wasm_bindgen_test(unsupported = test)]
+fn external_name_services_resolve_their_external_name() {
+    let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: billing, namespace: default}
+spec:
+  type: ExternalName
+  externalName: Billing.Example.COM
+  ports: [{name: http, port: 8080}]
+";
+    let out = compiled(yaml, ProxyKind::Sidecar);
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    let doc = out.document.unwrap();
+    let c = doc
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|8080||billing.default.svc.cluster.local")
+        .expect("the cluster");
+    assert_eq!(c.discovery, ir::Discovery::Dns, "{c:?}");
+    let endpoints: Vec<_> = c
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.port))
+        .collect();
+    assert_eq!(endpoints, [("billing.example.com", 8080)]);
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn tcp_routes_split_by_weight_and_match_destination_subnets() {
     let yaml = format!(

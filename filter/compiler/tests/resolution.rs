@@ -109,6 +109,27 @@ fn export_to_dot_hides_rules_from_other_namespaces() {
     );
 }
 
+/// A Kubernetes Service's `networking.istio.io/exportTo` annotation is its `exportTo`, as
+/// istiod reads it: `.` keeps it at home, a list names the namespaces that see it.
+#[wasm_bindgen_test(unsupported = test)]
+fn a_services_export_to_annotation_sets_where_it_is_seen() {
+    let annotated = |name: &str, export: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: a\n  annotations: {{networking.istio.io/exportTo: '{export}'}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: 9080}}]\n---\n")
+    };
+    let y = format!(
+        "{}{}{}",
+        annotated("private", "."),
+        annotated("shared", "b, c"),
+        svc("open", "a", 9080)
+    );
+    let seen = |ns: &str, host: &str| vhost(&build(&y, sidecar(ns)).0, 9080, host).is_some();
+    assert!(seen("a", "private"), "visible at home");
+    assert!(!seen("b", "private.a"), "'.' hides it elsewhere");
+    assert!(seen("b", "shared.a") && seen("c", "shared.a"));
+    assert!(!seen("d", "shared.a"), "not among the listed namespaces");
+    assert!(seen("d", "open.a"), "no annotation: everywhere");
+}
+
 /// MeshConfig's default `exportTo` lists stand in for objects that set none; one that sets
 /// its own keeps it.
 #[wasm_bindgen_test(unsupported = test)]

@@ -663,12 +663,20 @@ fn client_certificate_constraints_are_checked_and_said_where_ignored() {
     assert!(warnings(&skip)
         .iter()
         .any(|w| w.contains("tls.insecureSkipVerify") && w.contains("is refused")));
-    // Upstream TLS: a revocation list the proxy cannot apply is refused as well.
-    assert_error(
-        &dr("  host: a\n  trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /ca, caCrl: /crl.pem}}\n"),
-        "spec.trafficPolicy.tls.caCrl",
-        "a revoked certificate the CA signed would be accepted",
+    // Upstream TLS: a revocation list is applied where the upstream is verified, and said to
+    // have no effect where it is not.
+    let crl = dr(
+        "  host: a\n  trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /ca, caCrl: /crl.pem}}\n",
     );
+    assert!(
+        errors(&crl).is_empty() && warnings(&crl).is_empty(),
+        "{:?}",
+        warnings(&crl)
+    );
+    let skipped = dr("  host: a\n  trafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: true, caCrl: /crl.pem}}\n");
+    assert!(warnings(&skipped)
+        .iter()
+        .any(|w| w.contains("tls.caCrl") && w.contains("has no effect")));
 }
 
 #[wasm_bindgen_test(unsupported = test)]
@@ -683,21 +691,6 @@ fn upstream_settings_meshroute_does_not_apply_are_said() {
             "{loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}}",
             "loadBalancer.warmupDurationSecs",
             "no slow start",
-        ),
-        (
-            "{connectionPool: {tcp: {maxConnectionDuration: 60s}}}",
-            "connectionPool.tcp.maxConnectionDuration",
-            "Envoy bootstrap only",
-        ),
-        (
-            "{connectionPool: {http: {maxRequestsPerConnection: 10}}}",
-            "connectionPool.http.maxRequestsPerConnection",
-            "Envoy bootstrap only",
-        ),
-        (
-            "{connectionPool: {http: {maxConcurrentStreams: 10}}}",
-            "connectionPool.http.maxConcurrentStreams",
-            "Envoy bootstrap only",
         ),
         (
             "{connectionPool: {http: {useClientProtocol: true}}}",
@@ -776,4 +769,131 @@ fn fault_kinds_istiod_does_not_support_are_refused_in_its_words() {
         "spec.http[0].fault.abort.http2Error",
         "HTTP/2 abort fault injection not supported yet",
     );
+}
+
+/// Every field of a Kubernetes Service is read or said: unknown ones are refused, invalid
+/// types and ExternalName without a name are errors (the API server's words), and the
+/// fields that only shape Kubernetes' own exposure and balancing are warnings at their path.
+#[wasm_bindgen_test(unsupported = test)]
+fn kubernetes_service_fields_are_read_or_said() {
+    let svc = |spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  namespace: ns\nspec:\n{spec}"
+        )
+    };
+    assert!(errors(&svc("  selctor: {app: a}\n"))
+        .iter()
+        .any(|e| e.contains("selctor")));
+    assert!(
+        errors(&svc("  ports: [{name: http, port: 80, nodeport: 30080}]\n"))
+            .iter()
+            .any(|e| e.contains("nodeport"))
+    );
+    assert_error(&svc("  type: Headless\n"), "spec.type", "Unsupported value");
+    assert_error(
+        &svc("  type: ExternalName\n"),
+        "spec.externalName",
+        "Required value",
+    );
+    let plain = svc("  type: ClusterIP\n  sessionAffinity: None\n  internalTrafficPolicy: Cluster\n  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv4]\n  selector: {app: a}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n");
+    assert!(
+        diags(&plain).is_empty(),
+        "defaults are not worth a word: {:?}",
+        diags(&plain)
+    );
+    for (spec, path, says) in [
+        (
+            "  externalIPs: [1.2.3.4]\n",
+            "spec.externalIPs",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  type: LoadBalancer\n  loadBalancerIP: 1.2.3.4\n",
+            "spec.loadBalancerIP",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  loadBalancerSourceRanges: [10.0.0.0/8]\n",
+            "spec.loadBalancerSourceRanges",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  loadBalancerClass: cloud\n",
+            "spec.loadBalancerClass",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  externalTrafficPolicy: Local\n",
+            "spec.externalTrafficPolicy",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  healthCheckNodePort: 30001\n",
+            "spec.healthCheckNodePort",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  allocateLoadBalancerNodePorts: false\n",
+            "spec.allocateLoadBalancerNodePorts",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  type: NodePort\n  ports: [{name: http, port: 80, nodePort: 30080}]\n",
+            "spec.ports[0].nodePort",
+            "exposes the Service outside the cluster",
+        ),
+        (
+            "  sessionAffinity: ClientIP\n",
+            "spec.sessionAffinity",
+            "consistentHash with useSourceIp",
+        ),
+        (
+            "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+            "spec.sessionAffinityConfig",
+            "consistentHash with useSourceIp",
+        ),
+        (
+            "  internalTrafficPolicy: Local\n",
+            "spec.internalTrafficPolicy",
+            "meshroute knows no nodes",
+        ),
+        (
+            "  trafficDistribution: PreferClose\n",
+            "spec.trafficDistribution",
+            "localityLbSetting",
+        ),
+        (
+            "  publishNotReadyAddresses: true\n",
+            "spec.publishNotReadyAddresses",
+            "ready or not",
+        ),
+        (
+            "  ipFamilyPolicy: PreferDualStack\n",
+            "spec.ipFamilyPolicy",
+            "its clusterIPs",
+        ),
+        (
+            "  ipFamilies: [IPv4, IPv6]\n",
+            "spec.ipFamilies",
+            "its clusterIPs",
+        ),
+        (
+            "  ports: [{name: dns, port: 53, protocol: UDP}]\n",
+            "spec.ports[0].protocol",
+            "only TCP ports are proxied",
+        ),
+        (
+            "  externalName: a.example.com\n",
+            "spec.externalName",
+            "unless type is ExternalName",
+        ),
+    ] {
+        let yaml = svc(spec);
+        assert!(errors(&yaml).is_empty(), "{spec}: {:?}", errors(&yaml));
+        let w = warnings(&yaml);
+        assert!(
+            w.iter().any(|d| d.contains(path) && d.contains(says)),
+            "{spec}: {w:#?}"
+        );
+    }
 }

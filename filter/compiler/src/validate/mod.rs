@@ -148,22 +148,128 @@ fn diagnostics(config: &Config) -> Vec<Diagnostic> {
     }
     for r in &config.services {
         let mut v = V::new(r, &mut out);
-        for (i, p) in r.spec.ports.iter().enumerate() {
-            v.port_number(
-                &FieldPath::root()
-                    .key("spec")
-                    .key("ports")
-                    .idx(i)
-                    .key("port"),
-                p.port,
-                true,
-            );
-        }
+        kube_service(&mut v, &r.spec);
     }
     duplicates(config, &mut out);
     sidecar_conflicts(config, &mut out);
     out
 }
+
+/// A Kubernetes Service: its ports, and the fields that shape how Kubernetes exposes or
+/// balances it but not meshroute, said where they differ from Kubernetes' defaults.
+fn kube_service(v: &mut V<'_>, s: &api::KubeService) {
+    let spec = FieldPath::root().key("spec");
+    for (i, p) in s.ports.iter().enumerate() {
+        let at = spec.key("ports").idx(i);
+        v.port_number(&at.key("port"), p.port, true);
+        if !p.is_tcp() {
+            v.warn(
+                &at.key("protocol"),
+                format!(
+                    "{} ports have no effect in meshroute: only TCP ports are proxied, as istiod builds no listener for others",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        if p.node_port.is_some() {
+            v.warn(&at.key("nodePort"), format!("nodePort {EXPOSURE}"));
+        }
+    }
+    match s.service_type.as_deref() {
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        Some("ExternalName") if s.external_name().is_none() => {
+            v.err(&spec.key("externalName"), "Required value: externalName is required for ExternalName services");
+        }
+        Some("ExternalName") => {}
+        Some(other) => v.err(
+            &spec.key("type"),
+            format!("Unsupported value: {other:?}: supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+        ),
+    }
+    if s.external_name.is_some() && s.service_type.as_deref() != Some("ExternalName") {
+        v.warn(
+            &spec.key("externalName"),
+            "externalName has no effect unless type is ExternalName",
+        );
+    }
+    let exposure = [
+        ("externalIPs", !s.external_ips.is_empty()),
+        ("loadBalancerIP", s.load_balancer_ip.is_some()),
+        (
+            "loadBalancerSourceRanges",
+            !s.load_balancer_source_ranges.is_empty(),
+        ),
+        ("loadBalancerClass", s.load_balancer_class.is_some()),
+        (
+            "externalTrafficPolicy",
+            s.external_traffic_policy
+                .as_deref()
+                .is_some_and(|p| p != "Cluster"),
+        ),
+        ("healthCheckNodePort", s.health_check_node_port.is_some()),
+        (
+            "allocateLoadBalancerNodePorts",
+            s.allocate_load_balancer_node_ports == Some(false),
+        ),
+    ];
+    for (field, set) in exposure {
+        if set {
+            v.warn(&spec.key(field), format!("{field} {EXPOSURE}"));
+        }
+    }
+    let balancing = [
+        (
+            "sessionAffinity",
+            s.session_affinity.as_deref().is_some_and(|a| a != "None"),
+            "client IP affinity is a DestinationRule consistentHash with useSourceIp",
+        ),
+        (
+            "sessionAffinityConfig",
+            s.session_affinity_config.is_some(),
+            "client IP affinity is a DestinationRule consistentHash with useSourceIp",
+        ),
+        (
+            "internalTrafficPolicy",
+            s.internal_traffic_policy
+                .as_deref()
+                .is_some_and(|p| p != "Cluster"),
+            "meshroute knows no nodes, and every endpoint is used",
+        ),
+        (
+            "trafficDistribution",
+            s.traffic_distribution.is_some(),
+            "locality preference is a DestinationRule localityLbSetting",
+        ),
+        (
+            "publishNotReadyAddresses",
+            s.publish_not_ready_addresses == Some(true),
+            "endpoints are the WorkloadEntries given, ready or not",
+        ),
+        (
+            "ipFamilyPolicy",
+            s.ip_family_policy
+                .as_deref()
+                .is_some_and(|p| p != "SingleStack"),
+            "the Service's addresses are its clusterIPs",
+        ),
+        (
+            "ipFamilies",
+            s.ip_families.len() > 1,
+            "the Service's addresses are its clusterIPs",
+        ),
+    ];
+    for (field, set, why) in balancing {
+        if set {
+            v.warn(
+                &spec.key(field),
+                format!("{field} has no effect on mesh traffic in meshroute: {why}"),
+            );
+        }
+    }
+}
+
+/// Why the fields that expose a Service outside the cluster do nothing in meshroute.
+const EXPOSURE: &str = "has no effect in meshroute: it exposes the Service outside the cluster, which Kubernetes does, not the mesh's proxies";
 
 /// Two objects of one kind with the same namespace and name.
 fn duplicates(config: &Config, out: &mut Vec<Diagnostic>) {
