@@ -84,10 +84,11 @@ fn sidecar_tcp_ports_route_by_destination_address_then_by_port() {
 }
 
 /// A Kubernetes Service's `clusterIPs` (dual-stack: one per family) all route to it on a
-/// shared TCP port, as istiod matches every cluster IP; a UDP port is not proxied.
+/// TCP port it shares with [`DB`]'s services, as istiod matches every cluster IP; a UDP
+/// port is not proxied.
 #[wasm_bindgen_test(unsupported = test)]
 fn dual_stack_cluster_ips_route_to_their_service_and_udp_ports_are_left_alone() {
-    let yaml = "apiVersion: v1
+    let pg = "apiVersion: v1
 kind: Service
 metadata: {name: pg, namespace: default}
 spec:
@@ -101,16 +102,8 @@ kind: WorkloadEntry
 metadata: {name: pg-1, namespace: default}
 spec: {address: 10.1.0.5, labels: {app: pg}}
 ---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: cache, namespace: default}
-spec:
-  hosts: [cache.internal]
-  resolution: STATIC
-  ports: [{number: 5432, name: tcp, protocol: TCP}]
-  endpoints: [{address: 10.8.0.1}]
 ";
-    let out = compiled(yaml, ProxyKind::Sidecar);
+    let out = compiled(&format!("{pg}{DB}"), ProxyKind::Sidecar);
     assert!(out
         .diagnostics
         .iter()

@@ -51,11 +51,7 @@ impl Connection {
     /// Whether the pool's limits still let it carry a request: `maxRequestsPerConnection`
     /// and `maxConnectionDuration`, as Envoy retires a connection that reached either.
     fn reusable(&self, settings: &PoolSettings) -> bool {
-        (settings.max_requests_per_connection == 0
-            || self.requests < settings.max_requests_per_connection)
-            && settings
-                .max_connection_duration
-                .is_none_or(|d| self.born.elapsed() < d)
+        settings.admits(self.requests, self.born)
     }
 }
 
@@ -179,12 +175,7 @@ impl H2Connection {
     /// `maxConnectionDuration`); one that may not is forgotten, and closes when its last
     /// stream ends.
     fn reusable(&self, settings: &PoolSettings) -> bool {
-        !self.sender.is_closed()
-            && (settings.max_requests_per_connection == 0
-                || self.requests < settings.max_requests_per_connection)
-            && settings
-                .max_connection_duration
-                .is_none_or(|d| self.born.elapsed() < d)
+        !self.sender.is_closed() && settings.admits(self.requests, self.born)
     }
 
     /// Whether a stream may open on it now (`maxConcurrentStreams`, as Envoy's pool opens
@@ -249,6 +240,16 @@ struct ConnKey {
     tls: Option<(String, Arc<rustls::ClientConfig>)>,
 }
 
+impl ConnKey {
+    fn new(endpoint: &str, settings: &PoolSettings, tls: Option<(&Origination, &str)>) -> Self {
+        Self {
+            endpoint: endpoint.to_owned(),
+            settings: *settings,
+            tls: tls.map(|(o, name)| (name.to_owned(), Arc::clone(&o.config))),
+        }
+    }
+}
+
 impl PartialEq for ConnKey {
     fn eq(&self, other: &Self) -> bool {
         self.endpoint == other.endpoint
@@ -296,6 +297,16 @@ impl PoolSettings {
     /// plain HTTP/1.1 pool cannot do; such clusters use our own pool.
     fn limits_connections(&self) -> bool {
         self.max_requests_per_connection > 0 || self.max_connection_duration.is_some()
+    }
+
+    /// Whether a connection made at `born` that carried `requests` may take another:
+    /// `maxRequestsPerConnection` and `maxConnectionDuration`, as Envoy retires a
+    /// connection that reached either.
+    fn admits(&self, requests: u32, born: Instant) -> bool {
+        (self.max_requests_per_connection == 0 || requests < self.max_requests_per_connection)
+            && self
+                .max_connection_duration
+                .is_none_or(|d| born.elapsed() < d)
     }
 }
 
@@ -351,6 +362,16 @@ async fn connect(endpoint: &str, pool: &PoolSettings) -> Result<tokio::net::TcpS
         set_keepalive(&tcp, k);
     }
     Ok(tcp)
+}
+
+/// As [`connect`], with the connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
+async fn connect_with_local(
+    endpoint: &str,
+    pool: &PoolSettings,
+) -> Result<(tokio::net::TcpStream, Option<SocketAddr>), Attempt> {
+    let tcp = connect(endpoint, pool).await?;
+    let local = tcp.local_addr().ok();
+    Ok((tcp, local))
 }
 
 /// An HTTP/1.1 client connection over `stream`, its connection task running.
@@ -591,11 +612,7 @@ impl Client {
         request: hyper::Request<Body>,
     ) -> Result<Response<Body>, Attempt> {
         if h2 {
-            let key = ConnKey {
-                endpoint: endpoint.to_owned(),
-                settings: *pool,
-                tls: Some((name.to_owned(), Arc::clone(&origination.config))),
-            };
+            let key = ConnKey::new(endpoint, pool, Some((origination, name)));
             return self
                 .send_h2_over(key, request, || {
                     Self::tls_stream(endpoint, origination, name, pool)
@@ -615,11 +632,7 @@ impl Client {
         pool: &PoolSettings,
         request: hyper::Request<Body>,
     ) -> Result<Response<Body>, Attempt> {
-        let key = ConnKey {
-            endpoint: endpoint.to_owned(),
-            settings: *pool,
-            tls: tls.map(|(o, name)| (name.to_owned(), Arc::clone(&o.config))),
-        };
+        let key = ConnKey::new(endpoint, pool, tls);
         let mut connection = match self.idle_h1(&key).await {
             Some(free) => free,
             None => {
@@ -630,8 +643,7 @@ impl Client {
                         (h1_handshake(stream).await?, local)
                     }
                     None => {
-                        let tcp = connect(endpoint, pool).await?;
-                        let local = tcp.local_addr().ok();
+                        let (tcp, local) = connect_with_local(endpoint, pool).await?;
                         (h1_handshake(tcp).await?, local)
                     }
                 };
@@ -696,8 +708,7 @@ impl Client {
         name: &str,
         pool: &PoolSettings,
     ) -> Result<(TlsStream, Option<SocketAddr>), Attempt> {
-        let tcp = connect(endpoint, pool).await?;
-        let local = tcp.local_addr().ok();
+        let (tcp, local) = connect_with_local(endpoint, pool).await?;
         let stream = super::tls::connect(origination, name, tcp)
             .await
             .map_err(|reason| {
@@ -714,15 +725,8 @@ impl Client {
         pool: &PoolSettings,
         request: hyper::Request<Body>,
     ) -> Result<Response<Body>, Attempt> {
-        let key = ConnKey {
-            endpoint: endpoint.to_owned(),
-            settings: *pool,
-            tls: None,
-        };
-        self.send_h2_over(key, request, || async {
-            let tcp = connect(endpoint, pool).await?;
-            let local = tcp.local_addr().ok();
-            Ok((tcp, local))
+        self.send_h2_over(ConnKey::new(endpoint, pool, None), request, || {
+            connect_with_local(endpoint, pool)
         })
         .await
     }

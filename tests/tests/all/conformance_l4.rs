@@ -74,6 +74,19 @@ spec:
     )
 }
 
+/// A sidecar (ALLOW_ANY) proxying to [`external_with_tls`]'s service.
+fn sidecar_to_external(host: Host, name: &str, port: u16, tls: &str) -> Box<dyn Running + Sync> {
+    let yaml = external_with_tls(name, port, tls);
+    start(
+        host,
+        &rules(
+            &[("l4.yaml", yaml)],
+            ProxyKind::Sidecar,
+            OutboundPolicy::AllowAny,
+        ),
+    )
+}
+
 fn gateway(doc_yaml: String) -> meshroute_core::ir::RulesDocument {
     rules(
         &[("l4.yaml", doc_yaml)],
@@ -1112,17 +1125,8 @@ fn mutual_origination_from_certificate_files(host: Host) {
     let server = ca.issue("external", &["mtls.external.test"]);
     let client = ca.issue("client", &["client.mesh.test"]);
     let external = EchoServer::tls_verifying("external", &server, Some(&ca.cert_pem));
-    let sidecar = |tls: String| {
-        let yaml = external_with_tls("mtls.external.test", external.port, &tls);
-        start(
-            host,
-            &rules(
-                &[("l4.yaml", yaml)],
-                ProxyKind::Sidecar,
-                OutboundPolicy::AllowAny,
-            ),
-        )
-    };
+    let sidecar =
+        |tls: String| sidecar_to_external(host, "mtls.external.test", external.port, &tls);
     let with = sidecar(format!(
         "{{mode: MUTUAL, clientCertificate: {}, privateKey: {}, caCertificates: {}, sni: mtls.external.test}}",
         path_text(&client.cert_file),
@@ -1178,15 +1182,7 @@ fn origination_matches_spiffe_names_and_checks_revocation(host: Host) {
             path_text(&ca.ca_file()),
             path_text(&crl),
         );
-        let yaml = external_with_tls("payments.external.test", port, &tls);
-        start(
-            host,
-            &rules(
-                &[("l4.yaml", yaml)],
-                ProxyKind::Sidecar,
-                OutboundPolicy::AllowAny,
-            ),
-        )
+        sidecar_to_external(host, "payments.external.test", port, &tls)
     };
     let proxy = proxy_for(good.port, IDENTITY);
     let r = proxy.send(&get("payments.external.test", "/"));
@@ -1210,6 +1206,38 @@ fn origination_matches_spiffe_names_and_checks_revocation(host: Host) {
         revoked.connections() > before,
         "the handshake reached the upstream and failed there"
     );
+}
+
+/// Without `sni` and `subjectAltNames` the upstream's certificate must be for the request's
+/// host (Envoy's `auto_san_validation`, which istiod sets then); with `sni` alone only the
+/// CA's signature is checked, as istiod leaves name validation off.
+fn origination_checks_the_host_name_only_without_sni_and_sans(host: Host) {
+    let ca = TestCa::new("auto-san");
+    let other = EchoServer::tls("other", &ca.issue("other", &["other.external.test"]));
+    let ca_file = path_text(&ca.ca_file());
+    let proxy = sidecar_to_external(
+        host,
+        "wanted.external.test",
+        other.port,
+        &format!("{{mode: SIMPLE, caCertificates: {ca_file}}}"),
+    );
+    let r = proxy.send(&get("wanted.external.test", "/"));
+    assert_eq!(
+        r.status,
+        503,
+        "a certificate for another name: {}",
+        r.text()
+    );
+    drop(proxy);
+    let proxy = sidecar_to_external(
+        host,
+        "wanted.external.test",
+        other.port,
+        &format!("{{mode: SIMPLE, caCertificates: {ca_file}, sni: other.external.test}}"),
+    );
+    let r = proxy.send(&get("wanted.external.test", "/"));
+    assert_eq!(r.status, 200, "sni alone: the CA decides: {}", r.text());
+    assert_eq!(r.text(), "other");
 }
 
 /// The TLS version and TLS 1.2 cipher suite a client gets from 127.0.0.1:`port`, offering
@@ -1301,6 +1329,7 @@ spec:
 }
 
 on_both_hosts!(
+    origination_checks_the_host_name_only_without_sni_and_sans,
     origination_matches_spiffe_names_and_checks_revocation,
     mutual_gateway_checks_names_pins_and_revocation,
     gateway_serves_the_certificate_each_client_can_verify,
